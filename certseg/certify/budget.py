@@ -1,0 +1,219 @@
+"""The joint attack budget: what an attacker of norm eps can flip in one image.
+
+Any input change of l2 norm <= eps moves the whole logit map by at most L eps in l2.
+Flipping pixel p needs its two top logits to meet, which costs margin_p**2 / 2 of
+squared logit norm, so a set S of pixels can be flipped only if the sum over S of
+those costs is <= (L eps)**2. At eps == 0 nothing can be flipped, not even pixels
+whose margin is 0: every bound here equals the clean metric at eps == 0. That is
+enforced by an *effective* budget of -1 at eps == 0 (all costs are >= 0).
+
+All combinatorial math is done in float64; images are rows of shape (R, N) with
+N = H * W pixels, padded with +inf costs where a row has fewer candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from array_api_compat import array_namespace
+from array_api_compat import device as _device
+
+from .pixelwise import _check_lipschitz, _detach, _eps_rows
+
+__all__ = [
+    "attack_budget",
+    "flip_costs",
+    "frontier_min_ratio",
+    "max_flips",
+    "split_frontier",
+    "stability",
+    "worst_ratio",
+]
+
+Array = Any
+
+
+def flip_costs(margin: Array) -> Array:
+    """Squared logit-norm cost margin**2 / 2 of flipping each pixel (float64)."""
+    xp = array_namespace(margin)
+    m = xp.astype(_detach(margin), xp.float64)
+    return m * m / 2.0
+
+
+def attack_budget(eps: float | Array, L: float) -> float | Array:
+    """Squared logit-norm budget (L eps)**2 of an attacker of input norm eps."""
+    return (_check_lipschitz(L) * eps) ** 2
+
+
+def _effective_budget(eps_rows: Array, L: float) -> Array:
+    """(L eps)**2 per row, or -1 where eps == 0 so that even zero-cost flips fail."""
+    xp = array_namespace(eps_rows)
+    b = (L * eps_rows) ** 2
+    return xp.where(eps_rows > 0, b, xp.asarray(-1.0, dtype=xp.float64, device=_device(b)))
+
+
+def _keep_sorted(costs: Array, keep: Array) -> Array:
+    """Sorted (ascending) kept costs per row, +inf padded to the longest row's count.
+
+    Candidates beyond the budget are dropped by the callers before this, so the
+    sort runs on the few affordable costs, not on every pixel. Compaction is a
+    scatter at cumulative-count positions (integer-array assignment works the
+    same on numpy arrays and torch tensors).
+    """
+    xp = array_namespace(costs)
+    dev = _device(costs)
+    R, N = costs.shape
+    keep_i = xp.astype(keep, xp.int64)
+    width = int(xp.max(xp.sum(keep_i, axis=-1))) if R > 0 and N > 0 else 0
+    out = xp.full((R, width), math.inf, dtype=xp.float64, device=dev)
+    if width == 0:
+        return out
+    rows, cols = xp.nonzero(keep)
+    pos = xp.cumulative_sum(keep_i, axis=-1) - 1
+    out[rows, pos[rows, cols]] = costs[rows, cols]
+    return xp.sort(out, axis=-1)
+
+
+def _count_le(values: Array, queries: Array) -> Array:
+    """For each query, how many entries of its row of sorted ``values`` are <= it.
+
+    A batched ``searchsorted(side='right')``: numpy's searchsorted is 1-D only, so
+    merge instead. A stable argsort of [values, queries] puts equal values before
+    queries; the running count of values at each query's sorted slot is the answer.
+    """
+    xp = array_namespace(values)
+    R, F = values.shape
+    Q = queries.shape[-1]
+    if F == 0 or Q == 0:
+        return xp.zeros((R, Q), dtype=xp.int64, device=_device(values))
+    merged = xp.concat([values, queries], axis=-1)
+    order = xp.argsort(merged, axis=-1, stable=True)
+    running = xp.cumulative_sum(xp.astype(order < F, xp.int64), axis=-1)
+    slot = xp.argsort(order, axis=-1, stable=True)  # inverse permutation
+    return xp.take_along_axis(running, slot[:, F:], axis=-1)
+
+
+def _max_flips_rows(costs: Array, keep: Array, budget: Array) -> Array:
+    """Longest prefix of the sorted kept costs whose sum fits the budget, per row."""
+    xp = array_namespace(costs)
+    b = budget[:, None]
+    cs = xp.cumulative_sum(_keep_sorted(costs, keep & (costs <= b)), axis=-1)
+    return xp.sum(xp.astype(cs <= b, xp.int64), axis=-1)
+
+
+def _rows(x: Array, trailing: int) -> tuple[Array, tuple[int, ...]]:
+    """Flatten the leading dims to one row axis; returns (rows, leading shape)."""
+    xp = array_namespace(x)
+    lead = tuple(x.shape[: x.ndim - trailing])
+    return xp.reshape(x, (math.prod(lead), math.prod(x.shape[x.ndim - trailing :]))), lead
+
+
+def max_flips(margin: Array, eps: float | Array, L: float, valid: Array | None = None) -> Array:
+    """Most pixels (among ``valid``) that any perturbation of norm <= eps can flip.
+
+    The longest prefix of sorted costs margin**2 / 2 whose sum is <= (L eps)**2,
+    per image over the last two (H, W) axes; 0 at eps == 0. eps: float or per-image
+    array over the leading dims. Returns int64 of the leading shape.
+    """
+    xp = array_namespace(margin)
+    L = _check_lipschitz(L)
+    costs, lead = _rows(flip_costs(margin), 2)
+    keep = xp.ones(costs.shape, dtype=xp.bool, device=_device(costs))
+    if valid is not None:
+        keep, _ = _rows(xp.broadcast_to(xp.asarray(_detach(valid), dtype=xp.bool), margin.shape), 2)
+    budget = _effective_budget(_eps_rows(eps, lead, xp, _device(costs)), L)
+    return xp.reshape(_max_flips_rows(costs, keep, budget), lead)
+
+
+def stability(margin: Array, alpha: float, L: float, valid: Array | None = None) -> Array:
+    """Smallest eps at which an attacker can flip a fraction alpha of the valid pixels.
+
+    The inverse of max_flips: sqrt(sum of the k = ceil(alpha N) smallest costs) / L,
+    with N the number of valid pixels of the image; 0 if alpha == 0 or that sum is 0
+    (+inf if some of those pixels can never flip, e.g. K == 1). ceil ignores a
+    relative error of 1e-9 in alpha * N so that e.g. 0.1 * 30 gives k = 3.
+    """
+    xp = array_namespace(margin)
+    L = _check_lipschitz(L)
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    costs, lead = _rows(flip_costs(margin), 2)
+    dev = _device(costs)
+    if valid is not None:
+        keep, _ = _rows(xp.broadcast_to(xp.asarray(_detach(valid), dtype=xp.bool), margin.shape), 2)
+        costs = xp.where(keep, costs, xp.asarray(math.inf, dtype=xp.float64, device=dev))
+        n_valid = xp.sum(xp.astype(keep, xp.float64), axis=-1)
+    else:
+        n_valid = xp.full((costs.shape[0],), float(costs.shape[1]), dtype=xp.float64, device=dev)
+    k = xp.astype(xp.ceil(alpha * n_valid * (1.0 - 1e-9)), xp.int64)
+    R, N = costs.shape
+    if N == 0:
+        return xp.reshape(xp.zeros((R,), dtype=xp.float64, device=dev), lead)
+    cs = xp.cumulative_sum(xp.sort(costs, axis=-1), axis=-1, include_initial=True)
+    total = xp.take_along_axis(cs, xp.reshape(k, (R, 1)), axis=-1)[:, 0]
+    out = xp.where(total > 0, xp.sqrt(total) / L, xp.zeros_like(total))
+    return xp.reshape(out, lead)
+
+
+def split_frontier(tp_costs: Array, fp_costs: Array, budget: Array) -> tuple[Array, Array]:
+    """Every budget split between removing m true positives and adding n false ones.
+
+    tp_costs (R, M) and fp_costs (R, F): sorted ascending, +inf padded; budget (R,)
+    effective budgets (negative: nothing flips). Taking the cheapest m TPs leaves
+    the most budget for FPs, so for each m = 0..M the attacker's best n is the
+    largest n whose prefix of FP costs fits the rest: n_star (R, M + 1) int64.
+    feasible (R, M + 1) marks the m whose removal cost fits (m = 0 always does).
+    Any ratio that falls with m and with n is minimised on this frontier.
+    """
+    xp = array_namespace(tp_costs)
+    M = tp_costs.shape[-1]
+    b = budget[:, None]
+    A = xp.cumulative_sum(tp_costs, axis=-1, include_initial=True)  # (R, M + 1)
+    first = xp.reshape(xp.arange(M + 1, device=_device(A)) == 0, (1, M + 1))
+    feasible = first | (b >= A)
+    n_star = _count_le(xp.cumulative_sum(fp_costs, axis=-1), b - A)
+    return xp.where(feasible, n_star, xp.zeros_like(n_star)), feasible
+
+
+def frontier_min_ratio(
+    n_star: Array,
+    feasible: Array,
+    p0: Array,
+    p1: float,
+    q0: Array,
+    q1: float,
+) -> Array:
+    """min over the frontier of (p0 - p1 m) / (q0 + q1 m + n_star(m)), per row.
+
+    One form for every metric: IoU (TP, 1, GT + FP, 0), Dice (2 TP, 2,
+    GT + TP + FP, -1), recall (TP, 1, GT, 0, no FP candidates). Rows whose clean
+    denominator q0 is <= 0 give NaN (the metric is undefined there).
+    """
+    xp = array_namespace(n_star)
+    dev = _device(n_star)
+    M1 = n_star.shape[-1]
+    m = xp.reshape(xp.astype(xp.arange(M1, device=dev), xp.float64), (1, M1))
+    p0 = xp.reshape(xp.astype(p0, xp.float64), (-1, 1))
+    q0 = xp.reshape(xp.astype(q0, xp.float64), (-1, 1))
+    num = p0 - p1 * m
+    den = q0 + q1 * m + xp.astype(n_star, xp.float64)
+    one = xp.ones_like(den)
+    ratio = xp.where(feasible & (den > 0), num / xp.where(den > 0, den, one), math.inf)
+    out = xp.min(ratio, axis=-1)
+    return xp.where(q0[:, 0] > 0, out, xp.asarray(math.nan, dtype=xp.float64, device=dev))
+
+
+def worst_ratio(
+    tp_costs: Array,
+    fp_costs: Array,
+    budget: Array,
+    p0: Array,
+    p1: float,
+    q0: Array,
+    q1: float,
+) -> Array:
+    """Worst case of (p0 - p1 m) / (q0 + q1 m + n) over all affordable budget splits."""
+    n_star, feasible = split_frontier(tp_costs, fp_costs, budget)
+    return frontier_min_ratio(n_star, feasible, p0, p1, q0, q1)

@@ -1,0 +1,112 @@
+"""Per-pixel certificates: margins, certified radii and the guaranteed region.
+
+Every function here is written once against the array API (``array_api_compat``):
+numpy arrays in give numpy arrays out (the server has no torch), torch tensors in
+give torch tensors out (training). torch is never imported by this package.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from array_api_compat import array_namespace, is_torch_array
+from array_api_compat import device as _device
+
+__all__ = ["certified_radius", "guaranteed_region", "margins"]
+
+Array = Any  # a numpy array or a torch tensor (anything array_api_compat knows)
+
+
+def _detach(x: Array) -> Array:
+    """Drop the autograd graph: the combinatorial bounds are counts, not losses."""
+    return x.detach() if is_torch_array(x) else x
+
+
+def _check_lipschitz(L: float) -> float:
+    """L must be a finite positive number; a wrong L silently voids every certificate."""
+    L = float(L)
+    if not (math.isfinite(L) and L > 0.0):
+        raise ValueError(f"Lipschitz bound L must be finite and > 0, got {L}")
+    return L
+
+
+def _eps_array(eps: float | Array, xp: Any, dev: Any) -> Array:
+    """eps as a float64 array on the right device, rejecting negative or NaN values."""
+    e = xp.asarray(eps, dtype=xp.float64, device=dev)
+    if bool(xp.any(xp.isnan(e) | (e < 0))):
+        raise ValueError("eps must be >= 0 (and not NaN)")
+    return e
+
+
+def _eps_rows(eps: float | Array, lead: tuple[int, ...], xp: Any, dev: Any) -> Array:
+    """Per-image eps, broadcast over the leading (batch) dims and flattened to (R,)."""
+    e = xp.broadcast_to(_eps_array(eps, xp, dev), lead)
+    return xp.reshape(e, (math.prod(lead),))
+
+
+def _top2(logits: Array) -> tuple[Array, Array, Array]:
+    """(pred, top1, top2) along the class axis -3; top2 is -inf when K == 1.
+
+    pred is the first maximal index (ties go to the lowest class, as argmax does in
+    both numpy and torch); top2 is the best logit among the *other* classes, so a
+    tie gives top1 == top2 and a zero margin.
+    """
+    xp = array_namespace(logits)
+    if logits.ndim < 3:
+        raise ValueError(f"logits must have shape (..., K, H, W), got {tuple(logits.shape)}")
+    K = logits.shape[-3]
+    if K < 1:
+        raise ValueError("logits need at least one class")
+    pred = xp.argmax(logits, axis=-3)
+    top1 = xp.max(logits, axis=-3)
+    classes = xp.reshape(xp.arange(K, device=_device(logits)), (K, 1, 1))
+    neg_inf = xp.asarray(-math.inf, dtype=logits.dtype, device=_device(logits))
+    others = xp.where(classes == xp.expand_dims(pred, axis=-3), neg_inf, logits)
+    top2 = xp.max(others, axis=-3)
+    return pred, top1, top2
+
+
+def margins(logits: Array) -> tuple[Array, Array]:
+    """Predicted class and top1 - top2 margin per pixel, over the class axis -3.
+
+    The margin is what every certificate is built from: a pixel keeps its class
+    until the logit map moves by margin / sqrt(2) at that pixel. With K == 1 no
+    other class exists, so the margin is +inf. The margin keeps the logits' dtype
+    (and autograd graph), so it can also serve as a training signal.
+    """
+    pred, top1, top2 = _top2(logits)
+    return pred, top1 - top2
+
+
+def _margins64(logits: Array) -> tuple[Array, Array, Array]:
+    """(pred, margin, top1) with margin and top1 in float64, for the budget math.
+
+    The subtraction is done in float64 so rounding cannot enlarge a float32 margin.
+    """
+    xp = array_namespace(logits)
+    pred, top1, top2 = _top2(_detach(logits))
+    top1 = xp.astype(top1, xp.float64)
+    return pred, top1 - xp.astype(top2, xp.float64), top1
+
+
+def certified_radius(margin: Array, L: float) -> Array:
+    """l2 radius r = margin / (sqrt(2) L) within which the pixel's class cannot change.
+
+    Changing the argmax needs the two top logits to meet, i.e. a logit change of
+    norm >= margin / sqrt(2); an L-Lipschitz net needs an input change of that / L.
+    """
+    return margin / (math.sqrt(2.0) * _check_lipschitz(L))
+
+
+def guaranteed_region(radius: Array, eps: float | Array) -> Array:
+    """Boolean mask of pixels whose class no perturbation of norm <= eps can change.
+
+    radius > eps strictly (at radius == eps a perturbation of norm eps reaches the
+    tie); at eps == 0 no perturbation exists, so every pixel is guaranteed. eps is
+    a float or a per-image array broadcastable over the leading dims of radius.
+    """
+    xp = array_namespace(radius)
+    e = _eps_array(eps, xp, _device(radius))
+    e = xp.reshape(e, (*e.shape, 1, 1))
+    return (xp.astype(_detach(radius), xp.float64) > e) | (e == 0)

@@ -1,0 +1,39 @@
+"""Checkpoints: weights + ModelCard in one file, loaded into fused (frozen) models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from certseg.models.card import ModelCard
+from certseg.models.registry import create_model
+from certseg.nn import certified_lipschitz, fuse_module
+
+__all__ = ["build_from_card", "load_checkpoint", "save_checkpoint"]
+
+
+def build_from_card(card: ModelCard) -> nn.Module:
+    """A fresh (parametrized, trainable) model of the card's architecture."""
+    return create_model(
+        card.arch, num_classes=card.num_classes, mean=card.mean, std=card.std, **card.arch_kwargs
+    )
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard, **extra) -> None:
+    torch.save({"card": card.to_dict(), "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path: str | Path, fused: bool = True) -> tuple[nn.Module, ModelCard]:
+    """Load a checkpoint. With `fused`, return the frozen plain-weight model in eval
+    mode and set the card's audited constant from those exact weights."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    card = ModelCard.from_dict(blob["card"])
+    model = build_from_card(card)
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    if fused:
+        model = fuse_module(model).eval()
+        card.lipschitz_audited = certified_lipschitz(model)
+    return model, card

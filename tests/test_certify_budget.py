@@ -1,0 +1,120 @@
+"""Hand-computed checks of the joint budget: costs, max flips, stability, splits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from certseg.certify import (
+    attack_budget,
+    flip_costs,
+    frontier_min_ratio,
+    max_flips,
+    split_frontier,
+    stability,
+    worst_ratio,
+)
+from certseg.certify.budget import _count_le, _keep_sorted
+
+MARGIN = np.array([[0.0, 0.0, 1.0, 1.0, 2.0]])  # costs 0, 0, .5, .5, 2
+
+
+def test_flip_costs_and_budget() -> None:
+    np.testing.assert_array_equal(flip_costs(np.array([0.0, 1.0, 2.0])), [0.0, 0.5, 2.0])
+    assert flip_costs(np.array([1.0], dtype=np.float32)).dtype == np.float64
+    assert attack_budget(0.5, 2.0) == 1.0
+    np.testing.assert_allclose(attack_budget(np.array([0.0, 1.0]), 3.0), [0.0, 9.0])
+
+
+def test_max_flips_prefix_rule() -> None:
+    assert max_flips(MARGIN, 0.0, 1.0) == 0  # eps 0: even zero-cost pixels stay
+    assert max_flips(MARGIN, 1e-9, 1.0) == 2  # any eps > 0 flips the ties
+    assert max_flips(MARGIN, 1.0, 1.0) == 4  # budget 1: 0 + 0 + .5 + .5 (<= is allowed)
+    assert max_flips(MARGIN, 0.99, 1.0) == 3
+    assert max_flips(MARGIN, 2.0, 1.0) == 5
+    assert max_flips(MARGIN, 0.5, 2.0) == 4  # same budget (L eps)**2 = 1
+
+
+def test_max_flips_valid_mask_and_batches() -> None:
+    valid = np.array([[False, True, True, True, True]])
+    assert max_flips(MARGIN, 1.0, 1.0, valid=valid) == 3
+    batch = np.stack([MARGIN, MARGIN, MARGIN])  # (3, 1, 5)
+    out = max_flips(batch, np.array([0.0, 1.0, 2.0]), 1.0)
+    assert out.shape == (3,)
+    assert out.tolist() == [0, 4, 5]
+    assert max_flips(np.full((2, 2), np.inf), 100.0, 1.0) == 0  # K == 1 never flips
+
+
+def test_stability() -> None:
+    assert stability(MARGIN, 0.0, 1.0) == 0.0
+    assert stability(MARGIN, 0.4, 1.0) == 0.0  # the two ties cost nothing
+    assert stability(MARGIN, 0.6, 1.0) == pytest.approx(math.sqrt(0.5))
+    assert stability(MARGIN, 0.8, 1.0) == pytest.approx(1.0)
+    assert stability(MARGIN, 1.0, 1.0) == pytest.approx(math.sqrt(3.0))
+    assert stability(MARGIN, 1.0, 2.0) == pytest.approx(math.sqrt(3.0) / 2)
+    assert stability(MARGIN, 0.5, 1.0) == pytest.approx(math.sqrt(0.5))  # ceil(2.5) = 3
+    valid = np.array([[False, False, True, True, True]])
+    assert stability(MARGIN, 1 / 3, 1.0, valid=valid) == pytest.approx(math.sqrt(0.5))
+    assert stability(np.full((1, 3), np.inf), 0.5, 1.0) == math.inf
+    with pytest.raises(ValueError):
+        stability(MARGIN, 1.5, 1.0)
+
+
+def test_stability_no_float_overshoot() -> None:
+    m = np.arange(1.0, 31.0)[None, :]  # 30 pixels; 0.1 * 30 != 3 in floating point
+    assert stability(m, 0.1, 1.0) == pytest.approx(math.sqrt((1 + 4 + 9) / 2))
+
+
+def test_stability_inverts_max_flips() -> None:
+    rng = np.random.default_rng(1)
+    m = rng.uniform(0.1, 3.0, size=(4, 6, 7))
+    for alpha in (0.1, 0.37, 0.5, 1.0):
+        s = stability(m, alpha, 1.5)
+        k = math.ceil(alpha * 42 - 1e-9)
+        assert np.all(max_flips(m, s * (1 + 1e-9), 1.5) >= k)
+        assert np.all(max_flips(m, s * (1 - 1e-6), 1.5) < k)
+
+
+def test_count_le_matches_searchsorted() -> None:
+    rng = np.random.default_rng(2)
+    vals = np.sort(rng.integers(0, 6, size=(5, 9)).astype(float), axis=-1)
+    vals[1, 5:] = np.inf
+    q = rng.integers(-2, 8, size=(5, 7)).astype(float)
+    q[0, 0] = -np.inf
+    got = _count_le(vals, q)
+    for r in range(5):
+        np.testing.assert_array_equal(got[r], np.searchsorted(vals[r], q[r], side="right"))
+    assert _count_le(np.zeros((3, 0)), q[:3]).tolist() == [[0] * 7] * 3
+
+
+def test_keep_sorted_pads_with_inf() -> None:
+    c = np.array([[3.0, 1.0, 2.0], [5.0, 4.0, 0.0]])
+    keep = np.array([[True, False, True], [False, True, False]])
+    np.testing.assert_array_equal(_keep_sorted(c, keep), [[2.0, 3.0], [4.0, np.inf]])
+    assert _keep_sorted(c, keep & False).shape == (2, 0)
+
+
+def test_split_frontier_by_hand() -> None:
+    tp = np.array([[1.0, 2.0], [1.0, 2.0]])
+    fp = np.array([[0.5, 0.5, 3.0], [0.5, 0.5, 3.0]])
+    n_star, feasible = split_frontier(tp, fp, np.array([3.0, -1.0]))
+    assert feasible.tolist() == [[True, True, True], [True, False, False]]
+    # m = 0 leaves 3 (two FPs of .5, the third costs 3 more); m = 1 leaves 2; m = 2 leaves 0
+    assert n_star.tolist() == [[2, 2, 0], [0, 0, 0]]
+
+
+def test_worst_ratio_iou_by_hand() -> None:
+    tp = np.array([[1.0, 2.0]])
+    fp = np.array([[0.5, 0.5, 3.0]])
+    # IoU with TP 2, GT 3, FP 1: (2 - m) / (4 + n)
+    r = worst_ratio(tp, fp, np.array([3.0]), np.array([2]), 1.0, np.array([4]), 0.0)
+    assert r.tolist() == [0.0]  # both TPs removed
+    r = worst_ratio(tp, fp, np.array([2.5]), np.array([2]), 1.0, np.array([4]), 0.0)
+    assert r[0] == pytest.approx(1 / 6)  # m = 1, n = 2
+    r = worst_ratio(tp, fp, np.array([-1.0]), np.array([2]), 1.0, np.array([4]), 0.0)
+    assert r[0] == pytest.approx(0.5)  # eps = 0: clean
+    n_star, feasible = split_frontier(tp, fp, np.array([2.5]))
+    r = frontier_min_ratio(n_star, feasible, np.array([0]), 1.0, np.array([0]), 0.0)
+    assert math.isnan(r[0])  # undefined metric

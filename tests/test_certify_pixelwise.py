@@ -1,0 +1,74 @@
+"""Hand-computed checks of margins, certified radii and the guaranteed region."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from certseg.certify import certified_radius, guaranteed_region, margins
+
+
+def _logits(*pixels: list[float]) -> np.ndarray:
+    """(K, 1, P) logits from per-pixel class scores."""
+    return np.asarray(pixels, dtype=np.float32).T[:, None, :]
+
+
+def test_margins_basic_and_ties() -> None:
+    z = _logits([1, 3, 2], [2, 2, 0], [0, 0, 0], [-1, 5, 5])
+    pred, margin = margins(z)
+    assert pred.tolist() == [[1, 0, 0, 1]]  # ties go to the first class
+    assert margin.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert margin.dtype == np.float32
+
+
+def test_margins_single_class_is_infinite() -> None:
+    z = np.zeros((1, 2, 3), dtype=np.float32)
+    pred, margin = margins(z)
+    assert np.all(pred == 0)
+    assert np.all(np.isposinf(margin))
+
+
+def test_margins_batch_dims() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2, 3, 4, 5, 6))
+    pred, margin = margins(z)
+    assert pred.shape == margin.shape == (2, 3, 5, 6)
+    srt = np.sort(z, axis=-3)
+    np.testing.assert_allclose(margin, srt[..., -1, :, :] - srt[..., -2, :, :])
+    np.testing.assert_array_equal(pred, z.argmax(axis=-3))
+
+
+def test_margins_rejects_bad_shape() -> None:
+    with pytest.raises(ValueError):
+        margins(np.zeros((3, 4)))
+
+
+def test_certified_radius() -> None:
+    r = certified_radius(np.array([0.0, 2.0, np.inf]), 1.0)
+    assert r.tolist() == [0.0, pytest.approx(math.sqrt(2.0)), math.inf]
+    assert certified_radius(np.array([2.0]), 2.0)[0] == pytest.approx(1 / math.sqrt(2.0))
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError):
+            certified_radius(np.array([1.0]), bad)
+
+
+def test_guaranteed_region_strict_and_eps_zero() -> None:
+    r = np.array([[0.0, 0.5, 1.0, 1.5]])
+    assert guaranteed_region(r, 1.0).tolist() == [[False, False, False, True]]
+    assert guaranteed_region(r, 0.0).all()  # no perturbation exists at eps == 0
+    assert guaranteed_region(r, 0.25).tolist() == [[False, True, True, True]]
+
+
+def test_guaranteed_region_per_image_eps() -> None:
+    r = np.array([[[0.0, 0.5, 1.0]], [[0.0, 0.5, 1.0]], [[0.0, 0.5, 1.0]]])  # (3, 1, 3)
+    g = guaranteed_region(r, np.array([0.0, 0.5, 2.0]))
+    assert g.tolist() == [[[True, True, True]], [[False, False, True]], [[False, False, False]]]
+
+
+def test_guaranteed_region_rejects_negative_eps() -> None:
+    with pytest.raises(ValueError):
+        guaranteed_region(np.zeros((2, 2)), -0.1)
+    with pytest.raises(ValueError):
+        guaranteed_region(np.zeros((2, 2, 2)), np.array([0.1, math.nan]))
