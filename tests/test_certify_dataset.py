@@ -129,4 +129,6 @@ def test_dinkelbach_by_hand() -> None:
     assert list(idx) == [0, 2]
     with pytest.raises(ValueError):
         dinkelbach_min_ratio([1, 2], [1, 2], [0, 0], [0, 1], [4, 0])  # image 1 missing
+    with pytest.raises(ValueError):
+        dinkelbach_min_ratio([1], [1], [0, 1], [0, 0], [0, 0])  # unknown image
     assert math.isnan(dinkelbach_min_ratio([], [], [], [], [])[0])

@@ -60,6 +60,7 @@ def image_loss(
     kind: str = "margin",
     ignore_index: int = 255,
     kappa: float = 0.0,
+    temperature: Tensor | float = 1.0,
 ) -> Tensor:
     """Per-image loss (N,) to *maximise* so that more valid pixels flip.
 
@@ -80,7 +81,10 @@ def image_loss(
         per_pixel = -m
     elif kind == "ce":
         safe = torch.where(valid, labels.to(logits.device).long(), 0)
-        per_pixel = torch.nn.functional.cross_entropy(logits, safe, reduction="none")
+        t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+        if t.ndim == 1:
+            t = t.view(-1, 1, 1, 1)
+        per_pixel = torch.nn.functional.cross_entropy(logits / t, safe, reduction="none")
     else:
         raise ValueError(f"unknown loss kind {kind!r}; use 'margin' or 'ce'")
     return (per_pixel * active).flatten(1).sum(dim=1)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from array_api_compat import is_torch_array
 
 from .budget import frontier_min_ratio, split_frontier
@@ -54,11 +55,11 @@ def _first_per_segment(mask: np.ndarray, seg: np.ndarray, n_seg: int) -> np.ndar
 
 
 def dinkelbach_min_ratio(
-    p0: np.ndarray,
-    q0: np.ndarray,
-    seg: np.ndarray,
-    m: np.ndarray,
-    n: np.ndarray,
+    p0: npt.ArrayLike,
+    q0: npt.ArrayLike,
+    seg: npt.ArrayLike,
+    m: npt.ArrayLike,
+    n: npt.ArrayLike,
     *,
     p1: int = 1,
     q1: int = 0,
@@ -82,7 +83,8 @@ def dinkelbach_min_ratio(
     n_img = p0.shape[0]
     if n_img == 0:
         return math.nan, np.zeros(0, dtype=np.int64)
-    if np.any(np.diff(seg) < 0) or np.any(np.bincount(seg, minlength=n_img)[:n_img] == 0):
+    bad = seg.size == 0 or seg[0] < 0 or seg[-1] >= n_img or np.any(np.diff(seg) < 0)
+    if bad or np.any(np.bincount(seg, minlength=n_img) == 0):
         raise ValueError("seg must be sorted and give every image at least one candidate")
     starts = np.searchsorted(seg, np.arange(n_img))
     P0, Q0 = int(p0.sum()), int(q0.sum())
@@ -116,7 +118,7 @@ def dinkelbach_min_ratio(
     return num / den, best
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DatasetCertificate:
     """Clean and worst-case metrics of a data set (micro-averaged over pixels).
 

@@ -135,10 +135,10 @@ def _class_terms(p: _Prepared, c: int, with_fp: bool = True) -> _ClassTerms:
         fp_costs = _keep_sorted(fp_cost, other & ~pred_c & (fp_cost <= b))
     else:
         fp_costs = xp.zeros((p.target.shape[0], 0), dtype=xp.float64, device=p.dev)
+    fp = p.count(other & pred_c)
     return _ClassTerms(
-        gt=p.count(gt_c), tp=p.count(tp), fp=p.count(other & pred_c), tp_costs=tp_costs,
-        fp_costs=fp_costs,
-    )  # fmt: skip
+        gt=p.count(gt_c), tp=p.count(tp), fp=fp, tp_costs=tp_costs, fp_costs=fp_costs
+    )
 
 
 def _nan_where(cond: Array, x: Array) -> Array:

@@ -26,6 +26,7 @@ class ModelCard:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
     input_size: tuple[int, int] = (64, 64)
+    pad_multiple: int = 1
     lipschitz: float = 1.0
     lipschitz_audited: float | None = None
     default_eps: float = 0.1

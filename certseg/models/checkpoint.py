@@ -9,7 +9,7 @@ from torch import nn
 
 from certseg.models.card import ModelCard
 from certseg.models.registry import create_model
-from certseg.nn import certified_lipschitz, fuse_module
+from certseg.nn import certified_lipschitz, fuse_module, structural_lipschitz
 
 __all__ = ["build_from_card", "load_checkpoint", "save_checkpoint"]
 
@@ -22,6 +22,8 @@ def build_from_card(card: ModelCard) -> nn.Module:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard, **extra) -> None:
+    """Save weights and card; the card's structural constant is derived from the model."""
+    card.lipschitz = structural_lipschitz(model)
     torch.save({"card": card.to_dict(), "state_dict": model.state_dict(), **extra}, path)
 
 

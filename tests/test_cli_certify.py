@@ -1,0 +1,93 @@
+"""`certseg certify` on real files, through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from certseg.certify import certified_radius, margins
+from certseg.inference import predict_logits
+from certseg.models import ModelCard, create_model, load_checkpoint, save_checkpoint
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes=3, width=8)
+    card = ModelCard(
+        name="tiny-test",
+        arch="tiny",
+        num_classes=3,
+        classes=["a", "b", "c"],
+        palette=[(255, 0, 0), (0, 255, 0), (0, 0, 255)],
+        arch_kwargs={"width": 8},
+        pad_multiple=2,
+    )
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, model, card)
+    return path
+
+
+def test_certify_command_reports_radii(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    rng = np.random.default_rng(0)
+    img_path = tmp_path / "odd.png"  # odd size: exercises pad-and-crop
+    Image.fromarray((rng.random((21, 35, 3)) * 255).astype(np.uint8)).save(img_path)
+    exe = Path(sys.executable).with_name("certseg")
+    out = subprocess.run(
+        [
+            str(exe),
+            "certify",
+            str(img_path),
+            "--checkpoint",
+            str(ckpt),
+            "--eps",
+            "0",
+            "--eps",
+            "0.05",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (report,) = json.loads(out.stdout)
+    assert (report["height"], report["width"]) == (21, 35)
+    assert report["guaranteed_fraction"][0] == 1.0  # nothing can flip at eps = 0
+    assert report["max_flipped_fraction"][0] == 0.0
+
+    model, card = load_checkpoint(ckpt)
+    assert report["lipschitz"] == card.certified_lipschitz
+    assert (
+        card.certified_lipschitz == card.lipschitz * (1 + 1e-3)
+        or abs(card.certified_lipschitz / card.lipschitz - 1) < 1e-3
+    )
+    logits = predict_logits(
+        model, np.asarray(Image.open(img_path), np.float32).transpose(2, 0, 1) / 255.0, 2
+    )[0]
+    radius = certified_radius(margins(logits)[1], card.certified_lipschitz)
+    assert report["guaranteed_fraction"][1] == float((radius > 0.05).mean())
+    assert report["radius_quantiles"]["median"] == float(np.quantile(radius, 0.5))
+
+    table = subprocess.run(
+        [str(exe), "certify", str(img_path), "--checkpoint", str(ckpt)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "guaranteed" in table.stdout and "odd.png" in table.stdout
+
+
+def test_certify_command_fails_clearly_on_missing_file(tmp_path):
+    exe = Path(sys.executable).with_name("certseg")
+    out = subprocess.run(
+        [str(exe), "certify", str(tmp_path / "nope.png"), "--checkpoint", str(tmp_path / "x.pt")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0
