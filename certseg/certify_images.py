@@ -75,7 +75,7 @@ def render_table(reports: Sequence[ImageReport]) -> None:
         q = r.radius_quantiles
         for i, e in enumerate(r.eps):
             table.add_row(
-                r.image if i == 0 else "",
+                Path(r.image).name if i == 0 else "",
                 f"{r.width}x{r.height}" if i == 0 else "",
                 f"{r.lipschitz:.4f}" if i == 0 else "",
                 f"{e:g}",

@@ -90,13 +90,12 @@ def _fmn_loop(
     gamma_final: float,
     step_scale: float,
     refine_steps: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Shared FMN/DDN loop.
+) -> tuple[Tensor, Tensor]:
+    """FMN loop with final bisection toward x.
 
     ``evaluate(adv, need_grad)`` returns ``(is_adv (N,) bool, loss (N,), grad or None)``
     where ``loss`` is >= 0 and decreases toward success. Returns the best adversarial
-    images (x where none was found), a found mask, and the last iterate (for callers
-    that want a fallback).
+    images (x where none was found) and the mask of samples where one was found.
     """
     n = x.shape[0]
     adv = x.clone()
