@@ -1,6 +1,7 @@
 """Architectures, registry and ModelCard."""
 
-from certseg.models import tiny as _tiny  # noqa: F401  (registers the constructors)
+from certseg.models import lipdeeplab as _lipdeeplab  # noqa: F401  (registers)
+from certseg.models import tiny as _tiny  # noqa: F401  (registers)
 from certseg.models.card import ModelCard
 from certseg.models.checkpoint import build_from_card, load_checkpoint, save_checkpoint
 from certseg.models.registry import create_model, list_models, register_model

@@ -8,21 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from certseg.models.blocks import conv, conv_block, up_block
 from certseg.models.registry import register_model
-from certseg.nn import (
-    BatchCentering2d,
-    InputNormalization,
-    LipSequential,
-    MaxMin,
-    OrthoConv2d,
-    OrthoConvTranspose2d,
-)
+from certseg.nn import InputNormalization, LipSequential
 
 __all__ = ["tiny"]
-
-
-def _block(conv) -> list:
-    return [conv, BatchCentering2d(conv.out_channels), MaxMin()]
 
 
 @register_model
@@ -32,14 +22,15 @@ def tiny(
     in_channels: int = 3,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
+    constrained: bool = True,
 ) -> LipSequential:
-    """About 30k parameters at width 16; output stride 1 (input H, W must be even)."""
-    w = width
+    """About 23k parameters at width 16; output stride 1 (pad inputs to even sizes)."""
+    w, c = width, constrained
     return LipSequential(
         InputNormalization(mean, std),
-        *_block(OrthoConv2d(in_channels, w, 3)),
-        *_block(OrthoConv2d(w, 2 * w, 3, stride=2)),
-        *_block(OrthoConv2d(2 * w, 2 * w, 3, dilation=2)),
-        *_block(OrthoConvTranspose2d(2 * w, w, 2, stride=2)),
-        OrthoConv2d(w, num_classes, 1),
+        *conv_block(in_channels, w, c),
+        *conv_block(w, 2 * w, c, stride=2),
+        *conv_block(2 * w, 2 * w, c, dilation=2),
+        *up_block(2 * w, w, c),
+        conv(w, num_classes, 1, constrained=c),
     )
