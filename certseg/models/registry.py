@@ -31,5 +31,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     except KeyError:
         close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint} (known: {', '.join(list_models())})") from None
+        raise KeyError(
+            f"unknown model {name!r}{hint} (known: {', '.join(list_models())})"
+        ) from None
     return fn(num_classes=num_classes, **kwargs)

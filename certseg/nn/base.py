@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 __all__ = [
-    "LipschitzModule",
     "LipSequential",
+    "LipschitzModule",
     "certified_lipschitz",
     "fuse_module",
     "structural_lipschitz",

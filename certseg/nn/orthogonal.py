@@ -111,9 +111,7 @@ class BCOPKernel(nn.Module):
     whose polyphase form (cout, cin*s*s, kp, kp) is BCOP.
     """
 
-    def __init__(
-        self, cout: int, cin: int, kp: int, stride: int = 1, scale: float = 1.0
-    ) -> None:
+    def __init__(self, cout: int, cin: int, kp: int, stride: int = 1, scale: float = 1.0) -> None:
         super().__init__()
         self.cout, self.cin, self.kp, self.stride, self.scale = cout, cin, kp, stride, scale
         self.n = max(cout, cin * stride * stride)
