@@ -50,6 +50,7 @@ from certseg.attacks.losses import flipped_mask, gather_pixel_logits, pixel_marg
 from certseg.attacks.pgd import (
     Model,
     _bcast,
+    _candidate_targets,
     _check_images,
     _cosine,
     _normalize,
@@ -147,32 +148,6 @@ def _fmn_loop(
     return best_adv, found
 
 
-def _candidate_targets(
-    model: Model, x: Tensor, pixels: Tensor, labels: Tensor, count: int
-) -> Tensor:
-    """The ``count`` classes with the smallest linearised distance at x, (N, count).
-
-    Why: the untargeted margin follows whichever runner-up is ahead at x, and FMN
-    is a local method, so a class that is cheaper to reach but behind in logits is
-    missed (seen on a trained conv net: a flip 5-10% smaller via the third class).
-    DeepFool's estimate ``(z_y - z_k) / ||grad(z_y - z_k)||`` ranks the classes.
-    """
-    n = x.shape[0]
-    a = x.clone().requires_grad_(True)
-    with torch.enable_grad():
-        z = gather_pixel_logits(model(a), pixels)
-        k = z.shape[1]
-        zy = z.gather(1, labels[:, None]).squeeze(1)
-        dist = torch.full((n, k), float("inf"), device=x.device, dtype=torch.float64)
-        for c in range(k):
-            diff = zy - z[:, c]
-            (g,) = torch.autograd.grad(diff.sum(), a, retain_graph=c < k - 1)
-            d = diff.detach().double() / l2_norms(g).clamp_min(1e-30)
-            dist[:, c] = torch.where(labels == c, torch.full_like(d, float("inf")), d)
-    count = max(0, min(count, k - 1))
-    return dist.argsort(dim=1)[:, :count]
-
-
 def min_norm_pixel(
     model: Model,
     images: Tensor,
@@ -242,7 +217,7 @@ def min_norm_image(
     labels: Tensor,
     target_fraction: float = 0.5,
     search_steps: int = 10,
-    pgd_steps: int = 50,
+    pgd_steps: int = 100,
     restarts: int = 1,
     max_norm: float | None = None,
     ignore_index: int = 255,
@@ -252,8 +227,8 @@ def min_norm_image(
 
     Bisection on the budget with ``pgd_image`` as the oracle, each call warm-started
     from the best adversarial image so far rescaled onto the new budget's sphere.
-    The upper end is found by doubling from the budget that a first PGD run at
-    ``max_norm`` (default: the box diameter) needs. Each success records the
+    The upper end is found by doubling the budget from ``max_norm / 64`` up to
+    ``max_norm`` (default: the box diameter, which bounds every perturbation). Each success records the
     *measured* norm, which may be below the budget tried. The bisection's lower end
     is not a proof of robustness (PGD may miss), only the returned norm is a bound.
     ``labels`` is (N, H, W); an image with no valid pixels meets any target at norm 0.

@@ -1,0 +1,45 @@
+"""Registry models: structural L equals the audited bound of the weights; estimates stay below."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from certseg.models import create_model, list_models
+from certseg.nn import certified_lipschitz, fuse_module, structural_lipschitz
+from certseg.nn.estimate import jacobian_norm_estimate
+
+SMALL = {"tiny": 2, "lipdeeplab_xs": 8, "lipdeeplab_s": 8, "lipdeeplab_s_klip": 8}
+LARGE = {"lipdeeplab_m1": 8, "lipdeeplab_m2": 16}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL | LARGE))
+def test_structural_bound_matches_weights_and_estimates(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5).eval()
+    fused = fuse_module(model)
+    structural = structural_lipschitz(model)
+    audited = certified_lipschitz(fused)
+    assert audited == pytest.approx(structural, rel=1e-3)
+    assert audited >= structural * (1 - 1e-6)  # rounding only ever pushes it up a hair
+    if name in SMALL:
+        side = 4 * (SMALL | LARGE)[name]
+        x = torch.rand(1, 3, side, side, dtype=torch.float64)
+        estimate = jacobian_norm_estimate(fused.double(), x, steps=100)
+        assert estimate <= audited
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(KeyError, match="lipdeeplab_s"):
+        create_model("lipdeeplab-s", num_classes=3)
+
+
+@pytest.mark.parametrize("name", ["tiny", "lipdeeplab_xs"])
+def test_unconstrained_twin_has_the_same_shape(name):
+    torch.manual_seed(0)
+    lip = create_model(name, num_classes=4)
+    twin = create_model(name, num_classes=4, constrained=False)
+    x = torch.rand(2, 3, 32, 32)
+    assert lip(x).shape == twin(x).shape
+    with pytest.raises(TypeError):
+        structural_lipschitz(twin)
