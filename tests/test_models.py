@@ -43,3 +43,7 @@ def test_unconstrained_twin_has_the_same_shape(name):
     assert lip(x).shape == twin(x).shape
     with pytest.raises(TypeError):
         structural_lipschitz(twin)
+
+
+def test_every_registered_model_is_checked():
+    assert set(list_models()) == set(SMALL | LARGE)
