@@ -43,5 +43,108 @@ def certify(
         render_table(reports)
 
 
+@app.command()
+def train(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (resumes if it has last.pt).")
+    ],
+    arch: Annotated[str, typer.Option(help="Registered model name.")] = "lipdeeplab_xs",
+    data: Annotated[str, typer.Option(help="synthetic | cityscapes | folder")] = "synthetic",
+    root: Annotated[Path | None, typer.Option(help="Data root (cityscapes, folder).")] = None,
+    num_images: Annotated[int, typer.Option(help="Synthetic training scenes.")] = 512,
+    val_images: Annotated[int, typer.Option(help="Synthetic held-out scenes.")] = 64,
+    height: Annotated[int, typer.Option(help="Training image height.")] = 96,
+    width: Annotated[int, typer.Option(help="Training image width.")] = 192,
+    epochs: Annotated[int, typer.Option()] = 10,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    tau: Annotated[
+        float, typer.Option(help="Loss temperature (paper: 20 Cityscapes, 8 small).")
+    ] = 8.0,
+    eps: Annotated[float, typer.Option(help="Validation eps and the card's default.")] = 0.1,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    amp: Annotated[bool, typer.Option(help="Mixed precision (CUDA only).")] = False,
+    workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
+    noise_sigma: Annotated[float, typer.Option(help="Gaussian noise augmentation.")] = 0.0,
+    unconstrained: Annotated[
+        bool, typer.Option(help="Train the unconstrained twin (smoothing baseline).")
+    ] = False,
+    max_steps_per_epoch: Annotated[int | None, typer.Option(hidden=True)] = None,
+    name: Annotated[str | None, typer.Option(help="Model name for the card.")] = None,
+) -> None:
+    """Train a 1-Lipschitz segmenter (under torchrun for several GPUs or nodes)."""
+    from certseg.train import Recipe, TrainConfig
+    from certseg.train import train as run
+
+    cfg = TrainConfig(
+        out=str(out),
+        arch=arch,
+        arch_kwargs={"constrained": False} if unconstrained else {},
+        data=data,
+        root=str(root) if root else None,
+        num_images=num_images,
+        val_images=val_images,
+        size=(height, width),
+        batch_size=batch_size,
+        recipe=Recipe(epochs=epochs, lr=lr, tau=tau),
+        seed=seed,
+        device=device,
+        amp=amp,
+        workers=workers,
+        eps=eps,
+        noise_sigma=noise_sigma,
+        name=name,
+        max_steps_per_epoch=max_steps_per_epoch,
+    )
+    path = run(cfg)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A certseg checkpoint (.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    data: Annotated[str, typer.Option(help="synthetic | cityscapes | folder")] = "synthetic",
+    root: Annotated[Path | None, typer.Option(help="Data root (cityscapes, folder).")] = None,
+    split: Annotated[str, typer.Option(help="Split (cityscapes, folder).")] = "val",
+    num_images: Annotated[int, typer.Option(help="Synthetic held-out scenes.")] = 64,
+    seed: Annotated[int, typer.Option(help="Synthetic held-out seed.")] = 10_000,
+    eps: Annotated[list[float] | None, typer.Option(help="eps grid (repeat the flag).")] = None,
+    method: Annotated[str, typer.Option(help="lipschitz | smoothing")] = "lipschitz",
+    sigma: Annotated[float, typer.Option(help="Smoothing noise level.")] = 0.25,
+    n0: Annotated[int, typer.Option(help="Smoothing selection samples.")] = 10,
+    n: Annotated[int, typer.Option(help="Smoothing estimation samples.")] = 100,
+    alpha: Annotated[float, typer.Option(help="Smoothing test level (Holm).")] = 0.001,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Clean and certified metrics over an eps grid: result.json, table.md, plots."""
+    from certseg.evaluate import DEFAULT_EPS, EvalConfig
+    from certseg.evaluate import evaluate as run
+
+    cfg = EvalConfig(
+        checkpoint=str(checkpoint),
+        out=str(out),
+        data=data,
+        root=str(root) if root else None,
+        split=split,
+        num_images=num_images,
+        seed=seed,
+        eps=eps or DEFAULT_EPS,
+        method=method,
+        sigma=sigma,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        batch_size=batch_size,
+        device=device,
+    )
+    result = run(cfg)
+    from certseg.evaluate import markdown_table
+
+    typer.echo(markdown_table(result))
+
+
 if __name__ == "__main__":
     app()

@@ -1,17 +1,29 @@
-"""Training: the paper's recipe (tau-scaled cross-entropy, AdamW, cosine schedule)."""
+"""Training: the paper's recipe (tau-scaled cross-entropy, AdamW, cosine schedule).
+
+One loop serves a laptop CPU, one GPU (optional AMP) and several GPUs or nodes under
+torchrun (DistributedDataParallel; gloo on CPU, nccl on CUDA). Every epoch writes a
+resumable `last.pt`; the end writes `model.pt` (weights + ModelCard), `card.json`,
+`history.json` and `curves.png`. Validation certifies the FUSED model, as deployment will.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from certseg.losses import tau_cross_entropy
 
-__all__ = ["Recipe", "fit", "make_optimizer"]
+__all__ = ["Recipe", "TrainConfig", "fit", "make_optimizer", "train"]
 
 
 @dataclass
@@ -25,6 +37,31 @@ class Recipe:
     betas: tuple[float, float] = (0.95, 0.95)
     tau: float = 8.0
     ignore_index: int = 255
+
+
+@dataclass
+class TrainConfig:
+    """What to train on what; also stored in the checkpoint and the ModelCard."""
+
+    out: str
+    arch: str = "lipdeeplab_xs"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "synthetic"  # synthetic | cityscapes | folder
+    root: str | None = None
+    num_images: int = 512  # synthetic: training scenes
+    val_images: int = 64  # synthetic: held-out scenes (another seed)
+    size: tuple[int, int] = (96, 192)
+    batch_size: int = 8
+    recipe: Recipe = field(default_factory=Recipe)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    workers: int = 0
+    eps: float = 0.1  # validation certificate and the card's default eps
+    noise_sigma: float = 0.0  # Gaussian noise augmentation (the smoothing baseline's twin)
+    name: str | None = None
+    max_steps_per_epoch: int | None = None  # for smoke tests
+    progress: bool = True
 
 
 def make_optimizer(
@@ -45,8 +82,8 @@ def fit(
     recipe: Recipe,
     steps_per_epoch: int | None = None,
 ) -> list[float]:
-    """Plain single-process loop over a re-iterable of (images, labels); returns the mean
-    loss of each epoch. The full CLI trainer builds on this."""
+    """Minimal single-process loop over a re-iterable of (images, labels) batches;
+    returns each epoch's mean loss. For tests and notebooks; `train` is the full one."""
     steps = steps_per_epoch or len(batches)  # type: ignore[arg-type]
     opt, sched = make_optimizer(model, recipe, recipe.epochs * steps)
     history = []
@@ -60,6 +97,303 @@ def fit(
             opt.step()
             sched.step()
             total, count = total + float(loss), count + 1
-        history.append(total / max(count, 1) if count else math.nan)
+        history.append(total / max(count, 1))
     model.eval()
     return history
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def open_datasets(cfg: TrainConfig):
+    """(train, val, classes, palette) for the configured source."""
+    from certseg import data
+
+    if cfg.data == "synthetic":
+        train = data.SyntheticScenes(cfg.num_images, cfg.size, seed=cfg.seed, cache=True)
+        val = data.SyntheticScenes(cfg.val_images, cfg.size, seed=cfg.seed + 10_000, cache=True)
+        return train, val, list(data.SYNTHETIC_CLASSES), list(data.SYNTHETIC_PALETTE)
+    if cfg.root is None:
+        raise ValueError(f"--root is required for --data {cfg.data}")
+    if cfg.data == "cityscapes":
+        train = data.CityscapesSegmentation(cfg.root, "train", size=cfg.size)
+        val = data.CityscapesSegmentation(cfg.root, "val", size=cfg.size)
+        return train, val, list(data.cityscapes_classes()), list(data.cityscapes_palette())
+    if cfg.data == "folder":
+        root = Path(cfg.root)
+        train = data.FolderSegmentation(root / "train", size=cfg.size)
+        val = data.FolderSegmentation(root / "val", size=cfg.size)
+        n = int(train.num_classes or 0) or 1 + max(int(lab[lab != 255].max()) for _, lab in train)
+        classes = list(train.classes) if train.classes else [f"class{i}" for i in range(n)]
+        palette = list(train.palette) if train.palette else _default_palette(len(classes))
+        return train, val, classes, palette
+    raise ValueError(f"unknown data source {cfg.data!r} (synthetic, cityscapes, folder)")
+
+
+def _default_palette(n: int) -> list[tuple[int, int, int]]:
+    rng = np.random.default_rng(0)
+    return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(n)]
+
+
+def channel_stats(dataset, limit: int = 64) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of up to `limit` images (rounded: they go in the card)."""
+    pix = np.concatenate(
+        [dataset[i][0].reshape(3, -1) for i in range(min(limit, len(dataset)))], axis=1
+    )
+    mean = tuple(round(float(v), 3) for v in pix.mean(axis=1))
+    std = tuple(round(float(v), 3) for v in pix.std(axis=1))
+    return mean, std
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _loader(dataset, cfg: TrainConfig, dist: _Dist, shuffle: bool):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from certseg.data import as_torch_dataset
+
+    ds = as_torch_dataset(dataset)
+    sampler = (
+        DistributedSampler(ds, dist.world, dist.rank, shuffle=shuffle, seed=cfg.seed)
+        if dist.world > 1
+        else None
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        drop_last=shuffle,
+        generator=gen,
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader, num_classes: int, eps: float, device) -> dict[str, float]:
+    """Clean and certified figures of the fused model on a loader."""
+    from certseg.certify import DatasetCertifier
+    from certseg.models import is_lipschitz
+    from certseg.nn import certified_lipschitz, fuse_module
+
+    if not is_lipschitz(model):  # unconstrained twin: clean figures only (eps = 0)
+        eps, fused, lip = 0.0, model.eval(), 1.0
+    else:
+        fused = fuse_module(model).eval()
+        lip = certified_lipschitz(fused)
+    cert = DatasetCertifier(num_classes, lip)
+    for images, labels in loader:
+        logits = fused(images.to(device)).float().cpu().numpy()
+        cert.update(logits, labels.numpy(), eps)
+    res = cert.compute()
+    if eps == 0.0 and not is_lipschitz(model):
+        return {"pixel_accuracy": res.pixel_accuracy, "miou": res.miou}
+    return {
+        "pixel_accuracy": res.pixel_accuracy,
+        "miou": res.miou,
+        f"worst_pixel_accuracy@{eps:g}": res.worst_pixel_accuracy,
+        f"certified_pixel_accuracy@{eps:g}": res.certified_pixel_accuracy,
+        f"worst_miou@{eps:g}": res.worst_miou,
+        "lipschitz": lip,
+    }
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(epochs, [h["loss"] for h in history], marker="o")
+    ax1.set(xlabel="epoch", ylabel="tau cross-entropy / tau", title="training loss")
+    for key in history[-1]:
+        if key.startswith(("pixel_accuracy", "miou", "worst_", "certified_")):
+            ax2.plot(epochs, [h.get(key, math.nan) for h in history], marker="o", label=key)
+    ax2.set(xlabel="epoch", ylim=(0, 1), title="validation (fused model)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) and return the path of the final checkpoint `model.pt`."""
+    from tqdm.auto import tqdm
+
+    from certseg.data import Augmented, Compose, RandomHorizontalFlip
+    from certseg.models import ModelCard, create_model, save_checkpoint
+
+    device = _pick_device(cfg.device)
+    dist = _init_distributed(device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_set, val_set, classes, palette = open_datasets(cfg)
+    mean, std = channel_stats(train_set)
+    aug = Augmented(train_set, Compose([RandomHorizontalFlip()]), seed=cfg.seed)
+    train_loader = _loader(aug, cfg, dist, shuffle=True)
+    val_loader = _loader(val_set, cfg, _Dist(), shuffle=False)
+    steps = len(train_loader)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+
+    model = create_model(
+        cfg.arch, num_classes=len(classes), mean=mean, std=std, **cfg.arch_kwargs
+    ).to(device)
+    opt, sched = make_optimizer(model, cfg.recipe, cfg.recipe.epochs * steps)
+    scaler = torch.amp.GradScaler(enabled=cfg.amp and device.type == "cuda")
+    start_epoch, history, elapsed = 0, [], 0.0
+    last = out / "last.pt"
+    if last.exists():
+        state = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+    net: nn.Module = model
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    for epoch in range(start_epoch, cfg.recipe.epochs):
+        t0 = time.perf_counter()
+        aug.set_epoch(epoch)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        net.train()
+        total, count = 0.0, 0
+        bar = tqdm(
+            total=steps,
+            desc=f"epoch {epoch + 1}/{cfg.recipe.epochs}",
+            disable=not (cfg.progress and dist.main),
+            leave=False,
+        )
+        for step, (images, labels) in enumerate(train_loader):
+            if step >= steps:
+                break
+            images, labels = images.to(device), labels.to(device)
+            if cfg.noise_sigma > 0:
+                images = images + cfg.noise_sigma * torch.randn_like(images)
+            with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+                logits = net(images)
+            loss = tau_cross_entropy(
+                logits.float(), labels, cfg.recipe.tau, cfg.recipe.ignore_index
+            )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            total, count = total + float(loss), count + 1
+            bar.set_postfix(loss=f"{total / count:.4f}")
+            bar.update()
+        bar.close()
+        elapsed += time.perf_counter() - t0
+        if dist.main:
+            model.eval()
+            row = {"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": elapsed}
+            row |= validate(model, val_loader, len(classes), cfg.eps, device)
+            history.append(row)
+            if cfg.progress:
+                tqdm.write(json.dumps({k: round(v, 4) for k, v in row.items()}))
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "elapsed": elapsed,
+                    "config": asdict(cfg),
+                },
+                last,
+            )
+        if dist.world > 1:
+            torch.distributed.barrier()
+
+    final = out / "model.pt"
+    if dist.main:
+        card = ModelCard(
+            name=cfg.name or f"{cfg.arch}-{cfg.data}",
+            arch=cfg.arch,
+            num_classes=len(classes),
+            classes=classes,
+            palette=palette,
+            mean=mean,
+            std=std,
+            input_size=cfg.size,
+            pad_multiple=_pad_multiple(model),
+            default_eps=cfg.eps,
+            arch_kwargs=cfg.arch_kwargs,
+            training={
+                "data": cfg.data,
+                "num_images": len(train_set),
+                "recipe": asdict(cfg.recipe),
+                "batch_size": cfg.batch_size,
+                "seed": cfg.seed,
+                "world_size": dist.world,
+                "noise_sigma": cfg.noise_sigma,
+                "device": device.type,
+                "seconds": round(elapsed, 1),
+                "final": history[-1] if history else {},
+            },
+        )
+        save_checkpoint(final, model.cpu(), card)
+        (out / "card.json").write_text(card.to_json())
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        if history:
+            plot_curves(history, out / "curves.png")
+    if dist.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return final
+
+
+def _pad_multiple(model: nn.Module) -> int:
+    """Product of the strides along the network: inputs are padded to a multiple of it."""
+    mult = 1
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.stride[0] > 1:
+            mult *= m.stride[0]
+    return mult

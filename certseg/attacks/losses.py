@@ -76,6 +76,7 @@ def image_loss(
     the margin sum. ``kind="margin"``: sum of ``-margin``; every unflipped pixel pulls
     equally, which wastes the budget on pixels that cannot be won (measured ~2.5x
     fewer flips than CE on a trained conv net); kept for comparison.
+    """
     m = margin_map(logits, labels, ignore_index)
     valid = labels.to(logits.device) != ignore_index
     active = valid & (m > -kappa)

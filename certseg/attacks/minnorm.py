@@ -17,8 +17,9 @@ and Defenses" (Rony et al., CVPR 2019). Direction and norm are updated separatel
 * norm: ``eps_t`` shrinks by (1 - gamma_t) (and never exceeds the best norm found)
   while the iterate is adversarial, grows by (1 + gamma_t) once a flip was seen and
   the iterate is not adversarial, and before any flip jumps to
-  ``||delta|| + margin / ||grad margin||``, the linearised distance to the boundary
-  (exact in one step for a linear model). gamma_t is cosine-annealed from ``gamma``
+  ``(1 + gamma_t) (||delta|| + margin / ||grad margin||)``, the linearised distance
+  to the boundary (FMN) slightly overshot so that a point that lands exactly on a
+  linear boundary in float32 still crosses it. gamma_t is cosine-annealed from ``gamma``
   to ``gamma_final`` so the norm settles at ~0.1% resolution;
 * ``delta`` is projected onto the l2 ball of radius eps_t, then onto the [0, 1] box;
 * finally the best flip is shrunk toward x by bisection on ``x + s * delta``,
@@ -41,6 +42,7 @@ Every reported success and norm is re-measured on the returned images: norms are
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -85,7 +87,7 @@ class MinNormImageAttack(NamedTuple):
 
 def _fmn_loop(
     x: Tensor,
-    evaluate,
+    evaluate: Callable[[Tensor, bool], tuple[Tensor, Tensor, Tensor | None]],
     steps: int,
     gamma: float,
     gamma_final: float,
@@ -123,7 +125,9 @@ def _fmn_loop(
             eps = torch.where(
                 is_adv,
                 torch.minimum(eps * (1 - gam), best_norm),
-                torch.where(found, eps * (1 + gam), d_norm + dist),
+                # FMN's boundary jump, overshot by (1 + gamma): an iterate that lands
+                # exactly on the boundary in float32 would otherwise never cross it.
+                torch.where(found, eps * (1 + gam), (d_norm + dist) * (1 + gam)),
             )
             # No useful gradient gives an infinite boundary estimate; no point in the
             # box is farther than its diameter from x.
@@ -217,8 +221,8 @@ def min_norm_image(
     labels: Tensor,
     target_fraction: float = 0.5,
     search_steps: int = 10,
-    pgd_steps: int = 100,
-    restarts: int = 1,
+    pgd_steps: int = 200,
+    restarts: int = 3,
     max_norm: float | None = None,
     ignore_index: int = 255,
     seed: int | None = 0,
@@ -228,10 +232,16 @@ def min_norm_image(
     Bisection on the budget with ``pgd_image`` as the oracle, each call warm-started
     from the best adversarial image so far rescaled onto the new budget's sphere.
     The upper end is found by doubling the budget from ``max_norm / 64`` up to
-    ``max_norm`` (default: the box diameter, which bounds every perturbation). Each success records the
-    *measured* norm, which may be below the budget tried. The bisection's lower end
-    is not a proof of robustness (PGD may miss), only the returned norm is a bound.
+    ``max_norm`` (default: the box diameter, which bounds every perturbation). Each
+    success records the *measured* norm, which may be below the budget tried. The
+    bisection's lower end is not a proof of robustness (PGD may miss); only the
+    returned norm is a bound.
     ``labels`` is (N, H, W); an image with no valid pixels meets any target at norm 0.
+
+    Cost: about (restarts + 1) * pgd_steps * (search_steps + doublings) forward and
+    backward passes. The defaults are for evaluation; on a linear segmenter with
+    known answer they land within 1.5% (10-30% of pixels) and 6% (60%) of the
+    optimum, while pgd_steps=100, restarts=1 was 5-25% above it.
     """
     _check_images(images)
     if not 0.0 < target_fraction <= 1.0:

@@ -6,9 +6,9 @@ proves the certificate unsound, and the gap between the two measures tightness.
 
 Algorithm (Madry et al. 2018, "Towards Deep Learning Models Resistant to
 Adversarial Attacks", l2 variant): from a start point (the clean image on restart 0,
-a uniform sample of the l2 ball on later restarts) take ``steps`` normalised
-gradient steps ``delta += alpha_t * g / ||g||_2``, each followed by projection onto
-the l2 ball of radius eps and then onto the [0, 1] box. The step size follows a
+a uniform sample of the l2 ball on later restarts, optionally a warm start) take
+``steps`` normalised gradient steps ``delta += alpha_t * g / ||g||_2``, each followed
+by projection onto the l2 ball of radius eps and then onto the [0, 1] box. The step size follows a
 cosine schedule from ``step_scale * eps`` down to 1% of that, so early steps can
 cross the ball and late steps refine. Every iterate (including the start) is
 evaluated and the best one per sample is kept, across steps and restarts.
@@ -29,11 +29,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from certseg.attacks.losses import flipped_mask, gather_pixel_logits, image_loss, margin_map, pixel_margin
+from certseg.attacks.losses import (
+    flipped_mask,
+    gather_pixel_logits,
+    image_loss,
+    margin_map,
+    pixel_margin,
+)
 
 __all__ = [
-    "PixelAttack",
     "ImageAttack",
+    "PixelAttack",
     "l2_norms",
     "pgd_image",
     "pgd_image_sweep",
@@ -196,12 +202,13 @@ def pgd_pixel(
     Restart 0 starts at x and follows the untargeted margin; ``init`` (optional
     adversarial images) adds one more start, and since the best iterate is never
     worse than a start, budget sweeps become monotone. Later restarts start
-    uniformly in the ball and,
-    with ``targeted``, maximise ``z_t - z_y`` for the runner-up classes t ranked by
-    DeepFool's linearised distance, cycled: the untargeted margin chases the class
-    that leads at x and misses cheaper ones (measured on a trained conv net: at 1.05x
-    the FMN norm, 97% success without restarts vs. 100% with targeted ones).
-    Success is re-evaluated on the returned images with a final forward pass.
+    uniformly in the ball and, with ``targeted``, maximise ``z_t - z_y`` for the
+    runner-up classes t ranked by DeepFool's linearised distance, cycled: the
+    untargeted margin chases the class that leads at x and misses cheaper ones
+    (measured on a trained conv net at 1.002x / 1.05x the minimum-norm attack's
+    norm: 93% / 97% success with one restart, 100% / 100% with the defaults).
+    The kept iterate is a success if any was seen, else the one with the largest
+    runner-up margin. Success is re-evaluated on the returned images.
     """
     _check_images(images)
     x = images.detach()

@@ -330,7 +330,7 @@ def _draw_ground(rng, img, lab, view: _View, lay: _Layout, sunny: bool) -> None:
         left, right = left & ~cross, right & ~cross
 
     # road: asphalt grain, patches, darker tyre tracks, paint
-    grey = rng.uniform(0.25, 0.45)
+    grey = rng.uniform(0.22, 0.42)
     asphalt = _jitter(rng, (grey, grey, grey * rng.uniform(0.97, 1.08)), 0.04)
     tex = 1 + 0.12 * _fractal(rng, h, W, cell=W / 6, octaves=3, aspect=2.0)
     tex += 0.07 * _smooth_noise(rng, h, W, 1.2)
@@ -375,15 +375,20 @@ def _draw_ground(rng, img, lab, view: _View, lay: _Layout, sunny: bool) -> None:
         ],
         0.06,
     )
+    # usually lighter than the asphalt (as in real streets), sometimes just as dark
+    target = grey + (rng.uniform(0.08, 0.3) if rng.random() < 0.85 else rng.uniform(-0.05, 0.05))
+    walk_base = np.clip(walk_base * _F(target / walk_base.mean()), 0, 1).astype(_F)
     tile = rng.uniform(0.3, 0.8)
     lines = np.maximum(
         (np.abs(_frac(xg / tile) - 0.5) > 0.44) * _fade(tile * px),
         (np.abs(_frac(zm / tile) - 0.5) > 0.44) * _fade(tile / row_footprint),
     )
-    wtex = 1 - 0.18 * lines + 0.06 * _smooth_noise(rng, h, W, 1.5)
+    wtex = 1 - 0.25 * lines + 0.06 * _smooth_noise(rng, h, W, 1.5)
     wtex += 0.08 * _fractal(rng, h, W, cell=W / 8, octaves=2)
     kerb = (np.minimum(np.abs(xg - lay.road_l), np.abs(xg - lay.road_r)) < 0.25) & walk
-    wtex = np.where(kerb, 1.15, wtex)
+    wtex = np.where(kerb, 1.2, wtex)
+    gutter = np.minimum(np.abs(xg - lay.road_l), np.abs(xg - lay.road_r)) * px < 0.6
+    wtex = np.where(gutter & walk, 0.6, wtex)  # the kerb's shadow line
     _paint(im, lb, walk, walk_base * wtex[..., None], SIDEWALK)
 
     # verges beyond the sidewalks: grass or more pavement
@@ -713,9 +718,7 @@ def _draw_person(rng, img, lab, view: _View, x: float, z: float) -> None:
         _paint(im, lb, bag, _jitter(rng, _CLOTHES[rng.integers(len(_CLOTHES))], 0.1), PERSON)
 
 
-def _place_objects(
-    rng, view: _View, lay: _Layout, walls: tuple[list[dict], list[dict]]
-) -> list[tuple[float, Callable]]:
+def _place_objects(rng, view: _View, lay: _Layout) -> list[tuple[float, Callable]]:
     """Sample cars, people, trees and bushes on plausible ground; returns (depth, draw)."""
     objs: list[tuple[float, Callable]] = []
     zb = view.zb
@@ -751,7 +754,7 @@ def _place_objects(
     n_people = int(rng.integers(2, 9))
     k = 0
     while k < n_people:
-        z = d_uniform(1.0, 5.5)
+        z = d_uniform(0.95, 4.5)
         if rng.random() < 0.15:  # crossing the road
             x = rng.uniform(lay.road_l + 0.5, lay.road_r - 0.5)
         else:
@@ -879,7 +882,7 @@ def render_scene(
         xw = lay.walk_l if side == 0 else lay.walk_r
         shade = 1.0 if (side == lit or not sunny) else rng.uniform(0.6, 0.8)
         _draw_wall(rng, img, lab, view, side, xw, walls[side], shade)
-    objs = _place_objects(rng, view, lay, walls)
+    objs = _place_objects(rng, view, lay)
     for _, draw in sorted(objs, key=lambda o: -o[0]):  # far to near: near objects occlude
         draw(img, lab)
     img = _finish(rng, img, kind)

@@ -1,6 +1,7 @@
 """Architectures, registry and ModelCard."""
 
 from certseg.models import lipdeeplab as _lipdeeplab  # noqa: F401  (registers)
+from certseg.models import lipunet as _lipunet  # noqa: F401  (registers)
 from certseg.models import tiny as _tiny  # noqa: F401  (registers)
 from certseg.models.card import ModelCard
 from certseg.models.checkpoint import build_from_card, load_checkpoint, save_checkpoint

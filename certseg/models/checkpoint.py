@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from certseg.models.card import ModelCard
 from certseg.models.registry import create_model
 from certseg.nn import certified_lipschitz, fuse_module, structural_lipschitz
 
-__all__ = ["build_from_card", "load_checkpoint", "save_checkpoint"]
+__all__ = ["build_from_card", "is_lipschitz", "load_checkpoint", "save_checkpoint"]
 
 
 def build_from_card(card: ModelCard) -> nn.Module:
@@ -22,8 +23,9 @@ def build_from_card(card: ModelCard) -> nn.Module:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard, **extra) -> None:
-    """Save weights and card; the card's structural constant is derived from the model."""
-    card.lipschitz = structural_lipschitz(model)
+    """Save weights and card; the card's structural constant is derived from the model
+    (infinite for an unconstrained twin, which certifies nothing)."""
+    card.lipschitz = structural_lipschitz(model) if is_lipschitz(model) else math.inf
     torch.save({"card": card.to_dict(), "state_dict": model.state_dict(), **extra}, path)
 
 
@@ -35,7 +37,16 @@ def load_checkpoint(path: str | Path, fused: bool = True) -> tuple[nn.Module, Mo
     model = build_from_card(card)
     model.load_state_dict(blob["state_dict"])
     model.eval()
-    if fused:
+    if fused and is_lipschitz(model):
         model = fuse_module(model).eval()
         card.lipschitz_audited = certified_lipschitz(model)
     return model, card
+
+
+def is_lipschitz(model: nn.Module) -> bool:
+    """Whether every part of `model` declares its Lipschitz constant."""
+    try:
+        structural_lipschitz(model)
+    except TypeError:
+        return False
+    return True
