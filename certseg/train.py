@@ -96,7 +96,7 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
-            total, count = total + float(loss), count + 1
+            total, count = total + loss.item(), count + 1
         history.append(total / max(count, 1))
     model.eval()
     return history
@@ -325,7 +325,7 @@ def train(cfg: TrainConfig) -> Path:
             scaler.step(opt)
             scaler.update()
             sched.step()
-            total, count = total + float(loss), count + 1
+            total, count = total + loss.item(), count + 1
             bar.set_postfix(loss=f"{total / count:.4f}")
             bar.update()
         bar.close()

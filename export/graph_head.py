@@ -1,0 +1,152 @@
+"""The exported network: pad -> fused net -> crop -> certificate head (torch, export only).
+
+What goes into model.onnx is `CertifiedSegmenter`: it takes an image (N, 3, H, W) in
+[0, 1] of any H, W, pads it with zeros at the bottom/right to the model's stride
+multiple, runs the fused 1-Lipschitz net, crops the logits back to H x W and turns
+them into the certificate: mask (int32), margin = top1 - top2 (float32) and radius
+= margin / (sqrt(2) L) with L the audited constant.
+
+Why padding and cropping keep the certificate: zero padding is an isometric
+embedding (||pad(x) - pad(y)|| = ||x - y||) and cropping is a coordinate
+projection (norm 1), so pad -> f -> crop is L-Lipschitz whenever f is, and the
+radius speaks of the image the user sent, at its own resolution.
+
+The head is the per-pixel work added to every call, so it must be cheap. The
+formulations below are all exact (a tie for first place gives margin 0, and the
+mask is the first maximal class, as argmax is everywhere else in certseg);
+`benchmarks/export_parity.py --heads` measures them. "argmax_where" is the
+default: measured at 512x1024 on ONNX Runtime CPU it costs a fraction of
+TopK(k=2), whose kernel on a non-last axis is slow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = [
+    "HEAD_FORMULATIONS",
+    "CertificateHead",
+    "CertifiedSegmenter",
+    "radius_scale_for",
+]
+
+#: Exact top1/top2 formulations the exporter knows, cheapest (measured) first.
+HEAD_FORMULATIONS = ("argmax_where", "tournament", "topk")
+
+
+def radius_scale_for(lipschitz: float) -> float:
+    """The float32 factor c with margin * c <= margin / (sqrt(2) L) after fp32 rounding.
+
+    1/(sqrt(2) L) is shrunk by 2^-22 (covers the rounding of the product, <= 2^-24
+    relative) and then rounded down to float32, so the radius the graph computes is
+    never larger than the exact one (it is smaller by ~3e-7 relative).
+    """
+    if not (math.isfinite(lipschitz) and lipschitz > 0):
+        raise ValueError(f"Lipschitz bound must be finite and > 0, got {lipschitz}")
+    exact = 1.0 / (math.sqrt(2.0) * lipschitz) * (1.0 - 2.0**-22)
+    c = np.float32(exact)
+    if float(c) > exact:
+        c = np.nextafter(c, np.float32(0.0))
+    return float(c)
+
+
+class CertificateHead(nn.Module):
+    """logits (N, K, H, W) -> mask int32 (N, H, W), margin, radius float32 (N, H, W)."""
+
+    def __init__(self, num_classes: int, lipschitz: float, formulation: str = "argmax_where"):
+        super().__init__()
+        if formulation not in HEAD_FORMULATIONS:
+            raise ValueError(f"unknown head {formulation!r}; known: {HEAD_FORMULATIONS}")
+        self.num_classes = num_classes
+        self.formulation = formulation
+        # A buffer, so it is one named initializer in the ONNX file ("head.radius_scale")
+        # that the exporter can set to the value the ONNX audit computes.
+        self.register_buffer(
+            "radius_scale", torch.tensor(radius_scale_for(lipschitz), dtype=torch.float32)
+        )
+        self.register_buffer(
+            "class_index", torch.arange(num_classes, dtype=torch.int64).view(1, -1, 1, 1)
+        )
+
+    def _top2(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(pred int64, top1, top2), each (N, H, W)."""
+        if self.formulation == "topk":
+            if self.num_classes < 2:
+                raise ValueError("the topk head needs at least 2 classes")
+            vals, idx = torch.topk(logits, 2, dim=1)
+            return idx[:, 0], vals[:, 0], vals[:, 1]
+        if self.formulation == "tournament":
+            # One pass over the class planes: t2 <- max(t2, min(t1, z_k)), t1 <- max(t1, z_k).
+            planes = logits.unbind(1)
+            top1 = planes[0]
+            top2 = torch.full_like(top1, -math.inf)
+            for z in planes[1:]:
+                top2 = torch.maximum(top2, torch.minimum(top1, z))
+                top1 = torch.maximum(top1, z)
+            return logits.argmax(dim=1), top1, top2
+        # argmax_where: the runner-up is the max over the classes other than the argmax.
+        # Excluding by index, not by value, keeps ties exact (top2 == top1, margin 0).
+        pred = logits.argmax(dim=1)
+        top1 = logits.amax(dim=1)
+        others = torch.where(self.class_index == pred.unsqueeze(1), -math.inf, logits)
+        return pred, top1, others.amax(dim=1)
+
+    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pred, top1, top2 = self._top2(logits)
+        margin = top1 - top2
+        return pred.to(torch.int32), margin, margin * self.radius_scale
+
+
+class CertifiedSegmenter(nn.Module):
+    """image (N, 3, H, W) in [0, 1] -> (mask, margin, radius[, logits]) at H x W.
+
+    head="logits" gives a logits-only graph (used to measure the head's cost).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        lipschitz: float,
+        pad_multiple: int = 1,
+        with_logits: bool = False,
+        head: str = "argmax_where",
+    ) -> None:
+        super().__init__()
+        if pad_multiple < 1:
+            raise ValueError("pad_multiple must be >= 1")
+        self.net = net
+        self.pad_multiple = int(pad_multiple)
+        self.with_logits = with_logits
+        self.logits_only = head == "logits"
+        self.head = None if self.logits_only else CertificateHead(num_classes, lipschitz, head)
+
+    def output_names(self) -> list[str]:
+        if self.logits_only:
+            return ["logits"]
+        return ["mask", "margin", "radius"] + (["logits"] if self.with_logits else [])
+
+    def logits(self, image: Tensor) -> Tensor:
+        h, w = image.shape[-2], image.shape[-1]
+        m = self.pad_multiple
+        if m > 1:
+            # Zero padding at the bottom/right: an isometric embedding (norm 1).
+            x = F.pad(image, (0, (m - w % m) % m, 0, (m - h % m) % m))
+        else:
+            x = image
+        # Cropping back to H x W: a coordinate projection (norm 1).
+        return self.net(x)[:, :, :h, :w]
+
+    def forward(self, image: Tensor):
+        logits = self.logits(image)
+        if self.head is None:
+            return logits
+        mask, margin, radius = self.head(logits)
+        if self.with_logits:
+            return mask, margin, radius, logits
+        return mask, margin, radius
