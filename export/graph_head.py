@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 __all__ = [
+    "DEFAULT_HEAD",
     "HEAD_FORMULATIONS",
     "CertificateHead",
     "CertifiedSegmenter",
@@ -36,8 +37,8 @@ __all__ = [
 ]
 
 #: Exact top1/top2 formulations the exporter knows, cheapest (measured) first.
-HEAD_FORMULATIONS = ("argmax_where", "tournament", "topk")
-
+HEAD_FORMULATIONS = ("chain", "argmax_where", "topk")
+DEFAULT_HEAD = "chain"
 
 def radius_scale_for(lipschitz: float) -> float:
     """The float32 factor c with margin * c <= margin / (sqrt(2) L) after fp32 rounding.
@@ -58,7 +59,7 @@ def radius_scale_for(lipschitz: float) -> float:
 class CertificateHead(nn.Module):
     """logits (N, K, H, W) -> mask int32 (N, H, W), margin, radius float32 (N, H, W)."""
 
-    def __init__(self, num_classes: int, lipschitz: float, formulation: str = "argmax_where"):
+    def __init__(self, num_classes: int, lipschitz: float, formulation: str = DEFAULT_HEAD):
         super().__init__()
         if formulation not in HEAD_FORMULATIONS:
             raise ValueError(f"unknown head {formulation!r}; known: {HEAD_FORMULATIONS}")
@@ -80,26 +81,35 @@ class CertificateHead(nn.Module):
                 raise ValueError("the topk head needs at least 2 classes")
             vals, idx = torch.topk(logits, 2, dim=1)
             return idx[:, 0], vals[:, 0], vals[:, 1]
-        if self.formulation == "tournament":
-            # One pass over the class planes: t2 <- max(t2, min(t1, z_k)), t1 <- max(t1, z_k).
-            planes = logits.unbind(1)
-            top1 = planes[0]
+        if self.formulation == "argmax_where":
+            # The runner-up is the max over the classes other than the argmax. Excluding
+            # by index, not by value, keeps ties exact (top2 == top1, margin 0).
+            pred = logits.argmax(dim=1)
+            others = torch.where(self.class_index == pred.unsqueeze(1), -math.inf, logits)
+            return pred, logits.amax(dim=1), others.amax(dim=1)
+        # chain: one sweep over the class planes with the running pair (t1, t2):
+        # t2 <- max(t2, min(t1, z_k)), t1 <- max(t1, z_k). Three plane-sized Max/Min per
+        # class and no K-sized temporaries; a tie gives min(t1, z_k) == t1, margin 0.
+        planes = logits.split(1, dim=1)
+        top1, top2 = planes[0], None
+        for z in planes[1:]:
+            low = torch.minimum(top1, z)
+            top2 = low if top2 is None else torch.maximum(top2, low)
+            top1 = torch.maximum(top1, z)
+        if top2 is None:  # one class: no runner-up, infinite margin
             top2 = torch.full_like(top1, -math.inf)
-            for z in planes[1:]:
-                top2 = torch.maximum(top2, torch.minimum(top1, z))
-                top1 = torch.maximum(top1, z)
-            return logits.argmax(dim=1), top1, top2
-        # argmax_where: the runner-up is the max over the classes other than the argmax.
-        # Excluding by index, not by value, keeps ties exact (top2 == top1, margin 0).
-        pred = logits.argmax(dim=1)
-        top1 = logits.amax(dim=1)
-        others = torch.where(self.class_index == pred.unsqueeze(1), -math.inf, logits)
-        return pred, top1, others.amax(dim=1)
+        return logits.argmax(dim=1), top1.squeeze(1), top2.squeeze(1)
 
-    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, logits: Tensor, h=None, w=None) -> tuple[Tensor, Tensor, Tensor]:
+        """Certificate of the (padded) logits, cropped to h x w at the end: the head is
+        per pixel, so cropping its three planes instead of the K logit planes is the
+        same result for less memory traffic."""
         pred, top1, top2 = self._top2(logits)
         margin = top1 - top2
-        return pred.to(torch.int32), margin, margin * self.radius_scale
+        mask = pred.to(torch.int32)
+        if h is not None:
+            mask, margin = mask[:, :h, :w], margin[:, :h, :w]
+        return mask, margin, margin * self.radius_scale
 
 
 class CertifiedSegmenter(nn.Module):
@@ -115,7 +125,7 @@ class CertifiedSegmenter(nn.Module):
         lipschitz: float,
         pad_multiple: int = 1,
         with_logits: bool = False,
-        head: str = "argmax_where",
+        head: str = DEFAULT_HEAD,
     ) -> None:
         super().__init__()
         if pad_multiple < 1:
@@ -131,22 +141,24 @@ class CertifiedSegmenter(nn.Module):
             return ["logits"]
         return ["mask", "margin", "radius"] + (["logits"] if self.with_logits else [])
 
-    def logits(self, image: Tensor) -> Tensor:
+    def padded_logits(self, image: Tensor) -> Tensor:
+        """Logits of the image zero-padded at the bottom/right to the stride multiple.
+
+        Zero padding is an isometric embedding (norm 1) and the crop that follows is a
+        coordinate projection (norm 1): the composition keeps the net's constant L.
+        """
         h, w = image.shape[-2], image.shape[-1]
         m = self.pad_multiple
         if m > 1:
-            # Zero padding at the bottom/right: an isometric embedding (norm 1).
-            x = F.pad(image, (0, (m - w % m) % m, 0, (m - h % m) % m))
-        else:
-            x = image
-        # Cropping back to H x W: a coordinate projection (norm 1).
-        return self.net(x)[:, :, :h, :w]
+            image = F.pad(image, (0, (m - w % m) % m, 0, (m - h % m) % m))
+        return self.net(image)
 
     def forward(self, image: Tensor):
-        logits = self.logits(image)
+        h, w = image.shape[-2], image.shape[-1]
+        logits = self.padded_logits(image)
         if self.head is None:
-            return logits
-        mask, margin, radius = self.head(logits)
+            return logits[:, :, :h, :w]
+        mask, margin, radius = self.head(logits, h, w)
         if self.with_logits:
-            return mask, margin, radius, logits
+            return mask, margin, radius, logits[:, :, :h, :w]
         return mask, margin, radius

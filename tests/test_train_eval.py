@@ -1,0 +1,140 @@
+"""Training (single process, resumed, torchrun with gloo), evaluation and the smoothing
+baseline, end to end through the CLI on tiny sizes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from certseg.certify.smoothing import binomial_tail, holm_reject
+from certseg.models import load_checkpoint
+
+CLI = [sys.executable, "-m", "certseg.cli"]
+TINY = ["--arch", "tiny", "--num-images", "8", "--val-images", "4", "--height", "32",
+        "--width", "64", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, capture_output=True, text=True, env=ENV, **kw)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train")
+    _run([*CLI, "train", "-o", str(out), *TINY, "--epochs", "1"])
+    return out
+
+
+def test_train_writes_checkpoint_card_and_curves(trained):
+    for name in ("model.pt", "last.pt", "card.json", "history.json", "curves.png"):
+        assert (trained / name).stat().st_size > 0, name
+    card = json.loads((trained / "card.json").read_text())
+    assert card["arch"] == "tiny" and card["num_classes"] == 7 and card["pad_multiple"] == 2
+    assert card["lipschitz"] == pytest.approx(1 / min(card["std"]))
+    _model, loaded = load_checkpoint(trained / "model.pt")
+    assert loaded.certified_lipschitz == pytest.approx(card["lipschitz"], rel=1e-3)
+    history = json.loads((trained / "history.json").read_text())
+    assert len(history) == 1 and history[0]["lipschitz"] == pytest.approx(card["lipschitz"], 1e-3)
+
+
+def test_training_resumes(tmp_path, trained):
+    out = tmp_path / "resume"
+    out.mkdir()
+    for name in ("last.pt",):
+        (out / name).write_bytes((trained / name).read_bytes())
+    _run([*CLI, "train", "-o", str(out), *TINY, "--epochs", "2"])
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0] == json.loads((trained / "history.json").read_text())[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_training_with_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+          "-m", "certseg.cli", "train", "-o", str(out), *TINY, "--epochs", "1"],
+         timeout=300)  # fmt: skip
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["world_size"] == 2
+    load_checkpoint(out / "model.pt")
+
+
+def test_evaluate_writes_results_tables_and_plots(tmp_path, trained):
+    out = tmp_path / "eval"
+    proc = _run([*CLI, "evaluate", str(trained / "model.pt"), "-o", str(out),
+                 "--num-images", "4", "--eps", "0", "--eps", "0.05", "--eps", "0.2",
+                 "--device", "cpu"])  # fmt: skip
+    assert "worst-case mIoU" in proc.stdout
+    result = json.loads((out / "result.json").read_text())
+    rows = result["rows"]
+    assert [r["eps"] for r in rows] == [0.0, 0.05, 0.2]
+    assert rows[0]["worst_pixel_accuracy"] == rows[0]["pixel_accuracy"]
+    assert rows[0]["worst_miou"] == pytest.approx(rows[0]["miou"])
+    for a, b in itertools.pairwise(rows):
+        assert b["worst_pixel_accuracy"] <= a["worst_pixel_accuracy"]
+        assert b["certified_pixel_accuracy"] <= a["certified_pixel_accuracy"]
+        assert b["worst_miou"] <= a["worst_miou"] + 1e-12
+    assert set(result["stability"]) == {"0.01", "0.05", "0.1"}
+    for png in ("certified_vs_eps.png", "worst_iou.png", "example.png"):
+        assert (out / png).stat().st_size > 5000, png
+    assert (out / "table.md").read_text().count("\n|") >= 4
+
+
+def test_smoothing_baseline_end_to_end(tmp_path):
+    twin = tmp_path / "twin"
+    _run([*CLI, "train", "-o", str(twin), *TINY, "--epochs", "1", "--unconstrained",
+          "--noise-sigma", "0.25"])  # fmt: skip
+    card = json.loads((twin / "card.json").read_text())
+    assert math.isinf(card["lipschitz"])
+    out = tmp_path / "smooth"
+    _run([*CLI, "evaluate", str(twin / "model.pt"), "-o", str(out), "--method", "smoothing",
+          "--num-images", "2", "--n0", "4", "--n", "32", "--sigma", "0.25", "--eps", "0",
+          "--eps", "0.1", "--device", "cpu"])  # fmt: skip
+    rows = json.loads((out / "result.json").read_text())["rows"]
+    assert rows[0]["tau"] == pytest.approx(0.5)
+    assert rows[1]["certified_pixel_accuracy"] <= rows[0]["certified_pixel_accuracy"]
+    for r in rows:
+        assert 0 <= r["certified_pixel_accuracy"] <= 1 - r["abstain"] + 1e-12
+
+
+def test_binomial_tail_matches_direct_sum():
+    n, p = 30, 0.7
+    tail = binomial_tail(n, p)
+    for k in (0, 1, 15, 21, 30, 31):
+        direct = sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+        assert tail[k] == pytest.approx(direct, abs=1e-12)
+
+
+def test_holm_step_down():
+    p = np.array([0.01, 0.04, 0.03, 0.005])
+    # sorted: 0.005 <= .05/4, 0.01 <= .05/3, 0.03 > .05/2 -> stop
+    assert holm_reject(p, 0.05).tolist() == [True, False, False, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_and_evaluate_on_cuda(tmp_path):
+    out = tmp_path / "cuda"
+    args = [a if a != "cpu" else "cuda" for a in TINY]
+    _run([*CLI, "train", "-o", str(out), *args, "--epochs", "1", "--amp"])
+    _run([*CLI, "evaluate", str(out / "model.pt"), "-o", str(tmp_path / "ev"),
+          "--num-images", "2", "--device", "cuda"])  # fmt: skip
