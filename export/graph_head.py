@@ -40,6 +40,7 @@ __all__ = [
 HEAD_FORMULATIONS = ("chain", "argmax_where", "topk")
 DEFAULT_HEAD = "chain"
 
+
 def radius_scale_for(lipschitz: float) -> float:
     """The float32 factor c with margin * c <= margin / (sqrt(2) L) after fp32 rounding.
 

@@ -9,7 +9,14 @@ from certseg.models import create_model, list_models
 from certseg.nn import certified_lipschitz, fuse_module, structural_lipschitz
 from certseg.nn.estimate import jacobian_norm_estimate
 
-SMALL = {"tiny": 2, "lipdeeplab_xs": 8, "lipdeeplab_s": 8, "lipdeeplab_s_klip": 8}
+SMALL = {
+    "tiny": 2,
+    "lipdeeplab_xs": 8,
+    "lipdeeplab_s": 8,
+    "lipdeeplab_s_klip": 8,
+    "lipunet_xs": 8,
+    "lipunet_s": 8,
+}
 LARGE = {"lipdeeplab_m1": 8, "lipdeeplab_m2": 16}
 
 

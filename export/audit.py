@@ -1,0 +1,760 @@
+"""Audit an exported ONNX file: recompute its Lipschitz constant from the bytes that run.
+
+numpy and the `onnx` package only (the server audits at load time, without torch).
+
+The audit is a small abstract interpretation of the graph. Every tensor gets one of
+
+- static: does not depend on the image's values (initializers, constants, shape
+  arithmetic such as Shape -> Mod -> Pad amounts); kept with its value when known;
+- lip(L): an L-Lipschitz function (l2 -> l2, whole tensor) of the input `image`;
+- unsupported: depends on the image through an op the audit cannot bound.
+
+Linear operators get their guaranteed operator-norm bound from the weights in the
+file (certseg.certify.operator_norm: Conv through its polyphase / undilated kernel,
+ConvTranspose as the adjoint, Gemm/MatMul by SVD); translations (Add/Sub of a
+constant), restrictions and embeddings (Slice, Split, Pad with a constant) and
+permutations (Reshape, Transpose, DepthToSpace) are 1; Mul/Div by constants are
+max|c| and max|1/c|; Max/Min of the two halves of one Split concatenated back
+(MaxMin) sort pairs of coordinates and are 1 jointly; a Concat of branches is
+sqrt(sum L_i^2), a residual Add is L_a + L_b. Anything else on the way from
+`image` to the logits is refused by name, never guessed.
+
+The logits are the input of the head's ArgMax (found from the graph, not from the
+metadata), and the head must be a function of the logits alone. The artifact is
+refused when the audited L exceeds the declared structural L by more than `rtol`,
+when the metadata claims an L smaller than the audited one, or when the radius
+head divides by less than sqrt(2) times the audited L.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from certseg.certify.operator_norm import (
+    conv_norm_bound,
+    conv_transpose_norm_bound,
+    matrix_norm_bound,
+)
+
+__all__ = [
+    "HEAD_OPS",
+    "META_CARD",
+    "META_HEAD",
+    "META_L_AUDITED",
+    "META_L_STRUCTURAL",
+    "AuditError",
+    "AuditReport",
+    "LayerBound",
+    "audit_onnx",
+    "find_logits",
+    "format_table",
+    "read_metadata",
+]
+
+META_CARD = "certseg.card"
+META_L_AUDITED = "certseg.lipschitz_audited"
+META_L_STRUCTURAL = "certseg.lipschitz_structural"
+META_HEAD = "certseg.head"
+
+#: Ops allowed after the logits (the certificate head and the final crop).
+HEAD_OPS = frozenset(
+    {
+        "ArgMax",
+        "Cast",
+        "Concat",
+        "ConstantOfShape",
+        "Equal",
+        "Expand",
+        "Gather",
+        "Identity",
+        "Max",
+        "Min",
+        "Mul",
+        "ReduceMax",
+        "Reshape",
+        "Shape",
+        "Slice",
+        "Split",
+        "Squeeze",
+        "Sub",
+        "TopK",
+        "Unsqueeze",
+        "Where",
+    }
+)
+
+#: float32 division rounds by at most 2^-24 relative; the torch side counts 2^-23.
+_DIV_ROUNDING = 1.0 + 2.0**-23
+
+_PERMUTATIONS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
+_PERMUTATIONS |= {"DepthToSpace", "SpaceToDepth"}
+# 1-Lipschitz elementwise maps (per coordinate, so also on the whole tensor).
+_ELEMENTWISE = {"Relu": 1.0, "Neg": 1.0, "Abs": 1.0, "Tanh": 1.0, "Sigmoid": 0.25}
+_ELEMENTWISE |= {"Softplus": 1.0}
+
+
+class AuditError(ValueError):
+    """The file cannot be certified (unsupported op, or a bound above the declared one)."""
+
+
+@dataclass
+class LayerBound:
+    """One node on the path image -> logits."""
+
+    node: str
+    op: str
+    shape: str
+    upper: float  # guaranteed bound of this node's own gain
+    lower: float  # a gain this node actually attains (NaN where not computed)
+    method: str
+    lipschitz: float  # bound of the whole map image -> this node's output
+    weight: str | None = None  # initializer name for Conv/ConvTranspose/Gemm/MatMul
+
+
+@dataclass
+class AuditReport:
+    path: str | None
+    lipschitz_audited: float
+    lipschitz_declared: float | None
+    lipschitz_metadata: float | None
+    logits_tensor: str
+    layers: list[LayerBound]
+    head_scale: float | None = None
+    op_counts: dict[str, int] = field(default_factory=dict)
+    rtol: float = 1e-3
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def ratio(self) -> float | None:
+        """audited / declared (1 + a few 1e-6 for a healthy orthogonal net)."""
+        if not self.lipschitz_declared:
+            return None
+        return self.lipschitz_audited / self.lipschitz_declared
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"], out["ratio"] = self.ok, self.ratio
+        for row in out["layers"]:
+            if isinstance(row["lower"], float) and math.isnan(row["lower"]):
+                row["lower"] = None
+        return out
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class _Static:
+    value: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class _Lip:
+    L: float
+    # ("part", split_id, index) for Split outputs;
+    # ("sorted", split_id, frozenset({i, j}), "Max" | "Min") for Max/Min of two parts.
+    origin: tuple | None = None
+
+
+@dataclass(frozen=True)
+class _Bad:
+    op: str
+    node: str
+    reason: str
+
+
+_Value = _Static | _Lip | _Bad
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _fmt_shape(shape: tuple | None) -> str:
+    if shape is None:
+        return "?"
+    return "x".join(str(d) if isinstance(d, int) else (d if len(d) <= 8 else "?") for d in shape)
+
+
+class _Walker:
+    def __init__(self, model: onnx.ModelProto, input_name: str) -> None:
+        with contextlib.suppress(Exception):  # else keep the shapes the exporter wrote
+            model = onnx.shape_inference.infer_shapes(model)
+        self.graph = model.graph
+        self.shapes: dict[str, tuple | None] = {}
+        for vi in [*self.graph.input, *self.graph.value_info, *self.graph.output]:
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                dims = [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                    for d in t.shape.dim
+                ]
+                self.shapes[vi.name] = tuple(dims)
+        self.values: dict[str, _Value] = {"": _Static()}
+        for init in self.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            self.values[init.name] = _Static(arr)
+            self.shapes[init.name] = tuple(arr.shape)
+        names = [i.name for i in self.graph.input]
+        if input_name not in names:
+            raise AuditError(f"the graph has no input {input_name!r} (inputs: {names})")
+        for name in names:
+            # An initializer that is also a graph input can be replaced at run time:
+            # its value is not the one in the file, so it is unknown here.
+            self.values[name] = _Lip(1.0) if name == input_name else _Static()
+        self.rows: dict[str, LayerBound] = {}  # by first output name
+        self.producer: dict[str, onnx.NodeProto] = {}
+
+    # -- helpers
+    def shape(self, name: str) -> tuple | None:
+        if name in self.shapes:
+            return self.shapes[name]
+        v = self.values.get(name)
+        if isinstance(v, _Static) and v.value is not None:
+            return tuple(v.value.shape)
+        return None
+
+    def static_value(self, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
+        v = self.values.get(name)
+        if not isinstance(v, _Static) or v.value is None:
+            raise _Refuse(f"{what} of {node.op_type} node {node.name!r} is not a constant")
+        return np.asarray(v.value, dtype=np.float64)
+
+    def duplication(self, x: str, other_shape: tuple | None) -> float:
+        """How many times broadcasting against `other_shape` may repeat each element of x."""
+        xs = self.shape(x)
+        if other_shape is None or xs is None:
+            if other_shape is not None and all(d == 1 for d in other_shape):
+                return 1.0
+            raise _Refuse(f"cannot check that {x!r} is not broadcast (unknown shapes)")
+        factor = 1.0
+        lead = len(other_shape) - len(xs)
+        for i, od in enumerate(other_shape):
+            xd = xs[i - lead] if i >= lead else 1
+            if isinstance(od, int) and od == 1:
+                continue
+            if isinstance(xd, int) and isinstance(od, int):
+                factor *= od if xd == 1 else 1
+            elif xd == od:
+                continue
+            elif isinstance(xd, int) and xd > 1:
+                continue  # od symbolic must equal xd to broadcast
+            elif isinstance(od, int):
+                factor *= od  # xd symbolic: may be 1 at run time
+            else:
+                raise _Refuse(
+                    f"cannot prove shapes {_fmt_shape(xs)} and {_fmt_shape(other_shape)} equal"
+                )
+        return factor
+
+    def row(self, node, upper, lower, method, L, weight=None):
+        out = node.output[0]
+        self.rows[out] = LayerBound(
+            node=node.name or out,
+            op=node.op_type,
+            shape=_fmt_shape(self.shape(out)),
+            upper=float(upper),
+            lower=float(lower),
+            method=method,
+            lipschitz=float(L),
+            weight=weight,
+        )
+
+    # -- the walk
+    def run(self) -> None:
+        for node in self.graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            ins = [
+                self.values.get(n, _Bad("?", node.name, f"undefined input {n!r}"))
+                for n in node.input
+            ]
+            if node.op_type == "Constant":
+                self.values[node.output[0]] = _Static(_constant_value(node))
+                continue
+            if node.op_type in ("Shape", "Size"):  # shapes do not depend on pixel values
+                self.values[node.output[0]] = _Static()
+                continue
+            if all(isinstance(v, _Static) for v in ins):
+                self._static(node, ins)
+                continue
+            bad = next((v for v in ins if isinstance(v, _Bad)), None)
+            if bad is not None:
+                for out in node.output:
+                    self.values[out] = bad
+                continue
+            try:
+                outs = self._lip(node, ins)
+            except _Refuse as err:
+                outs = [_Bad(node.op_type, node.name, str(err))] * len(node.output)
+            for out, v in zip(node.output, outs, strict=False):
+                self.values[out] = v
+
+    def _static(self, node: onnx.NodeProto, ins: list[_Static]) -> None:
+        """Fold the few shape-preserving ops that carry weights; others: value unknown."""
+        vals = [v.value for v in ins]
+        out: np.ndarray | None = None
+        try:
+            op = node.op_type
+            if op == "Identity" and vals[0] is not None:
+                out = vals[0]
+            elif op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten") and vals[0] is not None:
+                shape = self.shape(node.output[0])
+                if shape is not None and all(isinstance(d, int) for d in shape):
+                    out = vals[0].reshape(shape)
+            elif op == "Cast" and vals[0] is not None:
+                to = onnx.helper.tensor_dtype_to_np_dtype(_attrs(node)["to"])
+                out = vals[0].astype(to)
+        except Exception:
+            out = None
+        for o in node.output:
+            self.values[o] = _Static(out)
+
+    def _lip(self, node: onnx.NodeProto, ins: list[_Value]) -> list[_Value]:
+        op = node.op_type
+        a = _attrs(node)
+        x = ins[0]
+        if any(_has_subgraph(attr) for attr in node.attribute):
+            raise _Refuse(f"{op} with a subgraph")
+        if op in _PERMUTATIONS:
+            if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
+                raise _Refuse(f"{op}: image-dependent shape argument")
+            self.row(node, 1, 1, "permutation", x.L)
+            return [_Lip(x.L)]
+        if op == "Cast":
+            if a.get("to") != onnx.TensorProto.FLOAT:
+                raise _Refuse("Cast of the image path to a non-float32 type (rounding)")
+            return [_Lip(x.L)]
+        if op in _ELEMENTWISE:
+            g = _ELEMENTWISE[op]
+            self.row(node, g, g, "elementwise", x.L * g)
+            return [_Lip(x.L * g)]
+        if op == "LeakyRelu":
+            g = max(1.0, abs(float(a.get("alpha", 0.01))))
+            self.row(node, g, g, "elementwise", x.L * g)
+            return [_Lip(x.L * g)]
+        if op == "Clip":
+            if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
+                raise _Refuse("Clip with image-dependent bounds")
+            self.row(node, 1, 1, "elementwise", x.L)
+            return [_Lip(x.L)]
+        if op == "Pad":
+            mode = a.get("mode", b"constant")
+            mode = mode.decode() if isinstance(mode, bytes) else mode
+            if mode != "constant":
+                raise _Refuse(f"Pad mode {mode!r} repeats pixels (only constant padding is 1)")
+            if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
+                raise _Refuse("Pad with image-dependent pads")
+            self.row(node, 1, 1, "embedding", x.L)
+            return [_Lip(x.L)]
+        if op == "Slice":
+            if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
+                raise _Refuse("Slice with image-dependent bounds")
+            self.row(node, 1, 1, "restriction", x.L)
+            return [_Lip(x.L)]
+        if op == "Split":
+            if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
+                raise _Refuse("Split with image-dependent sizes")
+            self.row(node, 1, 1, "restriction", x.L)
+            sid = node.output[0]
+            return [_Lip(x.L, ("part", sid, i)) for i in range(len(node.output))]
+        if op == "Gather":
+            if not isinstance(x, _Lip) or isinstance(ins[1], _Lip):
+                raise _Refuse("Gather with image-dependent indices")
+            idx = self.static_value(node, node.input[1], "indices").astype(np.int64).ravel()
+            if len(np.unique(idx)) != len(idx) or (idx < 0).any():
+                raise _Refuse("Gather that may repeat elements")
+            self.row(node, 1, 1, "restriction", x.L)
+            return [_Lip(x.L)]
+        if op in ("Conv", "ConvTranspose"):
+            return [self._conv(node, ins, a)]
+        if op in ("Gemm", "MatMul"):
+            return [self._matmul(node, ins, a)]
+        if op in ("Add", "Sub"):
+            return [self._add(node, ins)]
+        if op in ("Mul", "Div"):
+            return [self._scale(node, ins)]
+        if op in ("Max", "Min"):
+            return [self._maxmin(node, ins)]
+        if op == "Concat":
+            return [self._concat(node, ins)]
+        if op == "BatchNormalization":
+            if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:5]):
+                raise _Refuse("BatchNormalization with image-dependent statistics")
+            scale = self.static_value(node, node.input[1], "scale")
+            var = self.static_value(node, node.input[4], "variance")
+            g = float(np.max(np.abs(scale / np.sqrt(var + float(a.get("epsilon", 1e-5))))))
+            g *= _DIV_ROUNDING
+            self.row(node, g, g, "constant scale", x.L * g)
+            return [_Lip(x.L * g)]
+        hint = " (fold its operator norm into L first)" if op == "Resize" else ""
+        raise _Refuse(f"no Lipschitz rule for op {op}{hint}")
+
+    def _conv(self, node, ins, a) -> _Lip:
+        x, op = ins[0], node.op_type
+        if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
+            raise _Refuse(f"{op} with an image-dependent weight or bias")
+        w = self.static_value(node, node.input[1], "weight")
+        if w.ndim != 4:
+            raise _Refuse(f"{op}: only 2-d convolutions are audited (weight {w.shape})")
+        strides = list(a.get("strides", [1, 1]))
+        dilations = list(a.get("dilations", [1, 1]))
+        groups = int(a.get("group", 1))
+        one_by_one = w.shape[2] == 1 and w.shape[3] == 1
+        if not one_by_one and (strides[0] != strides[1] or dilations[0] != dilations[1]):
+            raise _Refuse(f"{op}: unequal strides {strides} or dilations {dilations}")
+        if op == "ConvTranspose" and max(dilations) > 1:
+            raise _Refuse("dilated ConvTranspose")
+        bounds = []
+        for g in range(groups):
+            if op == "Conv":
+                wg = w[g * w.shape[0] // groups : (g + 1) * w.shape[0] // groups]
+                if one_by_one:  # a strided 1x1 conv subsamples, then mixes channels
+                    bounds.append(matrix_norm_bound(wg[:, :, 0, 0]))
+                else:
+                    try:
+                        bounds.append(conv_norm_bound(wg, stride=strides[0], dilation=dilations[0]))
+                    except ValueError as err:
+                        raise _Refuse(f"Conv: {err}") from None
+            else:
+                wg = w[g * w.shape[0] // groups : (g + 1) * w.shape[0] // groups]
+                bounds.append(conv_transpose_norm_bound(wg, stride=strides[0]))
+        upper = max(b.upper for b in bounds)
+        lower = max(b.lower for b in bounds)
+        method = bounds[0].method if groups == 1 else f"{bounds[0].method} x{groups} groups"
+        L = x.L * upper
+        self.row(node, upper, lower, method, L, weight=node.input[1])
+        return _Lip(L)
+
+    def _matmul(self, node, ins, a) -> _Lip:
+        op = node.op_type
+        lips = [i for i, v in enumerate(ins[:2]) if isinstance(v, _Lip)]
+        if len(lips) != 1:
+            raise _Refuse(f"{op} of two image-dependent tensors")
+        wi = 1 - lips[0]
+        w = self.static_value(node, node.input[wi], "weight")
+        if w.ndim != 2:
+            raise _Refuse(f"{op}: only 2-d weights are audited (weight {w.shape})")
+        b = matrix_norm_bound(w)
+        alpha = abs(float(a.get("alpha", 1.0))) if op == "Gemm" else 1.0
+        L = ins[lips[0]].L * b.upper * alpha
+        if op == "Gemm" and len(ins) > 2 and isinstance(ins[2], _Lip):
+            L += ins[2].L * abs(float(a.get("beta", 1.0)))
+        self.row(node, b.upper * alpha, b.lower * alpha, b.method, L, weight=node.input[wi])
+        return _Lip(L)
+
+    def _add(self, node, ins) -> _Lip:
+        out_shape = self.shape(node.output[0])
+        lips = [(n, v) for n, v in zip(node.input, ins, strict=True) if isinstance(v, _Lip)]
+        if len(lips) == 1:
+            n, v = lips[0]
+            other = node.input[1] if n == node.input[0] else node.input[0]
+            dup = self.duplication(n, self.shape(other))
+            L = v.L * math.sqrt(dup)
+            self.row(node, math.sqrt(dup), math.sqrt(dup), "translation", L)
+            return _Lip(L)
+        L = 0.0
+        for n, v in lips:
+            other = [m for m in node.input if m != n]
+            dup = self.duplication(n, self.shape(other[0]) if other else out_shape)
+            L += v.L * math.sqrt(dup)
+        self.row(node, L / max(v.L for _, v in lips), math.nan, "sum", L)
+        return _Lip(L)
+
+    def _scale(self, node, ins) -> _Lip:
+        op = node.op_type
+        x, c = ins
+        if isinstance(x, _Lip) and isinstance(c, _Lip):
+            raise _Refuse(f"{op} of two image-dependent tensors is not Lipschitz")
+        if op == "Div" and not isinstance(x, _Lip):
+            raise _Refuse("Div by an image-dependent tensor is not Lipschitz")
+        li, ci = (0, 1) if isinstance(x, _Lip) else (1, 0)
+        cval = self.static_value(node, node.input[ci], "factor")
+        if op == "Div":
+            if (cval == 0).any():
+                raise _Refuse("Div by zero")
+            g = float(np.max(np.abs(1.0 / cval))) * _DIV_ROUNDING
+        else:
+            g = float(np.max(np.abs(cval))) if cval.size else 0.0
+        dup = self.duplication(node.input[li], tuple(cval.shape))
+        L = ins[li].L * g * math.sqrt(dup)
+        self.row(node, g * math.sqrt(dup), g, "constant scale", L)
+        return _Lip(L)
+
+    def _maxmin(self, node, ins) -> _Lip:
+        lips = [(n, v) for n, v in zip(node.input, ins, strict=True) if isinstance(v, _Lip)]
+        if len(ins) == 2 and len(lips) == 2:
+            (na, va), (nb, vb) = lips
+            oa, ob = va.origin, vb.origin
+            if (
+                oa is not None
+                and ob is not None
+                and oa[0] == ob[0] == "part"
+                and oa[1] == ob[1]
+                and oa[2] != ob[2]
+                and self.shape(na) == self.shape(nb)
+                and self.shape(na) is not None
+            ):
+                # max/min of two disjoint parts of one tensor: per coordinate pair,
+                # (max, min) is a permutation of (a, b); alone each is <= ||(a, b)||.
+                self.row(node, 1, 1, "sorting (MaxMin)", va.L)
+                return _Lip(va.L, ("sorted", oa[1], frozenset((oa[2], ob[2])), node.op_type))
+        if len(lips) == 1:
+            n, v = lips[0]
+            others = [m for m in node.input if m != n]
+            dup = 1.0
+            for m in others:
+                dup = max(dup, self.duplication(n, self.shape(m)))
+            L = v.L * math.sqrt(dup)
+            self.row(node, math.sqrt(dup), 1, "elementwise", L)
+            return _Lip(L)
+        # |max(a, b) - max(a', b')| <= max(|da|, |db|) <= sqrt(da^2 + db^2) per coordinate.
+        shapes = {self.shape(n) for n, _ in lips}
+        if len(shapes) != 1 or None in shapes:
+            raise _Refuse(f"{node.op_type} of image-dependent tensors of different shapes")
+        L = math.sqrt(sum(v.L**2 for _, v in lips))
+        self.row(node, L / max(v.L for _, v in lips), math.nan, "root-sum-square", L)
+        return _Lip(L)
+
+    def _concat(self, node, ins) -> _Lip:
+        groups: dict[str, list[_Lip]] = {}
+        loose: list[_Lip] = []
+        for v in ins:
+            if isinstance(v, _Static):
+                continue
+            if v.origin is not None:
+                groups.setdefault(v.origin[1], []).append(v)
+            else:
+                loose.append(v)
+        total = sum(v.L**2 for v in loose)
+        for members in groups.values():
+            if _disjoint_uses(members):
+                # Parts of one Split (raw, or sorted in pairs) that use each part at
+                # most once: jointly no longer than the split tensor itself.
+                total += max(v.L for v in members) ** 2
+            else:
+                total += sum(v.L**2 for v in members)
+        L = math.sqrt(total)
+        lmax = max(v.L for v in ins if isinstance(v, _Lip))
+        self.row(node, L / lmax, math.nan, "concat (root-sum-square)", L)
+        return _Lip(L)
+
+
+class _Refuse(Exception):
+    pass
+
+
+def _disjoint_uses(members: list[_Lip]) -> bool:
+    used: list[frozenset] = []
+    pairs: Counter = Counter()
+    for v in members:
+        if v.origin[0] == "part":
+            used.append(frozenset((v.origin[2],)))
+        else:
+            pairs[(v.origin[2], v.origin[3])] += 1
+    if any(n > 1 for n in pairs.values()):
+        return False
+    used += list({idx for idx, _ in pairs})
+    seen: set = set()
+    for s in used:
+        if seen & s:
+            return False
+        seen |= s
+    return True
+
+
+def _has_subgraph(attr: onnx.AttributeProto) -> bool:
+    return attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_float", "value_int"):
+            return np.asarray(onnx.helper.get_attribute_value(attr))
+        if attr.name in ("value_floats", "value_ints"):
+            return np.asarray(list(onnx.helper.get_attribute_value(attr)))
+    return None
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def find_logits(model: onnx.ModelProto) -> str:
+    """The logits tensor: the input of the ArgMax that makes the mask, else the output
+    named 'logits' (a logits-only graph). Read from the graph, never from metadata."""
+    argmax = [n for n in model.graph.node if n.op_type in ("ArgMax", "TopK")]
+    if len(argmax) == 1:
+        return argmax[0].input[0]
+    if len(argmax) > 1:
+        raise AuditError(f"{len(argmax)} ArgMax/TopK nodes: cannot tell which reads the logits")
+    outs = [o.name for o in model.graph.output]
+    if "logits" in outs:
+        return "logits"
+    raise AuditError("no ArgMax head and no 'logits' output: cannot find the logits")
+
+
+def _check_head(
+    model: onnx.ModelProto, walker: _Walker, logits: str
+) -> tuple[float | None, list[str]]:
+    """The head must read the image only through the logits; returns the radius scale."""
+    problems = []
+    desc = {logits}
+    for node in model.graph.node:
+        if any(n in desc for n in node.input):
+            for n in node.input:
+                v = walker.values.get(n)
+                if n not in desc and not isinstance(v, _Static):
+                    problems.append(f"head node {node.name!r} reads {n!r}, which is not the logits")
+            if node.op_type not in HEAD_OPS:
+                problems.append(f"head node {node.name!r} has op {node.op_type} (not a head op)")
+            desc.update(node.output)
+    outs = {o.name for o in model.graph.output}
+    for name in ("mask", "margin", "radius") if "radius" in outs else ():
+        if name not in desc:
+            problems.append(f"output {name!r} is not computed from the logits")
+    if "radius" not in outs:
+        return None, problems
+    node = walker.producer.get("radius")
+    scale = None
+    if node is not None and node.op_type in ("Mul", "Div"):
+        consts = [n for n in node.input if isinstance(walker.values.get(n), _Static)]
+        if len(consts) == 1:
+            v = walker.values[consts[0]].value
+            if v is not None and v.size == 1:
+                c = float(np.asarray(v, dtype=np.float64).ravel()[0])
+                scale = c if node.op_type == "Mul" else 1.0 / c
+    if scale is None:
+        problems.append("the radius output is not margin times a constant")
+    return scale, problems
+
+
+def audit_onnx(
+    model: str | Path | onnx.ModelProto,
+    *,
+    declared: float | None = None,
+    rtol: float = 1e-3,
+    input_name: str = "image",
+    check_head: bool = True,
+    strict: bool = True,
+) -> AuditReport:
+    """Recompute the file's Lipschitz bound and check it; see the module docstring.
+
+    `declared` defaults to the metadata's structural L. With `strict`, any problem
+    raises AuditError (whose message lists them); otherwise it is in report.problems.
+    """
+    path = None
+    if not isinstance(model, onnx.ModelProto):
+        path = str(model)
+        model = onnx.load(path)
+    meta = read_metadata(model)
+    if declared is None and META_L_STRUCTURAL in meta:
+        declared = float(meta[META_L_STRUCTURAL])
+    logits = find_logits(model)
+    walker = _Walker(model, input_name)
+    walker.run()
+    value = walker.values.get(logits)
+    if isinstance(value, _Bad):
+        raise AuditError(
+            f"cannot bound the path {input_name} -> logits: node {value.node!r} "
+            f"({value.op}): {value.reason}"
+        )
+    if not isinstance(value, _Lip):
+        raise AuditError(f"the logits {logits!r} do not depend on {input_name!r}")
+    L = value.L
+    needed = _ancestors(model, logits)
+    layers = [row for out, row in walker.rows.items() if out in needed]
+    problems: list[str] = []
+    head_scale = None
+    if check_head:
+        head_scale, problems = _check_head(model, walker, logits)
+        if head_scale is not None and head_scale * math.sqrt(2.0) * L > 1.0 + 1e-6:
+            problems.append(
+                f"the radius head uses L = {1 / (math.sqrt(2) * head_scale):.9g}, "
+                f"below the audited {L:.9g}"
+            )
+    if declared is not None and declared * (1.0 + rtol) < L:
+        problems.append(
+            f"audited L = {L:.9g} exceeds the declared {declared:.9g} "
+            f"by {L / declared - 1:.3e} (> rtol {rtol:g})"
+        )
+    meta_l = float(meta[META_L_AUDITED]) if META_L_AUDITED in meta else None
+    if check_head and meta_l is not None and meta_l < L * (1.0 - 1e-9):
+        problems.append(f"metadata claims L = {meta_l:.9g} < audited {L:.9g}")
+    if check_head and META_CARD in meta:
+        card_l = json.loads(meta[META_CARD]).get("lipschitz_audited")
+        if card_l is not None and float(card_l) < L * (1.0 - 1e-9):
+            problems.append(f"the card claims L = {float(card_l):.9g} < audited {L:.9g}")
+    report = AuditReport(
+        path=path,
+        lipschitz_audited=L,
+        lipschitz_declared=declared,
+        lipschitz_metadata=meta_l,
+        logits_tensor=logits,
+        layers=layers,
+        head_scale=head_scale,
+        op_counts=dict(Counter(n.op_type for n in model.graph.node)),
+        rtol=rtol,
+        problems=problems,
+    )
+    if strict and problems:
+        raise AuditError("audit failed: " + "; ".join(problems))
+    return report
+
+
+def _ancestors(model: onnx.ModelProto, name: str) -> set[str]:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen, stack = set(), [name]
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        node = producer.get(t)
+        if node is not None:
+            stack.extend(node.input)
+    return seen
+
+
+def format_table(report: AuditReport, rows: Iterable[LayerBound] | None = None) -> str:
+    """Plain-text per-layer table (the CLI renders the same rows with rich)."""
+    rows = list(report.layers if rows is None else rows)
+    head = (
+        f"{'node':<28} {'op':<14} {'shape':<16} {'upper':>12} {'lower':>12} "
+        f"{'L so far':>12}  method"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        low = "" if math.isnan(r.lower) else f"{r.lower:.8f}"
+        lines.append(
+            f"{r.node[:28]:<28} {r.op:<14} {r.shape[:16]:<16} {r.upper:>12.8f} {low:>12} "
+            f"{r.lipschitz:>12.8f}  {r.method}"
+        )
+    lines.append(
+        f"audited L = {report.lipschitz_audited:.9g}"
+        + (f", declared {report.lipschitz_declared:.9g}" if report.lipschitz_declared else "")
+    )
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""What every backend shares: readiness, warm-up, the margin-error correction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from server.engine import ModelInfo
+
+__all__ = ["BaseEngine", "apply_margin_error"]
+
+
+def apply_margin_error(
+    outputs: dict[str, np.ndarray], margin_error: float, lipschitz: float
+) -> dict[str, np.ndarray]:
+    """Shrink margins by a bound on their numerical error before anyone reads radii.
+
+    An fp16 or TensorRT engine gives logits that differ from the fp32 evaluation the
+    certificate speaks of; with |error of each margin| <= delta, margin - delta is a
+    sound margin, and the radius follows from it with the same 1/(sqrt(2) L).
+    """
+    if margin_error <= 0:
+        return outputs
+    margin = np.maximum(outputs["margin"] - np.float32(margin_error), np.float32(0))
+    scale = np.float32(1.0 / (math.sqrt(2.0) * lipschitz) * (1.0 - 2.0**-20))
+    out = dict(outputs)
+    out["margin"] = margin
+    out["radius"] = margin * scale
+    return out
+
+
+class BaseEngine:
+    """Common state of a backend; subclasses implement `load` and `_run`."""
+
+    def __init__(self, info: ModelInfo, margin_error: float = 0.0) -> None:
+        self.info = info
+        self.margin_error = float(margin_error)
+        self._loaded = False
+        self._warm = False
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded and self._warm
+
+    def metadata(self) -> ModelInfo:
+        return self.info
+
+    def load(self) -> None:
+        self._loaded = True
+
+    def warmup(self, sizes: Sequence[tuple[int, int, int]]) -> None:
+        """One pass per (batch, H, W): allocators, kernel choice and caches settle here."""
+        names = self.info.output_names
+        for n, h, w in sizes:
+            self.infer(np.zeros((n, 3, h, w), dtype=np.float32), names)
+        self._warm = True
+
+    def infer(self, images: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        names = list(dict.fromkeys([*outputs, "margin", "radius"]))
+        got = self._run(images, names)
+        return apply_margin_error(got, self.margin_error, self.info.lipschitz)
+
+    def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._loaded = self._warm = False

@@ -1,0 +1,213 @@
+"""Dynamic batching: one worker per device, requests of the same shape run together.
+
+Every image of every surface (REST, V2, stream) goes through `Batcher.submit`. The
+worker takes the oldest waiting image and gathers the others of the same (model,
+H, W, logits-or-not) until the batch has `max_batch` images or the oldest has waited
+`max_delay_ms`; images of other shapes wait their own turn, in arrival order. The
+forward pass runs in the device's single worker thread, so the event loop never
+blocks and a device never runs two batches at once (a GPU gains nothing from that,
+a CPU loses). The queue is bounded: past `max_queue` images, `Overloaded` (503 with
+Retry-After from the measured throughput).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.engine import Engine
+from server.errors import BackendError, CertSegError, Overloaded
+
+__all__ = ["BatchResult", "Batcher"]
+
+log = logging.getLogger("certseg.server")
+
+
+@dataclass
+class BatchResult:
+    """One image's outputs and what it went through."""
+
+    outputs: dict[str, np.ndarray]  # each without the batch axis
+    queue_ms: float
+    infer_ms: float
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    model: str
+    image: np.ndarray  # (3, H, W) float32
+    names: tuple[str, ...]
+    future: asyncio.Future[BatchResult]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple[str, int, int, tuple[str, ...]]:
+        return (self.model, self.image.shape[1], self.image.shape[2], self.names)
+
+
+class Batcher:
+    """The queue and worker of one device; models on that device share it."""
+
+    def __init__(
+        self,
+        engines: dict[str, Engine],
+        device: str = "cpu",
+        max_batch: int = 8,
+        max_delay_ms: float = 2.0,
+        max_queue: int = 64,
+        on_batch: Callable[[str, int, float], None] | None = None,
+        on_queue: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.engines = engines
+        self.device = device
+        self.max_batch = max_batch
+        self.max_delay = max_delay_ms / 1000.0
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._on_queue = on_queue
+        self._pending: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"certseg-{device}")
+        self._task: asyncio.Task[None] | None = None
+        self._ms_per_image = 50.0  # running estimate, for Retry-After
+
+    # lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for item in self._pending:
+            if not item.future.done():
+                item.future.set_exception(BackendError("server shutting down"))
+        self._pending.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def run_in_worker(self, fn: Callable[[], object]) -> object:
+        """Run blocking device work (load, warm-up) on the device's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # submitting -----------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has likely drained, at the measured speed."""
+        return max(1.0, math.ceil(self.depth * self._ms_per_image / 1000.0))
+
+    async def submit(
+        self, model: str, image: np.ndarray, outputs: Sequence[str] = ()
+    ) -> BatchResult:
+        """Queue one (3, H, W) image; wait for its outputs (margin and radius always)."""
+        if self.depth >= self.max_queue:
+            raise Overloaded(
+                f"inference queue full ({self.max_queue} images waiting)",
+                retry_after=self.retry_after(),
+            )
+        names = tuple(sorted({*outputs, "mask", "margin", "radius"}))
+        fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Item(model, image, names, fut))
+        self._report_depth()
+        self._wakeup.set()
+        try:
+            return await fut
+        finally:
+            # A client that left: its image is skipped if it has not run yet.
+            if not fut.done():
+                fut.cancel()
+
+    def _report_depth(self) -> None:
+        if self._on_queue is not None:
+            self._on_queue(self.device, self.depth)
+
+    # the worker -----------------------------------------------------------------
+    def _take_batch(self) -> list[_Item]:
+        first = self._pending[0]
+        batch = [it for it in self._pending if it.key == first.key][: self.max_batch]
+        return batch
+
+    async def _next_batch(self) -> list[_Item]:
+        """The oldest image's batch, once full or once the oldest has waited enough."""
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Drop images whose clients left before they ran.
+            while self._pending and self._pending[0].future.done():
+                self._pending.popleft()
+            if not self._pending:
+                continue
+            batch = self._take_batch()
+            remaining = self._pending[0].enqueued + self.max_delay - time.perf_counter()
+            if len(batch) >= self.max_batch or remaining <= 0:
+                return batch
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    async def _worker(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            taken = {id(it) for it in batch}
+            self._pending = deque(it for it in self._pending if id(it) not in taken)
+            self._report_depth()
+            batch = [it for it in batch if not it.future.done()]
+            if not batch:
+                continue
+            try:
+                await self._run_batch(batch)
+            except asyncio.CancelledError:
+                self._fail(batch, BackendError("server shutting down"))
+                raise
+            except CertSegError as exc:
+                self._fail(batch, exc)
+            except Exception as exc:  # any backend fault: answer 503, keep serving
+                log.error("inference failed on %s: %s", batch[0].model, exc, exc_info=exc)
+                self._fail(batch, BackendError(f"inference failed on model '{batch[0].model}'"))
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        first = batch[0]
+        engine = self.engines[first.model]
+        images = np.stack([it.image for it in batch])
+        start = time.perf_counter()
+        out = await asyncio.get_running_loop().run_in_executor(
+            self._executor, engine.infer, images, list(first.names)
+        )
+        infer_ms = (time.perf_counter() - start) * 1000.0
+        n = len(batch)
+        per_image = {k: [out[k][i] for i in range(n)] for k in first.names}
+        self._ms_per_image = 0.8 * self._ms_per_image + 0.2 * infer_ms / n
+        if self._on_batch is not None:
+            self._on_batch(first.model, n, infer_ms)
+        for i, it in enumerate(batch):
+            if not it.future.done():
+                it.future.set_result(
+                    BatchResult(
+                        outputs={k: v[i] for k, v in per_image.items()},
+                        queue_ms=(start - it.enqueued) * 1000.0,
+                        infer_ms=infer_ms,
+                        batch_size=n,
+                    )
+                )
+
+    @staticmethod
+    def _fail(batch: list[_Item], exc: Exception) -> None:
+        for it in batch:
+            if not it.future.done():
+                it.future.set_exception(exc)

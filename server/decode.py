@@ -1,0 +1,134 @@
+"""Bytes -> the tensor the certificate speaks of, with limits checked before decoding.
+
+Order matters for decompression bombs: (1) the body size, (2) the format from the
+magic bytes (not the client's Content-Type), (3) the width and height the header
+declares, read by Pillow's lazy ``open`` which parses headers only, and only then
+(4) the full decode. A 100 kB PNG that declares 50000 x 50000 pixels is refused
+with 413 at step 3 and never allocates its pixels.
+
+Pixels become float32 RGB in [0, 1], channels first, exactly like
+`certseg.data.to_chw_float` (alpha dropped, grey and palette expanded). EXIF
+orientation is not applied: the certificate speaks of the pixel grid as stored.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from server.errors import CorruptImage, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+
+__all__ = ["DecodedImage", "Limits", "decode_image", "decode_target", "sniff_format"]
+
+#: Formats we decode: name -> Pillow format id. Sniffed from magic bytes.
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits: body bytes and declared pixels (width * height)."""
+
+    max_bytes: int
+    max_pixels: int
+
+
+@dataclass
+class DecodedImage:
+    """A decoded image: (3, H, W) float32 in [0, 1], and what it came from."""
+
+    array: np.ndarray
+    width: int
+    height: int
+    format: str
+    rgb8: np.ndarray  # (H, W, 3) uint8, for overlays
+
+
+def sniff_format(data: bytes) -> str | None:
+    """png / jpeg / webp from the first bytes, or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _open_checked(data: bytes, limits: Limits, formats: tuple[str, ...]) -> tuple[Image.Image, str]:
+    """Steps 1-3: size, format, declared pixels; returns the lazily opened image."""
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"body of {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+    if not data:
+        raise UnsupportedMediaType("empty body; send a PNG, JPEG or WebP image")
+    fmt = sniff_format(data)
+    if fmt is None or fmt not in formats:
+        allowed = ", ".join(f.upper() for f in formats)
+        raise UnsupportedMediaType(f"not a supported image (accepted: {allowed})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[FORMATS[fmt]])
+            width, height = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image declares too many pixels ({exc})") from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error
+        raise CorruptImage(f"cannot read the {fmt.upper()} header") from exc
+    if width < 1 or height < 1:
+        raise CorruptImage(f"image declares an empty size {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise PayloadTooLarge(
+            f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
+            f"{limits.max_pixels}"
+        )
+    return img, fmt
+
+
+def _load(img: Image.Image, fmt: str) -> None:
+    """Step 4: the full decode; truncated or garbled data -> CorruptImage."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+    except Exception as exc:  # OSError("image file is truncated"), SyntaxError, ...
+        raise CorruptImage(f"the {fmt.upper()} data does not decode ({exc})") from exc
+
+
+def decode_image(data: bytes, limits: Limits) -> DecodedImage:
+    """Decode a PNG/JPEG/WebP body into the network's input, limits first."""
+    img, fmt = _open_checked(data, limits, ("png", "jpeg", "webp"))
+    _load(img, fmt)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # 16-bit/float grey: scale to [0, 1] without going through 8 bits first.
+        scale = 65535.0 if img.mode != "F" else 1.0
+        grey = np.clip(np.asarray(img, dtype=np.float32) / np.float32(scale), 0.0, 1.0)
+        array = np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape)))
+        rgb8 = np.repeat((grey * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+    else:
+        rgb8 = np.asarray(img.convert("RGB"))
+        array = np.ascontiguousarray((rgb8.astype(np.float32) / 255.0).transpose(2, 0, 1))
+    return DecodedImage(array, img.width, img.height, fmt, rgb8)
+
+
+def decode_target(
+    data: bytes, width: int, height: int, num_classes: int, ignore_index: int, limits: Limits
+) -> np.ndarray:
+    """A ground-truth mask PNG (class ids; 8/16-bit grey or palette) as (H, W) int64."""
+    img, fmt = _open_checked(data, limits, ("png",))
+    if img.size != (width, height):
+        raise InvalidParameter(
+            f"target mask is {img.size[0]}x{img.size[1]}, the image {width}x{height}"
+        )
+    if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise InvalidParameter(f"target mask must be a single-channel PNG, got mode {img.mode}")
+    _load(img, fmt)
+    target = np.asarray(img).astype(np.int64)
+    bad = (target >= num_classes) & (target != ignore_index) | (target < 0)
+    if bad.any():
+        raise InvalidParameter(
+            f"target mask has labels outside 0..{num_classes - 1} (ignore: {ignore_index})"
+        )
+    return target

@@ -1,0 +1,203 @@
+"""What routers talk to: the `Engine` protocol and the model's description.
+
+Triton's habit: the HTTP surfaces know nothing of ONNX Runtime, TensorRT or torch;
+they call `Engine.infer` on a batch and read `Engine.metadata()`. Backends live in
+`server.backends` and are imported lazily (none of them may pull torch into a base
+install).
+
+The exported artifact's metadata keys are read in ONE place, `read_onnx_metadata`,
+so a change in `export/` is a change here only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from server.errors import ModelError
+
+__all__ = [
+    "CORE_OUTPUTS",
+    "CardInfo",
+    "Engine",
+    "ModelInfo",
+    "TensorSpec",
+    "file_sha256",
+    "info_from_card",
+    "read_onnx_metadata",
+]
+
+#: Outputs every certseg graph has; `logits` is optional.
+CORE_OUTPUTS = ("mask", "margin", "radius")
+
+# Keys that export/onnx_export.py writes into the ONNX metadata_props.
+META_CARD = "certseg.card"
+META_LIPSCHITZ = "certseg.lipschitz_audited"
+
+
+class CardInfo(BaseModel):
+    """The ModelCard as the server sees it: a torch-free mirror of certseg.models.ModelCard."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    name: str
+    arch: str = "unknown"
+    num_classes: int
+    classes: list[str]
+    palette: list[tuple[int, int, int]]
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+    input_size: tuple[int, int] = (64, 64)
+    pad_multiple: int = 1
+    lipschitz: float = 1.0
+    lipschitz_audited: float | None = None
+    default_eps: float = 0.1
+    ignore_index: int = 255
+    training: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input/output in Open Inference Protocol terms."""
+
+    name: str
+    datatype: str  # "FP32", "INT32", ...
+    shape: tuple[int, ...]  # -1 for dynamic
+
+
+@dataclass
+class ModelInfo:
+    """Everything the routes need to know of one served model."""
+
+    name: str
+    path: Path
+    card: CardInfo
+    lipschitz: float  # the audited constant certificates use
+    backend: str
+    platform: str
+    device: str = "cpu"
+    version: str = "1"
+    sha256: str = ""
+    has_logits: bool = False
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model on one device. `infer` is blocking and runs in the device's worker
+    thread; everything else is cheap and may be called from the event loop."""
+
+    @property
+    def ready(self) -> bool:
+        """Loaded and warmed up: /v2/health/ready is false until every engine is."""
+        ...
+
+    def metadata(self) -> ModelInfo: ...
+
+    def load(self) -> None:
+        """Create sessions/engines (slow; run off the event loop)."""
+        ...
+
+    def warmup(self, sizes: Sequence[tuple[int, int, int]]) -> None:
+        """Run (batch, H, W) shapes once so the first request pays no JIT/alloc cost."""
+        ...
+
+    def infer(self, images: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """images float32 (N, 3, H, W) in [0, 1] -> the named outputs, each with N first."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_lipschitz(value: float, where: str) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ModelError(f"{where}: Lipschitz constant must be finite and > 0, got {value}")
+    return value
+
+
+def read_onnx_metadata(path: Path) -> tuple[CardInfo, float, list[str]]:
+    """(card, audited L, graph output names) from an exported model.onnx; the only
+    reader of export's keys.
+
+    onnx.load without external data reads the header and initializers of our
+    single-file exports; only metadata_props is used.
+    """
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ModelError(f"{path}: not a readable ONNX file ({exc})") from exc
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_CARD not in props:
+        raise ModelError(f"{path}: no '{META_CARD}' metadata; export it with `certseg export`")
+    try:
+        card = CardInfo.model_validate(json.loads(props[META_CARD]))
+    except ValueError as exc:
+        raise ModelError(f"{path}: invalid model card metadata ({exc})") from exc
+    raw = props.get(META_LIPSCHITZ)
+    audited = float(raw) if raw is not None else card.lipschitz_audited
+    if audited is None:
+        raise ModelError(f"{path}: no audited Lipschitz constant in the metadata")
+    outputs = [o.name for o in proto.graph.output]
+    missing = [n for n in CORE_OUTPUTS if n not in outputs]
+    if missing or [i.name for i in proto.graph.input][:1] != ["image"]:
+        raise ModelError(
+            f"{path}: a certseg graph takes `image` and gives {CORE_OUTPUTS}; missing {missing}"
+        )
+    return card, _check_lipschitz(float(audited), str(path)), outputs
+
+
+def info_from_card(
+    name: str,
+    path: Path,
+    card: CardInfo,
+    lipschitz: float,
+    backend: str,
+    platform: str,
+    device: str,
+    has_logits: bool,
+    sha256: str = "",
+) -> ModelInfo:
+    """ModelInfo with the V2 tensor specs every certseg graph has."""
+    outputs = [
+        TensorSpec("mask", "INT32", (-1, -1, -1)),
+        TensorSpec("margin", "FP32", (-1, -1, -1)),
+        TensorSpec("radius", "FP32", (-1, -1, -1)),
+    ]
+    if has_logits:
+        outputs.append(TensorSpec("logits", "FP32", (-1, card.num_classes, -1, -1)))
+    return ModelInfo(
+        name=name,
+        path=path,
+        card=card,
+        lipschitz=_check_lipschitz(lipschitz, str(path)),
+        backend=backend,
+        platform=platform,
+        device=device,
+        sha256=sha256,
+        has_logits=has_logits,
+        inputs=[TensorSpec("image", "FP32", (-1, 3, -1, -1))],
+        outputs=outputs,
+    )

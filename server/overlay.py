@@ -1,0 +1,91 @@
+"""The picture of a certificate: prediction in the palette, uncertified pixels marked.
+
+Pixels outside the guaranteed region at eps (radius <= eps) are dimmed and, in the
+default "hatch" style, crossed by dark diagonal lines, so the region an attacker
+cannot touch reads at a glance and survives greyscale printing. "heat" replaces the
+palette by a radius heat map (black = 0, white >= 2 eps), for seeing where the
+margin is thin. The photo shows through with `blend`.
+
+PNG encoding uses zlib level 1: on a 512x1024 overlay it is several times faster
+than Pillow's default for files ~20% larger, and encode time is part of latency.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["OverlayStyle", "encode_mask_png", "encode_png", "render_overlay"]
+
+OverlayStyle = Literal["hatch", "dim", "heat"]
+
+DIM = 0.35  # brightness kept by uncertified pixels
+HATCH_PERIOD = 6
+
+
+def _lut(palette: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """Palette as a (K, 3) uint8 table; classes without a colour get grey."""
+    lut = np.full((max(num_classes, 1), 3), 128, dtype=np.uint8)
+    for i, c in enumerate(palette[:num_classes]):
+        lut[i] = np.asarray(c, dtype=np.int64).clip(0, 255)
+    return lut
+
+
+def _heat(radius: np.ndarray, eps: float) -> np.ndarray:
+    """Radius as an (H, W, 3) uint8 map: red (0) -> yellow (eps) -> white (>= 2 eps)."""
+    top = 2 * eps if eps > 0 else float(np.max(radius, initial=0.0)) or 1.0
+    t = np.clip(radius / top, 0.0, 1.0)
+    r = np.clip(t * 3, 0, 1)
+    g = np.clip(t * 3 - 1, 0, 1)
+    b = np.clip(t * 3 - 2, 0, 1)
+    return (np.stack([r, g, b], axis=-1) * 255 + 0.5).astype(np.uint8)
+
+
+def render_overlay(
+    mask: np.ndarray,
+    radius: np.ndarray,
+    eps: float,
+    palette: Sequence[Sequence[int]],
+    image: np.ndarray | None = None,
+    style: OverlayStyle = "hatch",
+    blend: float = 0.0,
+) -> np.ndarray:
+    """(H, W, 3) uint8 overlay of a mask (H, W) and radii (H, W) at eps.
+
+    `image`: (H, W, 3) uint8 photo mixed in with weight `blend` (0: pure palette).
+    """
+    mask = np.asarray(mask)
+    k = int(mask.max(initial=0)) + 1
+    lut = _lut(palette, max(k, len(palette)))
+    rgb = _heat(radius, eps) if style == "heat" else lut[np.clip(mask, 0, len(lut) - 1)]
+    out = rgb.astype(np.float32)
+    if image is not None and blend > 0:
+        out = (1.0 - blend) * out + blend * image.astype(np.float32)
+    if style != "heat" and eps > 0:
+        unsafe = radius <= eps
+        out[unsafe] *= DIM
+        if style == "hatch":
+            h, w = mask.shape
+            yy, xx = np.ogrid[:h, :w]
+            lines = ((yy + xx) % HATCH_PERIOD) == 0
+            out[unsafe & lines] = 0.0
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
+    """uint8 (H, W[, 3]) or uint16 (H, W) array -> PNG bytes."""
+    img = Image.fromarray(pixels)  # uint16 (H, W) becomes mode I;16
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_mask_png(mask: np.ndarray, num_classes: int) -> tuple[bytes, str]:
+    """Class ids as a greyscale PNG: 8-bit when K <= 256, else 16-bit. (bytes, dtype)."""
+    if num_classes <= 256:
+        return encode_png(mask.astype(np.uint8)), "uint8"
+    return encode_png(mask.astype(np.uint16)), "uint16"

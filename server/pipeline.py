@@ -1,0 +1,195 @@
+"""decode -> queue -> infer -> certify: the path every image takes, REST or stream.
+
+The certificate figures come from `certseg.certify` (numpy only) applied to the
+graph's own fp32 margins and radii, with the model's audited L:
+
+- guaranteed fraction: pixels with radius > eps (all of them at eps = 0);
+- max_flips: the most pixels one perturbation of norm <= eps can flip (the joint
+  budget: the longest prefix of sorted margin^2/2 costs within (L eps)^2);
+- with a ground-truth mask: worst-case pixel accuracy and mIoU at eps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from certseg.certify import (
+    guaranteed_region,
+    max_flips,
+    worst_case_miou,
+    worst_case_pixel_accuracy,
+)
+from server.decode import DecodedImage
+from server.engine import ModelInfo
+from server.errors import InvalidParameter
+from server.state import ServerState
+
+__all__ = [
+    "DEFAULT_OUTPUTS",
+    "OUTPUTS",
+    "Certified",
+    "Timings",
+    "check_eps",
+    "parse_outputs",
+    "segment_image",
+]
+
+OUTPUTS = ("mask", "radius", "overlay", "logits")
+DEFAULT_OUTPUTS = frozenset({"mask", "radius", "overlay"})
+
+
+@dataclass
+class Timings:
+    """Stage durations in ms, in the order they happened."""
+
+    start: float = field(default_factory=time.perf_counter)
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, ms: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + ms
+
+    def since(self, stage: str, t0: float) -> float:
+        """Record the time since t0 under stage; returns now."""
+        now = time.perf_counter()
+        self.add(stage, (now - t0) * 1000.0)
+        return now
+
+    def finish(self) -> dict[str, float]:
+        """The stages plus total, rounded to microseconds."""
+        out = {k: round(v, 3) for k, v in self.stages.items()}
+        out["total"] = round((time.perf_counter() - self.start) * 1000.0, 3)
+        return out
+
+    @staticmethod
+    def header(stages: dict[str, float]) -> str:
+        """The Server-Timing header value (W3C Server Timing)."""
+        return ", ".join(f"{k};dur={v:.3f}" for k, v in stages.items())
+
+
+def parse_outputs(value: str | Iterable[str] | None) -> frozenset[str]:
+    """Comma list (or list) of output names -> a set; unknown names are a 422."""
+    if value is None:
+        return DEFAULT_OUTPUTS
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = frozenset(s.strip().lower() for s in items if isinstance(s, str) and s.strip())
+    bad = sorted(names - set(OUTPUTS))
+    if bad or (not isinstance(value, str) and any(not isinstance(s, str) for s in items)):
+        raise InvalidParameter(f"unknown outputs {bad}; choose from {', '.join(OUTPUTS)}")
+    return names
+
+
+def check_eps(value: object, default: float) -> float:
+    """eps as a finite float >= 0 (default: the card's); else a 422."""
+    if value is None:
+        return float(default)
+    try:
+        eps = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameter(f"eps must be a number, got {value!r}") from exc
+    if isinstance(value, bool) or not math.isfinite(eps) or eps < 0:
+        raise InvalidParameter(f"eps must be a finite number >= 0, got {value!r}")
+    return eps
+
+
+@dataclass
+class Certified:
+    """One image's outputs and certificate at one eps."""
+
+    model: ModelInfo
+    eps: float
+    mask: np.ndarray  # (H, W) int32
+    margin: np.ndarray  # (H, W) float32
+    radius: np.ndarray  # (H, W) float32
+    logits: np.ndarray | None
+    guaranteed_fraction: float
+    max_flips: int
+    batch_size: int
+    metrics: dict[str, float | None] | None = None
+
+    @property
+    def pixels(self) -> int:
+        return int(self.mask.size)
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def certify(
+    info: ModelInfo,
+    outputs: dict[str, np.ndarray],
+    eps: float,
+    target: np.ndarray | None,
+    batch_size: int,
+) -> Certified:
+    """The certificate figures of one image's graph outputs (blocking; run in a thread)."""
+    L = info.lipschitz
+    margin, radius = outputs["margin"], outputs["radius"]
+    guaranteed = float(np.mean(guaranteed_region(radius, eps)))
+    flips = int(max_flips(margin, eps, L))
+    logits = outputs.get("logits")
+    metrics = None
+    if target is not None:
+        ignore = info.card.ignore_index
+        if logits is not None:
+            acc = float(worst_case_pixel_accuracy(logits, target, eps, L, ignore_index=ignore))
+            miou = float(worst_case_miou(logits, target, eps, L, ignore_index=ignore))
+            clean_acc = float(worst_case_pixel_accuracy(logits, target, 0.0, L, ignore_index=ignore))
+            clean_miou = float(worst_case_miou(logits, target, 0.0, L, ignore_index=ignore))
+        else:  # accuracy needs margins only; IoU needs the runner-up logits
+            valid = target != ignore
+            correct = valid & (outputs["mask"] == target)
+            n_valid = int(valid.sum())
+            k = int(max_flips(margin, eps, L, valid=correct))
+            acc = (int(correct.sum()) - k) / n_valid if n_valid else math.nan
+            clean_acc = int(correct.sum()) / n_valid if n_valid else math.nan
+            miou = clean_miou = math.nan
+        metrics = {
+            "worst_case_pixel_accuracy": _nan_to_none(acc),
+            "worst_case_miou": _nan_to_none(miou),
+            "clean_pixel_accuracy": _nan_to_none(clean_acc),
+            "clean_miou": _nan_to_none(clean_miou),
+        }
+    return Certified(
+        model=info,
+        eps=eps,
+        mask=outputs["mask"],
+        margin=margin,
+        radius=radius,
+        logits=logits,
+        guaranteed_fraction=guaranteed,
+        max_flips=flips,
+        batch_size=batch_size,
+        metrics=metrics,
+    )
+
+
+async def segment_image(
+    state: ServerState,
+    model: str,
+    image: DecodedImage,
+    eps: float,
+    outputs: frozenset[str],
+    timings: Timings,
+    target: np.ndarray | None = None,
+) -> Certified:
+    """Queue the image, wait for its batch, certify it; records queue/infer/certify."""
+    info = state.info(model)
+    batcher = state.batcher_for(info.name)
+    need_logits = "logits" in outputs or (target is not None and info.has_logits)
+    if "logits" in outputs and not info.has_logits:
+        raise InvalidParameter(f"model '{info.name}' was exported without a logits output")
+    result = await batcher.submit(info.name, image.array, ("logits",) if need_logits else ())
+    timings.add("queue", result.queue_ms)
+    timings.add("infer", result.infer_ms)
+    t0 = time.perf_counter()
+    cert = await asyncio.to_thread(certify, info, result.outputs, eps, target, result.batch_size)
+    timings.since("certify", t0)
+    state.metrics.guaranteed_fraction.labels(info.name).observe(cert.guaranteed_fraction)
+    return cert

@@ -1,0 +1,112 @@
+"""Server configuration: one pydantic-settings model, env prefix ``CERTSEG_``.
+
+The CLI flags of ``certseg serve`` carry the same names (``--max-batch`` is
+``CERTSEG_MAX_BATCH`` is ``Settings.max_batch``), so a deployment can be described
+by flags, by environment (containers, k8s) or by both; flags win.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["BackendName", "Settings", "default_model_path"]
+
+BackendName = Literal["auto", "onnxruntime", "tensorrt", "torch"]
+
+#: Where the lead ships the default model (certseg/weights/*.onnx or */model.onnx).
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "certseg" / "weights"
+
+
+def default_model_path(weights_dir: Path = WEIGHTS_DIR) -> Path | None:
+    """The shipped default model, if the package carries one (first .onnx by name)."""
+    if not weights_dir.is_dir():
+        return None
+    found = sorted(weights_dir.glob("*.onnx")) + sorted(weights_dir.glob("*/model.onnx"))
+    return found[0] if found else None
+
+
+class Settings(BaseSettings):
+    """Everything ``certseg serve`` can be told. Defaults suit one CPU node."""
+
+    model_config = SettingsConfigDict(env_prefix="CERTSEG_", env_file=None, extra="ignore")
+
+    # models
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models to serve: PATH or NAME=PATH (exported dir, .onnx, .pt for torch). "
+        "Empty: the default model.",
+    )
+    default_model: Path | None = Field(
+        default=None,
+        description="Model served when none is named (default: the one shipped in "
+        "certseg/weights/).",
+    )
+    backend: BackendName = "auto"
+    providers: list[str] | None = Field(
+        default=None,
+        description="ONNX Runtime execution providers in order (e.g. CUDAExecutionProvider, "
+        "CPUExecutionProvider); default: CUDA when available, then CPU.",
+    )
+    device_id: int = 0
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime/torch intra-op threads (0: library default)."
+    )
+    margin_error: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Bound on the numerical error of each margin, subtracted before radii "
+        "are reported (needed for fp16/TensorRT engines; 0 for fp32 ONNX Runtime).",
+    )
+    trt_fp16: bool = Field(default=False, description="Native TensorRT: build an fp16 engine.")
+    trt_cache_dir: Path | None = None
+    trt_max_side: int = Field(default=2048, ge=32, description="Native TensorRT: max H and W.")
+
+    # http
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(
+        default=None, description="Bearer key required on every route but health and docs."
+    )
+    log_level: str = "info"
+    log_json: bool = True
+
+    # batching
+    max_batch: int = Field(default=8, ge=1)
+    max_delay_ms: float = Field(default=2.0, ge=0.0)
+    max_queue: int = Field(default=64, ge=1, description="Images waiting; beyond it: 503.")
+    warmup: bool = True
+
+    # input limits
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=4096 * 4096, ge=1)
+
+    # streaming
+    stream_max_frames_per_s: float = Field(
+        default=0.0, ge=0.0, description="Per-connection frame rate cap (0: none)."
+    )
+
+    @field_validator("models", "providers", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        """Accept "a,b" from the environment as well as JSON lists."""
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("max_delay_ms")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+    def api_key_bytes(self) -> bytes | None:
+        """The key as bytes for hmac.compare_digest, or None when auth is off."""
+        if self.api_key is None or not self.api_key.get_secret_value():
+            return None
+        return self.api_key.get_secret_value().encode()
