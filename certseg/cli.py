@@ -70,6 +70,7 @@ def train(
     unconstrained: Annotated[
         bool, typer.Option(help="Train the unconstrained twin (smoothing baseline).")
     ] = False,
+    init: Annotated[Path | None, typer.Option(help="Fine-tune from this checkpoint.")] = None,
     max_steps_per_epoch: Annotated[int | None, typer.Option(hidden=True)] = None,
     name: Annotated[str | None, typer.Option(help="Model name for the card.")] = None,
 ) -> None:
@@ -94,6 +95,7 @@ def train(
         workers=workers,
         eps=eps,
         noise_sigma=noise_sigma,
+        init=str(init) if init else None,
         name=name,
         max_steps_per_epoch=max_steps_per_epoch,
     )

@@ -60,6 +60,7 @@ class TrainConfig:
     eps: float = 0.1  # validation certificate and the card's default eps
     noise_sigma: float = 0.0  # Gaussian noise augmentation (the smoothing baseline's twin)
     name: str | None = None
+    init: str | None = None  # start from this checkpoint's weights (fine-tuning)
     max_steps_per_epoch: int | None = None  # for smoke tests
     progress: bool = True
 
@@ -283,6 +284,9 @@ def train(cfg: TrainConfig) -> Path:
     opt, sched = make_optimizer(model, cfg.recipe, cfg.recipe.epochs * steps)
     scaler = torch.amp.GradScaler(enabled=cfg.amp and device.type == "cuda")
     start_epoch, history, elapsed = 0, [], 0.0
+    if cfg.init:
+        blob = torch.load(cfg.init, map_location=device, weights_only=False)
+        model.load_state_dict(blob["state_dict"])
     last = out / "last.pt"
     if last.exists():
         state = torch.load(last, map_location=device, weights_only=False)
@@ -374,6 +378,7 @@ def train(cfg: TrainConfig) -> Path:
                 "seed": cfg.seed,
                 "world_size": dist.world,
                 "noise_sigma": cfg.noise_sigma,
+                "init": cfg.init,
                 "device": device.type,
                 "seconds": round(elapsed, 1),
                 "final": history[-1] if history else {},
