@@ -148,5 +148,14 @@ def evaluate(
     typer.echo(markdown_table(result))
 
 
+def _mount() -> None:
+    """Sub-commands that live in other packages (they import lazily, without torch)."""
+    from server.cli import serve
+
+    app.command("serve")(serve)
+
+
+_mount()
+
 if __name__ == "__main__":
     app()

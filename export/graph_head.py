@@ -78,6 +78,8 @@ class CertificateHead(nn.Module):
     def _top2(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(pred int64, top1, top2), each (N, H, W)."""
         if self.formulation == "topk":
+            # (Only for comparison. ONNX TopK puts the lowest index first on ties, as
+            # argmax does; torch.topk in eager mode does not promise an order.)
             if self.num_classes < 2:
                 raise ValueError("the topk head needs at least 2 classes")
             vals, idx = torch.topk(logits, 2, dim=1)

@@ -230,8 +230,8 @@ def parse_pbtxt(text: str) -> dict[str, list[Any]]:
             pos += 1
             if pos < len(toks) and toks[pos] == ":":
                 pos += 1
-            elif pos >= len(toks) or toks[pos] != "{":
-                raise ValueError(f"expected ':' or '{{' after {key!r}")
+            elif pos >= len(toks) or toks[pos] not in ("{", "["):
+                raise ValueError(f"expected ':', '{{' or '[' after {key!r}")
             if toks[pos] == "[":
                 pos += 1
                 items = []

@@ -5,8 +5,8 @@ they call `Engine.infer` on a batch and read `Engine.metadata()`. Backends live 
 `server.backends` and are imported lazily (none of them may pull torch into a base
 install).
 
-The exported artifact's metadata keys are read in ONE place, `read_onnx_metadata`,
-so a change in `export/` is a change here only.
+The exported artifact's metadata is read in ONE place, `read_onnx_metadata`, with
+the keys export defines (`export.audit.META_*`), and re-audited there at load.
 """
 
 from __future__ import annotations
@@ -37,10 +37,6 @@ __all__ = [
 
 #: Outputs every certseg graph has; `logits` is optional.
 CORE_OUTPUTS = ("mask", "margin", "radius")
-
-# Keys that export/onnx_export.py writes into the ONNX metadata_props.
-META_CARD = "certseg.card"
-META_LIPSCHITZ = "certseg.lipschitz_audited"
 
 
 class CardInfo(BaseModel):
@@ -136,14 +132,19 @@ def _check_lipschitz(value: float, where: str) -> float:
     return value
 
 
-def read_onnx_metadata(path: Path) -> tuple[CardInfo, float, list[str]]:
-    """(card, audited L, graph output names) from an exported model.onnx; the only
-    reader of export's keys.
+def read_onnx_metadata(path: Path, audit: bool = True) -> tuple[CardInfo, float, list[str]]:
+    """(card, L for certificates, graph output names) of an exported model.onnx.
 
-    onnx.load without external data reads the header and initializers of our
-    single-file exports; only metadata_props is used.
+    The one reader of export's metadata keys (`export.audit.META_*`). With `audit`,
+    the file's Lipschitz constant is recomputed from the weights that will run
+    (`export.audit.audit_onnx`: numpy + onnx, no torch) and the artifact is refused
+    if its metadata, card or radius head claim less; the certificate then uses the
+    larger of the audited and the declared value (they agree to 1e-9 for a healthy
+    export, and the in-graph radius head was built from the declared one).
     """
     import onnx
+
+    from export.audit import META_CARD, META_L_AUDITED, AuditError, audit_onnx
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -156,17 +157,24 @@ def read_onnx_metadata(path: Path) -> tuple[CardInfo, float, list[str]]:
         card = CardInfo.model_validate(json.loads(props[META_CARD]))
     except ValueError as exc:
         raise ModelError(f"{path}: invalid model card metadata ({exc})") from exc
-    raw = props.get(META_LIPSCHITZ)
-    audited = float(raw) if raw is not None else card.lipschitz_audited
-    if audited is None:
+    raw = props.get(META_L_AUDITED)
+    declared = float(raw) if raw is not None else card.lipschitz_audited
+    if declared is None:
         raise ModelError(f"{path}: no audited Lipschitz constant in the metadata")
+    lipschitz = _check_lipschitz(float(declared), str(path))
+    if audit:
+        try:
+            report = audit_onnx(proto, check_head=True, strict=True)
+        except AuditError as exc:
+            raise ModelError(f"{path}: refused by the Lipschitz audit ({exc})") from exc
+        lipschitz = max(lipschitz, _check_lipschitz(report.lipschitz_audited, str(path)))
     outputs = [o.name for o in proto.graph.output]
     missing = [n for n in CORE_OUTPUTS if n not in outputs]
     if missing or [i.name for i in proto.graph.input][:1] != ["image"]:
         raise ModelError(
             f"{path}: a certseg graph takes `image` and gives {CORE_OUTPUTS}; missing {missing}"
         )
-    return card, _check_lipschitz(float(audited), str(path)), outputs
+    return card, lipschitz, outputs
 
 
 def info_from_card(

@@ -20,8 +20,8 @@ Routers raise these; `install_error_handlers` maps them with `PROBLEMS` (a table
 not a chain of try/except) and also turns FastAPI's own validation and routing
 errors into problem+json. The V2 (Open Inference Protocol) routes answer the
 protocol's ``{"error": "..."}`` instead, with the same status. Bodies never carry
-stack traces: unexpected exceptions are logged with theirs and answered with a
-generic 500.
+stack traces: unexpected exceptions are caught by the request middleware
+(server.app), logged with theirs and answered with a generic 500.
 """
 
 from __future__ import annotations
@@ -227,15 +227,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, 422, p.title, "; ".join(parts), p.slug)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-    p = PROBLEMS[CertSegError]
-    return problem_response(request, 500, p.title, "internal error (see server log)", p.slug)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """The one boundary where exceptions become answers."""
     app.add_exception_handler(CertSegError, _certseg_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected)

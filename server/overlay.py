@@ -25,6 +25,7 @@ OverlayStyle = Literal["hatch", "dim", "heat"]
 
 DIM = 0.35  # brightness kept by uncertified pixels
 HATCH_PERIOD = 6
+_DIM_LUT = np.round(np.arange(256) * DIM).astype(np.uint8)
 
 
 def _lut(palette: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
@@ -45,6 +46,19 @@ def _heat(radius: np.ndarray, eps: float) -> np.ndarray:
     return (np.stack([r, g, b], axis=-1) * 255 + 0.5).astype(np.uint8)
 
 
+def _state(radius: np.ndarray, eps: float, style: OverlayStyle) -> np.ndarray | None:
+    """Per pixel 0 (certified), 1 (dimmed) or 2 (on a hatch line), or None if all 0."""
+    if style == "heat" or eps <= 0:
+        return None
+    state = (radius <= eps).astype(np.intp)
+    if style == "hatch":
+        h, w = radius.shape
+        period = HATCH_PERIOD
+        lines = (np.arange(h, dtype=np.intp)[:, None] % period + np.arange(w) % period) % period
+        state += state & (lines == 0)
+    return state
+
+
 def render_overlay(
     mask: np.ndarray,
     radius: np.ndarray,
@@ -57,23 +71,28 @@ def render_overlay(
     """(H, W, 3) uint8 overlay of a mask (H, W) and radii (H, W) at eps.
 
     `image`: (H, W, 3) uint8 photo mixed in with weight `blend` (0: pure palette).
+    Without blending it is one gather from a (3K, 3) table indexed by class and
+    state (certified, dimmed, hatched): this runs on every answer.
     """
     mask = np.asarray(mask)
-    k = int(mask.max(initial=0)) + 1
-    lut = _lut(palette, max(k, len(palette)))
-    rgb = _heat(radius, eps) if style == "heat" else lut[np.clip(mask, 0, len(lut) - 1)]
-    out = rgb.astype(np.float32)
+    k = max(int(mask.max(initial=0)) + 1, len(palette))
+    lut = _lut(palette, k)
+    state = _state(radius, eps, style)
+    if style == "heat":
+        rgb = _heat(radius, eps)
+    elif image is None or blend <= 0:
+        table = np.concatenate([lut, _DIM_LUT[lut], np.zeros_like(lut)])
+        idx = np.clip(mask, 0, k - 1).astype(np.intp)
+        return table[idx if state is None else idx + k * state]
+    else:
+        rgb = lut[np.clip(mask, 0, k - 1)]
     if image is not None and blend > 0:
-        out = (1.0 - blend) * out + blend * image.astype(np.float32)
-    if style != "heat" and eps > 0:
-        unsafe = radius <= eps
-        out[unsafe] *= DIM
-        if style == "hatch":
-            h, w = mask.shape
-            yy, xx = np.ogrid[:h, :w]
-            lines = ((yy + xx) % HATCH_PERIOD) == 0
-            out[unsafe & lines] = 0.0
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+        rgb = (1.0 - blend) * rgb.astype(np.float32) + blend * image.astype(np.float32)
+        rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    if state is not None:
+        shade = np.array([1.0, DIM, 0.0], np.float32)[state][..., None]
+        rgb = np.clip(rgb * shade + 0.5, 0, 255).astype(np.uint8)
+    return rgb
 
 
 def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:

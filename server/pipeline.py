@@ -140,7 +140,9 @@ def certify(
         if logits is not None:
             acc = float(worst_case_pixel_accuracy(logits, target, eps, L, ignore_index=ignore))
             miou = float(worst_case_miou(logits, target, eps, L, ignore_index=ignore))
-            clean_acc = float(worst_case_pixel_accuracy(logits, target, 0.0, L, ignore_index=ignore))
+            clean_acc = float(
+                worst_case_pixel_accuracy(logits, target, 0.0, L, ignore_index=ignore)
+            )
             clean_miou = float(worst_case_miou(logits, target, 0.0, L, ignore_index=ignore))
         else:  # accuracy needs margins only; IoU needs the runner-up logits
             valid = target != ignore

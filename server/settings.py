@@ -7,12 +7,13 @@ by flags, by environment (containers, k8s) or by both; flags win.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["BackendName", "Settings", "default_model_path"]
 
@@ -36,7 +37,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CERTSEG_", env_file=None, extra="ignore")
 
     # models
-    models: list[str] = Field(
+    models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Models to serve: PATH or NAME=PATH (exported dir, .onnx, .pt for torch). "
         "Empty: the default model.",
@@ -47,7 +48,7 @@ class Settings(BaseSettings):
         "certseg/weights/).",
     )
     backend: BackendName = "auto"
-    providers: list[str] | None = Field(
+    providers: Annotated[list[str] | None, NoDecode] = Field(
         default=None,
         description="ONNX Runtime execution providers in order (e.g. CUDAExecutionProvider, "
         "CPUExecutionProvider); default: CUDA when available, then CPU.",
@@ -55,6 +56,11 @@ class Settings(BaseSettings):
     device_id: int = 0
     intra_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime/torch intra-op threads (0: library default)."
+    )
+    audit: bool = Field(
+        default=True,
+        description="Re-run the Lipschitz audit of each ONNX file at load and refuse it "
+        "if its metadata claims less than its weights give.",
     )
     margin_error: float = Field(
         default=0.0,
@@ -84,17 +90,17 @@ class Settings(BaseSettings):
     # input limits
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(default=4096 * 4096, ge=1)
-
-    # streaming
-    stream_max_frames_per_s: float = Field(
-        default=0.0, ge=0.0, description="Per-connection frame rate cap (0: none)."
+    max_tensor_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="V2 infer bodies (raw tensors, JSON)."
     )
 
     @field_validator("models", "providers", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         """Accept "a,b" from the environment as well as JSON lists."""
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 

@@ -47,9 +47,7 @@ class ServerState:
         for engine in engines:
             info = engine.metadata()
             if info.name in self.engines:
-                raise ModelError(
-                    f"two models are named '{info.name}'; name them with NAME=PATH"
-                )
+                raise ModelError(f"two models are named '{info.name}'; name them with NAME=PATH")
             self.engines[info.name] = engine
             self.status[info.name] = "loading"
             self.metrics.model_ready.labels(info.name).set(0)
@@ -87,6 +85,7 @@ class ServerState:
         batcher = self._by_model[name]
         try:
             await batcher.run_in_worker(engine.load)
+            await asyncio.to_thread(_warm_certify)
             if self.settings.warmup:
                 await batcher.run_in_worker(lambda: engine.warmup([(1, h, w)]))
             else:
@@ -138,6 +137,17 @@ class ServerState:
                 raise ModelNotReady(f"model '{name}' failed to load: {self.errors.get(name)}")
             raise ModelNotReady(f"model '{name}' is still loading", retry_after=1)
         return self._by_model[name]
+
+
+def _warm_certify() -> None:
+    """First calls into certseg.certify build array-API namespaces (~0.1 s): pay it here."""
+    import numpy as np
+
+    from certseg.certify import guaranteed_region, max_flips
+
+    margin = np.ones((1, 4, 4), dtype=np.float32)
+    guaranteed_region(margin, 0.1)
+    max_flips(margin, 0.1, 1.0)
 
 
 def get_state(conn: HTTPConnection) -> ServerState:

@@ -62,10 +62,12 @@ class TensorRTEngine(BaseEngine):
         self._trt, self._cudart = _imports()
         onnx_path = path if path.suffix == ".onnx" else path.with_name("model.onnx")
         if not onnx_path.is_file():
-            raise ModelError(f"{path}: the TensorRT backend needs the exported model.onnx beside it")
+            raise ModelError(
+                f"{path}: the TensorRT backend needs the exported model.onnx beside it"
+            )
         if settings.trt_fp16 and settings.margin_error <= 0:
             raise ModelError("an fp16 TensorRT engine certifies only with --margin-error > 0")
-        card, lipschitz, outputs = read_onnx_metadata(onnx_path)
+        card, lipschitz, outputs = read_onnx_metadata(onnx_path, settings.audit)
         info = info_from_card(
             name or card.name,
             path,
@@ -164,7 +166,10 @@ class TensorRTEngine(BaseEngine):
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         ctx.set_input_shape("image", images.shape)
         src = self._buffer("image", images.nbytes)
-        _check(cudart, cudart.cudaMemcpyAsync(src, images.ctypes.data, images.nbytes, h2d, self._stream))
+        _check(
+            cudart,
+            cudart.cudaMemcpyAsync(src, images.ctypes.data, images.nbytes, h2d, self._stream),
+        )
         ctx.set_tensor_address("image", src)
         host: dict[str, np.ndarray] = {}
         for i in range(self._engine.num_io_tensors):
@@ -180,7 +185,9 @@ class TensorRTEngine(BaseEngine):
         for name in names:
             arr = host[name]
             ptr = self._buffers[name][0]
-            _check(cudart, cudart.cudaMemcpyAsync(arr.ctypes.data, ptr, arr.nbytes, d2h, self._stream))
+            _check(
+                cudart, cudart.cudaMemcpyAsync(arr.ctypes.data, ptr, arr.nbytes, d2h, self._stream)
+            )
         _check(cudart, cudart.cudaStreamSynchronize(self._stream))
         return {n: host[n] for n in names}
 

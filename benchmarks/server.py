@@ -1,0 +1,287 @@
+"""Server overhead and batching: raw ONNX Runtime vs REST end to end, and WebSocket fps.
+
+For one exported model and one image size (default 512x1024, a Cityscapes half-frame):
+
+- raw: an onnxruntime session on the decoded image, batch 1 (the floor);
+- REST: POST /v1/segment (PNG in; mask + radius + overlay out, JSON) at concurrency 1
+  and 8, p50/p99 latency and throughput, with dynamic batching on (max batch 8) and
+  off (max batch 1);
+- stream: WS /v1/stream, closed loop (next frame after each answer) -> fps.
+
+The server runs as `python -m server.cli serve` in a subprocess (as deployed); the
+client runs here, on the same machine: on a small CPU box they compete for cores, so
+read the REST figures as an upper bound on overhead. Without a model argument an
+untrained model of --arch is exported to a temporary folder (needs torch).
+
+    python benchmarks/server.py                          # 512x1024, tiny, 200 requests
+    python benchmarks/server.py exported_dir --size 256x512 --requests 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from _common import print_table, write_result
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("decode", "queue", "infer", "certify", "encode", "total")
+
+
+def export_untrained(arch: str, out: Path) -> Path:
+    """An untrained (seeded) model of `arch`, exported with the real exporter."""
+    import torch
+
+    from certseg.models import ModelCard, create_model, save_checkpoint
+    from export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=19)
+    card = ModelCard(
+        name=arch,
+        arch=arch,
+        num_classes=19,
+        classes=[f"c{i}" for i in range(19)],
+        palette=[((37 * i) % 256, (91 * i) % 256, (151 * i) % 256) for i in range(19)],
+        pad_multiple=8,
+    )
+    save_checkpoint(out / "model.pt", model, card)
+    export_onnx(out / "model.pt", out / arch)
+    return out / arch
+
+
+def street_like(h: int, w: int) -> np.ndarray:
+    """A smooth image with mild noise (uint8 H x W x 3): PNG sizes and decode times
+    like a photo's, unlike white noise (the worst case for PNG)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    chans = [
+        0.5 + 0.5 * np.sin(6.3 * f * xx + p) * np.cos(6.3 * g * yy)
+        for f, g, p in rng.uniform(1, 5, (3, 3))
+    ]
+    img = np.stack(chans, axis=-1) + rng.normal(0, 0.02, (h, w, 3))
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def percentiles(ms: list[float]) -> tuple[float, float]:
+    a = np.asarray(ms)
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def raw_ort(model: Path, x: np.ndarray, n: int, threads: int) -> dict:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    sess.run(None, {"image": x})
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        sess.run(None, {"image": x})
+        times.append((time.perf_counter() - t) * 1000)
+    p50, p99 = percentiles(times)
+    return {"p50_ms": p50, "p99_ms": p99, "per_s": 1000 / float(np.mean(times))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m server.cli serve MODEL` on a free port, until stop()."""
+
+    def __init__(self, model: Path, max_batch: int, threads: int, max_delay_ms: float) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            str(model),
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(max_batch),
+            "--max-delay-ms",
+            str(max_delay_ms),
+            "--intra-op-threads",
+            str(threads),
+            "--max-queue",
+            "256",
+            "--log-level",
+            "warning",
+        ]
+        # cwd = the repo root: run from benchmarks/, `-m server` would find this file.
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode()[-2000:])
+            try:
+                if httpx.get(self.base + "/v2/health/ready").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def rest_load(base: str, body: bytes, requests: int, concurrency: int) -> dict:
+    """`requests` POSTs from `concurrency` workers; latency percentiles and throughput."""
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    stages: dict[str, list[float]] = {}
+    todo = iter(range(requests))
+
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        await client.post("/v1/segment", content=body)  # warm the connection and caches
+
+        async def worker() -> None:
+            for _ in todo:
+                t = time.perf_counter()
+                r = await client.post("/v1/segment", content=body)
+                latencies.append((time.perf_counter() - t) * 1000)
+                r.raise_for_status()
+                ans = r.json()
+                batch_sizes.append(ans["batch_size"])
+                for stage, ms in ans["timings_ms"].items():
+                    stages.setdefault(stage, []).append(ms)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    p50, p99 = percentiles(latencies)
+    return {
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "per_s": requests / wall,
+        "mean_batch": float(np.mean(batch_sizes)),
+        "server_stage_p50_ms": {k: percentiles(v)[0] for k, v in stages.items()},
+    }
+
+
+async def stream_fps(base: str, frame: bytes, frames: int) -> dict:
+    """Closed loop over one WebSocket: send a frame, wait for its answer, repeat."""
+    import json
+
+    import websockets
+
+    url = base.replace("http://", "ws://") + "/v1/stream"
+    async with websockets.connect(url, max_size=2**26) as ws:
+        await ws.recv()  # the initial config
+        t0 = time.perf_counter()
+        for _ in range(frames):
+            await ws.send(frame)
+            msg = json.loads(await ws.recv())
+            assert msg["type"] == "result", msg
+        wall = time.perf_counter() - t0
+    return {"fps": frames / wall, "ms_per_frame": wall * 1000 / frames}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "model", nargs="?", help="Exported model dir or .onnx (default: export --arch)."
+    )
+    ap.add_argument("--arch", default="tiny", help="Architecture to export when no model given.")
+    ap.add_argument("--size", default="512x1024", help="HxW of the test image.")
+    ap.add_argument("--requests", type=int, default=200, help="REST requests per setting.")
+    ap.add_argument("--frames", type=int, default=100, help="WebSocket frames.")
+    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: auto).")
+    ap.add_argument("--max-delay-ms", type=float, default=5.0)
+    ap.add_argument("--name", default="server", help="Result file name.")
+    args = ap.parse_args()
+    h, w = (int(v) for v in args.size.lower().split("x"))
+
+    tmp = tempfile.TemporaryDirectory()
+    model = Path(args.model) if args.model else export_untrained(args.arch, Path(tmp.name))
+    onnx_path = model / "model.onnx" if model.is_dir() else model
+
+    pixels = street_like(h, w)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    body = buf.getvalue()
+    x = (pixels.astype(np.float32) / 255).transpose(2, 0, 1)[None].copy()
+
+    rows: list[list] = []
+    results: dict = {
+        "size": [h, w],
+        "model": str(model),
+        "png_bytes": len(body),
+        "cpus": os.cpu_count(),
+    }
+    raw = raw_ort(onnx_path, x, max(5, args.requests // 4), args.threads)
+    results["raw_ort"] = raw
+    rows.append(["raw ORT session", 1, "-", raw["p50_ms"], raw["p99_ms"], raw["per_s"], "-"])
+
+    results["rest"] = {}
+    for label, max_batch in (("batching", 8), ("no batching", 1)):
+        srv = ServerProcess(model, max_batch, args.threads, args.max_delay_ms)
+        try:
+            for conc in (1, 8):
+                if label == "no batching" and conc == 1:
+                    continue  # identical to batching at concurrency 1
+                r = asyncio.run(rest_load(srv.base, body, args.requests, conc))
+                results["rest"][f"{label}, c={conc}"] = r
+                rows.append(
+                    [
+                        f"REST {label}",
+                        conc,
+                        max_batch,
+                        r["p50_ms"],
+                        r["p99_ms"],
+                        r["per_s"],
+                        r["mean_batch"],
+                    ]
+                )
+            if max_batch == 8:
+                s = asyncio.run(stream_fps(srv.base, body, args.frames))
+                results["stream"] = s
+                rows.append(
+                    ["WS stream (closed loop)", 1, max_batch, s["ms_per_frame"], "-", s["fps"], "-"]
+                )
+        finally:
+            srv.stop()
+    tmp.cleanup()
+
+    print_table(
+        f"certseg server, {h}x{w} PNG, {os.cpu_count()} CPUs (client on the same machine)",
+        ["path", "concurrency", "max batch", "p50 ms", "p99 ms", "per s", "mean batch"],
+        rows,
+    )
+    stage_rows = [
+        [key, *(round(v.get(s, float("nan")), 1) for s in STAGES)]
+        for key, r in results["rest"].items()
+        for v in [r["server_stage_p50_ms"]]
+    ]
+    print_table("server stages, p50 ms", ["REST", *STAGES], stage_rows)
+    print(write_result(args.name, results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` builds an app whose lifespan resolves the models (failing
+fast on a bad path or artifact), starts one batcher per device and loads + warms
+the models in the background. Tests and embedders may pass ready-made engines.
+
+One pure-ASGI middleware wraps every request and WebSocket: request id (the
+client's X-Request-ID if sane, else a fresh one; echoed back), API-key check
+(constant-time; health and docs exempt), one JSON log line, the request counter,
+and a last-resort 500 problem+json without a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import certseg
+from server.engine import Engine
+from server.errors import (
+    PROBLEM_MEDIA_TYPE,
+    PROBLEMS,
+    TYPE_BASE,
+    CertSegError,
+    Unauthorized,
+    install_error_handlers,
+)
+from server.logs import request_id_var
+from server.metrics import Metrics
+from server.routes import ops, stream, v1, v2
+from server.settings import Settings
+from server.state import ServerState
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("certseg.server")
+
+#: Paths that never need the API key (probes, docs, the viewer page).
+PUBLIC_PATHS = frozenset(
+    {
+        "/",
+        "/healthz",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/openapi.json",
+    }
+)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+DESCRIPTION = """Certified semantic segmentation: every pixel comes with the l2 radius
+within which no perturbation of the image can change its class, and every image with
+the most pixels any eps-perturbation can flip. REST (/v1), WebSocket (/v1/stream) and
+the Open Inference Protocol (/v2)."""
+
+
+def _problem_bytes(status: int, title: str, detail: str, slug: str, path: str, rid: str) -> bytes:
+    if path.startswith("/v2"):
+        return json.dumps({"error": detail}).encode()
+    return json.dumps(
+        {
+            "type": TYPE_BASE + slug,
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "instance": path,
+            "request_id": rid,
+        }
+    ).encode()
+
+
+class RequestContextMiddleware:
+    """Request id, auth, access log, request metrics, last-resort 500."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+        self.key = state.settings.api_key_bytes()
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self.key is None or scope["path"] in PUBLIC_PATHS:
+            return True
+        headers = dict(scope.get("headers") or [])
+        given = b""
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        elif b"x-api-key" in headers:
+            given = headers[b"x-api-key"].strip()
+        elif scope["type"] == "websocket":
+            # Browsers cannot set headers on a WebSocket: accept ?api_key= there only.
+            from urllib.parse import parse_qs
+
+            qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            given = qs.get("api_key", [""])[0].encode()
+        return hmac.compare_digest(given, self.key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid_in = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = rid_in if _REQUEST_ID.match(rid_in) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        token = request_id_var.set(rid)
+        start = time.perf_counter()
+        status = {"code": 101 if scope["type"] == "websocket" else 500, "started": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["started"] = True
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", rid.encode()),
+                ]
+            elif message["type"] == "websocket.close" and not status["started"]:
+                status["code"] = 403 if status["code"] == 101 else status["code"]
+            elif message["type"] == "websocket.accept":
+                status["started"] = True
+            await send(message)
+
+        try:
+            if not self._authorized(scope):
+                status["code"] = 401
+                await self._deny(scope, send, rid)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            log.error("unhandled error on %s", scope["path"], exc_info=exc)
+            if scope["type"] == "http" and not status["started"]:
+                status["code"] = 500
+                p = PROBLEMS[CertSegError]
+                body = _problem_bytes(
+                    500, p.title, "internal error (see server log)", p.slug, scope["path"], rid
+                )
+                await self._send_body(send, 500, body, scope["path"], rid)
+        finally:
+            self._record(scope, status["code"], start)
+            request_id_var.reset(token)
+
+    async def _deny(self, scope: Scope, send: Send, rid: str) -> None:
+        p = PROBLEMS[Unauthorized]
+        body = _problem_bytes(401, p.title, "missing or wrong API key", p.slug, scope["path"], rid)
+        if scope["type"] == "http":
+            await self._send_body(send, 401, body, scope["path"], rid)
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            await self._send_body(send, 401, body, scope["path"], rid, prefix="websocket.")
+        else:
+            await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
+
+    @staticmethod
+    async def _send_body(
+        send: Send, status: int, body: bytes, path: str, rid: str, prefix: str = ""
+    ) -> None:
+        media = "application/json" if path.startswith("/v2") else PROBLEM_MEDIA_TYPE
+        headers = [
+            (b"content-type", media.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", rid.encode()),
+        ]
+        if status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="certseg"'))
+        await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
+        await send({"type": f"{prefix}http.response.body", "body": body})
+
+    def _record(self, scope: Scope, status: int, start: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        method = scope.get("method", "WS")
+        ms = (time.perf_counter() - start) * 1000.0
+        self.state.metrics.requests.labels(template, method, str(status)).inc()
+        log.info(
+            "%s %s %d %.1fms",
+            method,
+            scope["path"],
+            status,
+            ms,
+            extra={"method": method, "path": scope["path"], "status": status, "ms": round(ms, 3)},
+        )
+
+
+def create_app(
+    settings: Settings | None = None, engines: Sequence[Engine] | None = None
+) -> FastAPI:
+    """The certseg server. `engines`: serve these instead of settings.models."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = ServerState(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        if engines is not None:
+            state.add_engines(list(engines))
+        else:
+            from server.backends import create_engine, resolve_model_specs
+
+            def build() -> list[Engine]:
+                return [create_engine(s, settings) for s in resolve_model_specs(settings)]
+
+            state.add_engines(await asyncio.to_thread(build))
+        await state.start()
+        log.info("serving %s", ", ".join(state.engines))
+        try:
+            yield {}
+        finally:
+            await state.stop()
+
+    app = FastAPI(
+        title="certseg",
+        version=certseg.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    for module in (v1, stream, v2, ops):
+        app.include_router(module.router)
+    app.add_middleware(RequestContextMiddleware, state=state)
+    return app

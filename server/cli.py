@@ -1,0 +1,146 @@
+"""`certseg serve`: a typer command whose flags mirror `Settings` field names.
+
+A flag left out falls back to the CERTSEG_* environment variable, then to the
+default; so ``--max-batch 16`` == ``CERTSEG_MAX_BATCH=16``. Mount it on the
+top-level app with ``app.command("serve")(server.cli.serve)``; this module imports
+only typer and pydantic-settings until the command runs.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["app", "build_settings", "serve"]
+
+app = typer.Typer(help="certseg inference server.", add_completion=False, no_args_is_help=True)
+
+
+@app.callback()
+def _main() -> None:
+    """certseg inference server (mounted as `certseg serve` on the top-level CLI)."""
+
+
+class Backend(StrEnum):
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+    torch = "torch"
+
+
+def build_settings(**flags: Any) -> Any:
+    """Settings from the flags that were given (None = not given), env and defaults."""
+    from server.settings import Settings
+
+    given = {k: (v.value if isinstance(v, Enum) else v) for k, v in flags.items() if v is not None}
+    if given.get("models") == []:
+        given.pop("models")
+    return Settings(**given)
+
+
+@app.command()
+def serve(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Models: exported dir, .onnx (or .pt with --backend torch), optionally "
+            "NAME=PATH. None: the shipped default model.",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: 8000).")] = None,
+    backend: Annotated[
+        Backend | None, typer.Option(help="Inference backend (default: auto).")
+    ] = None,
+    providers: Annotated[
+        list[str] | None, typer.Option(help="ONNX Runtime providers, in order (repeatable).")
+    ] = None,
+    device_id: Annotated[int | None, typer.Option(help="GPU index (default: 0).")] = None,
+    intra_op_threads: Annotated[
+        int | None, typer.Option(help="Threads per forward (default: auto).")
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Images per forward pass (default: 8).")
+    ] = None,
+    max_delay_ms: Annotated[
+        float | None, typer.Option(help="Longest wait for a batch to fill (default: 2).")
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="Waiting images before 503 (default: 64).")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Bearer key for every route but health (prefer CERTSEG_API_KEY)."),
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(help="Largest image body (default: 32 MiB).")
+    ] = None,
+    max_pixels: Annotated[
+        int | None, typer.Option(help="Largest image, W*H (default: 4096^2).")
+    ] = None,
+    audit: Annotated[
+        bool | None, typer.Option(help="Re-audit each ONNX file's L at load (default: on).")
+    ] = None,
+    margin_error: Annotated[
+        float | None, typer.Option(help="Margin error bound of fp16/TensorRT engines (default: 0).")
+    ] = None,
+    trt_fp16: Annotated[bool | None, typer.Option(help="fp16 TensorRT engine.")] = None,
+    trt_cache_dir: Annotated[Path | None, typer.Option(help="TensorRT engine cache.")] = None,
+    default_model: Annotated[
+        Path | None, typer.Option(help="Model served when none named.")
+    ] = None,
+    warmup: Annotated[bool | None, typer.Option(help="Warm up before ready (default: on).")] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning (default: info).")
+    ] = None,
+    log_json: Annotated[bool | None, typer.Option(help="JSON log lines (default: on).")] = None,
+) -> None:
+    """Serve certified segmentation over REST, WebSocket and the Open Inference Protocol."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.logs import configure_logging
+
+    settings = build_settings(
+        models=models,
+        host=host,
+        port=port,
+        backend=backend,
+        providers=providers,
+        device_id=device_id,
+        intra_op_threads=intra_op_threads,
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        max_pixels=max_pixels,
+        audit=audit,
+        margin_error=margin_error,
+        trt_fp16=trt_fp16,
+        trt_cache_dir=trt_cache_dir,
+        default_model=default_model,
+        warmup=warmup,
+        log_level=log_level,
+        log_json=log_json,
+    )
+    configure_logging(settings.log_level, settings.log_json)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        ws_max_size=settings.max_body_bytes,
+        timeout_graceful_shutdown=10,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":  # python -m server.cli serve ...
+    app()

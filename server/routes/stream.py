@@ -1,0 +1,286 @@
+"""WS /v1/stream: video frames in, one certificate per frame out, latest frame wins.
+
+Protocol (client -> server):
+  binary message      one JPEG/PNG/WebP frame; frames are numbered 0, 1, 2, ...
+  {"type": "config", "eps": 0.05, "outputs": ["overlay"], "overlay_style": "dim"}
+                      changes this stream's settings (answered by a "config" message)
+  {"type": "ping"}    answered by {"type": "pong"} (protocol-level pings also work)
+Server -> client, per frame, in frame order:
+  {"type": "result", "frame": n, "dropped": d, "guaranteed_fraction": ..., ...,
+   "binary": ["overlay"]}  followed by one binary PNG per name in "binary";
+  {"type": "error", "frame": n, "status": 422, "detail": ...} for a bad frame.
+
+While the model is busy, a connection keeps only its newest waiting frame: a frame
+arriving before the previous one started replaces it and counts as dropped (live
+video wants the present, not a backlog). Every frame is either answered (result or
+error) or dropped, so answered + dropped == sent once the last answer arrives.
+Query parameters model, eps, outputs and overlay_style set the initial settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from server.decode import decode_image
+from server.errors import CertSegError, InvalidParameter, problem_for
+from server.overlay import encode_mask_png, encode_png, render_overlay
+from server.pipeline import Timings, check_eps, segment_image
+from server.state import ServerState, get_state
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["stream"])
+log = logging.getLogger("certseg.server")
+
+STREAM_OUTPUTS = ("overlay", "mask")
+STYLES = ("hatch", "dim", "heat")
+
+
+@dataclass
+class StreamConfig:
+    """One connection's settings (changed by control messages)."""
+
+    model: str
+    eps: float
+    outputs: tuple[str, ...] = ()
+    overlay_style: str = "hatch"
+
+    def update(self, state: ServerState, msg: dict[str, Any]) -> None:
+        """Apply a control message; all-or-nothing (a bad field changes nothing)."""
+        model = msg.get("model", self.model)
+        if not isinstance(model, str):
+            raise InvalidParameter("model must be a string")
+        info = state.info(model)
+        eps = check_eps(msg["eps"], info.card.default_eps) if "eps" in msg else self.eps
+        if "eps" not in msg and model != self.model:
+            eps = info.card.default_eps
+        outputs = msg.get("outputs", self.outputs)
+        if isinstance(outputs, str):
+            outputs = [o.strip() for o in outputs.split(",") if o.strip()]
+        if not isinstance(outputs, list | tuple) or any(o not in STREAM_OUTPUTS for o in outputs):
+            raise InvalidParameter(f"stream outputs must be a list drawn from {STREAM_OUTPUTS}")
+        style = msg.get("overlay_style", self.overlay_style)
+        if style not in STYLES:
+            raise InvalidParameter(f"overlay_style must be one of {STYLES}")
+        self.model, self.eps, self.outputs = info.name, eps, tuple(dict.fromkeys(outputs))
+        self.overlay_style = style
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": "config",
+            "model": self.model,
+            "eps": self.eps,
+            "outputs": list(self.outputs),
+            "overlay_style": self.overlay_style,
+        }
+
+
+@dataclass
+class _Pending:
+    frame: int
+    data: bytes
+    received: float = field(default_factory=time.perf_counter)
+
+
+class StreamSession:
+    """The receive loop, the one-slot frame buffer and the processing loop of a socket."""
+
+    def __init__(self, ws: WebSocket, state: ServerState, config: StreamConfig) -> None:
+        self.ws = ws
+        self.state = state
+        self.config = config
+        self.sent = 0  # frames received from the client
+        self.dropped = 0
+        self.answered = 0
+        self._slot: _Pending | None = None
+        self._has_frame = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+
+    async def send_json(self, obj: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(json.dumps(obj))
+
+    async def receive_loop(self) -> None:
+        """Read messages until the client closes; never blocks on inference."""
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            if msg.get("bytes") is not None:
+                self._offer(msg["bytes"])
+            elif msg.get("text") is not None and await self._control(msg["text"]) == "close":
+                return
+
+    def _offer(self, data: bytes) -> None:
+        frame = self.sent
+        self.sent += 1
+        if self._slot is not None:
+            self.dropped += 1
+            self.state.metrics.dropped_frames.inc()
+        self._slot = _Pending(frame, data)
+        self._has_frame.set()
+
+    async def _control(self, text: str) -> str | None:
+        try:
+            msg = json.loads(text)
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            await self._error(None, InvalidParameter("control messages are JSON objects"))
+            return None
+        kind = msg.get("type", "config")
+        if kind == "ping":
+            await self.send_json({"type": "pong", "t": msg.get("t")})
+        elif kind == "close":
+            return "close"
+        elif kind == "config":
+            try:
+                self.config.update(self.state, msg)
+            except CertSegError as exc:
+                await self._error(None, exc)
+            else:
+                await self.send_json(self.config.as_dict())
+        else:
+            await self._error(None, InvalidParameter(f"unknown control type {kind!r}"))
+        return None
+
+    async def _error(self, frame: int | None, exc: CertSegError) -> None:
+        p = problem_for(exc)
+        body: dict[str, Any] = {
+            "type": "error",
+            "frame": frame,
+            "status": p.status,
+            "title": p.title,
+            "detail": exc.detail,
+        }
+        if frame is not None:
+            body["dropped"] = self.dropped
+        await self.send_json(body)
+
+    async def process_loop(self) -> None:
+        """Take the newest frame, run it, answer; repeat."""
+        while True:
+            await self._has_frame.wait()
+            pending, self._slot = self._slot, None
+            self._has_frame.clear()
+            if pending is None:
+                continue
+            try:
+                await self._process(pending)
+            except CertSegError as exc:
+                self.answered += 1
+                await self._error(pending.frame, exc)
+            except (WebSocketDisconnect, RuntimeError):
+                return  # the socket is gone; the receive loop ends the session
+            except Exception as exc:
+                log.error("stream frame %d failed: %s", pending.frame, exc, exc_info=exc)
+                self.answered += 1
+                await self._error(pending.frame, CertSegError("internal error (see server log)"))
+
+    async def _process(self, p: _Pending) -> None:
+        cfg = self.config
+        timings = Timings(start=p.received)
+        t0 = timings.since("pending", p.received)
+        image = await asyncio.to_thread(decode_image, p.data, self.state.limits)
+        timings.since("decode", t0)
+        cert = await segment_image(self.state, cfg.model, image, cfg.eps, frozenset(), timings)
+        t0 = time.perf_counter()
+        blobs: list[bytes] = []
+        for name in cfg.outputs:
+            if name == "overlay":
+                rgb = render_overlay(
+                    cert.mask,
+                    cert.radius,
+                    cert.eps,
+                    cert.model.card.palette,
+                    image.rgb8,
+                    cfg.overlay_style,  # type: ignore[arg-type]
+                )
+                blobs.append(await asyncio.to_thread(encode_png, rgb))
+            else:
+                png, _ = await asyncio.to_thread(
+                    encode_mask_png, cert.mask, cert.model.card.num_classes
+                )
+                blobs.append(png)
+        timings.since("encode", t0)
+        stages = timings.finish()
+        self.state.metrics.observe_stages(stages)
+        self.answered += 1
+        result = {
+            "type": "result",
+            "frame": p.frame,
+            "dropped": self.dropped,
+            "model": cert.model.name,
+            "eps": cert.eps,
+            "lipschitz": cert.model.lipschitz,
+            "width": image.width,
+            "height": image.height,
+            "guaranteed_fraction": cert.guaranteed_fraction,
+            "max_flips": cert.max_flips,
+            "max_flips_fraction": cert.max_flips / cert.pixels,
+            "batch_size": cert.batch_size,
+            "timings_ms": stages,
+            "binary": list(cfg.outputs),
+        }
+        async with self._send_lock:
+            await self.ws.send_text(json.dumps(result))
+            for blob in blobs:
+                await self.ws.send_bytes(blob)
+
+
+def _initial_config(ws: WebSocket, state: ServerState) -> StreamConfig:
+    q = ws.query_params
+    info = state.info(q.get("model"))
+    cfg = StreamConfig(model=info.name, eps=info.card.default_eps)
+    msg: dict[str, Any] = {}
+    if "eps" in q:
+        msg["eps"] = q["eps"]
+    if "outputs" in q:
+        msg["outputs"] = q["outputs"]
+    if "overlay_style" in q:
+        msg["overlay_style"] = q["overlay_style"]
+    cfg.update(state, msg)
+    return cfg
+
+
+@router.websocket("/v1/stream")
+async def stream(ws: WebSocket) -> None:
+    """Binary frames in, one JSON certificate (+ optional PNGs) per frame out."""
+    state = get_state(ws)
+    await ws.accept()
+    try:
+        config = _initial_config(ws, state)
+    except CertSegError as exc:
+        p = problem_for(exc)
+        await ws.send_text(json.dumps({"type": "error", "status": p.status, "detail": exc.detail}))
+        await ws.close(code=1008, reason=p.title)
+        return
+    session = StreamSession(ws, state, config)
+    state.metrics.stream_connections.inc()
+    await session.send_json(config.as_dict())
+    worker = asyncio.get_running_loop().create_task(session.process_loop())
+    try:
+        await session.receive_loop()
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # client went away mid-send
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+            await worker
+        state.metrics.stream_connections.dec()
+        with contextlib.suppress(RuntimeError):
+            await ws.close(code=1000)
+        log.info(
+            "stream closed: %d frames, %d answered, %d dropped",
+            session.sent,
+            session.answered,
+            session.dropped,
+        )

@@ -1,0 +1,356 @@
+"""REST surface: POST /v1/segment and GET /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from server.decode import DecodedImage, decode_image, decode_target
+from server.errors import InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+from server.overlay import OverlayStyle, encode_mask_png, encode_png, render_overlay
+from server.pipeline import Certified, Timings, check_eps, parse_outputs, segment_image
+from server.state import ServerState, get_state
+
+__all__ = ["ModelSummary", "ModelsResponse", "SegmentResponse", "router"]
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+MULTIPART_SLACK = 64 * 1024
+
+
+class EncodedImage(BaseModel):
+    """A PNG, base64-encoded."""
+
+    media_type: str = "image/png"
+    dtype: str = Field("uint8", description="Pixel type (class-id masks: uint8 or uint16).")
+    data: str
+
+
+class EncodedArray(BaseModel):
+    """A dense array: base64 of its little-endian bytes, C order."""
+
+    dtype: Literal["float16", "float32"]
+    byte_order: Literal["little"] = "little"
+    shape: list[int]
+    data: str
+
+
+class WorstCaseMetrics(BaseModel):
+    """Bounds that hold for every perturbation of norm <= eps (needs a posted target)."""
+
+    worst_case_pixel_accuracy: float | None
+    worst_case_miou: float | None = Field(
+        description="null when the model was exported without logits (IoU needs them)."
+    )
+    clean_pixel_accuracy: float | None
+    clean_miou: float | None
+
+
+class SegmentResponse(BaseModel):
+    """A segmentation with its certificate at `eps` (l2, image values in [0, 1])."""
+
+    request_id: str | None = None
+    model: str
+    model_version: str
+    eps: float
+    lipschitz: float = Field(description="Audited l2 Lipschitz constant the radii use.")
+    width: int
+    height: int
+    guaranteed_fraction: float = Field(description="Fraction of pixels with radius > eps.")
+    max_flips: int = Field(description="Most pixels any single eps-perturbation can flip.")
+    max_flips_fraction: float
+    batch_size: int = Field(description="Images in the forward pass that served this one.")
+    mask: EncodedImage | None = None
+    radius: EncodedArray | None = None
+    overlay: EncodedImage | None = None
+    logits: EncodedArray | None = None
+    metrics: WorstCaseMetrics | None = None
+    timings_ms: dict[str, float]
+
+
+class ModelSummary(BaseModel):
+    """One served model, from its card and audited metadata."""
+
+    name: str
+    version: str
+    status: str
+    ready: bool
+    backend: str
+    platform: str
+    device: str
+    lipschitz: float
+    default_eps: float
+    num_classes: int
+    classes: list[str]
+    palette: list[tuple[int, int, int]]
+    input_size: tuple[int, int]
+    has_logits: bool
+    sha256: str
+    arch: str
+
+
+class ModelsResponse(BaseModel):
+    default: str
+    models: list[ModelSummary]
+
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "target": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "Ground-truth class-id PNG (worst-case metrics).",
+                        },
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette re-reads a cached body for form parsing
+    return body
+
+
+async def _image_and_target(request: Request, state: ServerState) -> tuple[bytes, bytes | None]:
+    """(image bytes, target bytes or None) from a raw or multipart body."""
+    ctype = request.headers.get("content-type", "").lower()
+    limit = state.limits.max_bytes
+    if not ctype.startswith("multipart/form-data"):
+        return await read_body(request, limit), None
+    await read_body(request, 2 * limit + MULTIPART_SLACK)
+    form = await request.form(max_files=2, max_fields=4, max_part_size=limit)
+    try:
+        parts = {}
+        for key in ("image", "target"):
+            value = form.get(key)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                raise InvalidParameter(f"multipart field '{key}' must be a file")
+            parts[key] = await value.read()
+    finally:
+        await form.close()
+    if "image" not in parts:
+        raise UnsupportedMediaType("multipart body needs a file field named 'image'")
+    return parts["image"], parts.get("target")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _array(a: np.ndarray, dtype: Literal["float16", "float32"]) -> EncodedArray:
+    le = a.astype("<f2" if dtype == "float16" else "<f4", copy=False)
+    return EncodedArray(dtype=dtype, shape=list(a.shape), data=_b64(le.tobytes()))
+
+
+def _overlay_png(cert: Certified, image: DecodedImage, style: OverlayStyle, blend: float) -> bytes:
+    rgb = render_overlay(
+        cert.mask, cert.radius, cert.eps, cert.model.card.palette, image.rgb8, style, blend
+    )
+    return encode_png(rgb)
+
+
+def _json_answer(
+    cert: Certified,
+    image: DecodedImage,
+    outputs: frozenset[str],
+    style: OverlayStyle,
+    blend: float,
+) -> dict:
+    """Every field but timings; the encode stage (blocking, runs in a thread)."""
+    info = cert.model
+    ans: dict = {
+        "model": info.name,
+        "model_version": info.version,
+        "eps": cert.eps,
+        "lipschitz": info.lipschitz,
+        "width": image.width,
+        "height": image.height,
+        "guaranteed_fraction": cert.guaranteed_fraction,
+        "max_flips": cert.max_flips,
+        "max_flips_fraction": cert.max_flips / cert.pixels,
+        "batch_size": cert.batch_size,
+        "metrics": cert.metrics,
+    }
+    if "mask" in outputs:
+        png, dtype = encode_mask_png(cert.mask, info.card.num_classes)
+        ans["mask"] = EncodedImage(dtype=dtype, data=_b64(png))
+    if "radius" in outputs:
+        ans["radius"] = _array(cert.radius, "float16")
+    if "overlay" in outputs:
+        ans["overlay"] = EncodedImage(data=_b64(_overlay_png(cert, image, style, blend)))
+    if "logits" in outputs and cert.logits is not None:
+        ans["logits"] = _array(cert.logits, "float32")
+    return ans
+
+
+def _npz(cert: Certified, image: DecodedImage, outputs: frozenset[str], style, blend) -> bytes:
+    arrays: dict[str, np.ndarray] = {
+        "mask": cert.mask.astype(np.int32),
+        "radius": cert.radius.astype(np.float32),
+        "margin": cert.margin.astype(np.float32),
+        "eps": np.float64(cert.eps),
+        "lipschitz": np.float64(cert.model.lipschitz),
+        "guaranteed_fraction": np.float64(cert.guaranteed_fraction),
+        "max_flips": np.int64(cert.max_flips),
+    }
+    if "overlay" in outputs:
+        arrays["overlay"] = render_overlay(
+            cert.mask, cert.radius, cert.eps, cert.model.card.palette, image.rgb8, style, blend
+        )
+    if cert.logits is not None and "logits" in outputs:
+        arrays["logits"] = cert.logits.astype(np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _certificate_headers(cert: Certified) -> dict[str, str]:
+    return {
+        "X-Certseg-Model": cert.model.name,
+        "X-Certseg-Eps": repr(cert.eps),
+        "X-Certseg-Lipschitz": repr(cert.model.lipschitz),
+        "X-Certseg-Guaranteed-Fraction": repr(cert.guaranteed_fraction),
+        "X-Certseg-Max-Flips": str(cert.max_flips),
+    }
+
+
+@router.post(
+    "/segment",
+    response_model=SegmentResponse,
+    response_model_exclude_none=True,
+    openapi_extra=_BODY_DOC,
+    responses={
+        200: {"content": {"image/png": {}, "application/x-npz": {}}},
+        413: {"description": "Body or pixels over the limits"},
+        415: {"description": "Not PNG, JPEG or WebP"},
+        422: {"description": "Corrupt image or invalid option"},
+        503: {"description": "Overloaded (Retry-After) or backend fault"},
+    },
+)
+async def segment(
+    request: Request,
+    model: Annotated[str | None, Query(description="Model name (default: the first).")] = None,
+    eps: Annotated[
+        float | None, Query(description="l2 budget on [0,1] pixels (default: the card's).")
+    ] = None,
+    outputs: Annotated[
+        str | None, Query(description="Comma list of mask, radius, overlay, logits.")
+    ] = None,
+    format: Annotated[Literal["json", "png", "npz"], Query()] = "json",
+    overlay_style: Annotated[Literal["hatch", "dim", "heat"], Query()] = "hatch",
+    blend: Annotated[float, Query(ge=0.0, le=1.0, description="Photo weight in overlay.")] = 0.0,
+) -> Response:
+    """Segment an image (raw body or multipart `image`, optional `target` mask) and
+    certify every pixel at eps."""
+    timings = Timings()
+    state = get_state(request)
+    info = state.info(model)
+    eps_value = check_eps(eps, info.card.default_eps)
+    wanted = parse_outputs(outputs)
+    image_bytes, target_bytes = await _image_and_target(request, state)
+    t0 = time.perf_counter()
+    image = await asyncio.to_thread(decode_image, image_bytes, state.limits)
+    target = None
+    if target_bytes is not None:
+        card = info.card
+        target = await asyncio.to_thread(
+            decode_target,
+            target_bytes,
+            image.width,
+            image.height,
+            card.num_classes,
+            card.ignore_index,
+            state.limits,
+        )
+    timings.since("decode", t0)
+    cert = await segment_image(state, info.name, image, eps_value, wanted, timings, target)
+    t0 = time.perf_counter()
+    headers = _certificate_headers(cert)
+    if format == "png":
+        body = await asyncio.to_thread(_overlay_png, cert, image, overlay_style, blend)
+        media = "image/png"
+    elif format == "npz":
+        body = await asyncio.to_thread(_npz, cert, image, wanted, overlay_style, blend)
+        media = "application/x-npz"
+        headers["Content-Disposition"] = 'attachment; filename="segment.npz"'
+    else:
+        ans = await asyncio.to_thread(_json_answer, cert, image, wanted, overlay_style, blend)
+    timings.since("encode", t0)
+    stages = timings.finish()
+    state.metrics.observe_stages(stages)
+    headers["Server-Timing"] = Timings.header(stages)
+    if format != "json":
+        return Response(body, media_type=media, headers=headers)
+    ans["timings_ms"] = stages
+    ans["request_id"] = getattr(request.state, "request_id", None)
+    payload = SegmentResponse.model_validate(ans).model_dump(mode="json")
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return JSONResponse(payload, headers=headers)
+
+
+def model_summary(state: ServerState, name: str) -> ModelSummary:
+    info = state.info(name)
+    card = info.card
+    return ModelSummary(
+        name=info.name,
+        version=info.version,
+        status=state.status.get(name, "loading"),
+        ready=state.model_ready(name),
+        backend=info.backend,
+        platform=info.platform,
+        device=info.device,
+        lipschitz=info.lipschitz,
+        default_eps=card.default_eps,
+        num_classes=card.num_classes,
+        classes=card.classes,
+        palette=card.palette,
+        input_size=card.input_size,
+        has_logits=info.has_logits,
+        sha256=info.sha256,
+        arch=card.arch,
+    )
+
+
+@router.get("/models", response_model=ModelsResponse)
+async def models(request: Request) -> ModelsResponse:
+    """Every served model with its card, audited L and readiness."""
+    state = get_state(request)
+    return ModelsResponse(
+        default=state.default_model(),
+        models=[model_summary(state, n) for n in state.engines],
+    )

@@ -1,0 +1,401 @@
+"""Open Inference Protocol (KServe V2) REST, with Triton's binary tensor extension.
+
+`tritonclient.http` and KServe talk to this unchanged. The model takes `image`
+FP32 [N, 3, H, W] in [0, 1] and gives `mask` INT32, `margin` FP32, `radius` FP32
+[N, H, W] (and `logits` FP32 [N, K, H, W] when exported with it). An `image` input
+of datatype BYTES holding encoded PNG/JPEG/WebP files is accepted too (all of one
+size); the server decodes it exactly like /v1/segment.
+
+Binary extension: a request whose JSON header is followed by raw tensors says so in
+the `Inference-Header-Content-Length` header; inputs with a `binary_data_size`
+parameter take their bytes from that tail, in order. Outputs are returned binary
+when asked (`binary_data` per output, or `binary_data_output` for all) with the same
+header on the response. Errors are ``{"error": "..."}`` (see server.errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+import certseg
+from server.decode import decode_image
+from server.errors import InvalidParameter, ModelNotFound, Overloaded, PayloadTooLarge
+from server.routes.v1 import read_body
+from server.state import ServerState, get_state
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+
+HEADER = "Inference-Header-Content-Length"
+DTYPES: dict[str, np.dtype] = {
+    "FP32": np.dtype("<f4"),
+    "FP16": np.dtype("<f2"),
+    "FP64": np.dtype("<f8"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "UINT8": np.dtype("u1"),
+}
+NP_TO_V2 = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] = {}
+
+
+class Readiness(BaseModel):
+    ready: bool
+    name: str | None = None
+
+
+def _health(ok: bool, name: str | None = None) -> JSONResponse:
+    """The protocol answers health with the status code: 200 true, 4xx false (as Triton,
+    which uses 400)."""
+    body = Readiness(ready=ok, name=name).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=200 if ok else 400)
+
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata() -> ServerMetadata:
+    """Server name, version and the protocol extensions it speaks."""
+    return ServerMetadata(
+        name="certseg",
+        version=certseg.__version__,
+        extensions=["binary_tensor_data", "model_configuration"],
+    )
+
+
+@router.get("/health/live", response_model=Readiness)
+async def live() -> JSONResponse:
+    """Live as soon as the process serves HTTP."""
+    return _health(True)
+
+
+@router.get("/health/ready", response_model=Readiness)
+async def ready(request: Request) -> JSONResponse:
+    """Ready once every model is loaded and warmed up."""
+    return _health(get_state(request).ready)
+
+
+def _version(state: ServerState, name: str, version: str | None) -> None:
+    info = state.info(name)
+    if version is not None and version != info.version:
+        raise ModelNotFound(f"model '{name}' has no version '{version}' (has {info.version})")
+
+
+def _model_metadata(state: ServerState, name: str) -> ModelMetadata:
+    info = state.info(name)
+    return ModelMetadata(
+        name=info.name,
+        versions=[info.version],
+        platform=info.platform,
+        inputs=[
+            TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+            for t in info.inputs
+        ],
+        outputs=[
+            TensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+            for t in info.outputs
+        ],
+        parameters={
+            "lipschitz": info.lipschitz,
+            "default_eps": info.card.default_eps,
+            "classes": info.card.classes,
+        },
+    )
+
+
+@router.get("/models/{model}", response_model=ModelMetadata)
+async def model_metadata(request: Request, model: str) -> ModelMetadata:
+    """Inputs, outputs, platform and versions of one model."""
+    return _model_metadata(get_state(request), model)
+
+
+@router.get("/models/{model}/versions/{version}", response_model=ModelMetadata)
+async def model_version_metadata(request: Request, model: str, version: str) -> ModelMetadata:
+    state = get_state(request)
+    _version(state, model, version)
+    return _model_metadata(state, model)
+
+
+@router.get("/models/{model}/ready", response_model=Readiness)
+async def model_ready(request: Request, model: str) -> JSONResponse:
+    state = get_state(request)
+    state.info(model)
+    return _health(state.model_ready(model), model)
+
+
+@router.get("/models/{model}/versions/{version}/ready", response_model=Readiness)
+async def model_version_ready(request: Request, model: str, version: str) -> JSONResponse:
+    state = get_state(request)
+    _version(state, model, version)
+    return _health(state.model_ready(model), model)
+
+
+@router.get("/models/{model}/config")
+async def model_config(request: Request, model: str) -> dict[str, Any]:
+    """A Triton-style model configuration (what `get_model_config` reads)."""
+    state = get_state(request)
+    info = state.info(model)
+    return {
+        "name": info.name,
+        "platform": info.platform,
+        "backend": info.backend,
+        "max_batch_size": 0,
+        "input": [
+            {"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": list(t.shape)}
+            for t in info.inputs
+        ],
+        "output": [
+            {"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": list(t.shape)}
+            for t in info.outputs
+        ],
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": int(state.settings.max_delay_ms * 1000),
+            "preferred_batch_size": [state.settings.max_batch],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------
+# infer
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """gzip/deflate request bodies (tritonclient's request_compression_algorithm),
+    inflated with a cap so a compressed bomb is refused, not allocated."""
+    if encoding in ("", "identity"):
+        return body
+    wbits = {"gzip": 31, "deflate": 15}.get(encoding)
+    if wbits is None:
+        raise InvalidParameter(f"unsupported Content-Encoding {encoding!r}")
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidParameter(f"body does not inflate ({exc})") from exc
+    if len(out) > limit:
+        raise PayloadTooLarge(f"inflated body exceeds the limit of {limit} bytes")
+    return out
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """(JSON header, binary tail)."""
+    if header_length is None:
+        head, tail = body, b""
+    else:
+        try:
+            n = int(header_length)
+        except ValueError as exc:
+            raise InvalidParameter(f"{HEADER} must be an integer") from exc
+        if not 0 <= n <= len(body):
+            raise InvalidParameter(f"{HEADER} {n} outside the body of {len(body)} bytes")
+        head, tail = body[:n], body[n:]
+    try:
+        req = json.loads(head)
+    except ValueError as exc:
+        raise InvalidParameter("request header is not valid JSON") from exc
+    if not isinstance(req, dict):
+        raise InvalidParameter("request header must be a JSON object")
+    return req, tail
+
+
+def _parse_bytes_elements(raw: bytes) -> list[bytes]:
+    """Triton's BYTES serialization: each element is a uint32 LE length, then bytes."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise InvalidParameter("truncated BYTES tensor")
+        (n,) = struct.unpack_from("<I", raw, i)
+        i += 4
+        if i + n > len(raw):
+            raise InvalidParameter("truncated BYTES tensor")
+        out.append(raw[i : i + n])
+        i += n
+    return out
+
+
+def _input_tensor(
+    spec: dict[str, Any], tail: bytes, offset: int, state: ServerState
+) -> tuple[np.ndarray | list[bytes], int]:
+    """One input as an FP32 array, or a list of encoded images for BYTES; new offset."""
+    if not isinstance(spec, dict):
+        raise InvalidParameter("each input must be a JSON object")
+    name, dtype = spec.get("name"), spec.get("datatype")
+    shape = spec.get("shape")
+    if name != "image":
+        raise InvalidParameter(f"unknown input {name!r}; this model takes 'image'")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise InvalidParameter("input shape must be a list of non-negative integers")
+    params = spec.get("parameters") or {}
+    size = params.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(tail):
+            raise InvalidParameter("binary_data_size runs past the end of the body")
+        raw: bytes | None = tail[offset : offset + size]
+        offset += size
+    else:
+        raw = None
+        if "data" not in spec:
+            raise InvalidParameter("input has neither 'data' nor binary_data_size")
+    if dtype == "BYTES":
+        if raw is not None:
+            items = _parse_bytes_elements(raw)
+        else:
+            flat = np.asarray(spec["data"], dtype=object).reshape(-1).tolist()
+            try:
+                items = [base64.b64decode(s, validate=True) for s in flat]
+            except (ValueError, TypeError) as exc:
+                raise InvalidParameter("BYTES data in JSON must be base64 strings") from exc
+        if int(np.prod(shape)) != len(items):
+            raise InvalidParameter(f"shape {shape} does not match {len(items)} BYTES elements")
+        return items, offset
+    if dtype not in DTYPES:
+        raise InvalidParameter(f"input 'image' must be FP32 (or BYTES), got {dtype!r}")
+    if len(shape) != 4 or shape[1] != 3:
+        raise InvalidParameter(f"input 'image' must have shape [N, 3, H, W], got {shape}")
+    h, w = shape[2], shape[3]
+    if h * w > state.limits.max_pixels:
+        raise PayloadTooLarge(f"{h}x{w} exceeds the limit of {state.limits.max_pixels} pixels")
+    count = int(np.prod(shape))
+    try:
+        if raw is not None:
+            if len(raw) != count * DTYPES[dtype].itemsize:
+                raise InvalidParameter(f"binary data of {len(raw)} bytes does not fit {shape}")
+            arr = np.frombuffer(raw, dtype=DTYPES[dtype])
+        else:
+            arr = np.asarray(spec["data"], dtype=np.float64).reshape(-1)
+            if arr.size != count:
+                raise InvalidParameter(f"{arr.size} values do not fit shape {shape}")
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameter(f"input data does not parse as {dtype} ({exc})") from exc
+    arr = arr.astype(np.float32).reshape(shape)
+    if not np.isfinite(arr).all():
+        raise InvalidParameter("input 'image' has NaN or infinite values")
+    return arr, offset
+
+
+def _requested_outputs(req: dict[str, Any], available: list[str]) -> list[tuple[str, bool]]:
+    """[(name, binary)] in the order asked (all outputs if none named)."""
+    params = req.get("parameters") or {}
+    all_binary = bool(params.get("binary_data_output", False))
+    outs = req.get("outputs")
+    if not outs:
+        return [(n, all_binary) for n in available]
+    result = []
+    for o in outs:
+        name = o.get("name") if isinstance(o, dict) else None
+        if name not in available:
+            raise InvalidParameter(f"unknown output {name!r}; available: {available}")
+        binary = (o.get("parameters") or {}).get("binary_data", all_binary)
+        result.append((name, bool(binary)))
+    return result
+
+
+async def _images(tensor: np.ndarray | list[bytes], state: ServerState) -> list[np.ndarray]:
+    if isinstance(tensor, np.ndarray):
+        return list(tensor)
+    decoded = [await asyncio.to_thread(decode_image, b, state.limits) for b in tensor]
+    if len({d.array.shape for d in decoded}) > 1:
+        raise InvalidParameter("all BYTES images of one request must have the same size")
+    return [d.array for d in decoded]
+
+
+@router.post("/models/{model}/infer")
+async def infer(request: Request, model: str) -> Response:
+    """Run the model on a batch (JSON or binary tensors); one forward pass per image
+    shape through the shared dynamic batcher."""
+    return await _infer(request, model, None)
+
+
+@router.post("/models/{model}/versions/{version}/infer")
+async def infer_version(request: Request, model: str, version: str) -> Response:
+    return await _infer(request, model, version)
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
+    state = get_state(request)
+    _version(state, model, version)
+    info = state.info(model)
+    batcher = state.batcher_for(info.name)
+    limit = state.settings.max_tensor_bytes
+    body = await read_body(request, limit)
+    body = _decompress(body, request.headers.get("content-encoding", "").lower(), limit)
+    req, tail = _split_body(body, request.headers.get(HEADER))
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise InvalidParameter("exactly one input, 'image', is expected")
+    tensor, _ = _input_tensor(inputs[0], tail, 0, state)
+    wanted = _requested_outputs(req, info.output_names)
+    images = await _images(tensor, state)
+    if len(images) > state.settings.max_queue:
+        raise PayloadTooLarge(f"batch of {len(images)} exceeds max_queue")
+    if batcher.depth + len(images) > batcher.max_queue:
+        # all or nothing: a half-queued request would compute images nobody reads
+        raise Overloaded("inference queue full", retry_after=batcher.retry_after())
+    extra = ("logits",) if any(n == "logits" for n, _ in wanted) else ()
+    results = await asyncio.gather(*(batcher.submit(info.name, im, extra) for im in images))
+    stacked = {n: np.stack([r.outputs[n] for r in results]) for n, _ in wanted}
+    return _respond(req, info.name, info.version, stacked, wanted)
+
+
+def _respond(
+    req: dict[str, Any],
+    name: str,
+    version: str,
+    arrays: dict[str, np.ndarray],
+    wanted: list[tuple[str, bool]],
+) -> Response:
+    outputs, blobs = [], []
+    for out_name, binary in wanted:
+        arr = arrays[out_name]
+        dtype = NP_TO_V2.get(arr.dtype)
+        if dtype is None:
+            arr = arr.astype(np.float32)
+            dtype = "FP32"
+        entry: dict[str, Any] = {"name": out_name, "datatype": dtype, "shape": list(arr.shape)}
+        if binary:
+            raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        outputs.append(entry)
+    head: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": outputs}
+    if "id" in req:
+        head["id"] = req["id"]
+    text = json.dumps(head).encode()
+    if not blobs:
+        return Response(text, media_type="application/json")
+    return Response(
+        b"".join([text, *blobs]),
+        media_type="application/octet-stream",
+        headers={HEADER: str(len(text))},
+    )

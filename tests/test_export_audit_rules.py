@@ -1,0 +1,249 @@
+"""The ONNX audit's rules, one hand-built graph at a time (no torch export needed).
+
+Each sound case is also checked empirically: ||f(x) - f(y)|| / ||x - y|| over random
+pairs, run by ONNX Runtime, never exceeds the audited L.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper
+
+from certseg.certify.operator_norm import conv_norm_bound, matrix_norm_bound
+from export.audit import AuditError, audit_onnx, format_table
+
+RNG = np.random.default_rng(0)
+
+
+def _graph(nodes, inits, in_shape=(1, 3, 8, 8), out="logits", extra_inputs=()):
+    g = oh.make_graph(
+        nodes,
+        "g",
+        [oh.make_tensor_value_info("image", TP.FLOAT, list(in_shape)), *extra_inputs],
+        [oh.make_tensor_value_info(out, TP.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _empirical(model, in_shape=(1, 3, 8, 8), pairs=30) -> float:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for _ in range(pairs):
+        x = RNG.random(in_shape, dtype=np.float32)
+        y = x + RNG.normal(scale=1e-2, size=in_shape).astype(np.float32)
+        fx, fy = (sess.run(None, {"image": v})[0].astype(np.float64) for v in (x, y))
+        worst = max(worst, np.linalg.norm(fx - fy) / np.linalg.norm((x - y).astype(np.float64)))
+    return worst
+
+
+def _w(*shape, scale=0.5):
+    return (RNG.normal(size=shape) * scale).astype(np.float32)
+
+
+def test_conv_chain_uses_operator_norm_bounds():
+    w1, w2 = _w(8, 3, 3, 3), _w(4, 8, 4, 4)
+    nodes = [
+        oh.make_node("Conv", ["image", "w1"], ["a"], pads=[1, 1, 1, 1]),
+        oh.make_node("Relu", ["a"], ["b"]),
+        oh.make_node("Conv", ["b", "w2"], ["logits"], strides=[2, 2], pads=[1, 1, 1, 1]),
+    ]
+    model = _graph(nodes, {"w1": w1, "w2": w2})
+    rep = audit_onnx(model)
+    want = conv_norm_bound(w1).upper * conv_norm_bound(w2, stride=2).upper
+    assert rep.lipschitz_audited == pytest.approx(want, rel=1e-12)
+    assert [r.op for r in rep.layers] == ["Conv", "Relu", "Conv"]
+    assert rep.layers[0].weight == "w1" and rep.layers[0].lower <= rep.layers[0].upper
+    assert _empirical(model) <= rep.lipschitz_audited
+    assert "audited L" in format_table(rep)
+
+
+def test_maxmin_concat_scale_and_branches():
+    """Split -> Max/Min -> Concat is 1; a Concat of branches times s is s*sqrt(sum L^2)."""
+    w = _w(4, 3, 3, 3)
+    nodes = [
+        oh.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1]),
+        oh.make_node("Split", ["c"], ["a", "b"], axis=1, num_outputs=2),
+        oh.make_node("Max", ["a", "b"], ["hi"]),
+        oh.make_node("Min", ["a", "b"], ["lo"]),
+        oh.make_node("Concat", ["hi", "lo"], ["mm"], axis=1),
+        oh.make_node("Concat", ["mm", "c", "image"], ["cat"], axis=1),
+        oh.make_node("Mul", ["cat", "s"], ["logits"]),
+    ]
+    model = _graph(nodes, {"w": w, "s": np.float32(0.25)})
+    rep = audit_onnx(model)
+    lw = conv_norm_bound(w).upper
+    assert rep.lipschitz_audited == pytest.approx(0.25 * math.sqrt(lw**2 + lw**2 + 1), rel=1e-12)
+    assert _empirical(model) <= rep.lipschitz_audited
+
+
+def test_max_of_unrelated_tensors_is_root_sum_square():
+    w = _w(3, 3, 1, 1)
+    nodes = [
+        oh.make_node("Conv", ["image", "w"], ["c"]),
+        oh.make_node("Max", ["c", "image"], ["logits"]),
+    ]
+    rep = audit_onnx(_graph(nodes, {"w": w}))
+    assert rep.lipschitz_audited == pytest.approx(
+        math.hypot(matrix_norm_bound(w[:, :, 0, 0]).upper, 1)
+    )
+
+
+def test_residual_add_gemm_and_normalization():
+    mean = np.array([0.4, 0.5, 0.6], np.float32).reshape(1, 3, 1, 1)
+    std = np.array([0.2, 0.25, 0.3], np.float32).reshape(1, 3, 1, 1)
+    w = _w(3, 3, 3, 3)
+    g = _w(5, 192)
+    nodes = [
+        oh.make_node("Sub", ["image", "mean"], ["a"]),
+        oh.make_node("Div", ["a", "std"], ["n"]),
+        oh.make_node("Conv", ["n", "w"], ["c"], pads=[1, 1, 1, 1]),
+        oh.make_node("Add", ["n", "c"], ["r"]),
+        oh.make_node("Reshape", ["r", "shape"], ["flat"]),
+        oh.make_node("Gemm", ["flat", "g"], ["logits"], transB=1, alpha=0.5),
+    ]
+    model = _graph(nodes, {"mean": mean, "std": std, "w": w, "g": g, "shape": np.array([1, 192])})
+    rep = audit_onnx(model)
+    want = (1 / 0.2) * (1 + 2**-23) * (1 + conv_norm_bound(w).upper) * 0.5
+    want *= matrix_norm_bound(g).upper
+    assert rep.lipschitz_audited == pytest.approx(want, rel=1e-6)
+    assert _empirical(model) <= rep.lipschitz_audited
+
+
+def test_grouped_and_strided_1x1_and_transposed():
+    wg = _w(6, 1, 3, 3)  # depthwise-ish: 3 groups of 2 outputs
+    w1 = _w(4, 6, 1, 1)
+    wt = _w(4, 2, 2, 2)
+    nodes = [
+        oh.make_node("Conv", ["image", "wg"], ["a"], group=3, pads=[1, 1, 1, 1]),
+        oh.make_node("Conv", ["a", "w1"], ["b"], strides=[2, 2]),
+        oh.make_node("ConvTranspose", ["b", "wt"], ["logits"], strides=[2, 2]),
+    ]
+    model = _graph(nodes, {"wg": wg, "w1": w1, "wt": wt})
+    rep = audit_onnx(model)
+    groups = max(conv_norm_bound(wg[2 * i : 2 * i + 2]).upper for i in range(3))
+    want = groups * matrix_norm_bound(w1[:, :, 0, 0]).upper
+    want *= conv_norm_bound(wt, stride=2).upper
+    assert rep.lipschitz_audited == pytest.approx(want, rel=1e-12)
+    assert _empirical(model) <= rep.lipschitz_audited
+
+
+def test_broadcast_duplication_is_counted():
+    # (1,1,8,8) + (1,4,1,1) repeats every pixel 4 times: factor sqrt(4).
+    nodes = [
+        oh.make_node("ReduceMean", ["image", "ax"], ["m"], keepdims=1),
+    ]
+    # ReduceMean is not a supported op: refused by name.
+    with pytest.raises(AuditError, match="ReduceMean"):
+        audit_onnx(
+            _graph([*nodes, oh.make_node("Identity", ["m"], ["logits"])], {"ax": np.array([1])})
+        )
+    nodes = [
+        oh.make_node("Slice", ["image", "s0", "s1", "ax"], ["one"]),
+        oh.make_node("Add", ["one", "c"], ["logits"]),
+    ]
+    inits = {
+        "s0": np.array([0]),
+        "s1": np.array([1]),
+        "ax": np.array([1]),
+        "c": np.zeros((1, 4, 1, 1), np.float32),
+    }
+    model = _graph(nodes, inits)
+    rep = audit_onnx(model)
+    assert rep.lipschitz_audited == pytest.approx(2.0)
+    assert _empirical(model) <= rep.lipschitz_audited
+
+
+@pytest.mark.parametrize(
+    ("nodes", "inits", "match"),
+    [
+        ([oh.make_node("Softmax", ["image"], ["logits"], axis=1)], {}, "Softmax"),
+        (
+            [oh.make_node("Resize", ["image", "", "sc"], ["logits"])],
+            {"sc": np.array([1, 1, 2, 2], np.float32)},
+            "Resize",
+        ),
+        (
+            [oh.make_node("Pad", ["image", "p"], ["logits"], mode="reflect")],
+            {"p": np.array([0, 0, 1, 1, 0, 0, 1, 1])},
+            "reflect",
+        ),
+        ([oh.make_node("Mul", ["image", "image"], ["logits"])], {}, "two image-dependent"),
+        ([oh.make_node("Div", ["one", "image"], ["logits"])], {"one": np.float32(1)}, "Div by"),
+        (
+            [
+                oh.make_node("Mul", ["w", "k"], ["w2"]),
+                oh.make_node("Conv", ["image", "w2"], ["logits"]),
+            ],
+            {"w": np.ones((2, 3, 1, 1), np.float32), "k": np.float32(1.01)},
+            "not a constant",
+        ),
+        (
+            [oh.make_node("Expand", ["image", "sh"], ["logits"])],
+            {"sh": np.array([2, 3, 8, 8])},
+            "Expand",
+        ),
+    ],
+)
+def test_unsupported_paths_are_refused_by_name(nodes, inits, match):
+    with pytest.raises(AuditError, match=match):
+        audit_onnx(_graph(nodes, inits))
+
+
+def test_overridable_weight_is_refused():
+    """An initializer that is also a graph input can be swapped at run time."""
+    nodes = [oh.make_node("Conv", ["image", "w"], ["logits"])]
+    extra = [oh.make_tensor_value_info("w", TP.FLOAT, [2, 3, 1, 1])]
+    model = _graph(nodes, {"w": np.ones((2, 3, 1, 1), np.float32)}, extra_inputs=extra)
+    with pytest.raises(AuditError, match="not a constant"):
+        audit_onnx(model)
+
+
+def test_declared_bound_check_and_head_checks():
+    w = np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1) * np.float32(1.01)
+    model = _graph([oh.make_node("Conv", ["image", "w"], ["logits"])], {"w": w})
+    assert audit_onnx(model, declared=1.0, rtol=0.02).ok
+    with pytest.raises(AuditError, match="exceeds the declared"):
+        audit_onnx(model, declared=1.0)
+    rep = audit_onnx(model, declared=1.0, strict=False)
+    assert not rep.ok and rep.ratio == pytest.approx(1.01)
+
+    # A head that reads the image directly (not only through the logits) is refused.
+    nodes = [
+        oh.make_node("Conv", ["image", "w"], ["z"]),
+        oh.make_node("ArgMax", ["z"], ["am"], axis=1, keepdims=0),
+        oh.make_node("Cast", ["am"], ["mask"], to=TP.INT32),
+        oh.make_node("ReduceMax", ["z", "ax"], ["t1"], keepdims=0),
+        oh.make_node("ReduceMax", ["image", "ax"], ["t2"], keepdims=0),
+        oh.make_node("Sub", ["t1", "t2"], ["margin"]),
+        oh.make_node("Mul", ["margin", "s"], ["radius"]),
+    ]
+    g = oh.make_graph(
+        nodes,
+        "g",
+        [oh.make_tensor_value_info("image", TP.FLOAT, [1, 3, 8, 8])],
+        [
+            oh.make_tensor_value_info("mask", TP.INT32, None),
+            oh.make_tensor_value_info("margin", TP.FLOAT, None),
+            oh.make_tensor_value_info("radius", TP.FLOAT, None),
+        ],
+        initializer=[
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([1]), "ax"),
+            numpy_helper.from_array(np.float32(0.9), "s"),
+        ],
+    )
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)])
+    with pytest.raises(AuditError, match="not the logits"):
+        audit_onnx(model)
+    rep = audit_onnx(model, strict=False)
+    assert rep.logits_tensor == "z" and rep.head_scale == pytest.approx(0.9)
+    assert any("radius head" in p for p in rep.problems)  # 0.9 > 1 / (sqrt(2) * 1.01)

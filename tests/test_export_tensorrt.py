@@ -1,0 +1,165 @@
+"""TensorRT: cache key, profiles and the error-bound arithmetic on CPU; engine build,
+caching and the fp16 error bound on a GPU (marked `gpu`, skipped without one)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+
+from export.tensorrt import (
+    ErrorBound,
+    Profile,
+    apply_error_bound,
+    engine_cache_key,
+    error_bound_from_outputs,
+    sha256_file,
+)
+
+PROFILE = Profile.for_sizes((64, 96), (128, 192), (16, 16), max_batch=2)
+BASE = ("ab" * 32, "NVIDIA H100 80GB HBM3", (9, 0), "10.3.0", PROFILE, "fp16")
+
+
+def test_cache_key_is_deterministic_and_sensitive():
+    key = engine_cache_key(*BASE)
+    assert key == engine_cache_key(*BASE) and len(key) == 64
+    assert key == engine_cache_key(BASE[0], BASE[1], "9.0", *BASE[3:])  # same capability
+    variants = [
+        ("cd" * 32, *BASE[1:]),
+        (BASE[0], "NVIDIA A100-SXM4-80GB", *BASE[2:]),
+        (*BASE[:2], (8, 0), *BASE[3:]),
+        (*BASE[:3], "10.4.0", *BASE[4:]),
+        (*BASE[:4], Profile.for_sizes((64, 96), (128, 256), (16, 16), max_batch=2), "fp16"),
+        (*BASE[:5], "fp32"),
+    ]
+    keys = {engine_cache_key(*v) for v in variants}
+    assert len(keys) == len(variants) and key not in keys
+    with pytest.raises(ValueError):
+        engine_cache_key(*BASE[:5], "int8")
+
+
+def test_profile_validation(tmp_path):
+    assert PROFILE.to_dict()["max"] == [2, 3, 128, 192]
+    with pytest.raises(ValueError):
+        Profile((1, 3, 64, 64), (1, 3, 32, 64), (1, 3, 128, 128))
+    with pytest.raises(ValueError):
+        Profile((1, 3, 64), (1, 3, 64, 64), (1, 3, 64, 64))
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"certseg")
+    assert sha256_file(f) == hashlib.sha256(b"certseg").hexdigest()
+
+
+def _outputs(rng, n=3, k=4, h=5, w=6, noise=0.0):
+    logits = rng.normal(size=(n, k, h, w)).astype(np.float32)
+    noisy = logits + rng.uniform(-noise, noise, size=logits.shape).astype(np.float32)
+
+    def head(z):
+        s = np.sort(z, axis=1)
+        return {"mask": z.argmax(1).astype(np.int32), "margin": s[:, -1] - s[:, -2], "logits": z}
+
+    return head(noisy), head(logits)
+
+
+def test_error_bound_arithmetic():
+    rng = np.random.default_rng(0)
+    trt, ref = _outputs(rng, noise=1e-3)
+    bound = error_bound_from_outputs([trt], [ref], safety=2.0, slack=1e-4, precision="fp16")
+    dm = float(np.max(np.abs(trt["margin"] - ref["margin"])))
+    dl = float(np.max(np.abs(trt["logits"] - ref["logits"])))
+    differ = trt["mask"] != ref["mask"]
+    flip = float(trt["margin"][differ].max()) if differ.any() else 0.0
+    assert bound.max_margin_diff == pytest.approx(dm)
+    assert bound.max_logit_diff == pytest.approx(dl)
+    assert bound.bound == pytest.approx(2.0 * max(dm, 2 * dl, flip) + 1e-4)
+    assert dm <= 2 * dl + 1e-7  # a margin moves by at most twice the largest logit change
+    assert bound.pixels == 90 and bound.images == 3
+
+    # Without logits: the margin differences and the flipped pixels.
+    no_logits = [{k: v for k, v in d.items() if k != "logits"} for d in (trt, ref)]
+    b2 = error_bound_from_outputs([no_logits[0]], [no_logits[1]], safety=3.0, slack=0.0)
+    assert b2.max_logit_diff is None
+    assert b2.bound == pytest.approx(3.0 * max(dm, flip))
+
+    # Identical outputs: only the slack remains.
+    assert error_bound_from_outputs([ref], [ref], slack=1e-5).bound == pytest.approx(1e-5)
+    with pytest.raises(ValueError):
+        error_bound_from_outputs([], [])
+    with pytest.raises(ValueError):
+        error_bound_from_outputs([ref], [ref], safety=0.5)
+
+
+def test_mask_flip_forces_the_bound_above_its_margin():
+    ref = {"mask": np.array([[[0, 1]]], np.int32), "margin": np.array([[[0.5, 0.2]]], np.float32)}
+    trt = {"mask": np.array([[[0, 0]]], np.int32), "margin": np.array([[[0.5, 0.21]]], np.float32)}
+    b = error_bound_from_outputs([trt], [ref], safety=1.0, slack=0.0)
+    assert b.mask_disagreements == 1 and b.bound == pytest.approx(0.21)
+    certified, _ = apply_error_bound(trt["margin"], b, 1.0)
+    assert certified[0, 0, 1] == 0  # the flipped pixel is not certified
+
+
+def test_apply_error_bound_and_json(tmp_path):
+    margin = np.array([0.0, 0.05, 0.1, 1.0, np.inf], np.float32)
+    certified, radius = apply_error_bound(margin, 0.1, 4.0)
+    np.testing.assert_allclose(certified, [0, 0, 0, 0.9, np.inf], atol=1e-7)
+    np.testing.assert_allclose(radius, certified / (math.sqrt(2) * 4.0))
+    assert certified.dtype == np.float32
+    with pytest.raises(ValueError):
+        apply_error_bound(margin, -1.0, 4.0)
+    with pytest.raises(ValueError):
+        apply_error_bound(margin, 0.1, 0.0)
+    rng = np.random.default_rng(1)
+    b = error_bound_from_outputs(*([x] for x in _outputs(rng, noise=1e-2)))
+    b.save(tmp_path / "e.json")
+    assert ErrorBound.load(tmp_path / "e.json") == b
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _gpu():
+    trt = pytest.importorskip("tensorrt")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return trt
+
+
+@pytest.mark.gpu
+def test_engine_build_cache_and_fp16_bound(tmp_path):
+    _gpu()
+    import onnxruntime as ort
+    import torch
+
+    from certseg.models import ModelCard, create_model, save_checkpoint
+    from export.onnx_export import export_onnx
+    from export.tensorrt import TrtRunner, build_engine, calibrate_error_bound
+
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes=4).eval()
+    card = ModelCard("t", "tiny", 4, list("abcd"), [(0, 0, 0)] * 4, pad_multiple=2)
+    save_checkpoint(tmp_path / "t.pt", model, card)
+    res = export_onnx(tmp_path / "t.pt", tmp_path / "out", with_logits=True)
+    cache = tmp_path / "cache"
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, 3, 64, 96), dtype=np.float32) for _ in range(4)]
+    sess = ort.InferenceSession(str(res.onnx_path), providers=["CPUExecutionProvider"])
+    for precision, tol in (("fp32", 1e-4), ("fp16", 5e-2)):
+        info = build_engine(res.onnx_path, precision, PROFILE, cache)
+        assert not info.cached and info.path.exists()
+        again = build_engine(res.onnx_path, precision, PROFILE, cache)
+        assert again.cached and again.key == info.key
+        x = np.ascontiguousarray(images[0][:, :, :61, :93])  # odd size inside the profile
+        out = TrtRunner(info.path)(x)
+        names = [o.name for o in sess.get_outputs()]
+        ref = dict(zip(names, sess.run(None, {"image": x}), strict=True))
+        assert out["mask"].shape == ref["mask"].shape == (1, 61, 93)
+        assert np.abs(out["margin"] - ref["margin"]).max() < tol
+        bound = calibrate_error_bound(info, res.onnx_path, images)
+        assert info.error_bound_path.exists() and bound.bound < 10 * tol
+        certified, _ = apply_error_bound(out["margin"], bound, res.lipschitz_audited)
+        same = out["mask"] == ref["mask"]
+        assert same.mean() > 0.99
+        assert np.all(certified[same] <= ref["margin"][same] + 1e-6)
+    assert any(p.name.startswith("timing-") for p in cache.iterdir())

@@ -1,0 +1,428 @@
+"""POST /v1/segment, /v1/models, errors, auth, metrics, batching, faults: against a
+real uvicorn server on 127.0.0.1 serving the tiny exported model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from server_support import (
+    ControlledEngine,
+    LiveServer,
+    assert_problem,
+    bomb_png,
+    encode,
+    ort_engine,
+    ort_session,
+    random_image,
+    tiny_model_dir,
+    to_input,
+)
+
+from certseg.certify import guaranteed_region, max_flips, worst_case_miou
+from certseg.certify import worst_case_pixel_accuracy as wc_acc
+from server import Settings, create_app
+
+MAX_BYTES = 512 * 1024
+MAX_PIXELS = 300 * 300
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    settings = Settings(
+        models=[str(model_dir)],
+        intra_op_threads=1,
+        max_body_bytes=MAX_BYTES,
+        max_pixels=MAX_PIXELS,
+        max_delay_ms=1,
+    )
+    srv = LiveServer(create_app(settings)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def session(model_dir):
+    return ort_session(model_dir)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.base, timeout=30) as c:
+        yield c
+
+
+def _radius(field: dict) -> np.ndarray:
+    assert field["dtype"] == "float16" and field["byte_order"] == "little"
+    raw = np.frombuffer(base64.b64decode(field["data"]), dtype="<f2")
+    return raw.reshape(field["shape"]).astype(np.float32)
+
+
+def _png(field: dict) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(field["data"]))) as img:
+        return np.asarray(img)
+
+
+# ------------------------------------------------------------------------------ answers
+
+
+@pytest.mark.parametrize(("h", "w"), [(32, 48), (37, 53)])
+def test_segment_matches_direct_onnxruntime(client, session, h, w):
+    """Mask equal pixel for pixel, radius equal up to fp16 rounding, certificate
+    figures equal to certseg.certify on the direct session's outputs."""
+    pixels = random_image(h, w, seed=h)
+    body = encode(pixels)
+    r = client.post("/v1/segment", content=body, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    ans = r.json()
+    mask, margin, radius, _ = session.run(None, {"image": to_input(body)})
+    assert (ans["width"], ans["height"]) == (w, h)
+    got_mask = _png(ans["mask"])
+    assert ans["mask"]["dtype"] == "uint8"
+    np.testing.assert_array_equal(got_mask, mask[0])
+    got_radius = _radius(ans["radius"])
+    assert got_radius.shape == (h, w)
+    np.testing.assert_array_equal(got_radius, radius[0].astype(np.float16).astype(np.float32))
+    eps = 0.05  # the card's default_eps
+    assert ans["eps"] == eps
+    assert ans["guaranteed_fraction"] == pytest.approx(
+        float(guaranteed_region(radius[0], eps).mean())
+    )
+    L = ans["lipschitz"]
+    assert ans["max_flips"] == int(max_flips(margin[0], eps, L))
+    assert ans["max_flips_fraction"] == pytest.approx(ans["max_flips"] / (h * w))
+    overlay = _png(ans["overlay"])
+    assert overlay.shape == (h, w, 3)
+    assert set(ans["timings_ms"]) == {"decode", "queue", "infer", "certify", "encode", "total"}
+    timing = r.headers["Server-Timing"]
+    for stage in ("decode", "queue", "infer", "certify", "encode", "total"):
+        assert f"{stage};dur=" in timing
+
+
+def test_l_is_the_audited_one(client, model_dir):
+    audit = json.loads((model_dir / "audit.json").read_text())
+    ans = client.post("/v1/segment", content=encode(random_image(32, 48))).json()
+    assert ans["lipschitz"] == pytest.approx(audit["lipschitz_audited"], rel=1e-9)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_jpeg_and_webp(client, session, fmt):
+    body = encode(random_image(40, 56, seed=3), fmt, quality=90)
+    r = client.post("/v1/segment?outputs=mask", content=body)
+    assert r.status_code == 200, r.text
+    mask = session.run(["mask"], {"image": to_input(body)})[0]
+    np.testing.assert_array_equal(_png(r.json()["mask"]), mask[0])
+    assert "radius" not in r.json() and "overlay" not in r.json()
+
+
+def test_eps_outputs_and_logits(client, session):
+    body = encode(random_image(32, 48, seed=5))
+    r = client.post("/v1/segment", params={"eps": 0.0, "outputs": "logits,radius"}, content=body)
+    ans = r.json()
+    assert r.status_code == 200 and ans["eps"] == 0.0
+    assert ans["guaranteed_fraction"] == 1.0 and ans["max_flips"] == 0
+    logits = session.run(["logits"], {"image": to_input(body)})[0]
+    got = np.frombuffer(base64.b64decode(ans["logits"]["data"]), "<f4").reshape(
+        ans["logits"]["shape"]
+    )
+    np.testing.assert_array_equal(got, logits[0])
+    assert "mask" not in ans
+
+
+def test_multipart_with_target_gives_worst_case_metrics(client, session):
+    pixels = random_image(32, 48, seed=7)
+    body = encode(pixels)
+    logits = session.run(["logits"], {"image": to_input(body)})[0][0]
+    target = np.argmax(logits, axis=0).astype(np.uint8)
+    target[:4] = (target[:4] + 1) % 4  # some wrong pixels
+    target[-2:] = 255  # ignored
+    files = {"image": ("x.png", body, "image/png"), "target": ("t.png", encode(target))}
+    r = client.post("/v1/segment", params={"eps": 0.02, "outputs": "mask"}, files=files)
+    assert r.status_code == 200, r.text
+    m = r.json()["metrics"]
+    L = r.json()["lipschitz"]
+    t = target.astype(np.int64)
+    assert m["worst_case_pixel_accuracy"] == pytest.approx(float(wc_acc(logits, t, 0.02, L)))
+    assert m["worst_case_miou"] == pytest.approx(float(worst_case_miou(logits, t, 0.02, L)))
+    assert m["clean_pixel_accuracy"] >= m["worst_case_pixel_accuracy"]
+    assert m["clean_miou"] >= m["worst_case_miou"]
+
+
+def test_multipart_image_only(client):
+    files = {"image": ("x.png", encode(random_image(32, 48)), "image/png")}
+    r = client.post("/v1/segment", files=files)
+    assert r.status_code == 200 and "metrics" not in r.json()
+
+
+def test_format_png_and_npz(client, session):
+    body = encode(random_image(33, 47, seed=9))
+    r = client.post("/v1/segment?format=png", content=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert "Server-Timing" in r.headers and "X-Certseg-Guaranteed-Fraction" in r.headers
+    with Image.open(io.BytesIO(r.content)) as img:
+        assert img.size == (47, 33) and img.mode == "RGB"
+    r = client.post("/v1/segment?format=npz&outputs=logits", content=body)
+    assert r.status_code == 200
+    arrays = np.load(io.BytesIO(r.content))
+    mask, _, radius, logits = session.run(None, {"image": to_input(body)})
+    np.testing.assert_array_equal(arrays["mask"], mask[0])
+    np.testing.assert_array_equal(arrays["radius"], radius[0])
+    np.testing.assert_array_equal(arrays["logits"], logits[0])
+    assert float(arrays["eps"]) == 0.05
+
+
+def test_request_id_echoed(client):
+    r = client.post(
+        "/v1/segment", content=encode(random_image(32, 48)), headers={"X-Request-ID": "abc-123"}
+    )
+    assert r.headers["X-Request-ID"] == "abc-123" and r.json()["request_id"] == "abc-123"
+    r = client.get("/v1/models")
+    assert len(r.headers["X-Request-ID"]) == 32
+
+
+def test_models(client, model_dir):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["default"] == "tiny"
+    (m,) = body["models"]
+    assert m["name"] == "tiny" and m["ready"] and m["status"] == "ready"
+    assert m["num_classes"] == 4 and m["classes"] == ["road", "car", "sky", "tree"]
+    assert m["has_logits"] and m["backend"] == "onnxruntime" and m["default_eps"] == 0.05
+
+
+def test_docs_metrics_health_and_index(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/segment", "/v1/models", "/v2/models/{model}/infer"} <= set(paths)
+    assert client.get("/healthz").json()["ready"] is True
+    assert "certseg" in client.get("/").text
+    client.post("/v1/segment", content=encode(random_image(32, 48)))
+    text = client.get("/metrics").text
+    for name in (
+        "certseg_requests_total",
+        "certseg_stage_latency_ms_bucket",
+        "certseg_batch_size_bucket",
+        "certseg_queue_depth",
+        "certseg_stream_dropped_frames_total",
+        "certseg_guaranteed_fraction_bucket",
+        "certseg_model_ready",
+    ):
+        assert name in text, name
+    assert 'route="/v1/segment"' in text and 'stage="infer"' in text
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "slug"),
+    [
+        (b"just some text", 415, "unsupported-media-type"),
+        (b"GIF89a" + b"\x00" * 64, 415, "unsupported-media-type"),
+        (b"", 415, "unsupported-media-type"),
+        (encode(random_image(32, 48))[:120], 422, "corrupt-image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 422, "corrupt-image"),
+        (b"\xff\xd8\xff" + b"\x13" * 100, 422, "corrupt-image"),
+        (bomb_png(50_000, 50_000), 413, "payload-too-large"),
+        (bomb_png(301, 300), 413, "payload-too-large"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * (MAX_BYTES + 1), 413, "payload-too-large"),
+    ],
+    ids=[
+        "text",
+        "gif",
+        "empty",
+        "truncated",
+        "garbled-png",
+        "garbled-jpeg",
+        "bomb",
+        "pixels",
+        "bytes",
+    ],
+)
+def test_bad_images(client, content, status, slug):
+    r = client.post("/v1/segment", content=content, headers={"Content-Type": "image/png"})
+    body = assert_problem(r, status)
+    assert body["type"].endswith(slug) and body["instance"] == "/v1/segment"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"eps": "nan"},
+        {"eps": "-0.1"},
+        {"eps": "inf"},
+        {"eps": "abc"},
+        {"outputs": "mask,bogus"},
+        {"format": "gif"},
+        {"blend": "2"},
+        {"overlay_style": "x"},
+    ],
+)
+def test_bad_options(client, params):
+    r = client.post("/v1/segment", params=params, content=encode(random_image(32, 48)))
+    assert_problem(r, 422)
+
+
+def test_unknown_model_and_route(client):
+    body = assert_problem(
+        client.post("/v1/segment?model=nope", content=encode(random_image(32, 48))), 404
+    )
+    assert "tiny" in body["detail"]
+    assert_problem(client.get("/v1/nothing"), 404)
+    assert_problem(client.get("/v1/segment"), 405)
+
+
+def test_bad_target(client):
+    img = encode(random_image(32, 48))
+    wrong_size = encode(np.zeros((10, 10), np.uint8))
+    r = client.post("/v1/segment", files={"image": ("a", img), "target": ("t", wrong_size)})
+    assert_problem(r, 422)
+    bad_labels = encode(np.full((32, 48), 9, np.uint8))
+    r = client.post("/v1/segment", files={"image": ("a", img), "target": ("t", bad_labels)})
+    assert_problem(r, 422)
+    r = client.post("/v1/segment", files={"other": ("a", img)})
+    assert_problem(r, 415)
+
+
+# ------------------------------------------------------------------------------ auth
+
+
+def test_api_key(model_dir):
+    settings = Settings(models=[str(model_dir)], intra_op_threads=1, api_key="s3cret")
+    srv = LiveServer(create_app(settings)).start()
+    try:
+        img = encode(random_image(32, 48))
+        with httpx.Client(base_url=srv.base) as c:
+            assert_problem(c.post("/v1/segment", content=img), 401)
+            r = c.post("/v1/segment", content=img, headers={"Authorization": "Bearer wrong"})
+            assert_problem(r, 401)
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+            r = c.post("/v1/segment", content=img, headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == 200
+            assert c.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+            assert c.get("/v2/models/tiny").status_code == 401
+            assert c.get("/v2/models/tiny").json() == {"error": "missing or wrong API key"}
+            for public in ("/healthz", "/v2/health/live", "/v2/health/ready", "/docs"):
+                assert c.get(public).status_code == 200, public
+    finally:
+        srv.stop()
+
+
+# ------------------------------------------------------------------------------ batching, faults
+
+
+@pytest.fixture(scope="module")
+def controlled(model_dir):
+    """A server whose engine is the test-only ControlledEngine around the real one."""
+    engine = ControlledEngine(ort_engine(model_dir))
+    settings = Settings(intra_op_threads=1, max_batch=4, max_delay_ms=20, max_queue=6)
+    srv = LiveServer(create_app(settings, engines=[engine])).start()
+    yield srv, engine
+    srv.stop()
+
+
+def test_dynamic_batching_groups_same_shapes(controlled, session):
+    """While the worker is busy with a 30x40 image, four 32x48 ones queue up; they
+    then share forward passes, and every answer still matches the direct session."""
+    srv, engine = controlled
+    imgs = [encode(random_image(32, 48, seed=i)) for i in range(4)]
+    odd = encode(random_image(30, 40, seed=9))
+
+    def post(body):
+        return httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
+
+    engine.delay_s = 0.4
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(post, odd)
+            time.sleep(0.15)
+            answers = [*pool.map(post, imgs), first.result()]
+    finally:
+        engine.delay_s = 0.0
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    sizes = [r.json()["batch_size"] for r in answers]
+    assert max(sizes[:4]) > 1, sizes  # the four 32x48 images shared forward passes
+    assert sizes[4] == 1  # the 30x40 one ran on its own
+    for body, r in zip([*imgs, odd], answers, strict=True):
+        mask = session.run(["mask"], {"image": to_input(body)})[0][0]
+        np.testing.assert_array_equal(_png(r.json()["mask"]), mask)
+    assert any(r.json()["timings_ms"]["queue"] > 50 for r in answers[:4])
+
+
+def test_backend_fault_gives_503_then_recovers(controlled):
+    srv, engine = controlled
+    img = encode(random_image(32, 48))
+    engine.fail = True
+    try:
+        r = httpx.post(srv.base + "/v1/segment", content=img, timeout=30)
+    finally:
+        engine.fail = False
+    body = assert_problem(r, 503)
+    assert "injected" not in body["detail"]  # internals stay in the log
+    r = httpx.post(srv.base + "/v1/segment", content=img, timeout=30)
+    assert r.status_code == 200
+    assert httpx.get(srv.base + "/v2/health/ready").status_code == 200
+
+
+def test_full_queue_gives_503_with_retry_after(controlled):
+    srv, engine = controlled
+    img = encode(random_image(32, 48))
+    engine.delay_s = 0.3
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: httpx.post(
+                        srv.base + "/v1/segment?outputs=mask", content=img, timeout=60
+                    ),
+                    range(16),
+                )
+            )
+    finally:
+        engine.delay_s = 0.0
+    codes = [r.status_code for r in answers]
+    assert 200 in codes and 503 in codes, codes
+    for r in answers:
+        if r.status_code == 503:
+            assert_problem(r, 503)
+            assert int(r.headers["Retry-After"]) >= 1
+    assert httpx.post(srv.base + "/v1/segment", content=img, timeout=30).status_code == 200
+
+
+def test_not_ready_until_warm(model_dir):
+    engine = ControlledEngine(ort_engine(model_dir))
+    engine.warm_gate = threading.Event()
+    srv = LiveServer(create_app(Settings(intra_op_threads=1), engines=[engine]))
+    srv.start(wait_ready=False)
+    try:
+        with httpx.Client(base_url=srv.base) as c:
+            assert c.get("/v2/health/live").status_code == 200
+            time.sleep(0.1)
+            r = c.get("/v2/health/ready")
+            assert r.status_code == 400 and r.json() == {"ready": False}
+            assert c.get("/v2/models/tiny/ready").status_code == 400
+            assert c.get("/healthz").json()["models"] == {"tiny": "loading"}
+            r = c.post("/v1/segment", content=encode(random_image(32, 48)))
+            assert_problem(r, 503)
+            assert r.headers["Retry-After"] == "1"
+            engine.warm_gate.set()
+            srv.wait_ready(30)
+            assert c.get("/v2/models/tiny/ready").status_code == 200
+            assert c.post("/v1/segment", content=encode(random_image(32, 48))).status_code == 200
+    finally:
+        engine.warm_gate.set()
+        srv.stop()

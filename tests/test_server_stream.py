@@ -1,0 +1,166 @@
+"""WS /v1/stream with a real `websockets` client against a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import numpy as np
+import pytest
+import websockets
+from PIL import Image
+from server_support import (
+    ControlledEngine,
+    LiveServer,
+    encode,
+    ort_engine,
+    ort_session,
+    random_image,
+    tiny_model_dir,
+    to_input,
+)
+
+from server import Settings, create_app
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ControlledEngine(ort_engine(tiny_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    settings = Settings(intra_op_threads=1, max_delay_ms=1, api_key="k3y")
+    srv = LiveServer(create_app(settings, engines=[engine])).start()
+    yield srv
+    srv.stop()
+
+
+def _url(server, query: str = "") -> str:
+    return f"{server.ws_base}/v1/stream?api_key=k3y{'&' + query if query else ''}"
+
+
+async def _recv_json(ws) -> dict:
+    msg = await asyncio.wait_for(ws.recv(), 30)
+    assert isinstance(msg, str), "expected a JSON text message"
+    return json.loads(msg)
+
+
+async def _stream(server, frames: list[bytes], query: str = "") -> tuple[list[dict], dict]:
+    """Send every frame at once, read until every frame is answered or dropped."""
+    async with websockets.connect(_url(server, query), max_size=2**24) as ws:
+        config = await _recv_json(ws)
+        for f in frames:
+            await ws.send(f)
+        answers: list[dict] = []
+        while True:
+            msg = await _recv_json(ws)
+            if msg["type"] in ("result", "error"):
+                answers.append(msg)
+                for _ in msg.get("binary", []):
+                    assert isinstance(await asyncio.wait_for(ws.recv(), 30), bytes)
+                if msg["frame"] == len(frames) - 1:
+                    break
+        await ws.close()
+        assert ws.close_code == 1000
+    return answers, config
+
+
+def test_100_frames_answered_or_dropped(server):
+    frames = [encode(random_image(24, 32, seed=i % 7), "JPEG", quality=85) for i in range(100)]
+    answers, config = asyncio.run(_stream(server, frames))
+    assert config["type"] == "config" and config["model"] == "tiny" and config["eps"] == 0.05
+    ids = [a["frame"] for a in answers]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)  # increasing
+    assert all(a["type"] == "result" for a in answers)
+    dropped = answers[-1]["dropped"]
+    assert dropped + len(answers) == 100
+    assert [a["dropped"] for a in answers] == sorted(a["dropped"] for a in answers)
+    a = answers[-1]
+    assert set(a["timings_ms"]) >= {"pending", "decode", "queue", "infer", "certify", "total"}
+    assert 0.0 <= a["guaranteed_fraction"] <= 1.0 and a["width"] == 32 and a["height"] == 24
+
+
+def test_latest_frame_wins_when_busy(server, engine):
+    """With a slow model, frames sent meanwhile are replaced by newer ones and counted."""
+    frames = [encode(random_image(24, 32, seed=i)) for i in range(30)]
+    engine.delay_s = 0.05
+    try:
+        answers, _ = asyncio.run(_stream(server, frames))
+    finally:
+        engine.delay_s = 0.0
+    dropped = answers[-1]["dropped"]
+    assert dropped > 0 and dropped + len(answers) == 30
+    assert answers[-1]["frame"] == 29  # the newest frame is never dropped
+
+
+def test_control_overlay_ping_and_errors(server):
+    session = ort_session(tiny_model_dir())
+    frame = encode(random_image(24, 32, seed=1))
+
+    async def run() -> None:
+        async with websockets.connect(_url(server, "eps=0.01")) as ws:
+            assert (await _recv_json(ws))["eps"] == 0.01
+            await ws.send(
+                json.dumps({"type": "config", "eps": 0.2, "outputs": ["overlay", "mask"]})
+            )
+            cfg = await _recv_json(ws)
+            assert cfg == {
+                "type": "config",
+                "model": "tiny",
+                "eps": 0.2,
+                "outputs": ["overlay", "mask"],
+                "overlay_style": "hatch",
+            }
+            await ws.send(frame)
+            res = await _recv_json(ws)
+            assert res["type"] == "result" and res["eps"] == 0.2 and res["frame"] == 0
+            assert res["binary"] == ["overlay", "mask"]
+            overlay = Image.open(io.BytesIO(await ws.recv()))
+            assert overlay.size == (32, 24) and overlay.mode == "RGB"
+            mask = np.asarray(Image.open(io.BytesIO(await ws.recv())))
+            expected = session.run(["mask"], {"image": to_input(frame)})[0][0]
+            np.testing.assert_array_equal(mask, expected)
+            # bad control messages are answered, the stream goes on
+            for bad in ({"eps": "nan"}, {"eps": -1}, {"outputs": ["radius"]}, {"type": "x"}):
+                await ws.send(json.dumps(bad))
+                err = await _recv_json(ws)
+                assert err["type"] == "error" and err["status"] == 422 and err["frame"] is None
+            await ws.send("not json")
+            assert (await _recv_json(ws))["status"] == 422
+            await ws.send(json.dumps({"type": "ping", "t": 7}))
+            assert await _recv_json(ws) == {"type": "pong", "t": 7}
+            await asyncio.wait_for(await ws.ping(), 10)  # protocol-level ping/pong
+            # a corrupt frame is answered with an error that names it
+            await ws.send(b"\x89PNG\r\n\x1a\n garbage")
+            err = await _recv_json(ws)
+            assert err == {**err, "type": "error", "frame": 1, "status": 422}
+            await ws.send(json.dumps({"outputs": []}))
+            await _recv_json(ws)
+            await ws.send(frame)
+            res = await _recv_json(ws)
+            assert res["frame"] == 2 and res["binary"] == [] and res["eps"] == 0.2
+            await ws.close()
+            assert ws.close_code == 1000
+
+    asyncio.run(run())
+
+
+def test_stream_auth_and_unknown_model(server):
+    async def run() -> None:
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(f"{server.ws_base}/v1/stream"):
+                pass
+        assert info.value.response.status_code == 401
+        headers = {"Authorization": "Bearer k3y"}
+        async with websockets.connect(
+            f"{server.ws_base}/v1/stream?model=nope", additional_headers=headers
+        ) as ws:
+            err = await _recv_json(ws)
+            assert err["type"] == "error" and err["status"] == 404
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
+
+    asyncio.run(run())

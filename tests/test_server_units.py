@@ -1,0 +1,372 @@
+"""Server parts on their own: decoding limits, overlay, batcher, errors table, settings,
+CLI, model resolution and the audit at load, the torch backend against ONNX Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image, ImageFile
+from server_support import (
+    bomb_png,
+    encode,
+    ort_engine,
+    random_image,
+    tiny_checkpoint,
+    tiny_model_dir,
+)
+
+from certseg.certify import worst_case_pixel_accuracy
+from server.backends import ModelSpec, create_engine, resolve_backend, resolve_model_specs
+from server.backends.base import apply_margin_error
+from server.batcher import Batcher
+from server.decode import Limits, decode_image, decode_target, sniff_format
+from server.engine import read_onnx_metadata
+from server.errors import (
+    PROBLEMS,
+    BackendError,
+    CertSegError,
+    CorruptImage,
+    InvalidParameter,
+    ModelError,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    problem_for,
+)
+from server.overlay import DIM, encode_mask_png, render_overlay
+from server.pipeline import certify, check_eps, parse_outputs
+from server.settings import Settings, default_model_path
+
+LIMITS = Limits(max_bytes=1 << 20, max_pixels=512 * 512)
+
+# ------------------------------------------------------------------------------ decode
+
+
+def test_sniff():
+    assert sniff_format(encode(random_image(4, 4))) == "png"
+    assert sniff_format(encode(random_image(4, 4), "JPEG")) == "jpeg"
+    assert sniff_format(encode(random_image(4, 4), "WEBP")) == "webp"
+    assert sniff_format(b"GIF89a") is None
+
+
+def test_bomb_refused_before_any_decode(monkeypatch):
+    def boom(self):
+        raise AssertionError("the pixel data must not be decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", boom)
+    with pytest.raises(PayloadTooLarge, match="pixels"):  # Pillow's own bomb guard
+        decode_image(bomb_png(50_000, 50_000), LIMITS)
+    with pytest.raises(PayloadTooLarge, match="1000x1000"):  # our limit, under Pillow's
+        decode_image(bomb_png(1000, 1000), LIMITS)
+    with pytest.raises(PayloadTooLarge):
+        decode_image(b"\x89PNG\r\n\x1a\n" + bytes(LIMITS.max_bytes), LIMITS)
+
+
+def test_decode_modes_match_certseg_loader():
+    from certseg.data import to_chw_float
+
+    rgba = np.dstack([random_image(6, 7), np.full((6, 7), 9, np.uint8)])
+    for pixels in (rgba, random_image(6, 7)[..., 0], random_image(6, 7)):
+        data = encode(pixels)
+        d = decode_image(data, LIMITS)
+        assert d.array.dtype == np.float32 and d.array.shape == (3, 6, 7)
+        with Image.open(io.BytesIO(data)) as img:
+            np.testing.assert_array_equal(d.array, to_chw_float(img))
+    grey16 = (np.arange(42, dtype=np.uint16).reshape(6, 7) * 1500).astype(np.uint16)
+    d = decode_image(encode(grey16), LIMITS)
+    np.testing.assert_allclose(d.array[0], grey16 / 65535.0, rtol=1e-6)
+    assert d.rgb8.shape == (6, 7, 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "exc"),
+    [
+        (b"", UnsupportedMediaType),
+        (b"BM" + bytes(60), UnsupportedMediaType),
+        (encode(random_image(8, 8))[:60], CorruptImage),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8 garbage", CorruptImage),
+    ],
+)
+def test_decode_errors(data, exc):
+    with pytest.raises(exc):
+        decode_image(data, LIMITS)
+
+
+def test_decode_target():
+    for mode_array in (
+        np.array([[0, 1], [3, 255]], np.uint8),
+        np.array([[0, 1], [3, 2]], np.uint16),
+    ):
+        t = decode_target(encode(mode_array), 2, 2, 4, 255, LIMITS)
+        np.testing.assert_array_equal(t, mode_array.astype(np.int64))
+    pal = Image.fromarray(np.array([[0, 2], [1, 1]], np.uint8)).convert("P")
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG")
+    assert decode_target(buf.getvalue(), 2, 2, 4, 255, LIMITS).max() == 2
+    with pytest.raises(InvalidParameter, match="2x2"):
+        decode_target(encode(np.zeros((3, 3), np.uint8)), 2, 2, 4, 255, LIMITS)
+    with pytest.raises(InvalidParameter, match="single-channel"):
+        decode_target(encode(random_image(2, 2)), 2, 2, 4, 255, LIMITS)
+    with pytest.raises(UnsupportedMediaType):
+        decode_target(encode(np.zeros((2, 2), np.uint8), "JPEG"), 2, 2, 4, 255, LIMITS)
+
+
+# ------------------------------------------------------------------------------ overlay
+
+
+def test_overlay_marks_uncertified_pixels():
+    mask = np.array([[0, 1, 2, 3]] * 6)
+    radius = np.array([[0.5, 0.01, 0.5, 0.01]] * 6, np.float32)
+    palette = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]
+    out = render_overlay(mask, radius, 0.1, palette, style="dim")
+    np.testing.assert_array_equal(out[0, 0], palette[0])
+    np.testing.assert_array_equal(out[0, 1], np.round(np.array(palette[1]) * DIM))
+    hatched = render_overlay(mask, radius, 0.1, palette, style="hatch")
+    assert (hatched[:, 1] == 0).all(axis=-1).any()  # dark lines on the uncertified column
+    assert not (hatched[:, 0] == 0).all(axis=-1).any()
+    clean = render_overlay(mask, radius, 0.0, palette)  # eps 0: everything certified
+    np.testing.assert_array_equal(clean[0], np.array(palette))
+    heat = render_overlay(mask, radius, 0.1, palette, style="heat")
+    assert heat.shape == (6, 4, 3) and heat[0, 0].sum() > heat[0, 1].sum()
+    photo = np.full((6, 4, 3), 100, np.uint8)
+    blended = render_overlay(mask, radius, 0.0, palette, image=photo, blend=0.5)
+    np.testing.assert_array_equal(blended[0, 0], [150, 50, 50])
+
+
+def test_mask_png_depth():
+    mask = np.array([[0, 300], [5, 7]])
+    png16, dtype = encode_mask_png(mask, 400)
+    assert dtype == "uint16"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png16))), mask)
+    png8, dtype = encode_mask_png(mask % 256, 19)
+    assert dtype == "uint8" and Image.open(io.BytesIO(png8)).mode == "L"
+
+
+# ------------------------------------------------------------------------------ batcher
+
+
+class FakeEngine:
+    """numpy stand-in: mask = channel 0 > 0.5; records every batch's shape."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.batches: list[tuple[int, ...]] = []
+        self.delay, self.fail = delay, fail
+
+    def infer(self, images, outputs):
+        self.batches.append(images.shape)
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("boom")
+        m = images[:, 0]
+        return {"mask": (m > 0.5).astype(np.int32), "margin": m, "radius": m / 2}
+
+
+def _run_batcher(engine, jobs, **kw):
+    async def main():
+        b = Batcher({"m": engine}, **kw)
+        b.start()
+        try:
+            return await asyncio.gather(
+                *(
+                    b.submit("m", np.full((3, h, w), i, np.float32))
+                    for i, (h, w) in enumerate(jobs)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            await b.stop()
+
+    return asyncio.run(main())
+
+
+def test_batcher_groups_by_shape_and_caps_batch():
+    engine = FakeEngine()
+    jobs = [(4, 4)] * 5 + [(4, 6)] * 2 + [(4, 4)]
+    results = _run_batcher(engine, jobs, max_batch=4, max_delay_ms=50)
+    # a full batch runs at once; then the oldest waiting image's shape goes first
+    assert engine.batches == [(4, 3, 4, 4), (2, 3, 4, 4), (2, 3, 4, 6)]
+    for i, r in enumerate(results):  # every image got its own slice back
+        assert float(r.outputs["margin"][0, 0]) == i
+        assert r.outputs["mask"].shape == jobs[i]
+
+
+def test_batcher_without_delay_runs_what_is_queued():
+    engine = FakeEngine(delay=0.02)
+    _run_batcher(engine, [(4, 4)] * 6, max_batch=8, max_delay_ms=0)
+    assert sum(b[0] for b in engine.batches) == 6 and engine.batches[0][0] >= 1
+
+
+def test_batcher_overload_and_faults():
+    results = _run_batcher(FakeEngine(delay=0.05), [(4, 4)] * 6, max_batch=1, max_queue=3)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert errors and all(isinstance(e, Overloaded) and e.retry_after >= 1 for e in errors)
+    results = _run_batcher(FakeEngine(fail=True), [(4, 4)] * 2, max_batch=2)
+    assert all(type(r) is BackendError for r in results)
+    # the worker survived: a later batcher run is unaffected by the earlier fault
+    assert not isinstance(_run_batcher(FakeEngine(), [(4, 4)])[0], Exception)
+
+
+def test_batcher_skips_images_of_clients_that_left():
+    async def main():
+        engine = FakeEngine(delay=0.05)
+        b = Batcher({"m": engine}, max_batch=1, max_delay_ms=0)
+        b.start()
+        first = asyncio.ensure_future(b.submit("m", np.zeros((3, 2, 2), np.float32)))
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(b.submit("m", np.zeros((3, 2, 2), np.float32)))
+        await asyncio.sleep(0.005)
+        gone.cancel()
+        await first
+        await asyncio.sleep(0.1)
+        await b.stop()
+        return engine.batches
+
+    assert len(asyncio.run(main())) == 1
+
+
+# ------------------------------------------------------------------------------ errors, options
+
+
+def test_problem_table_covers_the_tree():
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    for cls in [CertSegError, *subclasses(CertSegError)]:
+        assert cls in PROBLEMS, cls
+    assert problem_for(PayloadTooLarge("x")).status == 413
+    assert problem_for(UnsupportedMediaType("x")).status == 415
+    assert problem_for(ModelNotReady("x")).status == 503
+
+    class Custom(InvalidParameter):
+        pass
+
+    assert problem_for(Custom("x")).status == 422
+
+
+def test_check_eps_and_outputs():
+    assert check_eps(None, 0.3) == 0.3
+    assert check_eps("0.25", 0.3) == 0.25
+    for bad in (float("nan"), -1.0, float("inf"), "x", True, [1]):
+        with pytest.raises(InvalidParameter):
+            check_eps(bad, 0.1)
+    assert parse_outputs(None) == {"mask", "radius", "overlay"}
+    assert parse_outputs(" Mask ,logits") == {"mask", "logits"}
+    with pytest.raises(InvalidParameter):
+        parse_outputs("mask,foo")
+
+
+def test_settings_env_and_cli(monkeypatch):
+    from typer.testing import CliRunner
+
+    from server.cli import app, build_settings
+
+    monkeypatch.setenv("CERTSEG_MAX_BATCH", "3")
+    monkeypatch.setenv("CERTSEG_MODELS", "a=x.onnx,y")
+    monkeypatch.setenv("CERTSEG_API_KEY", "k")
+    s = Settings()
+    assert s.max_batch == 3 and s.models == ["a=x.onnx", "y"] and s.api_key_bytes() == b"k"
+    s = build_settings(max_batch=5, models=None, port=None)
+    assert s.max_batch == 5 and s.models == ["a=x.onnx", "y"] and s.port == 8000
+    help_text = CliRunner().invoke(app, ["serve", "--help"]).output
+    for flag in ("--host", "--port", "--backend", "--max-batch", "--max-delay-ms", "--api-key"):
+        assert flag in help_text
+
+
+def test_margin_error_shrinks_radius():
+    out = {"mask": np.zeros(3, np.int32), "margin": np.array([0.1, 1.0, 3.0], np.float32)}
+    out["radius"] = out["margin"] / np.float32(2**0.5 * 2)
+    fixed = apply_margin_error(out, 0.5, 2.0)
+    np.testing.assert_allclose(fixed["margin"], [0.0, 0.5, 2.5])
+    assert (fixed["radius"] <= np.array([0.0, 0.5, 2.5]) / (2**0.5 * 2)).all()
+    assert apply_margin_error(out, 0.0, 2.0) is out
+
+
+def test_pixel_accuracy_from_margins_equals_from_logits():
+    """A model exported without logits still gets the worst-case accuracy (from margins)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 16, 20)).astype(np.float32)
+    target = rng.integers(0, 4, size=(16, 20))
+    target[0] = 255
+    top2 = np.sort(logits, axis=0)[-2:]
+    outputs = {
+        "mask": logits.argmax(0).astype(np.int32),
+        "margin": (top2[1] - top2[0]).astype(np.float32),
+        "radius": ((top2[1] - top2[0]) / (2**0.5 * 1.5)).astype(np.float32),
+    }
+    info = ort_engine(tiny_model_dir()).metadata()
+    info.lipschitz = 1.5
+    cert = certify(info, outputs, 0.3, target, 1)
+    want = float(worst_case_pixel_accuracy(logits, target, 0.3, 1.5))
+    assert cert.metrics["worst_case_pixel_accuracy"] == pytest.approx(want)
+    assert cert.metrics["worst_case_miou"] is None
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def test_resolve_models(tmp_path):
+    d = tiny_model_dir()
+    specs = resolve_model_specs(Settings(models=[str(d), f"other={d / 'model.onnx'}"]))
+    assert specs == [ModelSpec(None, d / "model.onnx"), ModelSpec("other", d / "model.onnx")]
+    with pytest.raises(ModelError, match="no such"):
+        resolve_model_specs(Settings(models=[str(tmp_path / "missing.onnx")]))
+    with pytest.raises(ModelError, match=r"no model\.onnx"):
+        resolve_model_specs(Settings(models=[str(tmp_path)]))
+    assert resolve_model_specs(Settings(default_model=d)) == [ModelSpec(None, d / "model.onnx")]
+    weights = tmp_path / "weights"
+    (weights / "b").mkdir(parents=True)
+    (weights / "b" / "model.onnx").write_bytes(b"")
+    assert default_model_path(weights) == weights / "b" / "model.onnx"
+    assert resolve_backend("auto", Path("m.pt")) == "torch"
+    assert resolve_backend("auto", Path("m.plan")) == "tensorrt"
+    assert resolve_backend("auto", Path("m.onnx")) == "onnxruntime"
+
+
+def test_load_refuses_bad_artifacts(tmp_path):
+    path = tiny_model_dir() / "model.onnx"
+    card, L, outputs = read_onnx_metadata(path)
+    assert card.name == "tiny" and L > 0 and outputs == ["mask", "margin", "radius", "logits"]
+    proto = onnx.load(str(path))
+    for p in proto.metadata_props:
+        if p.key == "certseg.lipschitz_audited":
+            p.value = repr(L / 2)  # claims a smaller L than the weights give
+    onnx.save(proto, tmp_path / "lying.onnx")
+    with pytest.raises(ModelError, match="audit"):
+        read_onnx_metadata(tmp_path / "lying.onnx")
+    del proto.metadata_props[:]
+    onnx.save(proto, tmp_path / "bare.onnx")
+    with pytest.raises(ModelError, match=r"certseg\.card"):
+        read_onnx_metadata(tmp_path / "bare.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ModelError):
+        read_onnx_metadata(tmp_path / "junk.onnx")
+
+
+def test_torch_backend_matches_onnxruntime():
+    settings = Settings(intra_op_threads=1)
+    torch_engine = create_engine(ModelSpec(None, tiny_checkpoint()), settings)
+    onnx_engine = ort_engine(tiny_model_dir())
+    onnx_engine.load()
+    torch_engine.load()
+    x = np.stack(
+        [random_image(21, 30, seed=s).transpose(2, 0, 1) / np.float32(255) for s in (1, 2)]
+    )
+    x = x.astype(np.float32)
+    a = torch_engine.infer(x, ["mask", "logits"])
+    b = onnx_engine.infer(x, ["mask", "logits"])
+    assert torch_engine.metadata().backend == "torch"
+    assert torch_engine.metadata().lipschitz == pytest.approx(onnx_engine.metadata().lipschitz)
+    np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-4)
+    assert (a["mask"] == b["mask"]).mean() > 0.99
+    np.testing.assert_allclose(a["radius"], b["radius"], atol=1e-4)
+    json.dumps(torch_engine.metadata().card.model_dump())

@@ -1,0 +1,209 @@
+"""Open Inference Protocol (KServe V2) with the real `tritonclient.http` client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from server_support import LiveServer, encode, ort_session, random_image, tiny_model_dir, to_input
+
+from server import Settings, create_app
+
+
+@pytest.fixture(scope="module")
+def server():
+    d = tiny_model_dir()
+    models = [f"tiny={d}", f"second={d / 'model.onnx'}"]  # two names, one device
+    settings = Settings(models=models, intra_op_threads=1, max_delay_ms=1)
+    srv = LiveServer(create_app(settings)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tc():
+    """tritonclient.http, the real external client (dev extra: tritonclient[http])."""
+    return pytest.importorskip("tritonclient.http")
+
+
+@pytest.fixture(scope="module")
+def triton(server, tc):
+    client = tc.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def session():
+    return ort_session(tiny_model_dir())
+
+
+def test_health_and_metadata(triton):
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready("tiny") and not triton.is_model_ready("nope")
+    meta = triton.get_server_metadata()
+    assert meta["name"] == "certseg" and "binary_tensor_data" in meta["extensions"]
+    m = triton.get_model_metadata("tiny")
+    assert m["name"] == "tiny" and m["versions"] == ["1"]
+    assert m["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, -1, -1]}]
+    outs = {o["name"]: (o["datatype"], o["shape"]) for o in m["outputs"]}
+    assert outs["mask"] == ("INT32", [-1, -1, -1])
+    assert outs["margin"] == ("FP32", [-1, -1, -1])
+    assert outs["radius"] == ("FP32", [-1, -1, -1])
+    assert outs["logits"] == ("FP32", [-1, 4, -1, -1])
+    assert triton.get_model_metadata("tiny", model_version="1")["name"] == "tiny"
+    assert triton.get_model_metadata("second")["name"] == "second"
+    cfg = triton.get_model_config("tiny")
+    assert cfg["name"] == "tiny" and cfg["input"][0]["name"] == "image"
+
+
+def _infer(tc, triton, x: np.ndarray, binary: bool, names=("mask", "margin", "radius")):
+    inp = tc.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    outs = [tc.InferRequestedOutput(n, binary_data=binary) for n in names]
+    return triton.infer("tiny", [inp], outputs=outs, request_id="r1")
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_infer_matches_onnxruntime_and_rest(server, tc, triton, session, binary):
+    pixels = [random_image(29, 43, seed=s) for s in (1, 2)]
+    x = np.concatenate([to_input(p) for p in pixels])
+    res = _infer(tc, triton, x, binary)
+    assert res.get_response()["id"] == "r1"
+    mask, margin, radius = (res.as_numpy(n) for n in ("mask", "margin", "radius"))
+    assert mask.dtype == np.int32 and mask.shape == (2, 29, 43)
+    want = session.run(["mask", "margin", "radius"], {"image": x})
+    np.testing.assert_array_equal(mask, want[0])
+    np.testing.assert_array_equal(margin, want[1])
+    np.testing.assert_array_equal(radius, want[2])
+    # the same image through REST gives the same mask and radius (fp16 there)
+    rest = httpx.post(server.base + "/v1/segment", content=encode(pixels[0])).json()
+    with Image.open(io.BytesIO(base64.b64decode(rest["mask"]["data"]))) as img:
+        np.testing.assert_array_equal(np.asarray(img), mask[0])
+    r16 = np.frombuffer(base64.b64decode(rest["radius"]["data"]), "<f2").reshape(29, 43)
+    np.testing.assert_array_equal(r16, radius[0].astype(np.float16))
+
+
+def test_infer_all_outputs_binary_by_default(tc, triton, session):
+    x = to_input(random_image(16, 24, seed=4))
+    inp = tc.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    res = triton.infer("tiny", [inp])  # no outputs named: all, binary
+    logits = res.as_numpy("logits")
+    np.testing.assert_array_equal(logits, session.run(["logits"], {"image": x})[0])
+
+
+def test_bytes_input_of_encoded_images(tc, triton, session):
+    pngs = [encode(random_image(20, 30, seed=s)) for s in (5, 6)]
+    inp = tc.InferInput("image", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
+    res = triton.infer("tiny", [inp], outputs=[tc.InferRequestedOutput("mask")])
+    want = session.run(["mask"], {"image": np.concatenate([to_input(p) for p in pngs])})[0]
+    np.testing.assert_array_equal(res.as_numpy("mask"), want)
+
+
+def test_models_by_name(server):
+    listing = httpx.get(server.base + "/v1/models").json()
+    assert listing["default"] == "tiny"
+    assert [m["name"] for m in listing["models"]] == ["tiny", "second"]
+    body = encode(random_image(16, 24, seed=2))
+    a = httpx.post(server.base + "/v1/segment?model=second&outputs=mask", content=body).json()
+    b = httpx.post(server.base + "/v1/segment?outputs=mask", content=body).json()
+    assert a["model"] == "second" and b["model"] == "tiny" and a["mask"] == b["mask"]
+
+
+def test_raw_json_infer_and_bytes_base64(server, session):
+    x = to_input(random_image(8, 12, seed=8))
+    body = {
+        "inputs": [
+            {"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.tolist()}
+        ],
+        "outputs": [{"name": "mask"}],
+    }
+    r = httpx.post(server.base + "/v2/models/tiny/infer", json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    out = r.json()["outputs"][0]
+    assert out["name"] == "mask" and out["datatype"] == "INT32" and out["shape"] == [1, 8, 12]
+    want = session.run(["mask"], {"image": x})[0]
+    np.testing.assert_array_equal(np.array(out["data"]).reshape(1, 8, 12), want)
+    png = base64.b64encode(encode(random_image(8, 12, seed=8))).decode()
+    body["inputs"] = [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [png]}]
+    r = httpx.post(server.base + "/v2/models/tiny/versions/1/infer", json=body)
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"]).reshape(1, 8, 12), want)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v2/models/nope/infer", {"inputs": []}, 404),
+        ("/v2/models/tiny/versions/7/infer", {"inputs": []}, 404),
+        ("/v2/models/tiny/infer", {"inputs": []}, 422),
+        (
+            "/v2/models/tiny/infer",
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [0]}]},
+            422,
+        ),
+        (
+            "/v2/models/tiny/infer",
+            {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 2, 2], "data": [0]}]},
+            422,
+        ),
+        (
+            "/v2/models/tiny/infer",
+            {
+                "inputs": [
+                    {"name": "image", "datatype": "FP32", "shape": [1, 1, 2, 2], "data": [0] * 4}
+                ]
+            },
+            422,
+        ),
+        (
+            "/v2/models/tiny/infer",
+            {
+                "inputs": [
+                    {"name": "image", "datatype": "FP32", "shape": [1, 3, 1, 1], "data": [0, 0, 0]}
+                ],
+                "outputs": [{"name": "nope"}],
+            },
+            422,
+        ),
+        (
+            "/v2/models/tiny/infer",
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["eA=="]}]},
+            415,
+        ),
+    ],
+)
+def test_errors_are_protocol_json(server, path, body, status):
+    r = httpx.post(server.base + path, content=json.dumps(body))
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error"} and r.json()["error"]
+    assert "Traceback" not in r.text
+
+
+def test_bad_binary_header(server):
+    r = httpx.post(
+        server.base + "/v2/models/tiny/infer",
+        content=b'{"inputs": []}xxxx',
+        headers={"Inference-Header-Content-Length": "999"},
+    )
+    assert r.status_code == 422 and "error" in r.json()
+    assert httpx.get(server.base + "/v2/models/nope").json() == {
+        "error": "no model named 'nope' (served: second, tiny)"
+    }
+
+
+def test_tritonclient_raises_on_error(tc, triton):
+    from tritonclient.utils import InferenceServerException
+
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    inp = tc.InferInput("image", [1, 1, 4, 4], "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    with pytest.raises(InferenceServerException, match="shape"):
+        triton.infer("tiny", [inp])
