@@ -673,9 +673,8 @@ def _draw_car(rng, img, lab, view: _View, x: float, z: float, facing_us: bool) -
 def _draw_person(rng, img, lab, view: _View, x: float, z: float) -> None:
     """Legs (walking stance), torso, arms, head with hair; all labelled person."""
     hgt = rng.uniform(1.55, 1.95) if rng.random() < 0.9 else rng.uniform(1.0, 1.4)
-    bw = hgt * rng.uniform(
-        0.26, 0.32
-    )  # shoulder width (a little broad: thin shapes vanish at stride 2)
+    # shoulder width, a little broad: thin shapes vanish in stride-2 nets
+    bw = hgt * rng.uniform(0.26, 0.32)
     win = _window(view, x, z, bw, hgt + 0.05)
     if win is None:
         return
