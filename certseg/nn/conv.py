@@ -46,59 +46,52 @@ def _weight_fp64(module: nn.Module) -> Tensor:
     return param(raw.double()).float()
 
 
-def _copy_bias(src: nn.Module, dst: nn.Module) -> None:
+def weight_bound(module: nn.Module) -> float:
+    """Guaranteed fp64 operator-norm bound of a conv / transposed conv / linear weight."""
+    w = module.weight.detach().cpu().double().numpy()
+    if isinstance(module, nn.ConvTranspose2d):
+        return conv_transpose_norm_bound(w, module.stride[0]).upper
+    if isinstance(module, nn.Conv2d):
+        return conv_norm_bound(w, module.stride[0], module.dilation[0]).upper
+    return matrix_norm_bound(w).upper
+
+
+class _Audited(LipschitzModule):
+    """Nominal constant `scale`; guaranteed bound from the weight actually held."""
+
+    scale: float = 1.0
+
+    def lipschitz(self) -> float:
+        return self.scale
+
+    def lipschitz_bound(self) -> float:
+        return weight_bound(self)
+
+
+def _fuse(src: nn.Module, plain_cls: type, **geometry) -> nn.Module:
+    """A plain, frozen layer holding `src`'s parametrized weight (computed in fp64)."""
+    plain = plain_cls(**geometry, bias=src.bias is not None)
+    plain.scale = src.scale
+    plain.weight.data.copy_(_weight_fp64(src))
     if src.bias is not None:
-        dst.bias.data.copy_(src.bias.detach())
+        plain.bias.data.copy_(src.bias.detach())
+    plain.requires_grad_(False)
+    return plain
 
 
-class FusedConv2d(nn.Conv2d, LipschitzModule):
+class FusedConv2d(nn.Conv2d, _Audited):
     """A plain Conv2d that remembers its nominal constant and audits its weight."""
 
-    def __init__(self, *args, nominal: float = 1.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.nominal = nominal
-        self.requires_grad_(False)
 
-    def lipschitz(self) -> float:
-        return self.nominal
-
-    def lipschitz_bound(self) -> float:
-        return conv_norm_bound(
-            self.weight.detach().cpu().numpy(), stride=self.stride[0], dilation=self.dilation[0]
-        ).upper
-
-
-class FusedConvTranspose2d(nn.ConvTranspose2d, LipschitzModule):
+class FusedConvTranspose2d(nn.ConvTranspose2d, _Audited):
     """A plain ConvTranspose2d that remembers its nominal constant and audits its weight."""
 
-    def __init__(self, *args, nominal: float = 1.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.nominal = nominal
-        self.requires_grad_(False)
 
-    def lipschitz(self) -> float:
-        return self.nominal
-
-    def lipschitz_bound(self) -> float:
-        return conv_transpose_norm_bound(self.weight.detach().cpu().numpy(), self.stride[0]).upper
-
-
-class FusedLinear(nn.Linear, LipschitzModule):
+class FusedLinear(nn.Linear, _Audited):
     """A plain Linear that remembers its nominal constant and audits its weight."""
 
-    def __init__(self, *args, nominal: float = 1.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.nominal = nominal
-        self.requires_grad_(False)
 
-    def lipschitz(self) -> float:
-        return self.nominal
-
-    def lipschitz_bound(self) -> float:
-        return matrix_norm_bound(self.weight.detach().cpu().numpy()).upper
-
-
-class OrthoConv2d(nn.Conv2d, LipschitzModule):
+class OrthoConv2d(nn.Conv2d, _Audited):
     """Orthogonal convolution with 'same'-style zero padding.
 
     stride 1: BCOP kernel of odd size k, padding dilation*(k-1)/2.
@@ -142,31 +135,20 @@ class OrthoConv2d(nn.Conv2d, LipschitzModule):
         self.scale = scale
         _install(self, BCOPKernel(out_channels, in_channels, kp, stride, scale))
 
-    def lipschitz(self) -> float:
-        return self.scale
-
-    def lipschitz_bound(self) -> float:
-        return conv_norm_bound(
-            self.weight.detach().cpu().double().numpy(), self.stride[0], self.dilation[0]
-        ).upper
-
     def fused(self) -> FusedConv2d:
-        plain = FusedConv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
+        return _fuse(
+            self,
+            FusedConv2d,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            kernel_size=self.kernel_size,
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,
-            bias=self.bias is not None,
-            nominal=self.scale,
         )
-        plain.weight.data.copy_(_weight_fp64(self))
-        _copy_bias(self, plain)
-        return plain
 
 
-class OrthoConvTranspose2d(nn.ConvTranspose2d, LipschitzModule):
+class OrthoConvTranspose2d(nn.ConvTranspose2d, _Audited):
     """Orthogonal transposed convolution (upsampling by `stride`): the adjoint of an
     OrthoConv2d-style strided kernel. kernel_size == stride (default 2, 2) makes each
     input pixel write an orthonormal s x s patch; larger kernels use BCOP polyphase."""
@@ -197,30 +179,19 @@ class OrthoConvTranspose2d(nn.ConvTranspose2d, LipschitzModule):
         # Weight (cin, cout, k, k) is a strided Conv2d kernel from cout to cin channels.
         _install(self, BCOPKernel(in_channels, out_channels, kp, stride, scale))
 
-    def lipschitz(self) -> float:
-        return self.scale
-
-    def lipschitz_bound(self) -> float:
-        return conv_transpose_norm_bound(
-            self.weight.detach().cpu().double().numpy(), self.stride[0]
-        ).upper
-
     def fused(self) -> FusedConvTranspose2d:
-        plain = FusedConvTranspose2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
+        return _fuse(
+            self,
+            FusedConvTranspose2d,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            kernel_size=self.kernel_size,
             stride=self.stride,
             padding=self.padding,
-            bias=self.bias is not None,
-            nominal=self.scale,
         )
-        plain.weight.data.copy_(_weight_fp64(self))
-        _copy_bias(self, plain)
-        return plain
 
 
-class OrthoLinear(nn.Linear, LipschitzModule):
+class OrthoLinear(nn.Linear, _Audited):
     """Linear layer with orthonormal rows or columns (times `scale`)."""
 
     def __init__(
@@ -232,16 +203,7 @@ class OrthoLinear(nn.Linear, LipschitzModule):
         self.scale = scale
         _install(self, OrthogonalMatrix(out_features, in_features, scale))
 
-    def lipschitz(self) -> float:
-        return self.scale
-
-    def lipschitz_bound(self) -> float:
-        return matrix_norm_bound(self.weight.detach().cpu().double().numpy()).upper
-
     def fused(self) -> FusedLinear:
-        plain = FusedLinear(
-            self.in_features, self.out_features, bias=self.bias is not None, nominal=self.scale
+        return _fuse(
+            self, FusedLinear, in_features=self.in_features, out_features=self.out_features
         )
-        plain.weight.data.copy_(_weight_fp64(self))
-        _copy_bias(self, plain)
-        return plain
