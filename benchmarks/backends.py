@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backends", default=",".join(ALL))
     ap.add_argument("--out", type=Path, default=RESULTS / "backends.json")
     args = ap.parse_args(argv)
-    console = Console()
+    console = Console(width=max(120, Console().width))
     tmp = tempfile.TemporaryDirectory()
     folder = Path(tmp.name)
 

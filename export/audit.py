@@ -194,20 +194,61 @@ def _fmt_shape(shape: tuple | None) -> str:
     return "x".join(str(d) if isinstance(d, int) else (d if len(d) <= 8 else "?") for d in shape)
 
 
+def _dims(vis: Iterable[onnx.ValueInfoProto]) -> dict[str, tuple]:
+    out = {}
+    for vi in vis:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in t.shape.dim
+            )
+    return out
+
+
+def _checked_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Tensor shapes for the broadcast checks: the file's declared shapes, checked
+    against ONNX shape inference run from the graph alone (declarations removed).
+    A declared size that contradicts an inferred one is refused; where inference
+    knows a size and the file does not, inference wins; sizes inference cannot
+    derive (e.g. channels after a Pad with computed pads) are taken from the file."""
+    g = model.graph
+    declared = _dims([*g.input, *g.value_info, *g.output])
+    inferred: dict[str, tuple] = {}
+    clean = onnx.ModelProto()
+    clean.CopyFrom(model)
+    del clean.graph.value_info[:]
+    for out in clean.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    with contextlib.suppress(Exception):  # unknown ops: keep what the file declares
+        done = onnx.shape_inference.infer_shapes(clean)
+        inferred = _dims([*done.graph.value_info, *done.graph.output])
+    shapes = dict(declared)
+    for name, inf in inferred.items():
+        dec = declared.get(name)
+        if dec is None:
+            shapes[name] = inf
+            continue
+        if len(dec) != len(inf):
+            raise AuditError(
+                f"declared shape of {name!r} has rank {len(dec)}, graph gives {len(inf)}"
+            )
+        merged = []
+        for a, b in zip(dec, inf, strict=True):
+            if isinstance(a, int) and isinstance(b, int) and a != b:
+                raise AuditError(
+                    f"declared shape of {name!r} {_fmt_shape(dec)} contradicts the graph's "
+                    f"{_fmt_shape(inf)}"
+                )
+            merged.append(b if isinstance(b, int) else a)
+        shapes[name] = tuple(merged)
+    return shapes
+
+
 class _Walker:
     def __init__(self, model: onnx.ModelProto, input_name: str) -> None:
-        with contextlib.suppress(Exception):  # else keep the shapes the exporter wrote
-            model = onnx.shape_inference.infer_shapes(model)
         self.graph = model.graph
-        self.shapes: dict[str, tuple | None] = {}
-        for vi in [*self.graph.input, *self.graph.value_info, *self.graph.output]:
-            t = vi.type.tensor_type
-            if t.HasField("shape"):
-                dims = [
-                    d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                    for d in t.shape.dim
-                ]
-                self.shapes[vi.name] = tuple(dims)
+        self.shapes: dict[str, tuple | None] = _checked_shapes(model)
         self.values: dict[str, _Value] = {"": _Static()}
         for init in self.graph.initializer:
             arr = numpy_helper.to_array(init)

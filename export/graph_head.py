@@ -1,22 +1,30 @@
-"""The exported network: pad -> fused net -> crop -> certificate head (torch, export only).
+"""The exported network: pad -> fused net -> certificate head -> crop (torch).
 
-What goes into model.onnx is `CertifiedSegmenter`: it takes an image (N, 3, H, W) in
-[0, 1] of any H, W, pads it with zeros at the bottom/right to the model's stride
-multiple, runs the fused 1-Lipschitz net, crops the logits back to H x W and turns
-them into the certificate: mask (int32), margin = top1 - top2 (float32) and radius
-= margin / (sqrt(2) L) with L the audited constant.
+What goes into model.onnx (and what the server's eager backend runs) is
+`CertifiedSegmenter`: it takes an image (N, 3, H, W) in [0, 1] of any H, W, pads it
+with zeros at the bottom/right to the model's stride multiple, runs the fused
+1-Lipschitz net, turns the logits into the certificate: mask (int32), margin =
+top1 - top2 (float32) and radius = margin / (sqrt(2) L) with L the audited
+constant, and crops those planes back to H x W. (The head is per pixel, so cropping
+its three output planes instead of the K logit planes gives the same result for
+less memory traffic.)
 
 Why padding and cropping keep the certificate: zero padding is an isometric
 embedding (||pad(x) - pad(y)|| = ||x - y||) and cropping is a coordinate
 projection (norm 1), so pad -> f -> crop is L-Lipschitz whenever f is, and the
 radius speaks of the image the user sent, at its own resolution.
 
-The head is the per-pixel work added to every call, so it must be cheap. The
-formulations below are all exact (a tie for first place gives margin 0, and the
-mask is the first maximal class, as argmax is everywhere else in certseg);
-`benchmarks/export_parity.py --heads` measures them. "argmax_where" is the
-default: measured at 512x1024 on ONNX Runtime CPU it costs a fraction of
-TopK(k=2), whose kernel on a non-last axis is slow.
+The head runs on every pixel of every call, so it must be cheap. All formulations
+here are exact: a tie for first place gives margin 0, and the mask is the first
+maximal class, as argmax is everywhere else in certseg. `chain` (the default) sweeps
+the K class planes once keeping the running pair (top1, top2) with three plane-sized
+Max/Min per class (ONNX Runtime turns the per-class slices into one Split), plus
+ArgMax for the mask. `argmax_where` (ArgMax + ReduceMax + a K-plane Equal/Where +
+ReduceMax) pays for ONNX Runtime's slow Where; `topk` (TopK k=2 on the class axis)
+for its slow non-last-axis kernel. benchmarks/export_parity.py measures them; on
+lipdeeplab_xs (7 classes) at 512x1024, ORT CPU, one thread, over the logits-only
+graph: chain +4..+10%, argmax_where +12..+23%, topk +9..+20% (shared 2-core machine;
+figures in benchmarks/results/export_parity.json).
 """
 
 from __future__ import annotations

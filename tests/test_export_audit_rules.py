@@ -247,3 +247,22 @@ def test_declared_bound_check_and_head_checks():
     rep = audit_onnx(model, strict=False)
     assert rep.logits_tensor == "z" and rep.head_scale == pytest.approx(0.9)
     assert any("radius head" in p for p in rep.problems)  # 0.9 > 1 / (sqrt(2) * 1.01)
+
+
+def test_declared_shapes_must_agree_with_the_graph():
+    """A file cannot hide a broadcast by declaring a tensor bigger than it is."""
+    nodes = [
+        oh.make_node("Slice", ["image", "s0", "s1", "ax"], ["one"]),
+        oh.make_node("Add", ["one", "c"], ["logits"]),
+    ]
+    inits = {
+        "s0": np.array([0]),
+        "s1": np.array([1]),
+        "ax": np.array([1]),
+        "c": np.zeros((1, 4, 1, 1), np.float32),
+    }
+    model = _graph(nodes, inits)
+    del model.graph.value_info[:]
+    model.graph.value_info.append(oh.make_tensor_value_info("one", TP.FLOAT, [1, 4, 8, 8]))
+    with pytest.raises(AuditError, match="contradicts"):
+        audit_onnx(model)

@@ -1,0 +1,300 @@
+"""`certseg client ...`: the SDK from the command line (a typer sub-app).
+
+    certseg client segment street.png --eps 0.1 --out results/
+    certseg client stream clip.mp4 --out annotated.mp4
+    certseg client stream --camera 0 --out live.mp4
+
+Needs only the SDK's dependencies, plus PyAV (`av`) for `stream`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from clients.models import CertSegClientError, SegmentResult, StreamResult, StreamSummary
+from clients.sdk import CertSegClient
+
+__all__ = ["app", "radius_heatmap"]
+
+app = typer.Typer(
+    name="client",
+    help="Talk to a running certseg server (REST and WebSocket).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="CERTSEG_URL", help="Server base URL.")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="CERTSEG_API_KEY", help="Bearer API key.", show_default=False),
+]
+EpsOpt = Annotated[
+    float | None,
+    typer.Option(help="l2 budget on [0,1] pixels (default: the model's).", show_default=False),
+]
+ModelOpt = Annotated[str | None, typer.Option(help="Model name (default: the server's first).")]
+
+# Viridis, 9 stops: the radius heat map's colours (dark = fragile, yellow = robust).
+_VIRIDIS = np.array(
+    [
+        (68, 1, 84),
+        (71, 44, 122),
+        (59, 81, 139),
+        (44, 113, 142),
+        (33, 144, 141),
+        (39, 173, 129),
+        (92, 200, 99),
+        (170, 220, 50),
+        (253, 231, 37),
+    ],
+    dtype=np.float32,
+)
+
+
+def radius_heatmap(radius: np.ndarray, eps: float, vmax: float | None = None) -> Image.Image:
+    """Radius map as an RGB heat map on [0, vmax] (default 2 * eps: eps sits mid-scale);
+    pixels not guaranteed at eps (radius <= eps) are drawn darkened."""
+    vmax = vmax if vmax is not None else max(2.0 * eps, 1e-6)
+    t = np.clip(radius / vmax, 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    lo = np.floor(t).astype(np.int64).clip(0, len(_VIRIDIS) - 2)
+    frac = (t - lo)[..., None]
+    rgb = _VIRIDIS[lo] * (1.0 - frac) + _VIRIDIS[lo + 1] * frac
+    rgb[radius <= eps] *= 0.45
+    return Image.fromarray(rgb.round().astype(np.uint8))
+
+
+def _save(result: SegmentResult, image: Path, out: Path) -> list[Path]:
+    written = []
+    stem = image.stem
+    if result.overlay is not None:
+        written.append(out / f"{stem}_overlay.png")
+        result.overlay.save(written[-1])
+    if result.mask is not None:
+        written.append(out / f"{stem}_mask.png")
+        Image.fromarray(result.mask).save(written[-1])
+    if result.radius is not None:
+        written.append(out / f"{stem}_radius.png")
+        radius_heatmap(result.radius, result.eps).save(written[-1])
+    return written
+
+
+@app.command()
+def segment(
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for <name>_{overlay,mask,radius}.png.")
+    ] = Path("certseg-out"),
+    eps: EpsOpt = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+    model: ModelOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 60.0,
+) -> None:
+    """Segment and certify images; write overlay, class-id mask and radius heat map PNGs."""
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="IMAGES")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[Path, SegmentResult]] = []
+    failed = 0
+    with (
+        CertSegClient(url, api_key=api_key, timeout=timeout) as client,
+        Progress(console=console, transient=True, disable=len(images) < 2) as progress,
+    ):
+        task = progress.add_task("segmenting", total=len(images))
+        for path in images:
+            try:
+                result = client.segment(path, eps=eps, model=model)
+            except CertSegClientError as exc:
+                console.print(f"[red]{path}: {exc}[/red]")
+                failed += 1
+            else:
+                _save(result, path, out)
+                rows.append((path, result))
+            progress.advance(task)
+    table = Table(title=f"certseg @ {url}")
+    for col in ("image", "size", "eps", "guaranteed", "max flips", "server ms", "latency ms"):
+        table.add_column(col, justify="left" if col == "image" else "right")
+    for path, r in rows:
+        table.add_row(
+            path.name,
+            f"{r.width}x{r.height}",
+            f"{r.eps:g}",
+            f"{100 * r.guaranteed_fraction:.1f}%",
+            f"{r.max_flips} ({100 * r.max_flips_fraction:.1f}%)",
+            f"{r.timings.get('total', float('nan')):.1f}",
+            f"{r.latency_ms or 0.0:.1f}",
+        )
+    console.print(table)
+    console.print(f"wrote {len(rows) * 3} files to {out}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _open_input(video: Path | None, camera: int | None) -> Any:
+    import av
+
+    if camera is not None:
+        return av.open(f"/dev/video{camera}", format="v4l2")
+    if video is None:
+        raise typer.BadParameter("give a VIDEO file or --camera N")
+    if not video.is_file():
+        raise typer.BadParameter(f"no such file: {video}", param_hint="VIDEO")
+    return av.open(str(video))
+
+
+def _decoded(container: Any, limit: int | None) -> Iterator[np.ndarray]:
+    for i, frame in enumerate(container.decode(video=0)):
+        if limit is not None and i >= limit:
+            return
+        yield frame.to_ndarray(format="rgb24")
+
+
+def _annotate(r: StreamResult) -> Image.Image:
+    img = r.overlay if r.overlay is not None else Image.new("RGB", (r.width or 2, r.height or 2))
+    img = img.copy()
+    draw = ImageDraw.Draw(img)
+    text = (
+        f"#{r.frame} eps {r.eps:g} guaranteed {100 * (r.guaranteed_fraction or 0):.1f}%"
+        f" {r.latency_ms or 0:.0f}ms"
+        if r.ok
+        else f"#{r.frame} error {r.error}"
+    )
+    draw.rectangle((0, 0, img.width, 12), fill=(0, 0, 0))
+    draw.text((2, 1), text, fill=(255, 255, 255))
+    return img
+
+
+class _Writer:
+    """Annotated frames into a video file (H.264 when PyAV has it, else MPEG-4)."""
+
+    def __init__(self, path: Path, rate: Fraction) -> None:
+        import av
+
+        self.av = av
+        self.container = av.open(str(path), mode="w")
+        self.rate = rate
+        self.stream: Any = None
+        self.frames = 0
+
+    def write(self, img: Image.Image) -> None:
+        w, h = img.width + img.width % 2, img.height + img.height % 2
+        if (w, h) != img.size:  # yuv420p needs even sizes
+            padded = Image.new("RGB", (w, h))
+            padded.paste(img)
+            img = padded
+        if self.stream is None:
+            try:
+                self.stream = self.container.add_stream("libx264", rate=self.rate)
+            except Exception:
+                self.stream = self.container.add_stream("mpeg4", rate=self.rate)
+            self.stream.width, self.stream.height = w, h
+            self.stream.pix_fmt = "yuv420p"
+        elif (w, h) != (self.stream.width, self.stream.height):
+            img = img.resize((self.stream.width, self.stream.height))
+        frame = self.av.VideoFrame.from_image(img)
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self.stream is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        self.container.close()
+
+
+@app.command()
+def stream(
+    video: Annotated[
+        Path | None, typer.Argument(help="Video file (anything FFmpeg reads).")
+    ] = None,
+    camera: Annotated[
+        int | None, typer.Option(help="Capture /dev/videoN instead of a file.", show_default=False)
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Annotated video.")] = Path(
+        "certseg-stream.mp4"
+    ),
+    eps: EpsOpt = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+    model: ModelOpt = None,
+    overlay_style: Annotated[str, typer.Option(help="hatch | dim | heat")] = "hatch",
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            help="Frames in flight: 1 = lockstep, no frame dropped; 0 = send as fast as "
+            "frames come and let the server drop stale ones (always so with --camera)."
+        ),
+    ] = 1,
+    max_frames: Annotated[
+        int | None, typer.Option(help="Stop after this many frames.", show_default=False)
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a result.")] = 60.0,
+) -> None:
+    """Stream a video (or a camera) through WS /v1/stream; write the annotated video."""
+    container = _open_input(video, camera)
+    vstream = container.streams.video[0]
+    rate = vstream.average_rate or vstream.guessed_rate or Fraction(30)
+    in_flight = None if camera is not None or max_in_flight <= 0 else max_in_flight
+    summary = StreamSummary()
+    writer = _Writer(out, Fraction(rate))
+    t0 = time.perf_counter()
+    try:
+        with CertSegClient(url, api_key=api_key, timeout=timeout) as client:
+            results = client.stream(
+                _decoded(container, max_frames),
+                eps=eps,
+                model=model,
+                overlay_style=overlay_style,
+                max_in_flight=in_flight,
+                summary=summary,
+            )
+            for r in results:
+                writer.write(_annotate(r))
+                if r.frame % 10 == 0:
+                    elapsed = time.perf_counter() - t0
+                    console.print(
+                        f"frame {r.frame}: {summary.answered / elapsed:.1f} fps, "
+                        f"{summary.dropped} dropped",
+                        highlight=False,
+                    )
+    except CertSegClientError as exc:
+        console.print(f"[red]stream failed: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        writer.close()
+        container.close()
+    p50, p99 = summary.percentile(50), summary.percentile(99)
+    table = Table(title=f"stream -> {out}")
+    for col in ("sent", "answered", "dropped", "errors", "fps", "p50 ms", "p99 ms"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(summary.sent),
+        str(summary.answered),
+        str(summary.dropped),
+        str(summary.errors),
+        f"{summary.fps:.1f}",
+        f"{p50:.1f}" if p50 is not None else "-",
+        f"{p99:.1f}" if p99 is not None else "-",
+    )
+    console.print(table)
+    console.print(
+        f"{summary.answered} answered + {summary.dropped} dropped = {summary.sent} sent; "
+        f"wrote {writer.frames} frames to {out}",
+        highlight=False,
+        soft_wrap=True,
+    )

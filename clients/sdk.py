@@ -1,0 +1,718 @@
+"""certseg SDK: `CertSegClient` (sync) and `AsyncCertSegClient` (asyncio).
+
+The twins share everything but I/O: `_Core` builds requests (image encoding, query,
+headers, stream URL), parses answers into typed results, turns error answers into
+exceptions (clients.models) and decides retries; each client only sends and sleeps.
+Depends on httpx, websockets, numpy and pillow; never on the server package or torch.
+
+    with CertSegClient("http://127.0.0.1:8000", api_key="...") as client:
+        result = client.segment("street.png", eps=0.1)
+        print(result.guaranteed_fraction, result.mask.shape)
+        for frame in client.stream(frames, eps=0.1):
+            print(frame.frame, frame.guaranteed_fraction, frame.dropped)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, TypeAlias
+from urllib.parse import urlencode
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from clients.models import (
+    APIError,
+    CertSegClientError,
+    SegmentResult,
+    StreamResult,
+    StreamSummary,
+    TransportError,
+    error_for_status,
+)
+
+__all__ = [
+    "DEFAULT_OUTPUTS",
+    "AsyncCertSegClient",
+    "CertSegClient",
+    "ImageInput",
+    "encode_image",
+]
+
+ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray"
+#: What `segment` asks for by default (logits are off: they are C x H x W floats).
+DEFAULT_OUTPUTS: tuple[str, ...] = ("mask", "radius", "overlay")
+#: What `stream` asks for by default: the server renders the overlay PNG per frame.
+DEFAULT_STREAM_OUTPUTS: tuple[str, ...] = ("overlay",)
+RETRY_STATUSES = frozenset({503})
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+)
+
+
+def _sniff(data: bytes) -> str:
+    for magic, media in _MAGIC:
+        if data.startswith(magic):
+            return media
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def _pixels(a: np.ndarray) -> Image.Image:
+    """A PIL image from H x W x 3 (or H x W) uint8, or float in [0, 1]."""
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
+        raise ValueError(f"expected an H x W x 3 array, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return Image.fromarray(np.ascontiguousarray(a))
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
+            raise ValueError("float images must hold finite values in [0, 1]")
+        return Image.fromarray(np.round(a * 255.0).astype(np.uint8))
+    raise ValueError(f"expected uint8 or float pixels, got {a.dtype}")
+
+
+def encode_image(image: ImageInput, fmt: str = "PNG", quality: int = 90) -> tuple[bytes, str]:
+    """(body bytes, media type) for a path, encoded bytes, PIL image or numpy array.
+
+    Encoded inputs (bytes, PNG/JPEG/WebP files) travel unchanged; pixels are
+    encoded as `fmt` (PNG for single images: lossless; JPEG for video frames)."""
+    if isinstance(image, bytes | bytearray):
+        data = bytes(image)
+        return data, _sniff(data)
+    if isinstance(image, str | os.PathLike):
+        data = Path(image).read_bytes()
+        media = _sniff(data)
+        if media != "application/octet-stream":
+            return data, media
+        with Image.open(io.BytesIO(data)) as img:  # e.g. BMP/TIFF: re-encode
+            return encode_image(img.convert("RGB"), fmt, quality)
+    if isinstance(image, np.ndarray):
+        image = _pixels(image)
+    if isinstance(image, Image.Image):
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        buf = io.BytesIO()
+        kw: dict[str, Any] = {"quality": quality} if fmt.upper() == "JPEG" else {}
+        image.save(buf, format=fmt, **kw)
+        return buf.getvalue(), f"image/{fmt.lower()}"
+    raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _b64(data: str) -> bytes:
+    return base64.b64decode(data)
+
+
+def _png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def _array(enc: dict[str, Any], out: str = "float32") -> np.ndarray:
+    dtype = {"float16": "<f2", "float32": "<f4"}[enc["dtype"]]
+    a = np.frombuffer(_b64(enc["data"]), dtype=dtype).reshape(enc["shape"])
+    return a.astype(out)
+
+
+@dataclass
+class _Core:
+    """Everything the two clients share: configuration, requests, parsing, retries."""
+
+    url: str
+    api_key: str | None = None
+    timeout: float = 30.0
+    max_retries: int = 3
+    backoff: float = 0.25
+    backoff_max: float = 30.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        if self.api_key is None:
+            self.api_key = os.environ.get("CERTSEG_API_KEY") or None
+
+    # -- requests --------------------------------------------------------------------
+
+    def base_headers(self) -> dict[str, str]:
+        h = {"User-Agent": "certseg-client", **self.headers}
+        if self.api_key:
+            h["Authorization"] = f"Bearer {self.api_key}"
+        return h
+
+    def segment_request(
+        self,
+        image: ImageInput,
+        eps: float | None,
+        outputs: Sequence[str],
+        model: str | None,
+        overlay_style: str | None,
+    ) -> tuple[dict[str, str], bytes, dict[str, str]]:
+        """(query params, body, extra headers) of POST /v1/segment."""
+        body, media = encode_image(image)
+        params: dict[str, str] = {"format": "json", "outputs": ",".join(outputs)}
+        if eps is not None:
+            params["eps"] = repr(float(eps))
+        if model is not None:
+            params["model"] = model
+        if overlay_style is not None:
+            params["overlay_style"] = overlay_style
+        return params, body, {"Content-Type": media}
+
+    def stream_url(
+        self,
+        eps: float | None,
+        outputs: Sequence[str],
+        model: str | None,
+        overlay_style: str | None,
+    ) -> str:
+        q: dict[str, str] = {"outputs": ",".join(outputs)}
+        if eps is not None:
+            q["eps"] = repr(float(eps))
+        if model is not None:
+            q["model"] = model
+        if overlay_style is not None:
+            q["overlay_style"] = overlay_style
+        ws = "wss" + self.url[5:] if self.url.startswith("https") else "ws" + self.url[4:]
+        return f"{ws}/v1/stream?{urlencode(q)}"
+
+    # -- answers ---------------------------------------------------------------------
+
+    def check(self, resp: httpx.Response) -> None:
+        """Raise the typed exception of an error answer."""
+        if resp.status_code < 400:
+            return
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        raise error_for_status(
+            resp.status_code, body, resp.text, _retry_after(resp.headers.get("retry-after"))
+        )
+
+    def parse_segment(self, resp: httpx.Response, latency_ms: float) -> SegmentResult:
+        self.check(resp)
+        d = resp.json()
+        mask = radius = logits = None
+        overlay = None
+        if "mask" in d:
+            mask = np.asarray(_png(_b64(d["mask"]["data"])))
+        if "radius" in d:
+            radius = _array(d["radius"])
+        if "overlay" in d:
+            overlay = _png(_b64(d["overlay"]["data"])).convert("RGB")
+        if "logits" in d:
+            logits = _array(d["logits"])
+        return SegmentResult(
+            model=d["model"],
+            model_version=d.get("model_version", ""),
+            eps=float(d["eps"]),
+            lipschitz=float(d["lipschitz"]),
+            width=int(d["width"]),
+            height=int(d["height"]),
+            guaranteed_fraction=float(d["guaranteed_fraction"]),
+            max_flips=int(d["max_flips"]),
+            max_flips_fraction=float(d.get("max_flips_fraction", 0.0)),
+            timings=dict(d.get("timings_ms", {})),
+            mask=mask,
+            radius=radius,
+            overlay=overlay,
+            logits=logits,
+            metrics=d.get("metrics"),
+            batch_size=int(d.get("batch_size", 1)),
+            request_id=d.get("request_id"),
+            latency_ms=latency_ms,
+        )
+
+    # -- retries ---------------------------------------------------------------------
+
+    def retry_delay(self, attempt: int, error: Exception) -> float | None:
+        """Seconds to wait before retry `attempt` (0-based), or None to give up.
+
+        Retried: 503 (Retry-After honoured, at most backoff_max) and transport errors
+        (refused connection, timeout); exponential backoff otherwise."""
+        if attempt >= self.max_retries:
+            return None
+        if isinstance(error, APIError):
+            if error.status not in RETRY_STATUSES:
+                return None
+            if error.retry_after is not None:
+                return min(error.retry_after, self.backoff_max)
+        elif not isinstance(error, httpx.TransportError):
+            return None
+        return min(self.backoff * 2.0**attempt, self.backoff_max)
+
+
+class _StreamReader:
+    """Turns the server's stream messages into StreamResults (JSON + binary parts)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+        self.names: list[str] = []
+        self.blobs: dict[str, bytes] = {}
+        self.sent_at: dict[int, float] = {}
+        self.config: dict[str, Any] = {}
+
+    def feed(self, msg: str | bytes) -> StreamResult | None:
+        """A finished result, or None while parts are missing (or for control answers)."""
+        if isinstance(msg, bytes):
+            if self.pending is None or not self.names:
+                raise TransportError("unexpected binary message on the stream")
+            self.blobs[self.names.pop(0)] = msg
+            return self._finish() if not self.names else None
+        d = json.loads(msg)
+        kind = d.get("type")
+        if kind == "config":
+            self.config = d
+            return None
+        if kind == "pong":
+            return None
+        if kind == "error":
+            err = error_for_status(int(d.get("status", 500)), d)
+            if d.get("frame") is None:
+                raise err
+            return StreamResult(
+                frame=int(d["frame"]),
+                dropped=int(d.get("dropped", 0)),
+                latency_ms=self._latency(int(d["frame"])),
+                error=err,
+            )
+        if kind == "result":
+            self.pending, self.names, self.blobs = d, list(d.get("binary", [])), {}
+            return self._finish() if not self.names else None
+        return None
+
+    def _latency(self, frame: int) -> float | None:
+        t = self.sent_at.pop(frame, None)
+        return None if t is None else (time.perf_counter() - t) * 1000.0
+
+    def _finish(self) -> StreamResult:
+        d, self.pending = self.pending or {}, None
+        mask = self.blobs.get("mask")
+        overlay = self.blobs.get("overlay")
+        frame = int(d["frame"])
+        return StreamResult(
+            frame=frame,
+            dropped=int(d.get("dropped", 0)),
+            eps=d.get("eps"),
+            guaranteed_fraction=d.get("guaranteed_fraction"),
+            max_flips=d.get("max_flips"),
+            max_flips_fraction=d.get("max_flips_fraction"),
+            width=d.get("width"),
+            height=d.get("height"),
+            model=d.get("model"),
+            lipschitz=d.get("lipschitz"),
+            timings=dict(d.get("timings_ms", {})),
+            overlay=_png(overlay).convert("RGB") if overlay is not None else None,
+            mask=np.asarray(_png(mask)) if mask is not None else None,
+            latency_ms=self._latency(frame),
+        )
+
+
+def _frame_message(item: Any, quality: int) -> str | bytes:
+    """A frame as JPEG bytes (encoded bytes pass unchanged), a dict as a control message."""
+    if isinstance(item, dict):
+        return json.dumps({"type": "config", **item})
+    data, _ = encode_image(item, fmt="JPEG", quality=quality)
+    return data
+
+
+class _Flow:
+    """Sent / answered / dropped bookkeeping shared by the sender and the reader."""
+
+    def __init__(self, max_in_flight: int | None) -> None:
+        self.max_in_flight = max_in_flight
+        self.summary = StreamSummary()
+        self.done = False  # every frame sent
+
+    def finished(self, r: StreamResult) -> bool:
+        return self.done and r.frame >= self.summary.sent - 1
+
+    def can_send(self) -> bool:
+        s = self.summary
+        return self.max_in_flight is None or s.sent - s.answered - s.dropped < self.max_in_flight
+
+
+class CertSegClient:
+    """Synchronous client (httpx + websockets' sync client).
+
+    url: server base URL; api_key: sent as `Authorization: Bearer` (default: the
+    CERTSEG_API_KEY environment variable); timeout: seconds per request or stream
+    message; max_retries/backoff/backoff_max: retries on 503 and transport errors."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff: float = 0.25,
+        backoff_max: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._core = _Core(url, api_key, timeout, max_retries, backoff, backoff_max)
+        self._http = httpx.Client(
+            base_url=self._core.url,
+            timeout=timeout,
+            headers=self._core.base_headers(),
+            transport=transport,
+        )
+
+    @property
+    def url(self) -> str:
+        return self._core.url
+
+    def __enter__(self) -> CertSegClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                resp = self._http.request(method, path, **kw)
+                self._core.check(resp)
+                return resp
+            except (APIError, httpx.TransportError) as exc:
+                delay = self._core.retry_delay(attempt, exc)
+                if delay is None:
+                    if isinstance(exc, httpx.TransportError):
+                        raise TransportError(f"{method} {path}: {exc!r}") from exc
+                    raise
+                time.sleep(delay)
+                attempt += 1
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models: {"default": name, "models": [card summaries]}."""
+        return self._request("GET", "/v1/models").json()
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/healthz").json()
+
+    def segment(
+        self,
+        image: ImageInput,
+        eps: float | None = None,
+        outputs: Sequence[str] = DEFAULT_OUTPUTS,
+        model: str | None = None,
+        overlay_style: str | None = None,
+    ) -> SegmentResult:
+        """Segment one image and certify every pixel at eps (default: the model's)."""
+        params, body, headers = self._core.segment_request(
+            image, eps, outputs, model, overlay_style
+        )
+        t0 = time.perf_counter()
+        resp = self._request("POST", "/v1/segment", params=params, content=body, headers=headers)
+        return self._core.parse_segment(resp, (time.perf_counter() - t0) * 1000.0)
+
+    def stream(
+        self,
+        frames: Iterable[Any],
+        eps: float | None = None,
+        outputs: Sequence[str] = DEFAULT_STREAM_OUTPUTS,
+        model: str | None = None,
+        overlay_style: str | None = None,
+        max_in_flight: int | None = None,
+        jpeg_quality: int = 90,
+        summary: StreamSummary | None = None,
+    ) -> Iterator[StreamResult]:
+        """Send frames over WS /v1/stream; yield results in frame order as they come.
+
+        Frames are images (sent as JPEG) or encoded bytes; a dict item is sent as a
+        config message (e.g. {"eps": 0.2}) between frames. With max_in_flight=None
+        frames go as fast as they come and the server drops stale ones (live video);
+        max_in_flight=1 sends each frame once the previous one is answered, so none
+        is dropped (files; the server keeps one waiting frame per stream, so a
+        larger window can still lose frames). Pass a
+        StreamSummary to collect counts and latencies; answered + dropped == sent."""
+        from websockets.exceptions import WebSocketException
+        from websockets.sync.client import connect
+
+        core = self._core
+        flow = _Flow(max_in_flight)
+        if summary is not None:
+            flow.summary = summary
+        reader = _StreamReader()
+        cond = threading.Condition()
+        failure: list[BaseException] = []
+        t_start = time.perf_counter()
+        try:
+            ws = connect(
+                core.stream_url(eps, outputs, model, overlay_style),
+                additional_headers=core.base_headers(),
+                max_size=2**26,
+                open_timeout=core.timeout,
+            )
+        except (OSError, WebSocketException) as exc:
+            raise _ws_error(exc) from exc
+
+        def send_all() -> None:
+            try:
+                for item in frames:
+                    msg = _frame_message(item, jpeg_quality)
+                    with cond:
+                        while not cond.wait_for(flow.can_send, timeout=0.5):
+                            if failure:
+                                return
+                        if isinstance(msg, bytes):
+                            reader.sent_at[flow.summary.sent] = time.perf_counter()
+                            flow.summary.sent += 1
+                    ws.send(msg)
+            except BaseException as exc:  # reported by the generator
+                failure.append(exc)
+            finally:
+                with cond:
+                    flow.done = True
+
+        sender = threading.Thread(target=send_all, daemon=True, name="certseg-stream-send")
+        try:
+            with ws:
+                first = reader.feed(ws.recv(timeout=core.timeout))  # config (or error)
+                assert first is None
+                sender.start()
+                while True:
+                    with cond:
+                        if flow.done and flow.summary.sent == flow.summary.answered:
+                            break
+                    if failure:
+                        raise failure[0]
+                    try:
+                        msg = ws.recv(timeout=0.2 if not flow.done else core.timeout)
+                    except TimeoutError:
+                        if not flow.done:
+                            continue
+                        raise TransportError("timed out waiting for a stream result") from None
+                    result = reader.feed(msg)
+                    if result is None:
+                        continue
+                    with cond:
+                        flow.summary.add(result)
+                        cond.notify_all()
+                        end = flow.finished(result)
+                    yield result
+                    if end:
+                        break
+        except (OSError, WebSocketException) as exc:
+            raise _ws_error(exc) from exc
+        finally:
+            failure.append(GeneratorExit())
+            with cond:
+                cond.notify_all()
+            if sender.is_alive():
+                sender.join(timeout=5)
+            flow.summary.seconds = time.perf_counter() - t_start
+        if failure and not isinstance(failure[0], GeneratorExit):
+            raise failure[0]
+
+
+def _ws_error(exc: BaseException) -> CertSegClientError:
+    """A websockets failure as the SDK's exception (HTTP refusals keep their status)."""
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "status_code", None):
+        body = None
+        with contextlib.suppress(ValueError, TypeError):
+            body = json.loads(bytes(response.body or b""))
+        return error_for_status(response.status_code, body)
+    rcvd = getattr(exc, "rcvd", None)
+    if rcvd is not None and rcvd.code == 1008:
+        return error_for_status(401 if "unauth" in rcvd.reason else 422, {"detail": rcvd.reason})
+    return TransportError(f"stream: {exc!r}")
+
+
+class AsyncCertSegClient:
+    """Asyncio twin of CertSegClient (httpx.AsyncClient + websockets' asyncio client)."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff: float = 0.25,
+        backoff_max: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._core = _Core(url, api_key, timeout, max_retries, backoff, backoff_max)
+        self._http = httpx.AsyncClient(
+            base_url=self._core.url,
+            timeout=timeout,
+            headers=self._core.base_headers(),
+            transport=transport,
+        )
+
+    @property
+    def url(self) -> str:
+        return self._core.url
+
+    async def __aenter__(self) -> AsyncCertSegClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                resp = await self._http.request(method, path, **kw)
+                self._core.check(resp)
+                return resp
+            except (APIError, httpx.TransportError) as exc:
+                delay = self._core.retry_delay(attempt, exc)
+                if delay is None:
+                    if isinstance(exc, httpx.TransportError):
+                        raise TransportError(f"{method} {path}: {exc!r}") from exc
+                    raise
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def models(self) -> dict[str, Any]:
+        return (await self._request("GET", "/v1/models")).json()
+
+    async def health(self) -> dict[str, Any]:
+        return (await self._request("GET", "/healthz")).json()
+
+    async def segment(
+        self,
+        image: ImageInput,
+        eps: float | None = None,
+        outputs: Sequence[str] = DEFAULT_OUTPUTS,
+        model: str | None = None,
+        overlay_style: str | None = None,
+    ) -> SegmentResult:
+        params, body, headers = self._core.segment_request(
+            image, eps, outputs, model, overlay_style
+        )
+        t0 = time.perf_counter()
+        resp = await self._request(
+            "POST", "/v1/segment", params=params, content=body, headers=headers
+        )
+        return self._core.parse_segment(resp, (time.perf_counter() - t0) * 1000.0)
+
+    async def stream(
+        self,
+        frames: Iterable[Any] | AsyncIterable[Any],
+        eps: float | None = None,
+        outputs: Sequence[str] = DEFAULT_STREAM_OUTPUTS,
+        model: str | None = None,
+        overlay_style: str | None = None,
+        max_in_flight: int | None = None,
+        jpeg_quality: int = 90,
+        summary: StreamSummary | None = None,
+    ) -> AsyncIterator[StreamResult]:
+        """Async generator twin of CertSegClient.stream (same arguments and results)."""
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import WebSocketException
+
+        core = self._core
+        flow = _Flow(max_in_flight)
+        if summary is not None:
+            flow.summary = summary
+        reader = _StreamReader()
+        changed = asyncio.Condition()
+        t_start = time.perf_counter()
+
+        async def items() -> AsyncIterator[Any]:
+            if isinstance(frames, AsyncIterable):
+                async for item in frames:
+                    yield item
+            else:
+                for item in frames:
+                    yield item
+
+        try:
+            ws = await connect(
+                core.stream_url(eps, outputs, model, overlay_style),
+                additional_headers=core.base_headers(),
+                max_size=2**26,
+                open_timeout=core.timeout,
+            )
+        except (OSError, WebSocketException) as exc:
+            raise _ws_error(exc) from exc
+
+        async def send_all() -> None:
+            try:
+                async for item in items():
+                    msg = await asyncio.to_thread(_frame_message, item, jpeg_quality)
+                    async with changed:
+                        await changed.wait_for(flow.can_send)
+                        if isinstance(msg, bytes):
+                            reader.sent_at[flow.summary.sent] = time.perf_counter()
+                            flow.summary.sent += 1
+                    await ws.send(msg)
+            finally:
+                flow.done = True
+
+        sender: asyncio.Task[None] | None = None
+        try:
+            async with ws:
+                assert reader.feed(await asyncio.wait_for(ws.recv(), core.timeout)) is None
+                sender = asyncio.get_running_loop().create_task(send_all())
+                while True:
+                    if flow.done:
+                        await sender  # re-raises a failed frame source
+                        if flow.summary.sent == flow.summary.answered:
+                            break
+                    recv = asyncio.ensure_future(ws.recv())
+                    done, _ = await asyncio.wait(
+                        {recv, sender} if not sender.done() else {recv},
+                        timeout=core.timeout,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if recv not in done:
+                        recv.cancel()
+                        if not done:
+                            raise TransportError("timed out waiting for a stream result")
+                        continue
+                    result = reader.feed(recv.result())
+                    if result is None:
+                        continue
+                    async with changed:
+                        flow.summary.add(result)
+                        changed.notify_all()
+                    yield result
+                    if flow.finished(result):
+                        break
+        except (OSError, WebSocketException) as exc:
+            raise _ws_error(exc) from exc
+        finally:
+            if sender is not None and not sender.done():
+                sender.cancel()
+            flow.summary.seconds = time.perf_counter() - t_start

@@ -1,0 +1,134 @@
+"""`certseg client segment|stream` (clients.cli) against a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from server_support import LiveServer, ort_engine, random_image, tiny_model_dir
+from typer.testing import CliRunner
+
+from clients.cli import app, radius_heatmap
+from server import Settings, create_app
+
+av = pytest.importorskip("av")
+KEY = "cli-key"
+
+
+@pytest.fixture(scope="module")
+def server():
+    settings = Settings(intra_op_threads=1, max_delay_ms=1, api_key=KEY)
+    srv = LiveServer(create_app(settings, engines=[ort_engine(tiny_model_dir())])).start()
+    yield srv
+    srv.stop()
+
+
+def make_video(path: Path, frames: int = 60, h: int = 48, w: int = 64) -> Path:
+    """A small H.264 (or MPEG-4) clip of moving blobs."""
+    with av.open(str(path), mode="w") as out:
+        try:
+            stream = out.add_stream("libx264", rate=Fraction(30))
+        except Exception:
+            stream = out.add_stream("mpeg4", rate=Fraction(30))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        base = random_image(h, 2 * w, seed=5)
+        for i in range(frames):
+            img = np.ascontiguousarray(base[:, i % w : i % w + w])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def count_frames(path: Path) -> tuple[int, tuple[int, int]]:
+    with av.open(str(path)) as c:
+        frames = [f for f in c.decode(video=0)]
+    return len(frames), (frames[0].width, frames[0].height)
+
+
+def test_segment_writes_three_pngs_per_image(server, tmp_path):
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(random_image(40, 56, seed=i)).save(p)
+        paths.append(str(p))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app,
+        ["segment", *paths, "--eps", "0.05", "--out", str(out), "--url", server.base],
+        env={"CERTSEG_API_KEY": KEY, "COLUMNS": "160"},
+    )
+    assert res.exit_code == 0, res.output
+    for i in range(2):
+        for kind in ("overlay", "mask", "radius"):
+            with Image.open(out / f"img{i}_{kind}.png") as img:
+                assert img.size == (56, 40)
+    assert "guaranteed" in res.output and "img1.png" in res.output
+    assert re.search(r"\d+\.\d%", res.output)
+
+
+def test_segment_reports_errors_and_exits_nonzero(server, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    res = CliRunner().invoke(
+        app,
+        ["segment", str(bad), "--out", str(tmp_path / "o"), "--url", server.base],
+        env={"CERTSEG_API_KEY": KEY},
+    )
+    assert res.exit_code == 1 and "422" in res.output
+
+
+def test_stream_video_writes_annotated_video(server, tmp_path):
+    video = make_video(tmp_path / "clip.mp4")
+    out = tmp_path / "annotated.mp4"
+    res = CliRunner().invoke(
+        app,
+        ["stream", str(video), "--out", str(out), "--url", server.base, "--api-key", KEY],
+        env={"COLUMNS": "160"},
+    )
+    assert res.exit_code == 0, res.output
+    m = re.search(r"(\d+) answered \+ (\d+) dropped = (\d+) sent; wrote (\d+) frames", res.output)
+    assert m, res.output
+    answered, dropped, sent, written = map(int, m.groups())
+    assert sent == 60 and answered + dropped == 60 and written == answered
+    n, size = count_frames(out)
+    assert n == answered and size == (64, 48)
+    assert dropped == 0  # lockstep (--max-in-flight 1) loses nothing
+    assert "fps" in res.output and "p99" in res.output
+
+
+def test_stream_live_mode_accounts_for_drops(server, tmp_path):
+    video = make_video(tmp_path / "clip.mp4", frames=30)
+    out = tmp_path / "live.mp4"
+    res = CliRunner().invoke(
+        app,
+        ["stream", str(video), "-o", str(out), "--url", server.base, "--max-in-flight", "0"],
+        env={"CERTSEG_API_KEY": KEY, "COLUMNS": "160"},
+    )
+    assert res.exit_code == 0, res.output
+    m = re.search(r"(\d+) answered \+ (\d+) dropped = (\d+) sent; wrote (\d+) frames", res.output)
+    answered, dropped, sent, written = map(int, m.groups())
+    assert answered + dropped == sent == 30 and count_frames(out)[0] == written == answered
+
+
+def test_stream_refused_key_exits_nonzero(server, tmp_path):
+    video = make_video(tmp_path / "clip.mp4", frames=2)
+    res = CliRunner().invoke(
+        app,
+        ["stream", str(video), "-o", str(tmp_path / "x.mp4"), "--url", server.base],
+        env={"CERTSEG_API_KEY": "nope"},
+    )
+    assert res.exit_code == 1 and "stream failed" in res.output
+
+
+def test_radius_heatmap_colours():
+    radius = np.linspace(0, 0.2, 50, dtype=np.float32).reshape(5, 10)
+    img = np.asarray(radius_heatmap(radius, eps=0.05))
+    assert img.shape == (5, 10, 3)
+    assert img[-1, -1].tolist() == [253, 231, 37]  # radius >= 2 eps: top of the scale
+    assert img[0, 0].sum() < img[-1, -1].sum()

@@ -1,0 +1,242 @@
+"""The SDK (clients.sdk) against a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from server_support import (
+    ControlledEngine,
+    LiveServer,
+    encode,
+    ort_engine,
+    random_image,
+    tiny_model_dir,
+)
+
+from clients import (
+    AsyncCertSegClient,
+    AuthenticationError,
+    CertSegClient,
+    InputRejected,
+    SegmentResult,
+    ServiceUnavailable,
+    StreamSummary,
+    TransportError,
+)
+from clients.sdk import _Core
+from server import Settings, create_app
+
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ControlledEngine(ort_engine(tiny_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    settings = Settings(intra_op_threads=1, max_delay_ms=1, api_key=KEY)
+    srv = LiveServer(create_app(settings, engines=[engine])).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    with CertSegClient(server.base, api_key=KEY, backoff=0.01) as c:
+        yield c
+
+
+def test_sdk_imports_neither_server_nor_torch():
+    code = (
+        "import sys, clients, clients.cli; "
+        "bad = [m for m in ('server', 'torch', 'certseg') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def _check(r: SegmentResult, h: int, w: int) -> None:
+    assert (r.height, r.width) == (h, w)
+    assert r.mask is not None and r.mask.shape == (h, w) and r.mask.max() < 4
+    assert r.radius is not None and r.radius.dtype == np.float32 and r.radius.shape == (h, w)
+    assert r.overlay is not None and r.overlay.size == (w, h) and r.overlay.mode == "RGB"
+    assert 0.0 <= r.guaranteed_fraction <= 1.0
+    # the server counts radius > eps in float32; the map travels as float16
+    assert abs(r.guaranteed_fraction_at(r.eps) - r.guaranteed_fraction) < 0.02
+    assert 0 <= r.max_flips <= h * w
+    assert r.lipschitz > 0 and r.model == "tiny"
+    assert r.timings["total"] > 0 and r.latency_ms is not None
+
+
+def test_segment_accepts_every_input_kind(client, tmp_path):
+    pixels = random_image(40, 56, seed=3)
+    path = tmp_path / "img.png"
+    Image.fromarray(pixels).save(path)
+    inputs = [
+        pixels,
+        pixels.astype(np.float32) / 255.0,
+        Image.fromarray(pixels),
+        path,
+        str(path),
+        encode(pixels),
+    ]
+    results = [client.segment(x, eps=0.05) for x in inputs]
+    for r in results:
+        _check(r, 40, 56)
+        assert r.eps == 0.05
+        np.testing.assert_array_equal(r.mask, results[0].mask)
+
+
+def test_eps_changes_certificate(client):
+    pixels = random_image(32, 48, seed=4)
+    small, large = client.segment(pixels, eps=0.01), client.segment(pixels, eps=0.5)
+    assert small.guaranteed_fraction >= large.guaranteed_fraction
+    assert small.guaranteed_fraction > large.guaranteed_fraction or small.guaranteed_fraction == 0
+    default = client.segment(pixels, outputs=("mask",))
+    assert default.eps == 0.05 and default.radius is None and default.overlay is None
+    with pytest.raises(ValueError):
+        default.guaranteed()
+
+
+def test_logits_output(client):
+    r = client.segment(random_image(32, 48), outputs=("logits",))
+    assert r.logits is not None and r.logits.shape == (4, 32, 48)
+    assert np.array_equal(r.logits.argmax(0), client.segment(random_image(32, 48)).mask)
+
+
+def test_errors_are_typed_problems(server, client):
+    with pytest.raises(InputRejected) as info:
+        client.segment(b"\x89PNG\r\n\x1a\nnot really a png")
+    assert info.value.status == 422 and info.value.title and info.value.detail
+    assert info.value.type.startswith("https://") and info.value.instance == "/v1/segment"
+    with pytest.raises(InputRejected) as info:
+        client.segment(random_image(8, 8), eps=-1.0)
+    assert info.value.status == 422
+    with pytest.raises(ValueError):
+        client.segment(np.full((4, 4, 3), 2.0))
+    with CertSegClient(server.base, api_key="wrong") as bad, pytest.raises(AuthenticationError):
+        bad.segment(random_image(8, 8))
+    with pytest.raises(AuthenticationError):
+        list(CertSegClient(server.base, api_key="wrong").stream([random_image(8, 8)]))
+
+
+def test_backend_fault_retries_then_raises(server, engine):
+    engine.fail = True
+    calls = engine.calls
+    try:
+        c = CertSegClient(server.base, api_key=KEY, max_retries=2, backoff=0.01)
+        with c, pytest.raises(ServiceUnavailable) as info:
+            c.segment(random_image(16, 16))
+        assert info.value.status == 503
+        assert engine.calls - calls == 3  # first try + 2 retries
+    finally:
+        engine.fail = False
+
+
+def test_retry_after_is_honoured_and_backoff_grows():
+    answers = [
+        httpx.Response(
+            503,
+            json={"status": 503, "title": "Server overloaded", "detail": "full"},
+            headers={"Retry-After": "0"},
+        ),
+        httpx.Response(503, json={"status": 503, "title": "Server overloaded", "detail": "full"}),
+    ]
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return (
+            answers[len(seen) - 1]
+            if len(seen) <= len(answers)
+            else httpx.Response(200, json={"default": "tiny", "models": []})
+        )
+
+    with CertSegClient(
+        "http://x", api_key="k", backoff=0.001, transport=httpx.MockTransport(handler)
+    ) as c:
+        assert c.models()["default"] == "tiny"
+    assert len(seen) == 3 and seen[0].headers["authorization"] == "Bearer k"
+    core = _Core("http://x", backoff=0.5, backoff_max=3.0, max_retries=4)
+    err = ServiceUnavailable(503, "Server overloaded", retry_after=2.0)
+    assert core.retry_delay(0, err) == 2.0
+    plain = ServiceUnavailable(503, "Backend error")
+    assert [core.retry_delay(i, plain) for i in range(5)] == [0.5, 1.0, 2.0, 3.0, None]
+    assert core.retry_delay(0, InputRejected(422, "Invalid parameter")) is None
+
+
+def test_refused_connection_is_transport_error():
+    from server_support import free_port
+
+    c = CertSegClient(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff=0.01)
+    with c, pytest.raises(TransportError):
+        c.segment(random_image(8, 8))
+
+
+def test_stream_sync_in_order_without_drops(client):
+    frames = [random_image(32, 48, seed=i) for i in range(12)]
+    summary = StreamSummary()
+    results = list(client.stream(frames, eps=0.05, max_in_flight=1, summary=summary))
+    assert [r.frame for r in results] == list(range(12))
+    assert summary.sent == 12 and summary.answered == 12 and summary.dropped == 0
+    for r in results:
+        assert r.ok and r.overlay is not None and r.overlay.size == (48, 32)
+        assert r.eps == 0.05 and r.latency_ms is not None and r.latency_ms > 0
+    assert summary.fps > 0 and summary.percentile(50) is not None
+
+
+def test_stream_live_counts_every_frame(client):
+    frames = [encode(random_image(32, 48, seed=i), "JPEG") for i in range(20)]
+    summary = StreamSummary()
+    results = list(client.stream(frames, outputs=("overlay", "mask"), summary=summary))
+    assert summary.answered + summary.dropped == 20 == summary.sent
+    assert results[-1].frame == 19 and results[-1].dropped == summary.dropped
+    assert all(r.mask is not None and r.mask.shape == (32, 48) for r in results)
+
+
+def test_stream_config_message_and_bad_frame(client):
+    img = random_image(32, 48, seed=1)
+    items = [img, {"eps": 0.3}, b"garbage", img]
+    results = list(client.stream(items, eps=0.01, max_in_flight=1))
+    assert [r.frame for r in results] == [0, 1, 2]
+    assert results[0].eps == 0.01 and results[2].eps == 0.3
+    assert results[1].error is not None and results[1].error.status in (415, 422)
+    assert results[0].guaranteed_fraction >= results[2].guaranteed_fraction
+
+
+def test_async_client(server):
+    async def main():
+        async with AsyncCertSegClient(server.base, api_key=KEY) as c:
+            r = await c.segment(random_image(32, 48), eps=0.05)
+            _check(r, 32, 48)
+            summary = StreamSummary()
+
+            async def frames():
+                for i in range(8):
+                    yield random_image(32, 48, seed=i)
+
+            got = [x async for x in c.stream(frames(), max_in_flight=1, summary=summary)]
+            live = StreamSummary()
+            quick = [random_image(32, 48, seed=i) for i in range(10)]
+            _ = [x async for x in c.stream(quick, summary=live)]
+            return got, summary, live
+
+    got, summary, live = asyncio.run(main())
+    assert [r.frame for r in got] == list(range(8)) and summary.dropped == 0
+    assert live.answered + live.dropped == 10
+
+
+def test_overlay_is_png_decodable(client):
+    r = client.segment(random_image(24, 24))
+    buf = io.BytesIO()
+    r.overlay.save(buf, format="PNG")
+    assert np.asarray(r.overlay).std() > 0

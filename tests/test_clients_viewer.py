@@ -1,0 +1,218 @@
+"""The browser viewer at / in headless Chromium (Debian chromium + chromedriver via
+selenium) against a real server on 127.0.0.1: image upload, overlay pixels, the eps
+slider re-certifying, and a video file streamed through the WebSocket.
+
+Skipped when selenium, chromium or chromedriver is missing. Screenshots land in the
+test's tmp dir; set CERTSEG_VIEWER_SCREENSHOT=path to also copy the image one there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from server_support import LiveServer, ort_engine, random_image, tiny_model_dir
+
+from server import Settings, create_app
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+av = pytest.importorskip("av", reason="PyAV is not installed")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
+        "chromium-driver)",
+    ),
+]
+KEY = "viewer-key"
+
+
+@pytest.fixture(scope="module")
+def server():
+    settings = Settings(intra_op_threads=1, max_delay_ms=1, api_key=KEY)
+    srv = LiveServer(create_app(settings, engines=[ort_engine(tiny_model_dir())])).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--autoplay-policy=no-user-gesture-required",
+        "--use-fake-device-for-media-stream",  # a synthetic webcam
+        "--use-fake-ui-for-media-stream",
+        "--window-size=1280,860",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, js: str, timeout: float = 30.0):
+    """Poll a JS expression until truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script("return " + js)
+        if value:
+            return value
+        time.sleep(0.05)
+    errors = driver.execute_script("return document.getElementById('error').textContent")
+    raise AssertionError(f"timed out waiting for {js!r} (page error: {errors!r})")
+
+
+def text(driver, element_id: str) -> str:
+    return driver.execute_script(f"return document.getElementById('{element_id}').textContent")
+
+
+def upload(driver, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, "file")
+    driver.execute_script("arguments[0].hidden = false", field)
+    field.send_keys(str(path))
+    driver.execute_script("arguments[0].hidden = true", field)
+
+
+CANVAS_STATS = """
+const c = document.getElementById('view');
+if (c.style.display === 'none' || !c.width) return null;
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let sum = 0, sq = 0, n = d.length / 4;
+for (let i = 0; i < d.length; i += 4) {
+  const v = d[i] + d[i + 1] + d[i + 2]; sum += v; sq += v * v;
+}
+const mean = sum / n;
+return [c.width, c.height, mean, Math.sqrt(sq / n - mean * mean)];
+"""
+
+
+def make_webm(path: Path, frames: int = 60, h: int = 96, w: int = 128) -> Path:
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libvpx", rate=Fraction(30))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        base = random_image(h, 2 * w, seed=7)
+        for i in range(frames):
+            img = np.ascontiguousarray(base[:, i : i + w])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def test_viewer_image_then_video(server, browser, tmp_path):
+    d = browser
+    d.get(server.base + "/")
+    # the models list needs the key: the page says so, then works once it is set
+    wait_for(d, "document.getElementById('error').textContent.includes('401')")
+    d.execute_script(
+        "const k = document.getElementById('apikey'); k.value = arguments[0];"
+        "k.dispatchEvent(new Event('change'));",
+        KEY,
+    )
+    wait_for(d, "document.getElementById('model').dataset.ready === '1'")
+    assert "tiny" in text(d, "model")
+
+    img_path = tmp_path / "street.png"
+    Image.fromarray(random_image(120, 160, seed=2)).save(img_path)
+    upload(d, img_path)
+    wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
+    w, h, mean, std = d.execute_script(CANVAS_STATS)
+    assert (w, h) == (160, 120) and mean > 10 and std > 5  # not blank
+    gf_default = text(d, "gf")
+    assert text(d, "epsans") == "0.050"
+
+    # layers and colour scale
+    d.execute_script(
+        "for (const id of ['showMask', 'showGuar', 'showRadius']) {"
+        "  const c = document.getElementById(id); c.checked = true;"
+        "  c.dispatchEvent(new Event('change')); }"
+    )
+    assert d.execute_script("return getComputedStyle(document.getElementById('legend')).display")
+    assert d.execute_script(CANVAS_STATS)[3] > 5
+    d.save_screenshot(str(tmp_path / "viewer-layers.png"))
+    d.execute_script(
+        "for (const id of ['showMask', 'showRadius']) {"
+        "  const c = document.getElementById(id); c.checked = false;"
+        "  c.dispatchEvent(new Event('change')); }"
+    )
+
+    # the eps slider re-certifies (a new POST): the answered eps and fraction change
+    d.execute_script(
+        "const s = document.getElementById('eps'); s.value = 0.5;"
+        "s.dispatchEvent(new Event('input'));"
+    )
+    wait_for(d, "document.getElementById('epsans').textContent === '0.500'")
+    wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
+    gf_large = text(d, "gf")
+    assert float(gf_large[:-1]) < float(gf_default[:-1]), (gf_default, gf_large)
+    d.save_screenshot(str(tmp_path / "viewer-image.png"))
+    if os.environ.get("CERTSEG_VIEWER_SCREENSHOT"):
+        shutil.copy(tmp_path / "viewer-layers.png", os.environ["CERTSEG_VIEWER_SCREENSHOT"])
+
+    # errors are shown, not swallowed
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    upload(d, bad)
+    wait_for(d, "document.getElementById('error').textContent.length > 0")
+
+    # a video file streams through the WebSocket: frames and fps move
+    d.execute_script(
+        "const s = document.getElementById('eps'); s.value = 0.05;"
+        "s.dispatchEvent(new Event('input'));"
+    )
+    upload(d, make_webm(tmp_path / "clip.webm"))
+    wait_for(d, "parseInt(document.getElementById('frames').textContent) >= 3")
+    first = int(text(d, "frames"))
+    wait_for(d, f"parseInt(document.getElementById('frames').textContent) > {first}")
+    fps = wait_for(d, "parseFloat(document.getElementById('fps').textContent)")
+    assert fps > 0
+    assert text(d, "latency").endswith("ms") and text(d, "gf").endswith("%")
+    assert text(d, "dropped").isdigit()
+    stats = d.execute_script(CANVAS_STATS)
+    assert stats[:2] == [128, 96] and stats[3] > 5
+    d.save_screenshot(str(tmp_path / "viewer-stream.png"))
+    assert text(d, "error") == ""
+
+
+def test_viewer_webcam_streams(server, browser, tmp_path):
+    d = browser
+    d.get(server.base + "/")
+    d.execute_script(
+        "const k = document.getElementById('apikey'); k.value = arguments[0];"
+        "k.dispatchEvent(new Event('change'));",
+        KEY,
+    )
+    wait_for(d, "document.getElementById('model').dataset.ready === '1'")
+    d.execute_script("document.getElementById('camera').click()")
+    wait_for(d, "parseInt(document.getElementById('frames').textContent) >= 2")
+    assert d.execute_script(CANVAS_STATS)[3] > 1
+    d.execute_script("document.getElementById('stop').click()")
+    d.save_screenshot(str(tmp_path / "viewer-webcam.png"))
