@@ -351,9 +351,15 @@ class _Flow:
         self.max_in_flight = max_in_flight
         self.summary = StreamSummary()
         self.done = False  # every frame sent
+        self.last_frame = -1  # newest frame answered
 
-    def finished(self, r: StreamResult) -> bool:
-        return self.done and r.frame >= self.summary.sent - 1
+    def add(self, r: StreamResult) -> None:
+        self.summary.add(r)
+        self.last_frame = max(self.last_frame, r.frame)
+
+    def complete(self) -> bool:
+        """Every frame sent and the last one answered (the rest answered or dropped)."""
+        return self.done and self.last_frame >= self.summary.sent - 1
 
     def can_send(self) -> bool:
         s = self.summary
@@ -500,31 +506,30 @@ class CertSegClient:
         sender = threading.Thread(target=send_all, daemon=True, name="certseg-stream-send")
         try:
             with ws:
-                first = reader.feed(ws.recv(timeout=core.timeout))  # config (or error)
-                assert first is None
+                reader.feed(ws.recv(timeout=core.timeout))  # the config (raises on error)
                 sender.start()
+                heard = time.perf_counter()
                 while True:
                     with cond:
-                        if flow.done and flow.summary.sent == flow.summary.answered:
+                        if flow.complete():
                             break
                     if failure:
                         raise failure[0]
                     try:
-                        msg = ws.recv(timeout=0.2 if not flow.done else core.timeout)
+                        msg = ws.recv(timeout=0.2)
                     except TimeoutError:
-                        if not flow.done:
-                            continue
-                        raise TransportError("timed out waiting for a stream result") from None
+                        waiting = flow.summary.sent > flow.last_frame + 1
+                        if waiting and time.perf_counter() - heard > core.timeout:
+                            raise TransportError("timed out waiting for a stream result") from None
+                        continue
+                    heard = time.perf_counter()
                     result = reader.feed(msg)
                     if result is None:
                         continue
                     with cond:
-                        flow.summary.add(result)
+                        flow.add(result)
                         cond.notify_all()
-                        end = flow.finished(result)
                     yield result
-                    if end:
-                        break
         except (OSError, WebSocketException) as exc:
             raise _ws_error(exc) from exc
         finally:
@@ -683,12 +688,12 @@ class AsyncCertSegClient:
         sender: asyncio.Task[None] | None = None
         try:
             async with ws:
-                assert reader.feed(await asyncio.wait_for(ws.recv(), core.timeout)) is None
+                reader.feed(await asyncio.wait_for(ws.recv(), core.timeout))  # the config
                 sender = asyncio.get_running_loop().create_task(send_all())
                 while True:
                     if flow.done:
                         await sender  # re-raises a failed frame source
-                        if flow.summary.sent == flow.summary.answered:
+                        if flow.complete():
                             break
                     recv = asyncio.ensure_future(ws.recv())
                     done, _ = await asyncio.wait(
@@ -705,11 +710,9 @@ class AsyncCertSegClient:
                     if result is None:
                         continue
                     async with changed:
-                        flow.summary.add(result)
+                        flow.add(result)
                         changed.notify_all()
                     yield result
-                    if flow.finished(result):
-                        break
         except (OSError, WebSocketException) as exc:
             raise _ws_error(exc) from exc
         finally:

@@ -127,6 +127,10 @@ def test_errors_are_typed_problems(server, client):
         bad.segment(random_image(8, 8))
     with pytest.raises(AuthenticationError):
         list(CertSegClient(server.base, api_key="wrong").stream([random_image(8, 8)]))
+    with pytest.raises(InputRejected) as info:
+        list(client.stream([random_image(8, 8)], eps=-1.0))
+    assert info.value.status == 422
+    assert list(client.stream([])) == []
 
 
 def test_backend_fault_retries_then_raises(server, engine):

@@ -375,3 +375,17 @@ def test_triton_repository_matches_graph(xs, tmp_path):
     db = cfg["dynamic_batching"][0]
     assert db["preferred_batch_size"] == [4, 8] and db["max_queue_delay_microseconds"][0] > 0
     assert json.loads((repo.model_dir / "card.json").read_text())["num_classes"] == 5
+
+
+def test_export_refuses_weights_above_the_declared_bound(tmp_path):
+    """A fused model whose weights exceed what its structure declares is not written."""
+    from certseg.nn import fuse_module
+
+    model = _model("tiny", 2, 3)
+    fused = fuse_module(model).eval()
+    with torch.no_grad():
+        fused[1].weight.mul_(1.01)  # the first conv, declared orthogonal (nominal 1)
+    card = _card("tiny", 2, 2)
+    with pytest.raises(AuditError, match="exceeds the declared"):
+        export_onnx(fused, tmp_path / "out", card=card)
+    assert not (tmp_path / "out").exists()
