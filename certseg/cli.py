@@ -150,9 +150,11 @@ def evaluate(
 
 def _mount() -> None:
     """Sub-commands that live in other packages (they import lazily, without torch)."""
+    from clients.cli import app as client_app
     from server.cli import serve
 
     app.command("serve")(serve)
+    app.add_typer(client_app, name="client")
 
 
 _mount()

@@ -13,17 +13,17 @@ import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
-from PIL import Image, ImageDraw
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
-from clients.models import CertSegClientError, SegmentResult, StreamResult, StreamSummary
-from clients.sdk import CertSegClient
+if TYPE_CHECKING:  # numpy, PIL and the SDK load when a command runs (fast `certseg --help`)
+    import numpy as np
+    from PIL import Image
+
+    from clients.models import SegmentResult, StreamResult
 
 __all__ = ["app", "radius_heatmap"]
 
@@ -48,35 +48,38 @@ EpsOpt = Annotated[
 ModelOpt = Annotated[str | None, typer.Option(help="Model name (default: the server's first).")]
 
 # Viridis, 9 stops: the radius heat map's colours (dark = fragile, yellow = robust).
-_VIRIDIS = np.array(
-    [
-        (68, 1, 84),
-        (71, 44, 122),
-        (59, 81, 139),
-        (44, 113, 142),
-        (33, 144, 141),
-        (39, 173, 129),
-        (92, 200, 99),
-        (170, 220, 50),
-        (253, 231, 37),
-    ],
-    dtype=np.float32,
+_VIRIDIS = (
+    (68, 1, 84),
+    (71, 44, 122),
+    (59, 81, 139),
+    (44, 113, 142),
+    (33, 144, 141),
+    (39, 173, 129),
+    (92, 200, 99),
+    (170, 220, 50),
+    (253, 231, 37),
 )
 
 
 def radius_heatmap(radius: np.ndarray, eps: float, vmax: float | None = None) -> Image.Image:
     """Radius map as an RGB heat map on [0, vmax] (default 2 * eps: eps sits mid-scale);
     pixels not guaranteed at eps (radius <= eps) are drawn darkened."""
+    import numpy as np
+    from PIL import Image
+
+    lut = np.asarray(_VIRIDIS, dtype=np.float32)
     vmax = vmax if vmax is not None else max(2.0 * eps, 1e-6)
-    t = np.clip(radius / vmax, 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    lo = np.floor(t).astype(np.int64).clip(0, len(_VIRIDIS) - 2)
+    t = np.clip(radius / vmax, 0.0, 1.0) * (len(lut) - 1)
+    lo = np.floor(t).astype(np.int64).clip(0, len(lut) - 2)
     frac = (t - lo)[..., None]
-    rgb = _VIRIDIS[lo] * (1.0 - frac) + _VIRIDIS[lo + 1] * frac
+    rgb = lut[lo] * (1.0 - frac) + lut[lo + 1] * frac
     rgb[radius <= eps] *= 0.45
     return Image.fromarray(rgb.round().astype(np.uint8))
 
 
 def _save(result: SegmentResult, image: Path, out: Path) -> list[Path]:
+    from PIL import Image
+
     written = []
     stem = image.stem
     if result.overlay is not None:
@@ -104,6 +107,11 @@ def segment(
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 60.0,
 ) -> None:
     """Segment and certify images; write overlay, class-id mask and radius heat map PNGs."""
+    from rich.progress import Progress
+
+    from clients.models import CertSegClientError
+    from clients.sdk import CertSegClient
+
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="IMAGES")
@@ -164,6 +172,8 @@ def _decoded(container: Any, limit: int | None) -> Iterator[np.ndarray]:
 
 
 def _annotate(r: StreamResult) -> Image.Image:
+    from PIL import Image, ImageDraw
+
     img = r.overlay if r.overlay is not None else Image.new("RGB", (r.width or 2, r.height or 2))
     img = img.copy()
     draw = ImageDraw.Draw(img)
@@ -191,6 +201,8 @@ class _Writer:
         self.frames = 0
 
     def write(self, img: Image.Image) -> None:
+        from PIL import Image
+
         w, h = img.width + img.width % 2, img.height + img.height % 2
         if (w, h) != img.size:  # yuv420p needs even sizes
             padded = Image.new("RGB", (w, h))
@@ -205,7 +217,7 @@ class _Writer:
             self.stream.pix_fmt = "yuv420p"
         elif (w, h) != (self.stream.width, self.stream.height):
             img = img.resize((self.stream.width, self.stream.height))
-        frame = self.av.VideoFrame.from_image(img)
+        frame = self.av.VideoFrame.from_image(img)  # type: ignore[attr-defined]
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
         self.frames += 1
@@ -246,6 +258,9 @@ def stream(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a result.")] = 60.0,
 ) -> None:
     """Stream a video (or a camera) through WS /v1/stream; write the annotated video."""
+    from clients.models import CertSegClientError, StreamSummary
+    from clients.sdk import CertSegClient
+
     container = _open_input(video, camera)
     vstream = container.streams.video[0]
     rate = vstream.average_rate or vstream.guessed_rate or Fraction(30)

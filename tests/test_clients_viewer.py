@@ -214,5 +214,11 @@ def test_viewer_webcam_streams(server, browser, tmp_path):
     d.execute_script("document.getElementById('camera').click()")
     wait_for(d, "parseInt(document.getElementById('frames').textContent) >= 2")
     assert d.execute_script(CANVAS_STATS)[3] > 1
+    # on a stream the eps slider sends a config message; later frames answer at it
+    d.execute_script(
+        "const s = document.getElementById('eps'); s.value = 0.3;"
+        "s.dispatchEvent(new Event('input'));"
+    )
+    wait_for(d, "document.getElementById('epsans').textContent === '0.300'")
     d.execute_script("document.getElementById('stop').click()")
     d.save_screenshot(str(tmp_path / "viewer-webcam.png"))

@@ -276,7 +276,7 @@ async def stream(ws: WebSocket) -> None:
         with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
             await worker
         state.metrics.stream_connections.dec()
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await ws.close(code=1000)
         log.info(
             "stream closed: %d frames, %d answered, %d dropped",
