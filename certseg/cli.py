@@ -151,8 +151,10 @@ def evaluate(
 def _mount() -> None:
     """Sub-commands that live in other packages (they import lazily, without torch)."""
     from clients.cli import app as client_app
+    from export.cli import app as export_app
     from server.cli import serve
 
+    app.registered_commands += export_app.registered_commands
     app.command("serve")(serve)
     app.add_typer(client_app, name="client")
 
