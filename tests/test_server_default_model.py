@@ -1,0 +1,60 @@
+"""The shipped default model, served with no model named (as `certseg serve` does),
+answers the README's example pixel for pixel like a direct ONNX Runtime session."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from server_support import LiveServer, ort_session, to_input
+
+from certseg.certify import guaranteed_region, max_flips
+from server import Settings, create_app
+from server.settings import default_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "docs" / "example_street.png"
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    srv = LiveServer(create_app(Settings(intra_op_threads=1, max_delay_ms=1))).start()
+    yield srv
+    srv.stop()
+
+
+def test_default_model_is_the_shipped_one():
+    path = default_model_path()
+    assert path is not None and path.parent.name == "street_xs"
+
+
+def test_readme_example_matches_direct_session(default_server):
+    body = EXAMPLE.read_bytes()
+    with httpx.Client(base_url=default_server.base, timeout=60) as client:
+        r = client.post(
+            "/v1/segment",
+            params={"eps": 0.05, "outputs": "mask,radius"},
+            content=body,
+            headers={"Content-Type": "image/png"},
+        )
+    assert r.status_code == 200, r.text
+    ans = r.json()
+    assert ans["model"] == "certseg-street-xs"
+    session = ort_session(default_model_path().parent)
+    mask, margin, radius = session.run(["mask", "margin", "radius"], {"image": to_input(body)})
+    with Image.open(io.BytesIO(base64.b64decode(ans["mask"]["data"]))) as img:
+        np.testing.assert_array_equal(np.asarray(img), mask[0])
+    got = np.frombuffer(base64.b64decode(ans["radius"]["data"]), dtype="<f2")
+    got = got.reshape(ans["radius"]["shape"]).astype(np.float32)
+    np.testing.assert_array_equal(got, radius[0].astype(np.float16).astype(np.float32))
+    assert ans["guaranteed_fraction"] == pytest.approx(
+        float(guaranteed_region(radius[0], 0.05).mean())
+    )
+    assert ans["max_flips"] == int(max_flips(margin[0], 0.05, ans["lipschitz"]))
+    # A trained model: most of a street scene is certified at a small budget.
+    assert ans["guaranteed_fraction"] > 0.05
