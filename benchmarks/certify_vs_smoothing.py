@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from _common import print_table, write_result
 
-from certseg.certify import DatasetCertifier
+from certseg.certify import certified_radius, guaranteed_region, margins
 from certseg.certify.smoothing import SmoothingCertifier
 from certseg.data import SyntheticScenes
 from certseg.inference import predict_logits
@@ -75,16 +75,28 @@ def main() -> None:
     labels = np.stack([data[i][1] for i in range(args.images)])
 
     predict_logits(model, images[:1], card.pad_multiple, device)  # warm-up
-    certs = [DatasetCertifier(card.num_classes, card.certified_lipschitz) for _ in args.eps]
+    lip = card.certified_lipschitz
+    outs = []
     _sync(device)
     t0 = time.perf_counter()
-    for i in range(args.images):
+    for i in range(args.images):  # the timed part: one pass + per-pixel certificates
         logits = predict_logits(model, images[i : i + 1], card.pad_multiple, device)
-        for e, c in zip(args.eps, certs, strict=True):
-            c.update(logits, labels[i : i + 1], e)
+        pred, margin = margins(logits)
+        radius = certified_radius(margin, lip)
+        outs.append((pred, [guaranteed_region(radius, e) for e in args.eps]))
     _sync(device)
     lip_s = (time.perf_counter() - t0) / args.images
-    lip_acc = [c.compute().certified_pixel_accuracy for c in certs]
+    valid = labels != card.ignore_index
+    lip_acc = [
+        float(
+            sum(
+                ((p == labels[i : i + 1]) & g[k] & valid[i : i + 1]).sum()
+                for i, (p, g) in enumerate(outs)
+            )
+            / valid.sum()
+        )
+        for k in range(len(args.eps))
+    ]
 
     rows, payload = [], []
     for setting in args.settings.split(","):

@@ -118,3 +118,21 @@ def test_worst_ratio_iou_by_hand() -> None:
     n_star, feasible = split_frontier(tp, fp, np.array([2.5]))
     r = frontier_min_ratio(n_star, feasible, np.array([0]), 1.0, np.array([0]), 0.0)
     assert math.isnan(r[0])  # undefined metric
+
+
+def test_selection_path_equals_sort_and_cumsum():
+    """The O(N) selection used for numpy rows gives the sort + cumsum answer exactly,
+    with ties, zeros and budgets at exact prefix sums."""
+    from certseg.certify.budget import _max_flips_select
+
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        n = int(rng.integers(0, 60))
+        costs = np.round(rng.exponential(1.0, n), int(rng.integers(0, 3)))
+        prefix = np.cumsum(np.sort(costs))
+        budgets = [0.0, float(rng.uniform(0, 2 * (prefix[-1] if n else 1)))]
+        if n:
+            budgets.append(float(prefix[int(rng.integers(0, n))]))
+        for b in budgets:
+            expected = int(np.sum(prefix <= b))
+            assert _max_flips_select(costs, b) == expected, (trial, b)
