@@ -370,3 +370,15 @@ def test_torch_backend_matches_onnxruntime():
     assert (a["mask"] == b["mask"]).mean() > 0.99
     np.testing.assert_allclose(a["radius"], b["radius"], atol=1e-4)
     json.dumps(torch_engine.metadata().card.model_dump())
+
+
+def test_card_mirror_keeps_up_with_model_card():
+    """The server's torch-free CardInfo mirrors certseg's ModelCard: no field may drift."""
+    import dataclasses
+
+    from certseg.models import ModelCard
+    from server.engine import CardInfo
+
+    missing = {f.name for f in dataclasses.fields(ModelCard)} - set(CardInfo.model_fields)
+    # arch_kwargs only matter to rebuild the torch model, which the server never does.
+    assert missing <= {"arch_kwargs"}, missing
