@@ -64,7 +64,7 @@ def serve(
         int | None, typer.Option(help="Threads per forward (default: auto).")
     ] = None,
     max_batch: Annotated[
-        int | None, typer.Option(help="Images per forward pass (default: 8).")
+        int | None, typer.Option(help="Images per forward pass (default: 1 on CPU, 8 on GPU).")
     ] = None,
     max_delay_ms: Annotated[
         float | None, typer.Option(help="Longest wait for a batch to fill (default: 2).")

@@ -61,7 +61,7 @@ class ServerState:
                 self.batchers[device] = Batcher(
                     {},
                     device=device,
-                    max_batch=s.max_batch,
+                    max_batch=s.max_batch or (1 if device == "cpu" else 8),
                     max_delay_ms=s.max_delay_ms,
                     max_queue=s.max_queue,
                     on_batch=self._on_batch,
