@@ -12,6 +12,7 @@ import math
 from torch import nn
 
 from certseg.nn import BatchCentering2d, MaxMin, OrthoConv2d, OrthoConvTranspose2d
+from certseg.nn.conv import ortho_conv_geometry
 
 __all__ = ["conv", "conv_block", "klip_scale", "up_block"]
 
@@ -32,10 +33,7 @@ def conv(
 ) -> nn.Module:
     if constrained:
         return OrthoConv2d(cin, cout, k, stride, dilation, scale=klip_scale(cin, cout, klip))
-    # Same output geometry as OrthoConv2d (strided kernels are s*ceil(k/s) wide).
-    kp = math.ceil(k / stride)
-    size = kp * stride
-    pad = dilation * (kp - 1) // 2 if stride == 1 else stride * (kp - 1) // 2
+    _, size, pad = ortho_conv_geometry(k, stride, dilation)  # same shapes as OrthoConv2d
     return nn.Conv2d(cin, cout, size, stride, pad, dilation)
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "OrthoConv2d",
     "OrthoConvTranspose2d",
     "OrthoLinear",
+    "ortho_conv_geometry",
 ]
 
 
@@ -79,6 +80,22 @@ def _fuse(src: nn.Module, plain_cls: type, **geometry) -> nn.Module:
     return plain
 
 
+def ortho_conv_geometry(kernel_size: int, stride: int = 1, dilation: int = 1):
+    """(polyphase kernel size kp, real kernel size, padding) of an OrthoConv2d.
+
+    One place for the geometry, so the unconstrained twin gets exactly the same shapes.
+    """
+    if stride > 1 and dilation > 1:
+        raise ValueError("OrthoConv2d: strided and dilated at once is not supported")
+    if stride == 1 and kernel_size % 2 == 0:
+        raise ValueError("OrthoConv2d: stride-1 kernels must have odd size for 'same' output")
+    kp = math.ceil(kernel_size / stride)
+    if stride > 1 and (stride * (kp - 1)) % 2:
+        raise ValueError(f"stride {stride} with kernel {kernel_size} cannot keep H/s output")
+    padding = dilation * (kp - 1) // 2 if stride == 1 else stride * (kp - 1) // 2
+    return kp, kp * stride, padding
+
+
 class FusedConv2d(nn.Conv2d, _Audited):
     """A plain Conv2d that remembers its nominal constant and audits its weight."""
 
@@ -112,15 +129,7 @@ class OrthoConv2d(nn.Conv2d, _Audited):
         bias: bool = True,
         scale: float = 1.0,
     ) -> None:
-        if stride > 1 and dilation > 1:
-            raise ValueError("OrthoConv2d: strided and dilated at once is not supported")
-        if stride == 1 and kernel_size % 2 == 0:
-            raise ValueError("OrthoConv2d: stride-1 kernels must have odd size for 'same' output")
-        kp = math.ceil(kernel_size / stride)
-        size = kp * stride
-        padding = dilation * (kp - 1) // 2 if stride == 1 else stride * (kp - 1) // 2
-        if stride > 1 and (stride * (kp - 1)) % 2:
-            raise ValueError(f"stride {stride} with kernel {kernel_size} cannot keep H/s output")
+        kp, size, padding = ortho_conv_geometry(kernel_size, stride, dilation)
         super().__init__(
             in_channels,
             out_channels,
