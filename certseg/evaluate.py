@@ -50,20 +50,6 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _dataset(cfg: EvalConfig, size: tuple[int, int]):
-    from certseg import data
-
-    if cfg.data == "synthetic":
-        return data.SyntheticScenes(cfg.num_images, size, seed=cfg.seed)
-    if cfg.root is None:
-        raise ValueError(f"--root is required for --data {cfg.data}")
-    if cfg.data == "cityscapes":
-        return data.CityscapesSegmentation(cfg.root, cfg.split, size=size)
-    if cfg.data == "folder":
-        return data.FolderSegmentation(Path(cfg.root) / cfg.split, size=size)
-    raise ValueError(f"unknown data source {cfg.data!r}")
-
-
 def _batches(dataset, batch_size: int):
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -84,7 +70,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     model, card = load_checkpoint(cfg.checkpoint)
     model = model.to(device)
     size = tuple(cfg.size or card.input_size)
-    dataset = _dataset(cfg, size)
+    from certseg.data import open_split
+
+    dataset = open_split(cfg.data, cfg.split, size, root=cfg.root, num_images=cfg.num_images,
+                         seed=cfg.seed)  # fmt: skip
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     eps_grid = [float(e) for e in cfg.eps]

@@ -108,27 +108,22 @@ def fit(
 
 def open_datasets(cfg: TrainConfig):
     """(train, val, classes, palette) for the configured source."""
-    from certseg import data
+    from certseg.data import open_split
 
-    if cfg.data == "synthetic":
-        train = data.SyntheticScenes(cfg.num_images, cfg.size, seed=cfg.seed, cache=True)
-        val = data.SyntheticScenes(cfg.val_images, cfg.size, seed=cfg.seed + 10_000, cache=True)
-        return train, val, list(data.SYNTHETIC_CLASSES), list(data.SYNTHETIC_PALETTE)
-    if cfg.root is None:
-        raise ValueError(f"--root is required for --data {cfg.data}")
-    if cfg.data == "cityscapes":
-        train = data.CityscapesSegmentation(cfg.root, "train", size=cfg.size)
-        val = data.CityscapesSegmentation(cfg.root, "val", size=cfg.size)
-        return train, val, list(data.cityscapes_classes()), list(data.cityscapes_palette())
-    if cfg.data == "folder":
-        root = Path(cfg.root)
-        train = data.FolderSegmentation(root / "train", size=cfg.size)
-        val = data.FolderSegmentation(root / "val", size=cfg.size)
+    common = {"root": cfg.root, "cache": True}
+    train = open_split(cfg.data, "train", cfg.size, num_images=cfg.num_images, seed=cfg.seed,
+                       **common)  # fmt: skip
+    val = open_split(cfg.data, "val", cfg.size, num_images=cfg.val_images,
+                     seed=cfg.seed + 10_000, **common)  # fmt: skip
+    if getattr(train, "classes", None):
+        classes = list(train.classes)
+    else:  # a folder set without class names: count the ids it uses
         n = int(train.num_classes or 0) or 1 + max(int(lab[lab != 255].max()) for _, lab in train)
-        classes = list(train.classes) if train.classes else [f"class{i}" for i in range(n)]
-        palette = list(train.palette) if train.palette else _default_palette(len(classes))
-        return train, val, classes, palette
-    raise ValueError(f"unknown data source {cfg.data!r} (synthetic, cityscapes, folder)")
+        classes = [f"class{i}" for i in range(n)]
+    palette = (
+        list(train.palette) if getattr(train, "palette", None) else _default_palette(len(classes))
+    )
+    return train, val, classes, palette
 
 
 def _default_palette(n: int) -> list[tuple[int, int, int]]:

@@ -17,6 +17,7 @@ from certseg.data.cityscapes import (
 )
 from certseg.data.folder import FolderSegmentation
 from certseg.data.images import load_image, to_chw_float
+from certseg.data.sources import SOURCES, open_split
 from certseg.data.synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_PALETTE,
@@ -35,6 +36,7 @@ from certseg.data.transforms import (
 )
 
 __all__ = [
+    "SOURCES",
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_PALETTE",
     "SYNTHETIC_TO_CITYSCAPES_TRAIN_ID",
@@ -54,6 +56,7 @@ __all__ = [
     "label_ids_to_train_ids",
     "load_image",
     "make_cityscapes_fixture",
+    "open_split",
     "render_scene",
     "to_chw_float",
     "train_ids_to_label_ids",

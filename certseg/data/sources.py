@@ -1,0 +1,37 @@
+"""Open a split of a named data source: one place for training and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from certseg.data.cityscapes import CityscapesSegmentation
+from certseg.data.folder import FolderSegmentation
+from certseg.data.synthetic import SyntheticScenes
+
+__all__ = ["SOURCES", "open_split"]
+
+SOURCES = ("synthetic", "cityscapes", "folder")
+
+
+def open_split(
+    source: str,
+    split: str,
+    size: tuple[int, int] | None,
+    *,
+    root: str | Path | None = None,
+    num_images: int = 64,
+    seed: int = 0,
+    cache: bool = False,
+):
+    """A data set of `source`. Synthetic scenes have no named splits: `seed` selects
+    the images (training uses seed s, held-out sets another seed); `num_images` only
+    applies to them. Cityscapes reads root/{leftImg8bit,gtFine}/split, folder root/split."""
+    if source == "synthetic":
+        return SyntheticScenes(num_images, size or (96, 192), seed=seed, cache=cache)
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r} ({', '.join(SOURCES)})")
+    if root is None:
+        raise ValueError(f"--root is required for --data {source}")
+    if source == "cityscapes":
+        return CityscapesSegmentation(root, split, size=size)
+    return FolderSegmentation(Path(root) / split, size=size)
