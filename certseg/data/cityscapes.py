@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from certseg.data.images import to_chw_float
+from certseg.data.images import checked_index, to_chw_float
 from certseg.data.synthetic import SyntheticScenes
 
 __all__ = [
@@ -211,11 +211,7 @@ class CityscapesSegmentation:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        i = int(index)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
+        i = checked_index(index, len(self), "images")
         img_path, lab_path, kind = self.files[i]
         with Image.open(img_path) as im:
             image = im.convert("RGB")

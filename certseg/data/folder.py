@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from certseg.data.images import to_chw_float
+from certseg.data.images import checked_index, to_chw_float
 
 __all__ = ["FolderSegmentation"]
 
@@ -95,11 +95,7 @@ class FolderSegmentation:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        i = int(index)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        i = checked_index(index, len(self), "pairs")
         img_path, mask_path = self.files[i]
         with Image.open(img_path) as im:
             image = im.convert("RGB")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["load_image", "to_chw_float"]
+__all__ = ["checked_index", "load_image", "to_chw_float"]
 
 
 def to_chw_float(image: Image.Image) -> np.ndarray:
@@ -19,3 +19,13 @@ def to_chw_float(image: Image.Image) -> np.ndarray:
 def load_image(path: str | Path) -> np.ndarray:
     with Image.open(path) as img:
         return to_chw_float(img)
+
+
+def checked_index(index: int, length: int, noun: str) -> int:
+    """Sequence-style index (negative counts from the end) or an IndexError naming `noun`."""
+    i = int(index)
+    if i < 0:
+        i += length
+    if not 0 <= i < length:
+        raise IndexError(f"index {index} out of range for {length} {noun}")
+    return i

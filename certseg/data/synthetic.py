@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from certseg.data.images import checked_index
+
 __all__ = [
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_PALETTE",
@@ -923,11 +925,7 @@ class SyntheticScenes:
         return self.num_images
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        i = int(index)
-        if i < 0:
-            i += self.num_images
-        if not 0 <= i < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} scenes")
+        i = checked_index(index, self.num_images, "scenes")
         if self._cache is not None and i in self._cache:
             img8, lab8 = self._cache[i]
             return img8.astype(_F) / _F(255), lab8.astype(np.int64)
