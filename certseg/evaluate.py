@@ -100,11 +100,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             logits = predict_logits(model, images, card.pad_multiple, device=device)
             for e, cert in zip(eps_grid, certifiers, strict=True):
                 cert.update(logits, labels, e)
-            _, margin = margins(logits)
+            pred, margin = margins(logits)
             valid = labels != card.ignore_index
             stab.append(np.stack([stability(margin, a, lip, valid) for a in STABILITY_ALPHAS], 1))
             if not example:
-                pred, _ = margins(logits[:1])
                 example = {"image": images[0], "pred": pred[0], "margin": margin[0]}
         seconds += time.perf_counter() - t0
         bar.update(len(images))
