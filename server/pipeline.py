@@ -116,6 +116,21 @@ class Certified:
     def pixels(self) -> int:
         return int(self.mask.size)
 
+    def summary(self) -> dict:
+        """The certificate fields every answer carries, REST and stream alike."""
+        height, width = self.mask.shape
+        return {
+            "model": self.model.name,
+            "eps": self.eps,
+            "lipschitz": self.model.lipschitz,
+            "width": int(width),
+            "height": int(height),
+            "guaranteed_fraction": self.guaranteed_fraction,
+            "max_flips": self.max_flips,
+            "max_flips_fraction": self.max_flips / self.pixels,
+            "batch_size": self.batch_size,
+        }
+
 
 def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else x

@@ -193,19 +193,7 @@ def _json_answer(
 ) -> dict:
     """Every field but timings; the encode stage (blocking, runs in a thread)."""
     info = cert.model
-    ans: dict = {
-        "model": info.name,
-        "model_version": info.version,
-        "eps": cert.eps,
-        "lipschitz": info.lipschitz,
-        "width": image.width,
-        "height": image.height,
-        "guaranteed_fraction": cert.guaranteed_fraction,
-        "max_flips": cert.max_flips,
-        "max_flips_fraction": cert.max_flips / cert.pixels,
-        "batch_size": cert.batch_size,
-        "metrics": cert.metrics,
-    }
+    ans: dict = {**cert.summary(), "model_version": info.version, "metrics": cert.metrics}
     if "mask" in outputs:
         png, dtype = encode_mask_png(cert.mask, info.card.num_classes)
         ans["mask"] = EncodedImage(dtype=dtype, data=_b64(png))
