@@ -61,6 +61,10 @@ def train(
     tau: Annotated[
         float, typer.Option(help="Loss temperature (paper: 20 Cityscapes, 8 small).")
     ] = 8.0,
+    train_eps: Annotated[
+        float,
+        typer.Option(help="Certified-margin training: offset wrong classes by sqrt(2) L eps."),
+    ] = 0.0,
     eps: Annotated[float, typer.Option(help="Validation eps and the card's default.")] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -88,7 +92,7 @@ def train(
         val_images=val_images,
         size=(height, width),
         batch_size=batch_size,
-        recipe=Recipe(epochs=epochs, lr=lr, tau=tau),
+        recipe=Recipe(epochs=epochs, lr=lr, tau=tau, train_eps=train_eps),
         seed=seed,
         device=device,
         amp=amp,

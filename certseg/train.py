@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from certseg.losses import tau_cross_entropy
+from certseg.losses import certified_offset, tau_cross_entropy
 
 __all__ = ["Recipe", "TrainConfig", "fit", "make_optimizer", "train"]
 
@@ -36,7 +36,13 @@ class Recipe:
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.95, 0.95)
     tau: float = 8.0
+    train_eps: float = 0.0  # > 0: Lipschitz-margin offset sqrt(2) L train_eps on wrong classes
     ignore_index: int = 255
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, lipschitz: float) -> torch.Tensor:
+        """The training loss of this recipe for a net of Lipschitz constant `lipschitz`."""
+        offset = certified_offset(self.train_eps, lipschitz)
+        return tau_cross_entropy(logits.float(), labels, self.tau, self.ignore_index, offset)
 
 
 @dataclass
@@ -87,20 +93,56 @@ def fit(
     returns each epoch's mean loss. For tests and notebooks; `train` is the full one."""
     steps = steps_per_epoch or len(batches)  # type: ignore[arg-type]
     opt, sched = make_optimizer(model, recipe, recipe.epochs * steps)
+    lipschitz = _lipschitz(model, recipe)
     history = []
     model.train()
     for _ in range(recipe.epochs):
         total, count = 0.0, 0
         for images, labels in batches:
-            loss = tau_cross_entropy(model(images), labels, recipe.tau, recipe.ignore_index)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, count = total + loss.item(), count + 1
+            total += train_step(model, images, labels, recipe, lipschitz, opt, sched)
+            count += 1
         history.append(total / max(count, 1))
     model.eval()
     return history
+
+
+def train_step(
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: Recipe,
+    lipschitz: float,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+) -> float:
+    """One optimisation step (optional autocast and grad scaling); returns the loss."""
+    with torch.autocast(images.device.type, enabled=amp):
+        logits = net(images)
+    loss = recipe.loss(logits, labels, lipschitz)
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    sched.step()
+    return loss.item()
+
+
+def _lipschitz(model: nn.Module, recipe: Recipe) -> float:
+    """The structural L the certificate will use; the margin offset needs one."""
+    from certseg.models import is_lipschitz
+    from certseg.nn import structural_lipschitz
+
+    if is_lipschitz(model):
+        return structural_lipschitz(model)
+    if recipe.train_eps > 0:
+        raise ValueError("train_eps > 0 needs a Lipschitz model (the offset is sqrt(2) L eps)")
+    return 1.0
 
 
 # ----------------------------------------------------------------------------- data
@@ -277,7 +319,9 @@ def train(cfg: TrainConfig) -> Path:
         cfg.arch, num_classes=len(classes), mean=mean, std=std, **cfg.arch_kwargs
     ).to(device)
     opt, sched = make_optimizer(model, cfg.recipe, cfg.recipe.epochs * steps)
-    scaler = torch.amp.GradScaler(enabled=cfg.amp and device.type == "cuda")
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(enabled=use_amp)
+    lipschitz = _lipschitz(model, cfg.recipe)
     start_epoch, history, elapsed = 0, [], 0.0
     if cfg.init:
         blob = torch.load(cfg.init, map_location=device, weights_only=False)
@@ -314,17 +358,10 @@ def train(cfg: TrainConfig) -> Path:
             images, labels = images.to(device), labels.to(device)
             if cfg.noise_sigma > 0:
                 images = images + cfg.noise_sigma * torch.randn_like(images)
-            with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
-                logits = net(images)
-            loss = tau_cross_entropy(
-                logits.float(), labels, cfg.recipe.tau, cfg.recipe.ignore_index
+            loss = train_step(
+                net, images, labels, cfg.recipe, lipschitz, opt, sched, scaler, amp=use_amp
             )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total, count = total + loss.item(), count + 1
+            total, count = total + loss, count + 1
             bar.set_postfix(loss=f"{total / count:.4f}")
             bar.update()
         bar.close()
