@@ -7,7 +7,8 @@ the models in the background. Tests and embedders may pass ready-made engines.
 One pure-ASGI middleware wraps every request and WebSocket: request id (the
 client's X-Request-ID if sane, else a fresh one; echoed back), API-key check
 (constant-time; health and docs exempt), one JSON log line, the request counter,
-and a last-resort 500 problem+json without a stack trace.
+and a last-resort 500 problem+json without a stack trace. CORS, when configured, wraps
+it (off by default).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import certseg
@@ -230,4 +232,12 @@ def create_app(
     for module in (v1, stream, v2, ops):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, state=state)
+    if settings.cors_origins:  # outermost: preflights need no key, 401s carry CORS headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after"],
+        )
     return app

@@ -98,11 +98,25 @@ def serve(
         str | None, typer.Option(help="debug, info, warning (default: info).")
     ] = None,
     log_json: Annotated[bool | None, typer.Option(help="JSON log lines (default: on).")] = None,
+    cors_origins: Annotated[
+        list[str] | None, typer.Option(help="CORS allowed origin (repeatable; default: off).")
+    ] = None,
+    max_streams: Annotated[
+        int | None, typer.Option(help="Open WebSocket streams (default: 64).")
+    ] = None,
+    stream_idle_s: Annotated[
+        float | None, typer.Option(help="Close streams silent this long (default: 60).")
+    ] = None,
+    shutdown_grace_s: Annotated[
+        float | None, typer.Option(help="SIGTERM: seconds for in-flight work (default: 10).")
+    ] = None,
 ) -> None:
     """Serve certified segmentation over REST, WebSocket and the Open Inference Protocol."""
     import uvicorn
 
     from server.app import create_app
+    from server.backends import create_engine, resolve_model_specs
+    from server.errors import CertSegError
     from server.logs import configure_logging
 
     settings = build_settings(
@@ -127,19 +141,35 @@ def serve(
         warmup=warmup,
         log_level=log_level,
         log_json=log_json,
+        cors_origins=cors_origins or None,
+        max_streams=max_streams,
+        stream_idle_s=stream_idle_s,
+        shutdown_grace_s=shutdown_grace_s,
     )
     configure_logging(settings.log_level, settings.log_json)
+    try:  # a missing, corrupt or over-claiming model stops here, before the port opens
+        engines = [create_engine(spec, settings) for spec in resolve_model_specs(settings)]
+    except CertSegError as exc:
+        typer.echo(f"certseg serve: error: {exc.detail}", err=True)
+        raise typer.Exit(2) from None
+    application = create_app(settings, engines=engines)
     config = uvicorn.Config(
-        create_app(settings),
+        application,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
         ws_max_size=settings.max_body_bytes,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
         lifespan="on",
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    state = application.state.server
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.fatal:  # a model failed to load in the background: exit non-zero
+        typer.echo(f"certseg serve: error: {state.fatal}", err=True)
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # python -m server.cli serve ...

@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 
 __all__ = [
     "PROBLEMS",
@@ -167,12 +168,12 @@ def problem_for(exc: CertSegError) -> Problem:
     return PROBLEMS[CertSegError]
 
 
-def _is_v2(request: Request) -> bool:
+def _is_v2(request: HTTPConnection) -> bool:
     return request.url.path.startswith("/v2")
 
 
 def problem_response(
-    request: Request,
+    request: HTTPConnection,
     status: int,
     title: str,
     detail: str,

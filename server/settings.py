@@ -80,6 +80,31 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
     log_json: bool = True
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS (e.g. https://app.example.org, or *). Empty: "
+        "CORS off, browsers on other origins cannot read answers.",
+    )
+    shutdown_grace_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="On SIGTERM: stop accepting, let in-flight requests finish for at "
+        "most this long, then exit.",
+    )
+
+    # streams (WS /v1/stream)
+    max_streams: int = Field(
+        default=64, ge=1, description="Open streams; beyond it the handshake gets 503."
+    )
+    stream_idle_s: float = Field(
+        default=60.0, gt=0, description="Close a stream that sent nothing for this long."
+    )
+    stream_send_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Close a stream whose client has not taken an answer for this long "
+        "(a client that stops reading must not hold server memory).",
+    )
 
     # batching
     max_batch: int | None = Field(
@@ -99,7 +124,7 @@ class Settings(BaseSettings):
         default=256 * 1024 * 1024, ge=1024, description="V2 infer bodies (raw tensors, JSON)."
     )
 
-    @field_validator("models", "providers", mode="before")
+    @field_validator("models", "providers", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         """Accept "a,b" from the environment as well as JSON lists."""
@@ -109,7 +134,7 @@ class Settings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("max_delay_ms")
+    @field_validator("max_delay_ms", "shutdown_grace_s", "stream_idle_s", "stream_send_timeout_s")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 from starlette.requests import HTTPConnection
@@ -40,6 +41,11 @@ class ServerState:
         self.batchers: dict[str, Batcher] = {}  # by device
         self._by_model: dict[str, Batcher] = {}
         self._warmup_task: asyncio.Task[None] | None = None
+        self.streams = 0  # open WebSocket streams
+        #: Set when a model failed to load; with on_fatal set (by `certseg serve`) the
+        #: server then shuts down and exits non-zero instead of staying live and unready.
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[], None] | None = None
 
     # setup ----------------------------------------------------------------------
     def add_engines(self, engines: list[Engine]) -> None:
@@ -94,6 +100,9 @@ class ServerState:
             self.status[name] = "failed"
             self.errors[name] = str(exc)
             log.error("model %s failed to load: %s", name, exc, exc_info=exc)
+            if self.on_fatal is not None:
+                self.fatal = f"model {name} failed to load: {exc}"
+                self.on_fatal()
             return
         self.status[name] = "ready"
         self.metrics.model_ready.labels(name).set(1)

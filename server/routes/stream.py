@@ -15,6 +15,13 @@ arriving before the previous one started replaces it and counts as dropped (live
 video wants the present, not a backlog). Every frame is either answered (result or
 error) or dropped, so answered + dropped == sent once the last answer arrives.
 Query parameters model, eps, outputs and overlay_style set the initial settings.
+
+Limits (Settings): at most max_streams open streams (the next handshake gets 503
+problem+json with Retry-After); a stream silent for stream_idle_s with nothing in
+flight is closed (1000, "idle timeout"); a client that takes no answer for
+stream_send_timeout_s is closed (1008, "client not reading"), so a reader that
+stalls holds one waiting frame and one unsent answer, never a backlog; a message
+over max_body_bytes closes the stream (1009, by uvicorn).
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from server.decode import decode_image
-from server.errors import CertSegError, InvalidParameter, problem_for
+from server.errors import (
+    CertSegError,
+    InvalidParameter,
+    Overloaded,
+    problem_for,
+    problem_response,
+)
 from server.overlay import encode_mask_png, encode_png, render_overlay
 from server.pipeline import Timings, check_eps, segment_image
 from server.state import ServerState, get_state
@@ -83,6 +96,14 @@ class StreamConfig:
         }
 
 
+class _Closing(Exception):
+    """Ends a stream from the server side with this WebSocket close code."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
 @dataclass
 class _Pending:
     frame: int
@@ -103,15 +124,52 @@ class StreamSession:
         self._slot: _Pending | None = None
         self._has_frame = asyncio.Event()
         self._send_lock = asyncio.Lock()
+        self._busy = False  # a frame is being processed
 
     async def send_json(self, obj: dict[str, Any]) -> None:
+        await self._send(json.dumps(obj))
+
+    async def _send(self, *messages: str | bytes) -> None:
+        """Send messages back to back; a client that takes none of them in time is stalled."""
         async with self._send_lock:
-            await self.ws.send_text(json.dumps(obj))
+            try:
+                async with asyncio.timeout(self.state.settings.stream_send_timeout_s):
+                    for m in messages:
+                        if isinstance(m, str):
+                            await self.ws.send_text(m)
+                        else:
+                            await self.ws.send_bytes(m)
+            except TimeoutError:
+                raise _Closing(1008, "client not reading") from None
+
+    async def run(self) -> _Closing | None:
+        """Receive and process until either side ends; why the stream ends (None: client)."""
+        tasks = [asyncio.create_task(self.receive_loop()), asyncio.create_task(self.process_loop())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, _Closing):
+                return exc
+            if exc is not None and not isinstance(exc, WebSocketDisconnect | RuntimeError):
+                raise exc
+        return None
 
     async def receive_loop(self) -> None:
-        """Read messages until the client closes; never blocks on inference."""
+        """Read messages until the client closes or idles; never blocks on inference."""
+        idle_s = self.state.settings.stream_idle_s
         while True:
-            msg = await self.ws.receive()
+            try:
+                async with asyncio.timeout(idle_s):
+                    msg = await self.ws.receive()
+            except TimeoutError:
+                if self._busy or self._slot is not None:
+                    continue  # silent because it waits for us
+                raise _Closing(1000, "idle timeout") from None
             if msg["type"] == "websocket.disconnect":
                 return
             if msg.get("bytes") is not None:
@@ -173,17 +231,20 @@ class StreamSession:
             self._has_frame.clear()
             if pending is None:
                 continue
+            self._busy = True
             try:
                 await self._process(pending)
+            except (_Closing, WebSocketDisconnect, RuntimeError):
+                raise  # stalled client or socket gone: the session ends
             except CertSegError as exc:
                 self.answered += 1
                 await self._error(pending.frame, exc)
-            except (WebSocketDisconnect, RuntimeError):
-                return  # the socket is gone; the receive loop ends the session
             except Exception as exc:
                 log.error("stream frame %d failed: %s", pending.frame, exc, exc_info=exc)
                 self.answered += 1
                 await self._error(pending.frame, CertSegError("internal error (see server log)"))
+            finally:
+                self._busy = False
 
     async def _process(self, p: _Pending) -> None:
         cfg = self.config
@@ -222,10 +283,7 @@ class StreamSession:
             "timings_ms": stages,
             "binary": list(cfg.outputs),
         }
-        async with self._send_lock:
-            await self.ws.send_text(json.dumps(result))
-            for blob in blobs:
-                await self.ws.send_bytes(blob)
+        await self._send(json.dumps(result), *blobs)
 
 
 def _initial_config(ws: WebSocket, state: ServerState) -> StreamConfig:
@@ -247,6 +305,19 @@ def _initial_config(ws: WebSocket, state: ServerState) -> StreamConfig:
 async def stream(ws: WebSocket) -> None:
     """Binary frames in, one JSON certificate (+ optional PNGs) per frame out."""
     state = get_state(ws)
+    if state.streams >= state.settings.max_streams:
+        await _refuse(ws, Overloaded(f"{state.streams} streams open (the limit)", retry_after=1))
+        return
+    state.streams += 1
+    state.metrics.stream_connections.inc()
+    try:
+        await _serve_stream(ws, state)
+    finally:
+        state.streams -= 1
+        state.metrics.stream_connections.dec()
+
+
+async def _serve_stream(ws: WebSocket, state: ServerState) -> None:
     await ws.accept()
     try:
         config = _initial_config(ws, state)
@@ -256,23 +327,35 @@ async def stream(ws: WebSocket) -> None:
         await ws.close(code=1008, reason=p.title)
         return
     session = StreamSession(ws, state, config)
-    state.metrics.stream_connections.inc()
-    await session.send_json(config.as_dict())
-    worker = asyncio.get_running_loop().create_task(session.process_loop())
+    closing: _Closing | None = None
     try:
-        await session.receive_loop()
+        await session.send_json(config.as_dict())
+        closing = await session.run()
+    except _Closing as exc:
+        closing = exc
     except (WebSocketDisconnect, RuntimeError):
         pass  # client went away mid-send
     finally:
-        worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
-            await worker
-        state.metrics.stream_connections.dec()
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await ws.close(code=1000)
+        code, reason = (closing.code, closing.reason) if closing else (1000, "")
+        # A stalled client cannot take the close frame either: do not wait on it for long.
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError):
+            async with asyncio.timeout(1.0):
+                await ws.close(code=code, reason=reason)
         log.info(
-            "stream closed: %d frames, %d answered, %d dropped",
+            "stream closed (%s): %d frames, %d answered, %d dropped",
+            reason or "client",
             session.sent,
             session.answered,
             session.dropped,
         )
+
+
+async def _refuse(ws: WebSocket, exc: CertSegError) -> None:
+    """Refuse a handshake: an HTTP problem+json answer where the server can send one."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        p = problem_for(exc)
+        await ws.send_denial_response(
+            problem_response(ws, p.status, p.title, exc.detail, p.slug, exc.retry_after)
+        )
+    else:
+        await ws.close(code=1013, reason="try again later")

@@ -13,8 +13,8 @@ client runs here, on the same machine: on a small CPU box they compete for cores
 read the REST figures as an upper bound on overhead. Without a model argument an
 untrained model of --arch is exported to a temporary folder (needs torch).
 
-    python benchmarks/server.py                          # 512x1024, tiny, 200 requests
-    python benchmarks/server.py exported_dir --size 256x512 --requests 40
+    python benchmarks/server_overhead.py                          # 512x1024, tiny, 200 requests
+    python benchmarks/server_overhead.py exported_dir --size 256x512 --requests 40
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ import argparse
 import asyncio
 import io
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +31,8 @@ import httpx
 import numpy as np
 from _common import print_table, write_result
 from PIL import Image
+
+from server.launch import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "queue", "infer", "certify", "encode", "total")
@@ -96,59 +94,11 @@ def raw_ort(model: Path, x: np.ndarray, n: int, threads: int) -> dict:
     return {"p50_ms": p50, "p99_ms": p99, "per_s": 1000 / float(np.mean(times))}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m server.cli serve MODEL` on a free port, until stop()."""
-
-    def __init__(self, model: Path, max_batch: int, threads: int, max_delay_ms: float) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            str(model),
-            "--port",
-            str(self.port),
-            "--max-batch",
-            str(max_batch),
-            "--max-delay-ms",
-            str(max_delay_ms),
-            "--intra-op-threads",
-            str(threads),
-            "--max-queue",
-            "256",
-            "--log-level",
-            "warning",
-        ]
-        # cwd = the repo root: run from benchmarks/, `-m server` would find this file.
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read().decode()[-2000:])
-            try:
-                if httpx.get(self.base + "/v2/health/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def serve(model: Path, max_batch: int, threads: int, max_delay_ms: float) -> ServeProcess:
+    """The server on `model` with these batching settings, ready."""
+    args = [str(model), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
+    args += ["--intra-op-threads", str(threads), "--max-queue", "256", "--log-level", "warning"]
+    return ServeProcess(args).wait_ready()
 
 
 async def rest_load(base: str, body: bytes, requests: int, concurrency: int) -> dict:
@@ -241,7 +191,7 @@ def main() -> None:
 
     results["rest"] = {}
     for label, max_batch in (("batching", 8), ("no batching", 1)):
-        srv = ServerProcess(model, max_batch, args.threads, args.max_delay_ms)
+        srv = serve(model, max_batch, args.threads, args.max_delay_ms)
         try:
             for conc in (1, 8):
                 if label == "no batching" and conc == 1:
@@ -266,7 +216,7 @@ def main() -> None:
                     ["WS stream (closed loop)", 1, max_batch, s["ms_per_frame"], "-", s["fps"], "-"]
                 )
         finally:
-            srv.stop()
+            srv.close()
     tmp.cleanup()
 
     print_table(
