@@ -150,7 +150,7 @@ def serve(
     try:  # a missing, corrupt or over-claiming model stops here, before the port opens
         engines = [create_engine(spec, settings) for spec in resolve_model_specs(settings)]
     except CertSegError as exc:
-        typer.echo(f"certseg serve: error: {exc.detail}", err=True)
+        _fail(exc.detail)
         raise typer.Exit(2) from None
     application = create_app(settings, engines=engines)
     config = uvicorn.Config(
@@ -168,8 +168,13 @@ def serve(
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
     if state.fatal:  # a model failed to load in the background: exit non-zero
-        typer.echo(f"certseg serve: error: {state.fatal}", err=True)
+        _fail(state.fatal)
         raise typer.Exit(1)
+
+
+def _fail(message: str) -> None:
+    """One stderr line a person or a supervisor can act on (no traceback)."""
+    typer.echo("certseg serve: error: " + " ".join(message.split()), err=True)
 
 
 if __name__ == "__main__":  # python -m server.cli serve ...

@@ -14,7 +14,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from server.decode import DecodedImage, decode_image, decode_target
-from server.errors import InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+from server.errors import (
+    PROBLEM_MEDIA_TYPE,
+    InvalidParameter,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from server.overlay import OverlayStyle, encode_mask_png, encode_png, render_overlay
 from server.pipeline import Certified, Timings, check_eps, parse_outputs, segment_image
 from server.state import ServerState, get_state
@@ -126,6 +131,30 @@ _BODY_DOC = {
         },
     }
 }
+
+
+#: RFC 9457 problem details, as server.errors answers every error of this surface.
+_PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "instance"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "request_id": {"type": "string"},
+    },
+}
+
+
+def _problem(description: str, **extra: object) -> dict:
+    """An error response of the OpenAPI document: problem+json."""
+    return {
+        "description": description,
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": _PROBLEM_SCHEMA}},
+        **extra,
+    }
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -244,17 +273,23 @@ def _certificate_headers(cert: Certified) -> dict[str, str]:
     openapi_extra=_BODY_DOC,
     responses={
         200: {"content": {"image/png": {}, "application/x-npz": {}}},
-        413: {"description": "Body or pixels over the limits"},
-        415: {"description": "Not PNG, JPEG or WebP"},
-        422: {"description": "Corrupt image or invalid option"},
-        503: {"description": "Overloaded (Retry-After) or backend fault"},
+        400: _problem("Malformed multipart body"),
+        404: _problem("No model of that name"),
+        413: _problem("Body or pixels over the limits"),
+        415: _problem("Not PNG, JPEG or WebP"),
+        422: _problem("Corrupt image or invalid option"),
+        503: _problem(
+            "Overloaded (Retry-After) or backend fault",
+            headers={"Retry-After": {"description": "Seconds", "schema": {"type": "integer"}}},
+        ),
     },
 )
 async def segment(
     request: Request,
     model: Annotated[str | None, Query(description="Model name (default: the first).")] = None,
     eps: Annotated[
-        float | None, Query(description="l2 budget on [0,1] pixels (default: the card's).")
+        float | None,
+        Query(ge=0.0, description="l2 budget on [0,1] pixels (default: the card's)."),
     ] = None,
     outputs: Annotated[
         str | None, Query(description="Comma list of mask, radius, overlay, logits.")

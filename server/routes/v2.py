@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import struct
 import zlib
 from typing import Any
@@ -75,6 +76,118 @@ class Readiness(BaseModel):
     name: str | None = None
 
 
+class V2Error(BaseModel):
+    """The protocol's error body."""
+
+    error: str
+
+
+# OpenAPI documentation of what the routes answer besides 200 (schemathesis checks the
+# server against it: tests/test_fuzz_schema.py).
+_NOT_READY = {400: {"model": Readiness, "description": "Not ready (the protocol's false)"}}
+_NO_MODEL = {404: {"model": V2Error, "description": "No model (or version) of that name"}}
+_TENSOR_PARAMS = {
+    "type": "object",
+    "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+    "description": "binary_data_size: the tensor's bytes follow the JSON header.",
+}
+_INFER_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"description": "Echoed back in the response."},
+        "parameters": {
+            "type": "object",
+            "description": "binary_data_output: every output as binary data.",
+        },
+        "inputs": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "datatype", "shape"],
+                "properties": {
+                    "name": {"type": "string", "enum": ["image"]},
+                    "datatype": {"type": "string", "enum": [*DTYPES, "BYTES"]},
+                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    "parameters": _TENSOR_PARAMS,
+                    "data": {"type": "array", "description": "Row-major values (flat or nested)."},
+                },
+            },
+        },
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "parameters": {"type": "object", "description": "binary_data: as binary."},
+                },
+            },
+        },
+    },
+}
+_INFER_RESPONSE = {
+    "type": "object",
+    "required": ["model_name", "model_version", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "datatype", "shape"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "datatype": {"type": "string"},
+                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "parameters": _TENSOR_PARAMS,
+                    "data": {"type": "array"},
+                },
+            },
+        },
+    },
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_INFER_DOC = {
+    "parameters": [
+        {
+            "name": HEADER,
+            "in": "header",
+            "required": False,
+            "description": "Binary extension: length of the JSON header; tensors follow it.",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _INFER_REQUEST},
+            "application/octet-stream": _BINARY,
+        },
+    },
+}
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Outputs (binary ones after the JSON header, see "
+        "Inference-Header-Content-Length)",
+        "content": {
+            "application/json": {"schema": _INFER_RESPONSE},
+            "application/octet-stream": _BINARY,
+        },
+    },
+    **_NO_MODEL,
+    413: {"model": V2Error, "description": "Body, pixels or batch over the limits"},
+    415: {"model": V2Error, "description": "BYTES images that are not PNG, JPEG or WebP"},
+    422: {"model": V2Error, "description": "Malformed request or tensors"},
+    503: {"model": V2Error, "description": "Overloaded (Retry-After) or backend fault"},
+}
+
+
 def _health(ok: bool, name: str | None = None) -> JSONResponse:
     """The protocol answers health with the status code: 200 true, 4xx false (as Triton,
     which uses 400)."""
@@ -98,7 +211,7 @@ async def live() -> JSONResponse:
     return _health(True)
 
 
-@router.get("/health/ready", response_model=Readiness)
+@router.get("/health/ready", response_model=Readiness, responses=_NOT_READY)
 async def ready(request: Request) -> JSONResponse:
     """Ready once every model is loaded and warmed up."""
     return _health(get_state(request).ready)
@@ -132,34 +245,40 @@ def _model_metadata(state: ServerState, name: str) -> ModelMetadata:
     )
 
 
-@router.get("/models/{model}", response_model=ModelMetadata)
+@router.get("/models/{model}", response_model=ModelMetadata, responses=_NO_MODEL)
 async def model_metadata(request: Request, model: str) -> ModelMetadata:
     """Inputs, outputs, platform and versions of one model."""
     return _model_metadata(get_state(request), model)
 
 
-@router.get("/models/{model}/versions/{version}", response_model=ModelMetadata)
+@router.get("/models/{model}/versions/{version}", response_model=ModelMetadata, responses=_NO_MODEL)
 async def model_version_metadata(request: Request, model: str, version: str) -> ModelMetadata:
     state = get_state(request)
     _version(state, model, version)
     return _model_metadata(state, model)
 
 
-@router.get("/models/{model}/ready", response_model=Readiness)
+@router.get(
+    "/models/{model}/ready", response_model=Readiness, responses={**_NOT_READY, **_NO_MODEL}
+)
 async def model_ready(request: Request, model: str) -> JSONResponse:
     state = get_state(request)
     state.info(model)
     return _health(state.model_ready(model), model)
 
 
-@router.get("/models/{model}/versions/{version}/ready", response_model=Readiness)
+@router.get(
+    "/models/{model}/versions/{version}/ready",
+    response_model=Readiness,
+    responses={**_NOT_READY, **_NO_MODEL},
+)
 async def model_version_ready(request: Request, model: str, version: str) -> JSONResponse:
     state = get_state(request)
     _version(state, model, version)
     return _health(state.model_ready(model), model)
 
 
-@router.get("/models/{model}/config")
+@router.get("/models/{model}/config", responses=_NO_MODEL)
 async def model_config(request: Request, model: str) -> dict[str, Any]:
     """A Triton-style model configuration (what `get_model_config` reads)."""
     state = get_state(request)
@@ -227,6 +346,14 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
     return req, tail
 
 
+def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """The object's `parameters` ({} when absent); anything but an object is a 422."""
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidParameter(f"{where} 'parameters' must be a JSON object")
+    return params
+
+
 def _parse_bytes_elements(raw: bytes) -> list[bytes]:
     """Triton's BYTES serialization: each element is a uint32 LE length, then bytes."""
     out, i = [], 0
@@ -252,9 +379,11 @@ def _input_tensor(
     shape = spec.get("shape")
     if name != "image":
         raise InvalidParameter(f"unknown input {name!r}; this model takes 'image'")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
         raise InvalidParameter("input shape must be a list of non-negative integers")
-    params = spec.get("parameters") or {}
+    params = _params(spec, "input")
     size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(tail):
@@ -274,17 +403,19 @@ def _input_tensor(
                 items = [base64.b64decode(s, validate=True) for s in flat]
             except (ValueError, TypeError) as exc:
                 raise InvalidParameter("BYTES data in JSON must be base64 strings") from exc
-        if int(np.prod(shape)) != len(items):
+        if math.prod(shape) != len(items):
             raise InvalidParameter(f"shape {shape} does not match {len(items)} BYTES elements")
         return items, offset
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidParameter(f"input 'image' must be FP32 (or BYTES), got {dtype!r}")
     if len(shape) != 4 or shape[1] != 3:
         raise InvalidParameter(f"input 'image' must have shape [N, 3, H, W], got {shape}")
     h, w = shape[2], shape[3]
+    if h < 1 or w < 1:
+        raise InvalidParameter(f"input 'image' has an empty size {h}x{w}")
     if h * w > state.limits.max_pixels:
         raise PayloadTooLarge(f"{h}x{w} exceeds the limit of {state.limits.max_pixels} pixels")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: np.prod wraps around in int64
     try:
         if raw is not None:
             if len(raw) != count * DTYPES[dtype].itemsize:
@@ -294,7 +425,7 @@ def _input_tensor(
             arr = np.asarray(spec["data"], dtype=np.float64).reshape(-1)
             if arr.size != count:
                 raise InvalidParameter(f"{arr.size} values do not fit shape {shape}")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidParameter(f"input data does not parse as {dtype} ({exc})") from exc
     arr = arr.astype(np.float32).reshape(shape)
     if not np.isfinite(arr).all():
@@ -304,17 +435,18 @@ def _input_tensor(
 
 def _requested_outputs(req: dict[str, Any], available: list[str]) -> list[tuple[str, bool]]:
     """[(name, binary)] in the order asked (all outputs if none named)."""
-    params = req.get("parameters") or {}
-    all_binary = bool(params.get("binary_data_output", False))
+    all_binary = bool(_params(req, "request").get("binary_data_output", False))
     outs = req.get("outputs")
     if not outs:
         return [(n, all_binary) for n in available]
+    if not isinstance(outs, list):
+        raise InvalidParameter("'outputs' must be a list")
     result = []
     for o in outs:
         name = o.get("name") if isinstance(o, dict) else None
         if name not in available:
             raise InvalidParameter(f"unknown output {name!r}; available: {available}")
-        binary = (o.get("parameters") or {}).get("binary_data", all_binary)
+        binary = _params(o, "output").get("binary_data", all_binary)
         result.append((name, bool(binary)))
     return result
 
@@ -328,14 +460,18 @@ async def _images(tensor: np.ndarray | list[bytes], state: ServerState) -> list[
     return [d.array for d in decoded]
 
 
-@router.post("/models/{model}/infer")
+@router.post("/models/{model}/infer", responses=_INFER_RESPONSES, openapi_extra=_INFER_DOC)
 async def infer(request: Request, model: str) -> Response:
     """Run the model on a batch (JSON or binary tensors); one forward pass per image
     shape through the shared dynamic batcher."""
     return await _infer(request, model, None)
 
 
-@router.post("/models/{model}/versions/{version}/infer")
+@router.post(
+    "/models/{model}/versions/{version}/infer",
+    responses=_INFER_RESPONSES,
+    openapi_extra=_INFER_DOC,
+)
 async def infer_version(request: Request, model: str, version: str) -> Response:
     return await _infer(request, model, version)
 
@@ -355,6 +491,8 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     tensor, _ = _input_tensor(inputs[0], tail, 0, state)
     wanted = _requested_outputs(req, info.output_names)
     images = await _images(tensor, state)
+    if not images:
+        raise InvalidParameter("the input holds no images (batch of 0)")
     if len(images) > state.settings.max_queue:
         raise PayloadTooLarge(f"batch of {len(images)} exceeds max_queue")
     if batcher.depth + len(images) > batcher.max_queue:

@@ -1,0 +1,178 @@
+"""WS /v1/stream under abusive clients: one that never reads, many idle ones, oversized
+messages. Real uvicorn, real sockets; the never-reading client is a raw TCP socket
+speaking just enough WebSocket to send frames (no library would refuse to read)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import socket
+import struct
+import time
+
+import httpx
+import pytest
+import websockets
+from server_support import LiveServer, encode, ort_engine, random_image, tiny_model_dir
+
+from server import Settings, create_app
+
+
+def _serve(ws_max_size: int = 16 * 1024 * 1024, **settings) -> LiveServer:
+    app = create_app(
+        Settings(intra_op_threads=1, max_delay_ms=1, **settings),
+        engines=[ort_engine(tiny_model_dir())],
+    )
+    return LiveServer(app, ws_max_size=ws_max_size).start()
+
+
+def _open_streams(srv: LiveServer) -> int:
+    return srv.app.state.server.streams
+
+
+def _metric(srv: LiveServer, name: str) -> float:
+    for line in httpx.get(srv.base + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class RawStream:
+    """A WebSocket client on a raw socket with a tiny receive buffer that never reads."""
+
+    def __init__(self, srv: LiveServer, query: str) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", srv.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (
+                f"GET /v1/stream?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def send_binary(self, data: bytes) -> None:
+        """One masked binary frame (client frames must be masked, RFC 6455 5.3)."""
+        mask = os.urandom(4)
+        n = len(data)
+        if n < 126:
+            header = struct.pack("!BB", 0x82, 0x80 | n)
+        elif n < 1 << 16:
+            header = struct.pack("!BBH", 0x82, 0x80 | 126, n)
+        else:
+            header = struct.pack("!BBQ", 0x82, 0x80 | 127, n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        self.sock.sendall(header + mask + masked)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_client_that_never_reads_is_closed_and_holds_no_backlog(caplog):
+    """Large answers (overlay PNGs of noise) fill the socket buffers of a client that
+    never reads; the stream keeps one waiting frame (the rest are dropped), closes
+    after stream_send_timeout_s, and the server goes on serving others."""
+    caplog.set_level(logging.INFO, logger="certseg.server")
+    srv = _serve(stream_send_timeout_s=1.0, stream_idle_s=30)
+    try:
+        dropped_before = _metric(srv, "certseg_stream_dropped_frames_total")
+        frame = encode(random_image(192, 256, seed=3))
+        raw = RawStream(srv, "outputs=overlay,mask&overlay_style=heat")
+        raw.sock.settimeout(0.5)
+        assert _open_streams(srv) == 1
+        sent, deadline = 0, time.monotonic() + 30
+        try:
+            while _open_streams(srv) and time.monotonic() < deadline:
+                try:
+                    raw.send_binary(frame)
+                    sent += 1
+                except (TimeoutError, OSError):
+                    pass  # the server stopped reading us: it is closing
+                time.sleep(0.01)
+        finally:
+            raw.close()
+        assert _open_streams(srv) == 0, "the stalled stream was not closed"
+        assert time.monotonic() < deadline
+        dropped = _metric(srv, "certseg_stream_dropped_frames_total") - dropped_before
+        assert sent > 3 and dropped >= 1, (sent, dropped)
+        closes = [r.getMessage() for r in caplog.records if "stream closed" in r.getMessage()]
+        assert closes and "client not reading" in closes[-1], closes
+
+        async def normal_client() -> dict:
+            async with websockets.connect(srv.ws_base + "/v1/stream") as ws:
+                json.loads(await ws.recv())
+                await ws.send(encode(random_image(24, 32)))
+                return json.loads(await ws.recv())
+
+        assert asyncio.run(normal_client())["type"] == "result"
+    finally:
+        srv.stop()
+
+
+def test_idle_streams_up_to_the_limit_then_503_then_idle_timeout():
+    srv = _serve(max_streams=3, stream_idle_s=1.0)
+
+    async def run() -> None:
+        url = srv.ws_base + "/v1/stream"
+        idle = [await websockets.connect(url) for _ in range(3)]
+        for ws in idle:
+            assert json.loads(await ws.recv())["type"] == "config"
+        assert _open_streams(srv) == 3
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await websockets.connect(url)
+        resp = info.value.response
+        assert resp.status_code == 503 and int(resp.headers["Retry-After"]) >= 1
+        assert resp.headers["Content-Type"].startswith("application/problem+json")
+        assert json.loads(resp.body)["status"] == 503
+        # a silent stream is closed after stream_idle_s (1000, "idle timeout")
+        t0 = time.monotonic()
+        for ws in idle:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1000 and ws.close_reason == "idle timeout"
+        assert 0.5 < time.monotonic() - t0 < 10
+        assert _open_streams(srv) == 0
+        # a stream that is working is not idle: 1.5 s of 0.1 s frames stays open
+        async with websockets.connect(url) as ws:
+            await ws.recv()
+            for _ in range(15):
+                await ws.send(encode(random_image(24, 32)))
+                assert json.loads(await ws.recv())["type"] == "result"
+                await asyncio.sleep(0.1)
+
+    try:
+        asyncio.run(run())
+    finally:
+        srv.stop()
+
+
+def test_oversized_message_closes_with_1009_and_server_goes_on():
+    srv = _serve(ws_max_size=64 * 1024)
+
+    async def run() -> None:
+        url = srv.ws_base + "/v1/stream"
+        async with websockets.connect(url) as ws:
+            await ws.recv()
+            await ws.send(b"\x89PNG\r\n\x1a\n" + b"\x00" * (100 * 1024))
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1009
+        async with websockets.connect(url) as ws:
+            await ws.recv()
+            await ws.send(encode(random_image(24, 32)))
+            assert json.loads(await ws.recv())["type"] == "result"
+
+    try:
+        asyncio.run(run())
+        assert _open_streams(srv) == 0
+    finally:
+        srv.stop()
