@@ -322,6 +322,40 @@ def test_api_key(model_dir):
         srv.stop()
 
 
+def test_cors_off_by_default_and_configurable(client, model_dir):
+    origin = {"Origin": "https://viewer.example.org"}
+    r = client.get("/v1/models", headers=origin)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    settings = Settings(
+        models=[str(model_dir)],
+        intra_op_threads=1,
+        api_key="s3cret",
+        cors_origins="https://viewer.example.org",  # as CERTSEG_CORS_ORIGINS gives it
+    )
+    srv = LiveServer(create_app(settings)).start()
+    try:
+        with httpx.Client(base_url=srv.base) as c:
+            pre = c.options(
+                "/v1/segment",
+                headers={
+                    **origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type",
+                },
+            )
+            assert pre.status_code == 200  # preflights carry no key
+            assert pre.headers["access-control-allow-origin"] == origin["Origin"]
+            r = c.get("/v1/models", headers=origin)  # no key: 401, still readable cross-site
+            assert_problem(r, 401)
+            assert r.headers["access-control-allow-origin"] == origin["Origin"]
+            r = c.get(
+                "/v1/models", headers={"Origin": "https://evil.example", "X-API-Key": "s3cret"}
+            )
+            assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    finally:
+        srv.stop()
+
+
 # ------------------------------------------------------------------------------ batching, faults
 
 
