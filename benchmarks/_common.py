@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -49,3 +51,21 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for r in rows:
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
     Console().print(table)
+
+
+def street_like(h: int, w: int) -> np.ndarray:
+    """A smooth image with mild noise (uint8 H x W x 3): PNG sizes and decode times
+    like a photo's, unlike white noise (the worst case for PNG)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    chans = [
+        0.5 + 0.5 * np.sin(6.3 * f * xx + p) * np.cos(6.3 * g * yy)
+        for f, g, p in rng.uniform(1, 5, (3, 3))
+    ]
+    img = np.stack(chans, axis=-1) + rng.normal(0, 0.02, (h, w, 3))
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def percentiles(ms: list[float]) -> tuple[float, float]:
+    a = np.asarray(ms)
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))

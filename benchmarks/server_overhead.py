@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _common import print_table, write_result
+from _common import percentiles, print_table, street_like, write_result
 from PIL import Image
 
 from server.launch import ServeProcess
@@ -58,24 +58,6 @@ def export_untrained(arch: str, out: Path) -> Path:
     save_checkpoint(out / "model.pt", model, card)
     export_onnx(out / "model.pt", out / arch)
     return out / arch
-
-
-def street_like(h: int, w: int) -> np.ndarray:
-    """A smooth image with mild noise (uint8 H x W x 3): PNG sizes and decode times
-    like a photo's, unlike white noise (the worst case for PNG)."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    chans = [
-        0.5 + 0.5 * np.sin(6.3 * f * xx + p) * np.cos(6.3 * g * yy)
-        for f, g, p in rng.uniform(1, 5, (3, 3))
-    ]
-    img = np.stack(chans, axis=-1) + rng.normal(0, 0.02, (h, w, 3))
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
-def percentiles(ms: list[float]) -> tuple[float, float]:
-    a = np.asarray(ms)
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
 def raw_ort(model: Path, x: np.ndarray, n: int, threads: int) -> dict:
