@@ -6,6 +6,7 @@ The server runs as deployed, `python -m server.cli serve` in its own process
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -115,5 +116,27 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_in_grace():
         # SIGTERM" (-15); the answers above show the shutdown was the graceful one.
         assert srv.wait(grace + 10) in (0, -signal.SIGTERM), srv.stderr()[-2000:]
         assert time.monotonic() - t_term < grace
+    finally:
+        srv.close()
+
+
+def test_request_ids_reach_the_json_log_and_errors_carry_no_trace():
+    srv = ServeProcess(
+        [str(tiny_model_dir()), "--intra-op-threads", "1", "--log-level", "info"], env=ENV
+    ).wait_ready()
+    try:
+        ok = httpx.post(
+            srv.base + "/v1/segment?outputs=mask",
+            content=encode(random_image(24, 32)),
+            headers={"X-Request-ID": "trace-ok-1"},
+        )
+        garbled = b"\x89PNG\r\n\x1a\nxx"
+        bad = httpx.post(srv.base + "/v1/segment", content=garbled, headers={"X-Request-ID": "bad"})
+        assert ok.headers["x-request-id"] == "trace-ok-1" and bad.json()["request_id"] == "bad"
+        assert "Traceback" not in bad.text
+        time.sleep(0.2)
+        lines = [json.loads(x) for x in srv.stderr().splitlines() if x.startswith("{")]
+        access = {x.get("request_id"): x for x in lines if x.get("path") == "/v1/segment"}
+        assert access["trace-ok-1"]["status"] == 200 and access["bad"]["status"] == 422
     finally:
         srv.close()

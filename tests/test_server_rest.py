@@ -412,6 +412,35 @@ def test_backend_fault_gives_503_then_recovers(controlled):
     assert httpx.get(srv.base + "/v2/health/ready").status_code == 200
 
 
+def test_fault_mid_batch_fails_that_whole_batch_only(controlled):
+    """Four same-shape images queue while the worker is busy and run as one batch; the
+    backend raises on it: all four get 503 (none hangs, none gets a half answer), and
+    the requests after the fault succeed."""
+    srv, engine = controlled
+    imgs = [encode(random_image(32, 48, seed=i)) for i in range(4)]
+
+    def post(body):
+        return httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
+
+    calls = engine.calls
+    engine.delay_s = 0.4
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(post, encode(random_image(30, 40, seed=9)))
+            time.sleep(0.15)
+            batch = [pool.submit(post, body) for body in imgs]
+            time.sleep(0.1)
+            engine.fail = True  # raises at the end of the running pass and of the batch
+            answers = [f.result() for f in batch]
+            first.result()
+    finally:
+        engine.delay_s, engine.fail = 0.0, False
+    assert engine.calls - calls == 2  # the odd one, then the four in one pass
+    for r in answers:
+        assert "injected" not in assert_problem(r, 503)["detail"]
+    assert all(post(body).status_code == 200 for body in imgs)
+
+
 def test_full_queue_gives_503_with_retry_after(controlled):
     srv, engine = controlled
     img = encode(random_image(32, 48))
