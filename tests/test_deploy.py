@@ -307,6 +307,22 @@ def test_compose_and_env_example_use_real_settings():
             assert key in known, f".env.example: {key} is not a Settings field"
 
 
+def _seconds(value: str) -> float:
+    return float(value.removesuffix("s"))
+
+
+def test_orchestrators_wait_longer_than_the_shutdown_grace():
+    """SIGKILL must not come before the server's own grace period has run out."""
+    for name in ("certseg-gpu", "certseg-cpu"):
+        svc = compose()["services"][name]
+        grace = float(svc["environment"]["CERTSEG_SHUTDOWN_GRACE_S"])
+        assert _seconds(svc["stop_grace_period"]) > grace, name
+    isvc = next(d for d in _isvcs() if "containers" in d["spec"]["predictor"])
+    pred = isvc["spec"]["predictor"]
+    env = {e["name"]: e["value"] for e in pred["containers"][0]["env"]}
+    assert pred["terminationGracePeriodSeconds"] > float(env["CERTSEG_SHUTDOWN_GRACE_S"])
+
+
 def test_prometheus_scrapes_metrics_of_the_services():
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     services = compose()["services"]
