@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import httpx
 import numpy as np
@@ -138,62 +137,8 @@ def test_raw_json_infer_and_bytes_base64(server, session):
     np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"]).reshape(1, 8, 12), want)
 
 
-@pytest.mark.parametrize(
-    ("path", "body", "status"),
-    [
-        ("/v2/models/nope/infer", {"inputs": []}, 404),
-        ("/v2/models/tiny/versions/7/infer", {"inputs": []}, 404),
-        ("/v2/models/tiny/infer", {"inputs": []}, 422),
-        (
-            "/v2/models/tiny/infer",
-            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [0]}]},
-            422,
-        ),
-        (
-            "/v2/models/tiny/infer",
-            {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 2, 2], "data": [0]}]},
-            422,
-        ),
-        (
-            "/v2/models/tiny/infer",
-            {
-                "inputs": [
-                    {"name": "image", "datatype": "FP32", "shape": [1, 1, 2, 2], "data": [0] * 4}
-                ]
-            },
-            422,
-        ),
-        (
-            "/v2/models/tiny/infer",
-            {
-                "inputs": [
-                    {"name": "image", "datatype": "FP32", "shape": [1, 3, 1, 1], "data": [0, 0, 0]}
-                ],
-                "outputs": [{"name": "nope"}],
-            },
-            422,
-        ),
-        (
-            "/v2/models/tiny/infer",
-            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["eA=="]}]},
-            415,
-        ),
-    ],
-)
-def test_errors_are_protocol_json(server, path, body, status):
-    r = httpx.post(server.base + path, content=json.dumps(body))
-    assert r.status_code == status, r.text
-    assert set(r.json()) == {"error"} and r.json()["error"]
-    assert "Traceback" not in r.text
-
-
-def test_bad_binary_header(server):
-    r = httpx.post(
-        server.base + "/v2/models/tiny/infer",
-        content=b'{"inputs": []}xxxx',
-        headers={"Inference-Header-Content-Length": "999"},
-    )
-    assert r.status_code == 422 and "error" in r.json()
+def test_unknown_model_error_names_the_served_ones(server):
+    """(Malformed requests and tensors: tests/test_bad_inputs.py.)"""
     assert httpx.get(server.base + "/v2/models/nope").json() == {
         "error": "no model named 'nope' (served: second, tiny)"
     }

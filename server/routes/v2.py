@@ -87,7 +87,7 @@ class V2Error(BaseModel):
 _NOT_READY = {400: {"model": Readiness, "description": "Not ready (the protocol's false)"}}
 _NO_MODEL = {404: {"model": V2Error, "description": "No model (or version) of that name"}}
 _TENSOR_PARAMS = {
-    "type": "object",
+    "type": ["object", "null"],
     "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
     "description": "binary_data_size: the tensor's bytes follow the JSON header.",
 }
@@ -97,7 +97,7 @@ _INFER_REQUEST = {
     "properties": {
         "id": {"description": "Echoed back in the response."},
         "parameters": {
-            "type": "object",
+            "type": ["object", "null"],
             "description": "binary_data_output: every output as binary data.",
         },
         "inputs": {
@@ -117,13 +117,17 @@ _INFER_REQUEST = {
             },
         },
         "outputs": {
-            "type": "array",
+            "type": ["array", "null"],
+            "description": "Absent, null or empty: every output.",
             "items": {
                 "type": "object",
                 "required": ["name"],
                 "properties": {
                     "name": {"type": "string"},
-                    "parameters": {"type": "object", "description": "binary_data: as binary."},
+                    "parameters": {
+                        "type": ["object", "null"],
+                        "description": "binary_data: as binary.",
+                    },
                 },
             },
         },
@@ -154,19 +158,26 @@ _INFER_RESPONSE = {
 }
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _INFER_DOC = {
-    "parameters": [
-        {
-            "name": HEADER,
-            "in": "header",
-            "required": False,
-            "description": "Binary extension: length of the JSON header; tensors follow it.",
-            "schema": {"type": "integer", "minimum": 0},
-        }
-    ],
     "requestBody": {
         "required": True,
+        "description": f"JSON; or (binary extension) a JSON header of {HEADER} bytes "
+        "followed by the raw tensors.",
         "content": {
-            "application/json": {"schema": _INFER_REQUEST},
+            "application/json": {
+                "schema": _INFER_REQUEST,
+                "example": {
+                    "id": "42",
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "datatype": "FP32",
+                            "shape": [1, 3, 1, 2],
+                            "data": [0.5] * 6,
+                        }
+                    ],
+                    "outputs": [{"name": "mask"}, {"name": "radius"}],
+                },
+            },
             "application/octet-stream": _BINARY,
         },
     },
@@ -348,7 +359,9 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
 
 def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
     """The object's `parameters` ({} when absent); anything but an object is a 422."""
-    params = obj.get("parameters") or {}
+    params = obj.get("parameters")
+    if params is None:
+        return {}
     if not isinstance(params, dict):
         raise InvalidParameter(f"{where} 'parameters' must be a JSON object")
     return params
@@ -437,10 +450,10 @@ def _requested_outputs(req: dict[str, Any], available: list[str]) -> list[tuple[
     """[(name, binary)] in the order asked (all outputs if none named)."""
     all_binary = bool(_params(req, "request").get("binary_data_output", False))
     outs = req.get("outputs")
+    if outs is not None and not isinstance(outs, list):
+        raise InvalidParameter("'outputs' must be a list")
     if not outs:
         return [(n, all_binary) for n in available]
-    if not isinstance(outs, list):
-        raise InvalidParameter("'outputs' must be a list")
     result = []
     for o in outs:
         name = o.get("name") if isinstance(o, dict) else None
