@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -43,12 +43,30 @@ def certify(
         render_table(reports)
 
 
+def _kwargs(pairs: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE pairs, each VALUE JSON (a bare word stays a string)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 @app.command()
 def train(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder (resumes if it has last.pt).")
     ],
     arch: Annotated[str, typer.Option(help="Registered model name.")] = "lipdeeplab_xs",
+    arch_kwarg: Annotated[
+        list[str] | None,
+        typer.Option(help="Model argument KEY=VALUE (JSON value), e.g. width=24; repeatable."),
+    ] = None,
     data: Annotated[str, typer.Option(help="synthetic | cityscapes | folder")] = "synthetic",
     root: Annotated[Path | None, typer.Option(help="Data root (cityscapes, folder).")] = None,
     num_images: Annotated[int, typer.Option(help="Synthetic training scenes.")] = 512,
@@ -85,7 +103,7 @@ def train(
     cfg = TrainConfig(
         out=str(out),
         arch=arch,
-        arch_kwargs={"constrained": False} if unconstrained else {},
+        arch_kwargs=_kwargs(arch_kwarg) | ({"constrained": False} if unconstrained else {}),
         data=data,
         root=str(root) if root else None,
         num_images=num_images,

@@ -23,6 +23,7 @@ CLI = [sys.executable, "-m", "certseg.cli"]
 TINY = ["--arch", "tiny", "--num-images", "8", "--val-images", "4", "--height", "32",
         "--width", "64", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TRAINED = ["--arch-kwarg", "width=6", "--train-eps", "0.05"]  # model kwargs, margin offset
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -34,7 +35,7 @@ def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train")
-    _run([*CLI, "train", "-o", str(out), *TINY, "--epochs", "1"])
+    _run([*CLI, "train", "-o", str(out), *TINY, "--epochs", "1", *TRAINED])
     return out
 
 
@@ -43,6 +44,7 @@ def test_train_writes_checkpoint_card_and_curves(trained):
         assert (trained / name).stat().st_size > 0, name
     card = json.loads((trained / "card.json").read_text())
     assert card["arch"] == "tiny" and card["num_classes"] == 7 and card["pad_multiple"] == 2
+    assert card["arch_kwargs"] == {"width": 6} and card["training"]["recipe"]["train_eps"] == 0.05
     assert card["lipschitz"] == pytest.approx(1 / min(card["std"]))
     _model, loaded = load_checkpoint(trained / "model.pt")
     assert loaded.certified_lipschitz == pytest.approx(card["lipschitz"], rel=1e-3)
@@ -55,7 +57,7 @@ def test_training_resumes(tmp_path, trained):
     out.mkdir()
     for name in ("last.pt",):
         (out / name).write_bytes((trained / name).read_bytes())
-    _run([*CLI, "train", "-o", str(out), *TINY, "--epochs", "2"])
+    _run([*CLI, "train", "-o", str(out), *TINY, "--epochs", "2", *TRAINED])
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0] == json.loads((trained / "history.json").read_text())[0]

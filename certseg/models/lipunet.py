@@ -55,11 +55,11 @@ def lipunet(
 
 @register_model
 def lipunet_xs(num_classes: int, **kw) -> LipSequential:
-    """About 0.3M parameters (width 16, depth 3)."""
-    return lipunet(num_classes, width=16, depth=3, **kw)
+    """About 0.65M parameters (width 16, depth 3)."""
+    return lipunet(num_classes, **{"width": 16, "depth": 3, **kw})
 
 
 @register_model
 def lipunet_s(num_classes: int, **kw) -> LipSequential:
-    """About 1.2M parameters (width 32, depth 3)."""
-    return lipunet(num_classes, width=32, depth=3, **kw)
+    """About 2.6M parameters (width 32, depth 3)."""
+    return lipunet(num_classes, **{"width": 32, "depth": 3, **kw})
