@@ -122,6 +122,14 @@ class LiveServer:
         self.thread.join(timeout=15)
 
 
+def serve_tiny(ws_max_size: int = 16 * 1024 * 1024, **settings) -> LiveServer:
+    """A started LiveServer of the tiny model: one thread, 1 ms batching delay, `settings`."""
+    from server import Settings, create_app
+
+    base = {"models": [str(tiny_model_dir())], "intra_op_threads": 1, "max_delay_ms": 1}
+    return LiveServer(create_app(Settings(**base | settings)), ws_max_size=ws_max_size).start()
+
+
 def encode(pixels: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format=fmt, **kw)

@@ -30,15 +30,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from server_support import (
-    LiveServer,
     assert_problem,
     bomb_png,
     encode,
     random_image,
-    tiny_model_dir,
+    serve_tiny,
 )
-
-from server import Settings, create_app
 
 MAX_BYTES = 512 * 1024
 MAX_PIXELS = 300 * 300
@@ -365,15 +362,9 @@ assert len(BY_ID) == len(CORPUS), "corpus ids must be unique"
 
 @pytest.fixture(scope="module")
 def server():
-    settings = Settings(
-        models=[str(tiny_model_dir())],
-        intra_op_threads=1,
-        max_body_bytes=MAX_BYTES,
-        max_pixels=MAX_PIXELS,
-        max_tensor_bytes=MAX_TENSOR_BYTES,
-        max_delay_ms=1,
+    srv = serve_tiny(
+        max_body_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_tensor_bytes=MAX_TENSOR_BYTES
     )
-    srv = LiveServer(create_app(settings)).start()
     yield srv
     srv.stop()
 

@@ -32,9 +32,12 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
     unsupported_method,
 )
-from server_support import PROBLEM_KEYS, LiveServer, encode, random_image, tiny_model_dir
-
-from server import Settings, create_app
+from server_support import (
+    PROBLEM_KEYS,
+    encode,
+    random_image,
+    serve_tiny,
+)
 
 MAX_EXAMPLES = 25
 
@@ -83,14 +86,7 @@ SEEN: Counter[tuple[str, str, int]] = Counter()
 
 @pytest.fixture(scope="module")
 def server():
-    settings_ = Settings(
-        models=[str(tiny_model_dir())],
-        intra_op_threads=1,
-        max_body_bytes=512 * 1024,
-        max_pixels=300 * 300,
-        max_delay_ms=1,
-    )
-    srv = LiveServer(create_app(settings_)).start()
+    srv = serve_tiny(max_body_bytes=512 * 1024, max_pixels=300 * 300)
     yield srv
     srv.stop()
 

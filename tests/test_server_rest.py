@@ -22,6 +22,7 @@ from server_support import (
     ort_engine,
     ort_session,
     random_image,
+    serve_tiny,
     tiny_model_dir,
     to_input,
 )
@@ -41,14 +42,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    settings = Settings(
-        models=[str(model_dir)],
-        intra_op_threads=1,
-        max_body_bytes=MAX_BYTES,
-        max_pixels=MAX_PIXELS,
-        max_delay_ms=1,
-    )
-    srv = LiveServer(create_app(settings)).start()
+    srv = serve_tiny(max_body_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
     yield srv
     srv.stop()
 

@@ -16,17 +16,7 @@ import time
 import httpx
 import pytest
 import websockets
-from server_support import LiveServer, encode, ort_engine, random_image, tiny_model_dir
-
-from server import Settings, create_app
-
-
-def _serve(ws_max_size: int = 16 * 1024 * 1024, **settings) -> LiveServer:
-    app = create_app(
-        Settings(intra_op_threads=1, max_delay_ms=1, **settings),
-        engines=[ort_engine(tiny_model_dir())],
-    )
-    return LiveServer(app, ws_max_size=ws_max_size).start()
+from server_support import LiveServer, encode, random_image, serve_tiny
 
 
 def _open_streams(srv: LiveServer) -> int:
@@ -82,7 +72,7 @@ def test_client_that_never_reads_is_closed_and_holds_no_backlog(caplog):
     never reads; the stream keeps one waiting frame (the rest are dropped), closes
     after stream_send_timeout_s, and the server goes on serving others."""
     caplog.set_level(logging.INFO, logger="certseg.server")
-    srv = _serve(stream_send_timeout_s=1.0, stream_idle_s=30)
+    srv = serve_tiny(stream_send_timeout_s=1.0, stream_idle_s=30)
     try:
         dropped_before = _metric(srv, "certseg_stream_dropped_frames_total")
         frame = encode(random_image(192, 256, seed=3))
@@ -119,7 +109,7 @@ def test_client_that_never_reads_is_closed_and_holds_no_backlog(caplog):
 
 
 def test_idle_streams_up_to_the_limit_then_503_then_idle_timeout():
-    srv = _serve(max_streams=3, stream_idle_s=1.0)
+    srv = serve_tiny(max_streams=3, stream_idle_s=1.0)
 
     async def run() -> None:
         url = srv.ws_base + "/v1/stream"
@@ -156,7 +146,7 @@ def test_idle_streams_up_to_the_limit_then_503_then_idle_timeout():
 
 
 def test_oversized_message_closes_with_1009_and_server_goes_on():
-    srv = _serve(ws_max_size=64 * 1024)
+    srv = serve_tiny(ws_max_size=64 * 1024)
 
     async def run() -> None:
         url = srv.ws_base + "/v1/stream"
