@@ -111,15 +111,20 @@ class Batcher:
         """Seconds until the queue has likely drained, at the measured speed."""
         return max(1.0, math.ceil(self.depth * self._ms_per_image / 1000.0))
 
-    async def submit(
-        self, model: str, image: np.ndarray, outputs: Sequence[str] = ()
-    ) -> BatchResult:
-        """Queue one (3, H, W) image; wait for its outputs (margin and radius always)."""
+    def check_capacity(self) -> None:
+        """Overloaded (503 + Retry-After) when the queue is full. Routes call it before
+        decoding too, so shedding under overload costs no decode."""
         if self.depth >= self.max_queue:
             raise Overloaded(
                 f"inference queue full ({self.max_queue} images waiting)",
                 retry_after=self.retry_after(),
             )
+
+    async def submit(
+        self, model: str, image: np.ndarray, outputs: Sequence[str] = ()
+    ) -> BatchResult:
+        """Queue one (3, H, W) image; wait for its outputs (margin and radius always)."""
+        self.check_capacity()
         names = tuple(sorted({*outputs, "mask", "margin", "radius"}))
         fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._pending.append(_Item(model, image, names, fut))

@@ -250,6 +250,7 @@ class StreamSession:
         cfg = self.config
         timings = Timings(start=p.received)
         t0 = timings.since("pending", p.received)
+        self.state.batcher_for(cfg.model).check_capacity()
         image = await asyncio.to_thread(decode_image, p.data, self.state.limits)
         timings.since("decode", t0)
         cert = await segment_image(self.state, cfg.model, image, cfg.eps, frozenset(), timings)

@@ -306,6 +306,7 @@ async def segment(
     eps_value = check_eps(eps, info.card.default_eps)
     wanted = parse_outputs(outputs)
     image_bytes, target_bytes = await _image_and_target(request, state)
+    state.batcher_for(info.name).check_capacity()
     t0 = time.perf_counter()
     image = await asyncio.to_thread(decode_image, image_bytes, state.limits)
     target = None
