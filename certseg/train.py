@@ -308,6 +308,9 @@ def train(cfg: TrainConfig) -> Path:
 
     train_set, val_set, classes, palette = open_datasets(cfg)
     mean, std = channel_stats(train_set)
+    init = torch.load(cfg.init, map_location=device, weights_only=False) if cfg.init else None
+    if init is not None:  # its weights were trained under its normalization: keep it
+        mean, std = tuple(init["card"]["mean"]), tuple(init["card"]["std"])
     aug = Augmented(train_set, Compose([RandomHorizontalFlip()]), seed=cfg.seed)
     train_loader = _loader(aug, cfg, dist, shuffle=True)
     val_loader = _loader(val_set, cfg, _Dist(), shuffle=False)
@@ -323,9 +326,8 @@ def train(cfg: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(enabled=use_amp)
     lipschitz = _lipschitz(model, cfg.recipe)
     start_epoch, history, elapsed = 0, [], 0.0
-    if cfg.init:
-        blob = torch.load(cfg.init, map_location=device, weights_only=False)
-        model.load_state_dict(blob["state_dict"])
+    if init is not None:
+        model.load_state_dict(init["state_dict"])
     last = out / "last.pt"
     if last.exists():
         state = torch.load(last, map_location=device, weights_only=False)

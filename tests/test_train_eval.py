@@ -63,6 +63,18 @@ def test_training_resumes(tmp_path, trained):
     assert history[0] == json.loads((trained / "history.json").read_text())[0]
 
 
+def test_fine_tune_keeps_the_normalization_its_weights_learned(tmp_path, trained):
+    """--init on other images (another seed) keeps the init's mean/std: the weights
+    were trained under them, and the card must describe the model that runs."""
+    out = tmp_path / "ft"
+    args = [*CLI, "train", "-o", str(out), *TINY, "--epochs", "1", *TRAINED, "--seed", "3"]
+    _run([*args, "--init", str(trained / "model.pt")])
+    before = json.loads((trained / "card.json").read_text())
+    after = json.loads((out / "card.json").read_text())
+    assert (after["mean"], after["std"]) == (before["mean"], before["std"])
+    assert after["lipschitz"] == pytest.approx(before["lipschitz"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
