@@ -8,7 +8,7 @@ batched, the tests vectorised. Also reports certified pixel accuracy of both at 
 same eps. With no --twin, a noise-trained unconstrained twin of the same architecture
 is trained briefly (its accuracy is then low; the time ratio is what this measures).
 
-    python benchmarks/certify_vs_smoothing.py certseg/weights/street_xs.pt --images 8
+    python benchmarks/certify_vs_smoothing.py certseg/weights/street/model.pt --images 8
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ bounds (certificates) against what a strong PGD attack (whole image, warm-starte
 sweep over eps) actually achieves. Fails loudly if any attack beats a bound or flips
 a pixel certified at eps. Prints a table, writes benchmarks/results/tightness.json.
 
-    python benchmarks/tightness.py certseg/weights/street_xs.pt --images 50
+    python benchmarks/tightness.py certseg/weights/street/model.pt --images 50
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def default_server():
 
 def test_default_model_is_the_shipped_one():
     path = default_model_path()
-    assert path is not None and path.parent.name == "street_xs"
+    assert path is not None and path.parent.name == "street"
 
 
 def test_readme_example_matches_direct_session(default_server):
@@ -44,7 +44,7 @@ def test_readme_example_matches_direct_session(default_server):
         )
     assert r.status_code == 200, r.text
     ans = r.json()
-    assert ans["model"] == "certseg-street-xs"
+    assert ans["model"] == "certseg-street-s24"
     session = ort_session(default_model_path().parent)
     mask, margin, radius = session.run(["mask", "margin", "radius"], {"image": to_input(body)})
     with Image.open(io.BytesIO(base64.b64decode(ans["mask"]["data"]))) as img:
