@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import io
 import shutil
-import socket
 import struct
 import tempfile
 import threading
@@ -22,6 +21,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from server.launch import free_port
 
 _CACHE: dict[str, Path] = {}
 
@@ -68,12 +69,6 @@ def tiny_model_dir() -> Path:
 def tiny_checkpoint() -> Path:
     tiny_model_dir()
     return _CACHE["tiny.pt"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from certseg.certify.smoothing import binomial_tail, holm_reject
 from certseg.models import load_checkpoint
+from server.launch import free_port
 
 CLI = [sys.executable, "-m", "certseg.cli"]
 TINY = ["--arch", "tiny", "--num-images", "8", "--val-images", "4", "--height", "32",
@@ -75,16 +75,10 @@ def test_fine_tune_keeps_the_normalization_its_weights_learned(tmp_path, trained
     assert after["lipschitz"] == pytest.approx(before["lipschitz"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_training_with_gloo(tmp_path):
     out = tmp_path / "ddp"
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
           "-m", "certseg.cli", "train", "-o", str(out), *TINY, "--epochs", "1"],
          timeout=300)  # fmt: skip
     card = json.loads((out / "card.json").read_text())
