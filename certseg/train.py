@@ -297,6 +297,7 @@ def train(cfg: TrainConfig) -> Path:
 
     from certseg.data import Augmented, Compose, RandomHorizontalFlip
     from certseg.models import ModelCard, create_model, save_checkpoint
+    from certseg.models.checkpoint import load_grown
 
     device = _pick_device(cfg.device)
     dist = _init_distributed(device)
@@ -327,7 +328,7 @@ def train(cfg: TrainConfig) -> Path:
     lipschitz = _lipschitz(model, cfg.recipe)
     start_epoch, history, elapsed = 0, [], 0.0
     if init is not None:
-        model.load_state_dict(init["state_dict"])
+        load_grown(model, init["state_dict"])
     last = out / "last.pt"
     if last.exists():
         state = torch.load(last, map_location=device, weights_only=False)

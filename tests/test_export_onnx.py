@@ -1,9 +1,10 @@
 """Export to ONNX: parity with the parametrized torch model at any size, metadata,
 the audit against power iteration, tampering, the op whitelist, Triton, the CLI.
 
-Models are random (no training): a `tiny` net (pad multiple 2) and a `lipdeeplab_xs`
-(pad multiple 8: strides, dilations 6/12/18, the ASPP concat), each put through a
-couple of train-mode forwards so the centering shifts are not zero. Each is exported
+Models are random (no training): a `tiny` net (pad multiple 2), a `lipdeeplab_xs`
+(pad multiple 8: strides, dilations 6/12/18, the ASPP concat) and a `tiny` with
+position-dependent biases (a Resize of constants added to the image path), each put
+through a couple of train-mode forwards so the centering shifts are not zero. Each is exported
 once per session (the dynamo exporter takes seconds).
 """
 
@@ -53,6 +54,7 @@ OP_WHITELIST = {
     "Mul",
     "Pad",
     "Reshape",
+    "Resize",  # only of constant position-bias grids; the audit refuses it on the image path
     "Shape",
     "Slice",
     "Split",
@@ -65,8 +67,9 @@ OP_WHITELIST = {
 }
 
 
-def _card(arch: str, k: int, pad: int) -> ModelCard:
+def _card(arch: str, k: int, pad: int, kwargs: dict) -> ModelCard:
     return ModelCard(
+        arch_kwargs=kwargs,
         name=f"test-{arch}",
         arch=arch,
         num_classes=k,
@@ -76,20 +79,23 @@ def _card(arch: str, k: int, pad: int) -> ModelCard:
     )
 
 
-def _model(arch: str, k: int, seed: int):
+def _model(arch: str, k: int, seed: int, kwargs: dict):
     torch.manual_seed(seed)
-    model = create_model(arch, num_classes=k)
+    model = create_model(arch, num_classes=k, **kwargs)
     model.train()
     with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith("position.bias"):  # zero at init: make them count
+                param.normal_()
         for _ in range(2):  # non-zero running means in the centering layers
             model(torch.rand(2, 3, 32, 48))
     return model.eval()
 
 
 class Exported:
-    def __init__(self, tmp, arch, k, pad, seed, with_logits, via_cli=False):
-        self.model = _model(arch, k, seed)  # parametrized (reference)
-        self.card = _card(arch, k, pad)
+    def __init__(self, tmp, arch, k, pad, seed, with_logits, via_cli=False, **kwargs):
+        self.model = _model(arch, k, seed, kwargs)  # parametrized (reference)
+        self.card = _card(arch, k, pad, kwargs)
         self.tmp = tmp
         ckpt = tmp / f"{arch}.pt"
         save_checkpoint(ckpt, self.model, self.card)
@@ -132,6 +138,13 @@ def xs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pos(tmp_path_factory):
+    return Exported(
+        tmp_path_factory.mktemp("pos"), "tiny", 4, 2, 3, with_logits=True, position_grid=(3, 4)
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_default(tmp_path_factory):
     """The default export (no logits), through the CLI, with a Triton repository."""
     return Exported(
@@ -146,7 +159,7 @@ def _example_size(pad: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("which", ["tiny", "xs"])
+@pytest.mark.parametrize("which", ["tiny", "xs", "pos"])
 def test_parity_with_parametrized_torch(which, request):
     ex = request.getfixturevalue(which)
     L = ex.result.lipschitz_audited
@@ -219,8 +232,8 @@ def test_metadata_and_side_files(xs):
     assert xs.result.lipschitz_torch == pytest.approx(lip, rel=1e-9)
 
 
-def test_graph_has_only_whitelisted_ops(tiny, xs, tiny_default):
-    for ex in (tiny, xs, tiny_default):
+def test_graph_has_only_whitelisted_ops(tiny, xs, tiny_default, pos):
+    for ex in (tiny, xs, tiny_default, pos):
         model = onnx.load(str(ex.path))
         ops = {n.op_type for n in model.graph.node}
         assert ops <= OP_WHITELIST, ops - OP_WHITELIST
@@ -272,6 +285,13 @@ _JIT_WARNING = "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
 @pytest.mark.filterwarnings(_JIT_WARNING)
 def test_audit_bounds_vs_power_iteration_tiny(tiny):
     assert _audit_vs_power_iteration(tiny) == 5
+
+
+@pytest.mark.filterwarnings(_JIT_WARNING)
+def test_audit_bounds_vs_power_iteration_with_position_bias(pos):
+    """Position biases are translations: the same 5 convs bound it, nothing else."""
+    assert "Resize" in {n.op_type for n in onnx.load(str(pos.path)).graph.node}
+    assert _audit_vs_power_iteration(pos) == 5
 
 
 @pytest.mark.filterwarnings(_JIT_WARNING)
@@ -381,11 +401,11 @@ def test_export_refuses_weights_above_the_declared_bound(tmp_path):
     """A fused model whose weights exceed what its structure declares is not written."""
     from certseg.nn import fuse_module
 
-    model = _model("tiny", 2, 3)
+    model = _model("tiny", 2, 3, {})
     fused = fuse_module(model).eval()
     with torch.no_grad():
         fused[1].weight.mul_(1.01)  # the first conv, declared orthogonal (nominal 1)
-    card = _card("tiny", 2, 2)
+    card = _card("tiny", 2, 2, {})
     with pytest.raises(AuditError, match="exceeds the declared"):
         export_onnx(fused, tmp_path / "out", card=card)
     assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from certseg.models import create_model, list_models
+from certseg.models.checkpoint import load_grown
 from certseg.nn import certified_lipschitz, fuse_module, structural_lipschitz
 from certseg.nn.estimate import jacobian_norm_estimate
 
@@ -20,10 +21,20 @@ SMALL = {
 LARGE = {"lipdeeplab_m1": 8, "lipdeeplab_m2": 16}
 
 
-@pytest.mark.parametrize("name", sorted(SMALL | LARGE))
-def test_structural_bound_matches_weights_and_estimates(name):
+GRID = {"position_grid": (3, 5)}  # position-dependent biases, set non-zero below
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [(n, {}) for n in sorted(SMALL | LARGE)] + [("tiny", GRID), ("lipunet_xs", GRID)],
+)
+def test_structural_bound_matches_weights_and_estimates(name, kwargs):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=5).eval()
+    model = create_model(name, num_classes=5, **kwargs).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith("position.bias"):
+                param.normal_()
     fused = fuse_module(model)
     structural = structural_lipschitz(model)
     audited = certified_lipschitz(fused)
@@ -54,3 +65,24 @@ def test_unconstrained_twin_has_the_same_shape(name):
 
 def test_every_registered_model_is_checked():
     assert set(list_models()) == set(SMALL | LARGE)
+
+
+def test_grown_model_starts_as_the_same_function():
+    """Fine-tuning with position biases (--init): every saved weight lands, only the
+    zero-initialised biases are new, so the grown net computes what the old one did."""
+    torch.manual_seed(0)
+    small = create_model("lipunet_xs", num_classes=4, width=8).eval()
+    grown = create_model("lipunet_xs", num_classes=4, width=8, position_grid=(4, 8)).eval()
+    new = load_grown(grown, small.state_dict())
+    assert new and all(k.endswith("position.bias") for k in new)
+    x = torch.rand(2, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(grown(x), small(x))
+    for wrong in (create_model("lipunet_xs", num_classes=4, width=16), create_model("tiny", 4)):
+        with pytest.raises(RuntimeError, match="does not fit"):
+            load_grown(wrong, small.state_dict())
+    other = create_model("lipunet_xs", num_classes=4, width=8, position_grid=(4, 8))
+    with torch.no_grad():
+        other.get_parameter(new[0]).fill_(1.0)
+    with pytest.raises(RuntimeError, match="zero"):
+        load_grown(other, small.state_dict())

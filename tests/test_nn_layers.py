@@ -23,6 +23,7 @@ from certseg.nn import (
     OrthoConvTranspose2d,
     OrthoLinear,
     ParallelConcat,
+    PositionalBias,
     certified_lipschitz,
     fuse_module,
     structural_lipschitz,
@@ -207,3 +208,36 @@ def test_tampered_weight_is_caught():
     with torch.no_grad():
         fused.weight.mul_(1.01)
     assert certified_lipschitz(fused) >= 1.01 > structural_lipschitz(fused) * (1 + 1e-3)
+
+
+def test_position_bias_is_a_translation_at_any_size():
+    """The bias depends on where a pixel is, never on its value: differences pass
+    unchanged (exactly 1-Lipschitz), and the map follows the input's size."""
+    layer = PositionalBias(3, (4, 6))
+    with torch.no_grad():
+        layer.bias.normal_()
+    for h, w in [(4, 6), (17, 29), (96, 192)]:
+        a, b = torch.rand(2, 3, h, w), torch.rand(2, 3, h, w)
+        offset = layer(a) - a
+        assert offset.abs().max() > 0.1  # the map is really added
+        assert torch.allclose(offset[0], offset[1])  # the same for every image
+        assert torch.allclose(layer(a) - layer(b), a - b, atol=1e-6)
+    assert layer.lipschitz() == 1.0
+    assert torch.equal(layer.fused()(a), layer(a))
+    with pytest.raises(ValueError, match="grid"):
+        PositionalBias(3, (0, 2))
+
+
+def test_centering_with_position_fuses_and_starts_as_plain_centering():
+    plain, grown = BatchCentering2d(4), BatchCentering2d(4, position_grid=(3, 5))
+    x = torch.randn(2, 4, 9, 11)
+    for layer in (plain, grown):
+        layer.train()
+        layer(x)
+        layer.eval()
+    assert torch.equal(grown(x), plain(x))  # zero at init: the same function
+    with torch.no_grad():
+        grown.position.bias.normal_()
+    assert not torch.allclose(grown(x), plain(x))
+    assert torch.allclose(fuse_module(grown)(x), grown(x), atol=1e-6)
+    assert structural_lipschitz(grown) == certified_lipschitz(fuse_module(grown)) == 1.0

@@ -65,14 +65,19 @@ def test_training_resumes(tmp_path, trained):
 
 def test_fine_tune_keeps_the_normalization_its_weights_learned(tmp_path, trained):
     """--init on other images (another seed) keeps the init's mean/std: the weights
-    were trained under them, and the card must describe the model that runs."""
+    were trained under them, and the card must describe the model that runs. The
+    fine-tuned net may grow position biases (zero at init, trained from there)."""
     out = tmp_path / "ft"
     args = [*CLI, "train", "-o", str(out), *TINY, "--epochs", "1", *TRAINED, "--seed", "3"]
-    _run([*args, "--init", str(trained / "model.pt")])
+    _run([*args, "--arch-kwarg", "position_grid=[2,4]", "--init", str(trained / "model.pt")])
     before = json.loads((trained / "card.json").read_text())
     after = json.loads((out / "card.json").read_text())
     assert (after["mean"], after["std"]) == (before["mean"], before["std"])
+    assert after["arch_kwargs"] == {"width": 6, "position_grid": [2, 4]}
     assert after["lipschitz"] == pytest.approx(before["lipschitz"])
+    state = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    grown = [v for k, v in state.items() if k.endswith("position.bias")]
+    assert grown and all(v.abs().max() > 0 for v in grown)  # they were trained
 
 
 def test_distributed_training_with_gloo(tmp_path):

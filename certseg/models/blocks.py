@@ -8,10 +8,11 @@ that our attacks are real.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from torch import nn
 
-from certseg.nn import BatchCentering2d, MaxMin, OrthoConv2d, OrthoConvTranspose2d
+from certseg.nn import BatchCentering2d, MaxMin, OrthoConv2d, OrthoConvTranspose2d, PositionalBias
 from certseg.nn.conv import ortho_conv_geometry
 
 __all__ = ["conv", "conv_block", "klip_scale", "up_block"]
@@ -37,17 +38,36 @@ def conv(
     return nn.Conv2d(cin, cout, size, stride, pad, dilation)
 
 
-def conv_block(cin: int, cout: int, constrained: bool = True, **kw) -> list[nn.Module]:
+def _centering(c: int, constrained: bool, position_grid: Sequence[int] | None) -> list[nn.Module]:
+    """Centering with its (optionally position-dependent) bias; BatchNorm in the twin."""
+    if constrained:
+        return [BatchCentering2d(c, position_grid=position_grid)]
+    extra = [] if position_grid is None else [PositionalBias(c, position_grid)]
+    return [nn.BatchNorm2d(c), *extra]
+
+
+def conv_block(
+    cin: int,
+    cout: int,
+    constrained: bool = True,
+    position_grid: Sequence[int] | None = None,
+    **kw,
+) -> list[nn.Module]:
     """conv -> centering (BatchNorm in the twin) -> MaxMin."""
-    norm = BatchCentering2d(cout) if constrained else nn.BatchNorm2d(cout)
-    return [conv(cin, cout, constrained=constrained, **kw), norm, MaxMin()]
+    conv_ = conv(cin, cout, constrained=constrained, **kw)
+    return [conv_, *_centering(cout, constrained, position_grid), MaxMin()]
 
 
-def up_block(cin: int, cout: int, constrained: bool = True, klip: bool = False) -> list[nn.Module]:
+def up_block(
+    cin: int,
+    cout: int,
+    constrained: bool = True,
+    klip: bool = False,
+    position_grid: Sequence[int] | None = None,
+) -> list[nn.Module]:
     """2x2 stride-2 transposed conv -> centering -> MaxMin."""
     if constrained:
-        up = OrthoConvTranspose2d(cin, cout, 2, 2, scale=klip_scale(cin, cout, klip))
-        norm: nn.Module = BatchCentering2d(cout)
+        up: nn.Module = OrthoConvTranspose2d(cin, cout, 2, 2, scale=klip_scale(cin, cout, klip))
     else:
-        up, norm = nn.ConvTranspose2d(cin, cout, 2, 2), nn.BatchNorm2d(cout)
-    return [up, norm, MaxMin()]
+        up = nn.ConvTranspose2d(cin, cout, 2, 2)
+    return [up, *_centering(cout, constrained, position_grid), MaxMin()]

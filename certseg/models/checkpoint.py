@@ -12,7 +12,13 @@ from certseg.models.card import ModelCard
 from certseg.models.registry import create_model
 from certseg.nn import certified_lipschitz, fuse_module, structural_lipschitz
 
-__all__ = ["build_from_card", "is_lipschitz", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "build_from_card",
+    "is_lipschitz",
+    "load_checkpoint",
+    "load_grown",
+    "save_checkpoint",
+]
 
 
 def build_from_card(card: ModelCard) -> nn.Module:
@@ -41,6 +47,28 @@ def load_checkpoint(path: str | Path, fused: bool = True) -> tuple[nn.Module, Mo
         model = fuse_module(model).eval()
         card.lipschitz_audited = certified_lipschitz(model)
     return model, card
+
+
+def load_grown(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load a smaller model's weights into `model`, which may add zero-initialised
+    position biases (certseg.nn.position): the grown model starts as the same function.
+
+    Every saved tensor must land; the only tensors allowed to be missing are position
+    biases, which are zero at init. Returns the names of those left at init.
+    """
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches are raised even when not strict
+        first = str(err).splitlines()[1:2] or [str(err)]
+        raise RuntimeError(f"checkpoint does not fit the model: {first[0].strip()}") from err
+    grown = [k for k in result.missing_keys if k.endswith("position.bias")]
+    problems = sorted(set(result.missing_keys) - set(grown)) + sorted(result.unexpected_keys)
+    if problems:
+        raise RuntimeError(f"checkpoint does not fit the model: {', '.join(problems[:8])}")
+    params = dict(model.named_parameters())
+    if any(params[k].detach().abs().max() > 0 for k in grown):
+        raise RuntimeError("grown position biases must start at zero")
+    return grown
 
 
 def is_lipschitz(model: nn.Module) -> bool:

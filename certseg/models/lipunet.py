@@ -22,17 +22,18 @@ from certseg.nn import InputNormalization, LipSequential, ParallelConcat
 __all__ = ["lipunet", "lipunet_s", "lipunet_xs"]
 
 
-def _level(c: int, depth: int, constrained: bool) -> LipSequential:
-    body = conv_block(c, c, constrained)
+def _level(c: int, depth: int, constrained: bool, pos: Sequence[int] | None) -> LipSequential:
+    body = conv_block(c, c, constrained, pos)
     if depth == 0:
-        return LipSequential(*body, *conv_block(c, c, constrained, dilation=2))
+        return LipSequential(*body, *conv_block(c, c, constrained, pos, dilation=2))
     deeper = LipSequential(
-        *conv_block(c, 2 * c, constrained, stride=2),
-        _level(2 * c, depth - 1, constrained),
-        *up_block(2 * c, c, constrained),
+        *conv_block(c, 2 * c, constrained, pos, stride=2),
+        _level(2 * c, depth - 1, constrained, pos),
+        *up_block(2 * c, c, constrained, position_grid=pos),
     )
     skip = nn.Identity()
-    return LipSequential(*body, ParallelConcat(skip, deeper), *conv_block(2 * c, c, constrained))
+    merge = conv_block(2 * c, c, constrained, pos)
+    return LipSequential(*body, ParallelConcat(skip, deeper), *merge)
 
 
 def lipunet(
@@ -43,12 +44,18 @@ def lipunet(
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
     constrained: bool = True,
+    position_grid: Sequence[int] | None = None,
 ) -> LipSequential:
-    """Output stride 1; inputs are padded to a multiple of 2**depth."""
+    """Output stride 1; inputs are padded to a multiple of 2**depth.
+
+    `position_grid` (gh, gw) gives every centering a learned position-dependent bias
+    (certseg.nn.position): layout priors at no cost to the Lipschitz constant.
+    """
+    pos = None if position_grid is None else tuple(int(g) for g in position_grid)
     return LipSequential(
         InputNormalization(mean, std),
-        *conv_block(in_channels, width, constrained),
-        _level(width, depth, constrained),
+        *conv_block(in_channels, width, constrained, pos),
+        _level(width, depth, constrained, pos),
         conv(width, num_classes, 1, constrained=constrained),
     )
 

@@ -23,14 +23,16 @@ def tiny(
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
     constrained: bool = True,
+    position_grid: Sequence[int] | None = None,
 ) -> LipSequential:
-    """About 23k parameters at width 16; output stride 1 (pad inputs to even sizes)."""
-    w, c = width, constrained
+    """About 23k parameters at width 16; output stride 1 (pad inputs to even sizes).
+    `position_grid`: position-dependent centering biases (certseg.nn.position)."""
+    w, c, p = width, constrained, position_grid
     return LipSequential(
         InputNormalization(mean, std),
-        *conv_block(in_channels, w, c),
-        *conv_block(w, 2 * w, c, stride=2),
-        *conv_block(2 * w, 2 * w, c, dilation=2),
-        *up_block(2 * w, w, c),
+        *conv_block(in_channels, w, c, p),
+        *conv_block(w, 2 * w, c, p, stride=2),
+        *conv_block(2 * w, 2 * w, c, p, dilation=2),
+        *up_block(2 * w, w, c, position_grid=p),
         conv(w, num_classes, 1, constrained=c),
     )

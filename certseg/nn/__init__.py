@@ -19,6 +19,7 @@ from certseg.nn.conv import (
 )
 from certseg.nn.joins import AveragedResidual, ParallelConcat
 from certseg.nn.normalization import InputNormalization
+from certseg.nn.position import PositionalBias
 from certseg.nn.sampling import InvertibleDownsample, InvertibleUpsample
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "OrthoConvTranspose2d",
     "OrthoLinear",
     "ParallelConcat",
+    "PositionalBias",
     "Shift2d",
     "certified_lipschitz",
     "fuse_module",
