@@ -26,7 +26,7 @@ from certseg.certify import (
     worst_case_pixel_accuracy,
 )
 from certseg.data import SyntheticScenes
-from certseg.inference import pad_to_multiple
+from certseg.inference import padded_forward
 from certseg.models import load_checkpoint
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     model, card = load_checkpoint(args.checkpoint)
     lip = card.certified_lipschitz
     data = SyntheticScenes(args.images, card.input_size, seed=args.seed)
-    net = lambda x: model(pad_to_multiple(x, card.pad_multiple))[..., : x.shape[-2], : x.shape[-1]]  # noqa: E731
+    net = lambda x: padded_forward(model, x, card.pad_multiple)  # noqa: E731
     stats = {
         e: {
             "attacked_acc": [],

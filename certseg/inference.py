@@ -11,14 +11,26 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["pad_to_multiple", "predict_logits"]
+__all__ = ["pad_to_multiple", "padded_forward", "predict_logits"]
 
 
 def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad (bottom/right) so H and W are multiples of `multiple`."""
-    h, w = batch.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    return nn.functional.pad(batch, (0, pw, 0, ph)) if ph or pw else batch
+    """Zero-pad (bottom/right) so H and W are multiples of `multiple`.
+
+    Written without branches on the sizes, so it traces into the exported graph with
+    symbolic H, W (export.graph_head uses it too).
+    """
+    if multiple <= 1:
+        return batch
+    h, w = batch.shape[-2], batch.shape[-1]
+    m = multiple
+    return nn.functional.pad(batch, (0, (m - w % m) % m, 0, (m - h % m) % m))
+
+
+def padded_forward(model: nn.Module, batch: torch.Tensor, pad_multiple: int) -> torch.Tensor:
+    """Logits at the batch's own H, W: pad, run, crop."""
+    h, w = batch.shape[-2], batch.shape[-1]
+    return model(pad_to_multiple(batch, pad_multiple))[..., :h, :w]
 
 
 @torch.no_grad()
@@ -32,5 +44,4 @@ def predict_logits(
     batch = torch.as_tensor(images, dtype=torch.float32, device=device)
     if batch.ndim == 3:
         batch = batch[None]
-    h, w = batch.shape[-2:]
-    return model(pad_to_multiple(batch, pad_multiple))[..., :h, :w].float().cpu().numpy()
+    return padded_forward(model, batch, pad_multiple).float().cpu().numpy()

@@ -34,7 +34,8 @@ import math
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from certseg.inference import pad_to_multiple
 
 __all__ = [
     "DEFAULT_HEAD",
@@ -158,11 +159,7 @@ class CertifiedSegmenter(nn.Module):
         Zero padding is an isometric embedding (norm 1) and the crop that follows is a
         coordinate projection (norm 1): the composition keeps the net's constant L.
         """
-        h, w = image.shape[-2], image.shape[-1]
-        m = self.pad_multiple
-        if m > 1:
-            image = F.pad(image, (0, (m - w % m) % m, 0, (m - h % m) % m))
-        return self.net(image)
+        return self.net(pad_to_multiple(image, self.pad_multiple))
 
     def forward(self, image: Tensor):
         h, w = image.shape[-2], image.shape[-1]

@@ -56,7 +56,7 @@ def sample_votes(
     """Per-pixel vote counts (N, K, H, W) of `num` Gaussian-noise passes (torch, batched)."""
     import torch
 
-    from certseg.inference import pad_to_multiple
+    from certseg.inference import padded_forward
 
     n_img, _, h, w = images.shape
     counts = torch.zeros(n_img, num_classes, h, w, dtype=torch.int32, device=images.device)
@@ -68,7 +68,7 @@ def sample_votes(
                 noisy = images[i : i + 1] + sigma * torch.randn(
                     b, *images.shape[1:], device=images.device
                 )
-                pred = model(pad_to_multiple(noisy, pad_multiple))[..., :h, :w].argmax(1)
+                pred = padded_forward(model, noisy, pad_multiple).argmax(1)
                 counts[i] += (
                     torch.nn.functional.one_hot(pred, num_classes)
                     .sum(0)
