@@ -83,6 +83,9 @@ def train(
         float,
         typer.Option(help="Certified-margin training: offset wrong classes by sqrt(2) L eps."),
     ] = 0.0,
+    position_lr_scale: Annotated[
+        float, typer.Option(help="lr multiplier of position biases (arch position_grid).")
+    ] = 1.0,
     eps: Annotated[float, typer.Option(help="Validation eps and the card's default.")] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -110,7 +113,13 @@ def train(
         val_images=val_images,
         size=(height, width),
         batch_size=batch_size,
-        recipe=Recipe(epochs=epochs, lr=lr, tau=tau, train_eps=train_eps),
+        recipe=Recipe(
+            epochs=epochs,
+            lr=lr,
+            tau=tau,
+            train_eps=train_eps,
+            position_lr_scale=position_lr_scale,
+        ),
         seed=seed,
         device=device,
         amp=amp,

@@ -37,6 +37,7 @@ class Recipe:
     betas: tuple[float, float] = (0.95, 0.95)
     tau: float = 8.0
     train_eps: float = 0.0  # > 0: Lipschitz-margin offset sqrt(2) L train_eps on wrong classes
+    position_lr_scale: float = 1.0  # lr multiplier of position biases (no weight decay)
     ignore_index: int = 255
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, lipschitz: float) -> torch.Tensor:
@@ -74,8 +75,18 @@ class TrainConfig:
 def make_optimizer(
     model: nn.Module, recipe: Recipe, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW + cosine. Position biases get their own group: each grid cell sees the
+    gradient of a small patch only, so at the net's lr a layout prior barely moves."""
+    params = dict(model.named_parameters())
+    position = [p for k, p in params.items() if k.endswith("position.bias")]
+    rest = [p for k, p in params.items() if not k.endswith("position.bias")]
+    groups = [{"params": rest}]
+    if position:
+        groups.append(
+            {"params": position, "lr": recipe.lr * recipe.position_lr_scale, "weight_decay": 0.0}
+        )
     opt = torch.optim.AdamW(
-        model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
+        groups, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt, T_max=max(total_steps, 1), eta_min=recipe.lr_min

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from certseg.certify.smoothing import binomial_tail, holm_reject
-from certseg.models import load_checkpoint
+from certseg.models import create_model, load_checkpoint
+from certseg.train import Recipe, make_optimizer
 from server.launch import free_port
 
 CLI = [sys.executable, "-m", "certseg.cli"]
@@ -151,3 +152,15 @@ def test_train_and_evaluate_on_cuda(tmp_path):
     _run([*CLI, "train", "-o", str(out), *args, "--epochs", "1", "--amp"])
     _run([*CLI, "evaluate", str(out / "model.pt"), "-o", str(tmp_path / "ev"),
           "--num-images", "2", "--device", "cuda"])  # fmt: skip
+
+
+def test_position_biases_get_their_own_learning_rate():
+    model = create_model("tiny", num_classes=3, width=4, position_grid=(2, 3))
+    opt, _ = make_optimizer(model, Recipe(lr=1e-3, position_lr_scale=20), total_steps=10)
+    rest, position = opt.param_groups
+    assert position["lr"] == pytest.approx(2e-2) and position["weight_decay"] == 0.0
+    assert rest["lr"] == pytest.approx(1e-3) and rest["weight_decay"] > 0
+    assert len(position["params"]) == 4  # one per centering layer
+    assert len(rest["params"]) + 4 == len(list(model.parameters()))
+    plain, _ = make_optimizer(create_model("tiny", num_classes=3), Recipe(), total_steps=10)
+    assert len(plain.param_groups) == 1
