@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import httpx
@@ -58,3 +59,24 @@ def test_readme_example_matches_direct_session(default_server):
     assert ans["max_flips"] == int(max_flips(margin[0], 0.05, ans["lipschitz"]))
     # A trained model: most of a street scene is certified at a small budget.
     assert ans["guaranteed_fraction"] > 0.05
+
+
+def test_reproduction_script_ends_with_the_shipped_recipe():
+    """scripts/train_default_model.sh is how the README says to rebuild the shipped
+    model: its last stage must be the recipe recorded in the shipped card."""
+    script = (ROOT / "scripts" / "train_default_model.sh").read_text()
+    last = [line for line in script.splitlines() if line.startswith("stage ")][-1]
+    fields = last.split("#")[0].split()
+    _, _name, _init, seed, images, epochs, lr, train_eps, *extra = fields
+    card = json.loads((default_model_path().parent / "card.json").read_text())
+    training, recipe = card["training"], card["training"]["recipe"]
+    assert (training["seed"], training["num_images"]) == (int(seed), int(images))
+    assert (recipe["epochs"], recipe["lr"], recipe["train_eps"]) == (
+        int(epochs),
+        float(lr),
+        float(train_eps),
+    )
+    assert card["name"] == extra[extra.index("--name") + 1]
+    scale = float(extra[extra.index("--position-lr-scale") + 1])
+    assert recipe["position_lr_scale"] == scale
+    assert card["arch_kwargs"] == {"width": 24, "position_grid": [8, 16]}
