@@ -26,8 +26,8 @@ stage() {  # stage NAME INIT SEED IMAGES EPOCHS LR TRAIN_EPS [extra args...]
 
 stage 1 "" 0 1024 16 3e-3 0.03 --name certseg-street-s24            # 61 min, from scratch
 stage 2 1 1 1024 6 1e-3 0.045 --name certseg-street-s24             # 23 min
-stage 3 2 2 1024 6 1e-3 0.035 "${POS[@]}" --name certseg-street-s24p  # 24 min, grows biases
-stage 4 3 3 1536 4 1e-3 0.035 "${POS[@]}" --position-lr-scale 5 --name certseg-street-s24p
-stage 5 4 5 1536 4 1e-3 0.03 "${POS[@]}" --position-lr-scale 5 --name certseg-street-s24p
+stage 3 2 2 1024 6 1e-3 0.04 "${POS[@]}" --position-lr-scale 20 --name certseg-street-s24p  # 23 min
+stage 4 3 4 1536 4 1e-3 0.03 "${POS[@]}" --position-lr-scale 10 --name certseg-street-s24p  # 23 min
+stage 5 4 6 1536 4 1e-3 0.03 "${POS[@]}" --position-lr-scale 10 --name certseg-street-s24p  # 23 min
 certseg export "$RUNS/5/model.pt" -o certseg/weights/street
 cp "$RUNS/5/model.pt" certseg/weights/street/model.pt

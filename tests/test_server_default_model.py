@@ -45,7 +45,7 @@ def test_readme_example_matches_direct_session(default_server):
         )
     assert r.status_code == 200, r.text
     ans = r.json()
-    assert ans["model"] == "certseg-street-s24"
+    assert ans["model"] == "certseg-street-s24p"
     session = ort_session(default_model_path().parent)
     mask, margin, radius = session.run(["mask", "margin", "radius"], {"image": to_input(body)})
     with Image.open(io.BytesIO(base64.b64decode(ans["mask"]["data"]))) as img:
