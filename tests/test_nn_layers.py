@@ -213,6 +213,7 @@ def test_tampered_weight_is_caught():
 def test_position_bias_is_a_translation_at_any_size():
     """The bias depends on where a pixel is, never on its value: differences pass
     unchanged (exactly 1-Lipschitz), and the map follows the input's size."""
+    torch.manual_seed(0)
     layer = PositionalBias(3, (4, 6))
     with torch.no_grad():
         layer.bias.normal_()
