@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from certseg.losses import certified_offset, tau_cross_entropy
+from certseg.nn.position import position_bias_names
 
 __all__ = ["Recipe", "TrainConfig", "fit", "make_optimizer", "train"]
 
@@ -77,9 +78,10 @@ def make_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW + cosine. Position biases get their own group: each grid cell sees the
     gradient of a small patch only, so at the net's lr a layout prior barely moves."""
+    names = position_bias_names(model)
     params = dict(model.named_parameters())
-    position = [p for k, p in params.items() if k.endswith("position.bias")]
-    rest = [p for k, p in params.items() if not k.endswith("position.bias")]
+    position = [p for k, p in params.items() if k in names]
+    rest = [p for k, p in params.items() if k not in names]
     groups = [{"params": rest}]
     if position:
         groups.append(

@@ -162,5 +162,9 @@ def test_position_biases_get_their_own_learning_rate():
     assert rest["lr"] == pytest.approx(1e-3) and rest["weight_decay"] > 0
     assert len(position["params"]) == 4  # one per centering layer
     assert len(rest["params"]) + 4 == len(list(model.parameters()))
+    # The unconstrained twin holds its maps outside any centering layer: same groups.
+    twin = create_model("tiny", num_classes=3, width=4, position_grid=(2, 3), constrained=False)
+    opt, _ = make_optimizer(twin, Recipe(lr=1e-3, position_lr_scale=20), total_steps=10)
+    assert len(opt.param_groups[1]["params"]) == 4
     plain, _ = make_optimizer(create_model("tiny", num_classes=3), Recipe(), total_steps=10)
     assert len(plain.param_groups) == 1

@@ -11,6 +11,7 @@ from torch import nn
 from certseg.models.card import ModelCard
 from certseg.models.registry import create_model
 from certseg.nn import certified_lipschitz, fuse_module, structural_lipschitz
+from certseg.nn.position import position_bias_names
 
 __all__ = [
     "build_from_card",
@@ -61,7 +62,8 @@ def load_grown(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[st
     except RuntimeError as err:  # shape mismatches are raised even when not strict
         first = str(err).splitlines()[1:2] or [str(err)]
         raise RuntimeError(f"checkpoint does not fit the model: {first[0].strip()}") from err
-    grown = [k for k in result.missing_keys if k.endswith("position.bias")]
+    names = position_bias_names(model)
+    grown = [k for k in result.missing_keys if k in names]
     problems = sorted(set(result.missing_keys) - set(grown)) + sorted(result.unexpected_keys)
     if problems:
         raise RuntimeError(f"checkpoint does not fit the model: {', '.join(problems[:8])}")

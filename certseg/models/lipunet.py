@@ -51,11 +51,10 @@ def lipunet(
     `position_grid` (gh, gw) gives every centering a learned position-dependent bias
     (certseg.nn.position): layout priors at no cost to the Lipschitz constant.
     """
-    pos = None if position_grid is None else tuple(int(g) for g in position_grid)
     return LipSequential(
         InputNormalization(mean, std),
-        *conv_block(in_channels, width, constrained, pos),
-        _level(width, depth, constrained, pos),
+        *conv_block(in_channels, width, constrained, position_grid),
+        _level(width, depth, constrained, position_grid),
         conv(width, num_classes, 1, constrained=constrained),
     )
 

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from certseg.nn.base import LipschitzModule
 
-__all__ = ["PositionalBias"]
+__all__ = ["PositionalBias", "position_bias_names"]
 
 
 class PositionalBias(LipschitzModule):
@@ -47,3 +47,13 @@ class PositionalBias(LipschitzModule):
         twin = PositionalBias(self.bias.shape[1], self.bias.shape[-2:])
         twin.bias.data.copy_(self.bias.detach())
         return twin.requires_grad_(False)
+
+
+def position_bias_names(model: nn.Module) -> set[str]:
+    """Parameter names of every PositionalBias in `model`, wherever it sits (inside a
+    centering layer, or on its own in the unconstrained twin)."""
+    return {
+        f"{name}.bias" if name else "bias"
+        for name, module in model.named_modules()
+        if isinstance(module, PositionalBias)
+    }
