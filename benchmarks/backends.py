@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
                 **info.get(name, {}),
             }
             if "error_bound" in row and np.isfinite(lip):
-                from export.tensorrt import apply_error_bound
+                from certseg.certify import certified_margins
 
-                cert, _ = apply_error_bound(out["margin"], row["error_bound"], lip)
+                cert, _ = certified_margins(out["margin"], row["error_bound"], lip)
                 row["certified_fraction_eps0"] = float(np.mean(cert > 0))
             rows.append(row)
 

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from certseg.certify.numerics import radius_scale_for
 from certseg.inference import pad_to_multiple
 
 __all__ = [
@@ -42,28 +42,11 @@ __all__ = [
     "HEAD_FORMULATIONS",
     "CertificateHead",
     "CertifiedSegmenter",
-    "radius_scale_for",
 ]
 
 #: Exact top1/top2 formulations the exporter knows, cheapest (measured) first.
 HEAD_FORMULATIONS = ("chain", "argmax_where", "topk")
 DEFAULT_HEAD = "chain"
-
-
-def radius_scale_for(lipschitz: float) -> float:
-    """The float32 factor c with margin * c <= margin / (sqrt(2) L) after fp32 rounding.
-
-    1/(sqrt(2) L) is shrunk by 2^-22 (covers the rounding of the product, <= 2^-24
-    relative) and then rounded down to float32, so the radius the graph computes is
-    never larger than the exact one (it is smaller by ~3e-7 relative).
-    """
-    if not (math.isfinite(lipschitz) and lipschitz > 0):
-        raise ValueError(f"Lipschitz bound must be finite and > 0, got {lipschitz}")
-    exact = 1.0 / (math.sqrt(2.0) * lipschitz) * (1.0 - 2.0**-22)
-    c = np.float32(exact)
-    if float(c) > exact:
-        c = np.nextafter(c, np.float32(0.0))
-    return float(c)
 
 
 class CertificateHead(nn.Module):

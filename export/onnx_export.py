@@ -45,7 +45,8 @@ from export.audit import (
     audit_onnx,
     find_logits,
 )
-from export.graph_head import DEFAULT_HEAD, CertifiedSegmenter, radius_scale_for
+from certseg.certify import radius_scale_for
+from export.graph_head import DEFAULT_HEAD, CertifiedSegmenter
 
 __all__ = ["ExportResult", "build_segmenter", "export_graph", "export_onnx", "resolve_model"]
 

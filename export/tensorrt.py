@@ -1,50 +1,39 @@
-"""TensorRT engines from the audited ONNX file, cached, with a measured error bound.
+"""TensorRT engines from the audited ONNX file: built once, cached, run on torch CUDA tensors.
 
 GPU-only paths (build_engine, TrtRunner, calibrate_error_bound) import tensorrt and
-torch lazily; the cache key, profiles and the error-bound arithmetic are plain Python
-and numpy (tested on CPU).
+torch lazily; the cache key and profiles are plain Python (tested on CPU).
 
-Soundness. A certificate holds for the logits a float32 evaluation gives. An engine
-(fp16, or fp32 with other kernels and summation orders) returns slightly different
-margins, so it certifies only after subtracting an error bound e from every margin:
-certified margin = max(margin - e, 0), radius = that / (sqrt(2) L). e is measured on
-calibration images against fp32 ONNX Runtime (the audited reference):
-
-    e = safety * max(max |margin_trt - margin_ort|, 2 max |logits_trt - logits_ort|,
-                     largest TRT margin where the two masks disagree) + slack
-
-(2 max |dlogit| bounds the margin change when logits are exported; a pixel whose
-class differs between the two must not keep a positive certified margin). This is an
-empirical bound, not a proof: it is stored beside the engine with the number of
-images and pixels it saw, and the safety factor (default 2) is what covers inputs
-outside the calibration set. fp32 engines are built with TF32 disabled.
+An engine's margins differ from fp32 ONNX Runtime's (fp16, or fp32 with other kernels
+and summation orders), so it certifies only after subtracting a measured error bound:
+`calibrate_error_bound` measures it with `export.error_bound` and stores it beside
+the engine. fp32 engines are built with TF32 disabled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export.error_bound import ErrorBound, calibrate
+
 __all__ = [
     "PRECISIONS",
     "EngineInfo",
-    "ErrorBound",
     "Profile",
     "TrtRunner",
-    "apply_error_bound",
     "build_engine",
     "calibrate_error_bound",
+    "cuda_check",
+    "cuda_runtime",
     "engine_cache_key",
-    "error_bound_from_outputs",
     "gpu_identity",
     "sha256_file",
 ]
@@ -120,99 +109,6 @@ def engine_cache_key(
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-# --------------------------------------------------------------------- error bound
-
-
-@dataclass
-class ErrorBound:
-    """Measured margin error of an engine against fp32 ONNX Runtime."""
-
-    bound: float
-    max_margin_diff: float
-    max_logit_diff: float | None
-    mask_disagreements: int
-    max_margin_where_masks_differ: float
-    safety: float
-    slack: float
-    images: int
-    pixels: int
-    precision: str = "unknown"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
-
-    @classmethod
-    def load(cls, path: str | Path) -> ErrorBound:
-        return cls(**json.loads(Path(path).read_text()))
-
-
-def error_bound_from_outputs(
-    trt: Iterable[dict[str, np.ndarray]],
-    ref: Iterable[dict[str, np.ndarray]],
-    safety: float = 2.0,
-    slack: float = 1e-4,
-    precision: str = "unknown",
-) -> ErrorBound:
-    """Error bound from paired outputs ({'mask','margin'[,'logits']} per batch)."""
-    if safety < 1 or slack < 0:
-        raise ValueError("safety must be >= 1 and slack >= 0")
-    dm = dl = worst_flip = 0.0
-    have_logits = True
-    flips = images = pixels = 0
-    for a, b in zip(trt, ref, strict=True):
-        ma, mb = np.asarray(a["margin"], np.float64), np.asarray(b["margin"], np.float64)
-        if ma.shape != mb.shape:
-            raise ValueError(f"margin shapes differ: {ma.shape} vs {mb.shape}")
-        finite = np.isfinite(ma) & np.isfinite(mb)
-        if finite.any():
-            dm = max(dm, float(np.max(np.abs(ma[finite] - mb[finite]))))
-        if (np.isfinite(ma) != np.isfinite(mb)).any():
-            raise ValueError("one backend gives infinite margins where the other does not")
-        differ = np.asarray(a["mask"]) != np.asarray(b["mask"])
-        flips += int(differ.sum())
-        if differ.any():
-            worst_flip = max(worst_flip, float(np.max(ma[differ])))
-        if "logits" in a and "logits" in b:
-            la, lb = np.asarray(a["logits"], np.float64), np.asarray(b["logits"], np.float64)
-            dl = max(dl, float(np.max(np.abs(la - lb))))
-        else:
-            have_logits = False
-        images += ma.shape[0] if ma.ndim == 3 else 1
-        pixels += ma.size
-    if pixels == 0:
-        raise ValueError("no calibration outputs")
-    raw = max(dm, 2.0 * dl if have_logits else 0.0, worst_flip)
-    return ErrorBound(
-        bound=safety * raw + slack,
-        max_margin_diff=dm,
-        max_logit_diff=dl if have_logits else None,
-        mask_disagreements=flips,
-        max_margin_where_masks_differ=worst_flip,
-        safety=safety,
-        slack=slack,
-        images=images,
-        pixels=pixels,
-        precision=precision,
-    )
-
-
-def apply_error_bound(
-    margin: np.ndarray, bound: float | ErrorBound, lipschitz: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(certified margin, certified radius): margin - bound clipped at 0, over sqrt(2) L."""
-    e = bound.bound if isinstance(bound, ErrorBound) else float(bound)
-    if not (math.isfinite(e) and e >= 0):
-        raise ValueError(f"error bound must be finite and >= 0, got {e}")
-    if not (math.isfinite(lipschitz) and lipschitz > 0):
-        raise ValueError(f"Lipschitz bound must be finite and > 0, got {lipschitz}")
-    m = np.asarray(margin)
-    certified = np.maximum(m - np.asarray(e, dtype=m.dtype), np.zeros((), dtype=m.dtype))
-    return certified, certified / np.asarray(math.sqrt(2.0) * lipschitz, dtype=m.dtype)
 
 
 # ------------------------------------------------------------------------- GPU paths
@@ -348,15 +244,43 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
 
 
+def cuda_runtime() -> Any:
+    """cuda-python's runtime module (its import path moved in cuda-python 12.6)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6
+        except ImportError as err:  # pragma: no cover - depends on the machine
+            raise RuntimeError(
+                "TensorRT engines need cuda-python for device memory (the gpu extra)"
+            ) from err
+    return cudart
+
+
+def cuda_check(cudart: Any, result: Any) -> Any:
+    """cuda-python returns (err, *values): raise on err, else the value(s)."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA call failed: {err}")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else rest
+
+
 class TrtRunner:  # pragma: no cover - needs a GPU and TensorRT
-    """Runs a serialized engine on torch CUDA tensors; returns numpy outputs by name."""
+    """One deserialized engine and execution context on one GPU: numpy in, numpy out.
+
+    Device buffers are grown per tensor and reused across calls (no allocation in
+    steady state); the input copy, the run and the output copies are queued on one
+    stream with a single synchronisation at the end. The one runner of certseg:
+    the server's tensorrt backend, calibration and the benchmarks all use it.
+    """
 
     def __init__(self, engine_path: str | Path, device: int = 0) -> None:
-        import torch
-
-        trt = _tensorrt()
-        self.torch, self.trt = torch, trt
-        self.device = torch.device("cuda", device)
+        trt, cudart = _tensorrt(), cuda_runtime()
+        self.trt, self.cudart = trt, cudart
+        cuda_check(cudart, cudart.cudaSetDevice(device))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(
             Path(engine_path).read_bytes()
@@ -366,68 +290,76 @@ class TrtRunner:  # pragma: no cover - needs a GPU and TensorRT
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = cuda_check(cudart, cudart.cudaStreamCreate())
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device ptr, bytes)
 
-    def _dtype(self, name: str):
-        t, trt = self.torch, self.trt
-        table = {
-            trt.float32: t.float32,
-            trt.float16: t.float16,
-            trt.int32: t.int32,
-            trt.int64: t.int64,
-            trt.bool: t.bool,
-        }
-        return table[self.engine.get_tensor_dtype(name)]
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                cuda_check(self.cudart, self.cudart.cudaFree(ptr))
+            ptr = cuda_check(self.cudart, self.cudart.cudaMalloc(nbytes))
+            self._buffers[name] = (ptr, nbytes)
+        return ptr
 
-    def run_torch(self, image) -> dict[str, Any]:
-        """image: a CUDA float32 tensor (N, 3, H, W); returns CUDA tensors by name."""
-        torch = self.torch
-        image = image.to(self.device, torch.float32).contiguous()
-        self.context.set_input_shape("image", tuple(image.shape))
-        self.context.set_tensor_address("image", image.data_ptr())
-        outs = {}
+    def __call__(
+        self, image: np.ndarray, names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """image (N, 3, H, W) -> the named outputs (default: all) as numpy arrays."""
+        trt, cudart, ctx = self.trt, self.cudart, self.context
+        x = np.ascontiguousarray(image, dtype=np.float32)
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        ctx.set_input_shape("image", x.shape)
+        src = self._buffer("image", x.nbytes)
+        cuda_check(cudart, cudart.cudaMemcpyAsync(src, x.ctypes.data, x.nbytes, h2d, self.stream))
+        ctx.set_tensor_address("image", src)
+        host: dict[str, np.ndarray] = {}
         for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            outs[name] = torch.empty(shape, dtype=self._dtype(name), device=self.device)
-            self.context.set_tensor_address(name, outs[name].data_ptr())
-        with torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-        self.stream.synchronize()
-        return outs
+            shape = tuple(ctx.get_tensor_shape(name))
+            arr = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+            ctx.set_tensor_address(name, self._buffer(name, max(arr.nbytes, 1)))
+            host[name] = arr
+        if not ctx.execute_async_v3(self.stream):
+            raise RuntimeError("TensorRT execution failed")
+        wanted = list(names) if names is not None else self.outputs
+        for name in wanted:
+            arr, ptr = host[name], self._buffers[name][0]
+            cuda_check(
+                cudart, cudart.cudaMemcpyAsync(arr.ctypes.data, ptr, arr.nbytes, d2h, self.stream)
+            )
+        cuda_check(cudart, cudart.cudaStreamSynchronize(self.stream))
+        return {n: host[n] for n in wanted}
 
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        x = self.torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-        return {k: v.cpu().numpy() for k, v in self.run_torch(x).items()}
+    def close(self) -> None:
+        for ptr, _ in self._buffers.values():
+            self.cudart.cudaFree(ptr)
+        self._buffers.clear()
+        self.context = self.engine = None
 
 
 def calibrate_error_bound(
     engine: EngineInfo | str | Path,
     onnx_path: str | Path,
-    images: Sequence[np.ndarray] | Iterable[np.ndarray],
+    images: Iterable[np.ndarray],
     safety: float = 2.0,
     slack: float = 1e-4,
     save: bool = True,
 ) -> ErrorBound:  # pragma: no cover - needs a GPU and TensorRT
-    """Run calibration batches (N, 3, H, W) through the engine and fp32 ONNX Runtime (CPU)
-    and derive the margin error bound; saved as <engine>.error.json."""
+    """The engine's margin error against fp32 ONNX Runtime (CPU) on calibration batches
+    (N, 3, H, W); saved as <engine>.error.json."""
     import onnxruntime as ort
 
     path = engine.path if isinstance(engine, EngineInfo) else Path(engine)
-    runner = TrtRunner(path)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    trt_outs, ref_outs = [], []
-    for batch in images:
-        x = np.asarray(batch, dtype=np.float32)
-        if x.ndim == 3:
-            x = x[None]
-        ref_outs.append(dict(zip(names, session.run(None, {"image": x}), strict=True)))
-        trt_outs.append(runner(x))
+
+    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(None, {"image": x}), strict=True))
+
     precision = engine.precision if isinstance(engine, EngineInfo) else "unknown"
-    bound = error_bound_from_outputs(trt_outs, ref_outs, safety, slack, precision)
+    bound = calibrate(TrtRunner(path), reference, images, safety, slack, precision)
     if save:
         bound.save(path.with_suffix(".error.json"))
     return bound

@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from certseg.certify import margins
-from export.graph_head import (
-    HEAD_FORMULATIONS,
-    CertificateHead,
-    CertifiedSegmenter,
-    radius_scale_for,
-)
+from certseg.certify import margins, radius_scale_for
+from export.graph_head import HEAD_FORMULATIONS, CertificateHead, CertifiedSegmenter
 
 
 @pytest.mark.parametrize("form", HEAD_FORMULATIONS)

@@ -1,5 +1,6 @@
 """TensorRT: cache key, profiles and the error-bound arithmetic on CPU; engine build,
-caching and the fp16 error bound on a GPU (marked `gpu`, skipped without one)."""
+caching, the server's tensorrt backend and the fp16 error bound on a GPU (marked
+`gpu`, skipped without one)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from export.tensorrt import (
-    ErrorBound,
-    Profile,
-    apply_error_bound,
-    engine_cache_key,
-    error_bound_from_outputs,
-    sha256_file,
-)
+from certseg.certify import certified_margins
+from export.error_bound import ErrorBound, calibrate, error_bound_from_outputs
+from export.tensorrt import Profile, engine_cache_key, sha256_file
 
 PROFILE = Profile.for_sizes((64, 96), (128, 192), (16, 16), max_batch=2)
 BASE = ("ab" * 32, "NVIDIA H100 80GB HBM3", (9, 0), "10.3.0", PROFILE, "fp16")
@@ -95,24 +91,81 @@ def test_mask_flip_forces_the_bound_above_its_margin():
     trt = {"mask": np.array([[[0, 0]]], np.int32), "margin": np.array([[[0.5, 0.21]]], np.float32)}
     b = error_bound_from_outputs([trt], [ref], safety=1.0, slack=0.0)
     assert b.mask_disagreements == 1 and b.bound == pytest.approx(0.21)
-    certified, _ = apply_error_bound(trt["margin"], b, 1.0)
+    certified, _ = certified_margins(trt["margin"], b.bound, 1.0)
     assert certified[0, 0, 1] == 0  # the flipped pixel is not certified
 
 
-def test_apply_error_bound_and_json(tmp_path):
-    margin = np.array([0.0, 0.05, 0.1, 1.0, np.inf], np.float32)
-    certified, radius = apply_error_bound(margin, 0.1, 4.0)
-    np.testing.assert_allclose(certified, [0, 0, 0, 0.9, np.inf], atol=1e-7)
-    np.testing.assert_allclose(radius, certified / (math.sqrt(2) * 4.0))
-    assert certified.dtype == np.float32
+def test_certified_margins_and_json(tmp_path):
+    margin = np.array([0.0, 0.05, 0.1, 1.0, np.inf, np.nan], np.float32)
+    certified, radius = certified_margins(margin, 0.1, 4.0)
+    np.testing.assert_allclose(certified, [0, 0, 0, 0.9, np.inf, 0], atol=1e-7)
+    assert np.all(radius[:4].astype(np.float64) <= certified[:4] / (math.sqrt(2) * 4.0))
+    np.testing.assert_allclose(radius, certified / (math.sqrt(2) * 4.0), rtol=1e-6)
+    assert certified.dtype == radius.dtype == np.float32
     with pytest.raises(ValueError):
-        apply_error_bound(margin, -1.0, 4.0)
+        certified_margins(margin, -1.0, 4.0)
     with pytest.raises(ValueError):
-        apply_error_bound(margin, 0.1, 0.0)
+        certified_margins(margin, math.nan, 4.0)
+    with pytest.raises(ValueError):
+        certified_margins(margin, 0.1, 0.0)
     rng = np.random.default_rng(1)
     b = error_bound_from_outputs(*([x] for x in _outputs(rng, noise=1e-2)))
     b.save(tmp_path / "e.json")
     assert ErrorBound.load(tmp_path / "e.json") == b
+
+
+def test_certified_margins_never_exceed_the_exact_shrink():
+    """The float32 error is rounded up and radii stay below (margin - e) / (sqrt(2) L)."""
+    rng = np.random.default_rng(3)
+    margin = (rng.random(20000) * 4).astype(np.float32)
+    for e in rng.random(50) * 0.3:
+        cert, radius = certified_margins(margin, float(e), 2.5)
+        exact = np.maximum(margin.astype(np.float64) - e, 0.0)
+        assert np.all(cert.astype(np.float64) <= exact * (1 + 2**-23))
+        assert np.all(radius.astype(np.float64) <= exact / (math.sqrt(2) * 2.5))
+
+
+def test_certified_margins_on_torch_match_numpy():
+    torch = pytest.importorskip("torch")
+    m = np.random.default_rng(4).random((2, 5, 7), dtype=np.float32)
+    got_np = certified_margins(m, 0.2, 3.0)
+    got_t = certified_margins(torch.from_numpy(m), 0.2, 3.0)
+    for a, b in zip(got_np, got_t, strict=True):
+        assert isinstance(b, torch.Tensor) and b.dtype == torch.float32
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_calibrate_runs_both_runners_on_every_batch():
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+
+    def head(z):
+        s = np.sort(z, axis=1)
+        return {"mask": z.argmax(1).astype(np.int32), "margin": s[:, -1] - s[:, -2], "logits": z}
+
+    def reference(x):
+        return head(np.einsum("kc,nchw->nkhw", w, x))
+
+    def candidate(x):  # the same net with its weights rounded to fp16
+        return head(np.einsum("kc,nchw->nkhw", w.astype(np.float16).astype(np.float32), x))
+
+    images = [rng.random((3, 8, 9), dtype=np.float32), rng.random((2, 3, 8, 9), np.float32)]
+    bound = calibrate(candidate, reference, images, safety=2.0, slack=0.0, precision="fp16")
+    assert bound.images == 3 and bound.pixels == 3 * 72 and bound.precision == "fp16"
+    assert 0 < bound.max_logit_diff < 1e-2
+    x = rng.random((1, 3, 8, 9), dtype=np.float32)
+    cert, _ = certified_margins(candidate(x)["margin"], bound.bound, 1.0)
+    assert np.all(cert <= reference(x)["margin"])
+
+
+def test_server_engine_profile_spans_card_and_limits():
+    from server.backends.tensorrt import MIN_SIDE, engine_profile
+    from server.settings import Settings
+
+    p = engine_profile((96, 192), Settings(max_batch=8, trt_max_side=1024))
+    assert p.min == (1, 3, MIN_SIDE, MIN_SIDE)
+    assert p.opt == (1, 3, 96, 192) and p.max == (8, 3, 1024, 1024)
+    assert engine_profile((4096, 64), Settings(trt_max_side=512)).opt == (1, 3, 512, 64)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -158,8 +211,47 @@ def test_engine_build_cache_and_fp16_bound(tmp_path):
         assert np.abs(out["margin"] - ref["margin"]).max() < tol
         bound = calibrate_error_bound(info, res.onnx_path, images)
         assert info.error_bound_path.exists() and bound.bound < 10 * tol
-        certified, _ = apply_error_bound(out["margin"], bound, res.lipschitz_audited)
+        certified, _ = certified_margins(out["margin"], bound.bound, res.lipschitz_audited)
         same = out["mask"] == ref["mask"]
         assert same.mean() > 0.99
         assert np.all(certified[same] <= ref["margin"][same] + 1e-6)
     assert any(p.name.startswith("timing-") for p in cache.iterdir())
+
+
+@pytest.mark.gpu
+def test_server_tensorrt_backend_reuses_its_cached_engine(tmp_path):
+    """Second start of the server's backend deserializes the cached plan (timed)."""
+    _gpu()
+    import time
+
+    import onnxruntime as ort
+
+    from server.backends import ModelSpec, create_engine
+    from server.settings import Settings
+
+    onnx_path = _default_onnx()
+    settings = Settings(backend="tensorrt", trt_cache_dir=tmp_path, max_batch=2, trt_max_side=512)
+    starts = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        engine = create_engine(ModelSpec(None, onnx_path), settings)
+        engine.load()
+        starts.append(time.perf_counter() - t0)
+        x = np.random.default_rng(0).random((2, 3, 96, 192), dtype=np.float32)
+        out = engine.infer(x, ["mask"])
+        engine.close()
+    print(f"tensorrt backend start: first {starts[0]:.1f} s, cached {starts[1]:.2f} s")
+    assert len(list(tmp_path.glob("*.engine"))) == 1
+    assert starts[1] < starts[0]
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ref_mask, ref_margin = sess.run(["mask", "margin"], {"image": x})
+    sure = ref_margin > 1e-3  # pixels whose class fp32 rounding cannot change
+    assert np.array_equal(out["mask"][sure], ref_mask[sure])
+
+
+def _default_onnx():
+    from server.settings import default_model_path
+
+    path = default_model_path()
+    assert path is not None, "the shipped model is missing"
+    return path

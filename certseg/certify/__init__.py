@@ -27,12 +27,14 @@ from .metrics import (
     worst_case_miou,
     worst_case_pixel_accuracy,
 )
+from .numerics import certified_margins, radius_scale_for
 from .pixelwise import certified_radius, guaranteed_region, margins
 
 __all__ = [
     "DatasetCertificate",
     "DatasetCertifier",
     "attack_budget",
+    "certified_margins",
     "certified_pixel_accuracy",
     "certified_radius",
     "dinkelbach_min_ratio",
@@ -41,6 +43,7 @@ __all__ = [
     "guaranteed_region",
     "margins",
     "max_flips",
+    "radius_scale_for",
     "split_frontier",
     "stability",
     "worst_case_dice",

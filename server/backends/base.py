@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from certseg.certify.numerics import certified_margins
 from server.engine import ModelInfo
 
 __all__ = ["BaseEngine", "apply_margin_error"]
@@ -19,16 +19,12 @@ def apply_margin_error(
 
     An fp16 or TensorRT engine gives logits that differ from the fp32 evaluation the
     certificate speaks of; with |error of each margin| <= delta, margin - delta is a
-    sound margin, and the radius follows from it with the same 1/(sqrt(2) L).
+    sound margin (`certseg.certify.certified_margins`, the one place of that rule).
     """
     if margin_error <= 0:
         return outputs
-    margin = np.maximum(outputs["margin"] - np.float32(margin_error), np.float32(0))
-    scale = np.float32(1.0 / (math.sqrt(2.0) * lipschitz) * (1.0 - 2.0**-20))
-    out = dict(outputs)
-    out["margin"] = margin
-    out["radius"] = margin * scale
-    return out
+    margin, radius = certified_margins(outputs["margin"], margin_error, lipschitz)
+    return {**outputs, "margin": margin, "radius": radius}
 
 
 class BaseEngine:
