@@ -7,11 +7,54 @@ keeps the model's Lipschitz constant and the certificate speaks of the image as 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["pad_to_multiple", "padded_forward", "predict_logits"]
+__all__ = ["exact_fp32", "pad_to_multiple", "padded_forward", "predict_logits", "set_exact_fp32"]
+
+# (flag holder, attribute) pairs of torch's TF32 switches, new API (torch >= 2.9) first.
+_NEW_TF32 = ("cudnn.conv", "cudnn.rnn", "cuda.matmul")
+
+
+def _tf32_holders() -> list[tuple[object, str]]:
+    b = torch.backends
+    if hasattr(b.cudnn, "conv") and hasattr(b.cudnn.conv, "fp32_precision"):
+        return [
+            (getattr(getattr(b, a), c), "fp32_precision")
+            for a, c in (n.split(".") for n in _NEW_TF32)
+        ]
+    return [(b.cudnn, "allow_tf32"), (b.cuda.matmul, "allow_tf32")]  # pragma: no cover
+
+
+def set_exact_fp32() -> list[tuple[object, str, object]]:
+    """Switch TF32 off for cuDNN convolutions and CUDA matmuls; returns the old flags.
+
+    Why: torch runs float32 convolutions in TF32 on Ampere and later by default
+    (torch 2.13: cudnn.conv.fp32_precision == "tf32"), rounding their inputs to 10
+    mantissa bits. Logits computed so differ from the fp32 evaluation a certificate
+    speaks of by ~1e-3 relative: a radius from them is not sound. Everything that
+    certifies on a GPU (the torch backend, evaluate, certify) runs under this.
+    """
+    old = []
+    for holder, attr in _tf32_holders():
+        old.append((holder, attr, getattr(holder, attr)))
+        setattr(holder, attr, "ieee" if attr == "fp32_precision" else False)
+    return old
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """`set_exact_fp32` for the duration of a block, then the flags as they were."""
+    old = set_exact_fp32()
+    try:
+        yield
+    finally:
+        for holder, attr, value in old:
+            setattr(holder, attr, value)
 
 
 def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -40,8 +83,12 @@ def predict_logits(
     pad_multiple: int,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Logits (N, K, H, W) float32 for images (N, C, H, W) or (C, H, W) in [0, 1]."""
+    """Logits (N, K, H, W) float32 for images (N, C, H, W) or (C, H, W) in [0, 1].
+
+    Computed in exact fp32 (no TF32), since certificates are read from them.
+    """
     batch = torch.as_tensor(images, dtype=torch.float32, device=device)
     if batch.ndim == 3:
         batch = batch[None]
-    return padded_forward(model, batch, pad_multiple).float().cpu().numpy()
+    with exact_fp32():
+        return padded_forward(model, batch, pad_multiple).float().cpu().numpy()

@@ -88,7 +88,9 @@ def serve(
     margin_error: Annotated[
         float | None, typer.Option(help="Margin error bound of fp16/TensorRT engines (default: 0).")
     ] = None,
-    trt_fp16: Annotated[bool | None, typer.Option(help="fp16 TensorRT engine.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 | fp16 | bf16 (reduced ones need --margin-error).")
+    ] = None,
     trt_cache_dir: Annotated[Path | None, typer.Option(help="TensorRT engine cache.")] = None,
     default_model: Annotated[
         Path | None, typer.Option(help="Model served when none named.")
@@ -135,7 +137,7 @@ def serve(
         max_pixels=max_pixels,
         audit=audit,
         margin_error=margin_error,
-        trt_fp16=trt_fp16,
+        precision=precision,
         trt_cache_dir=trt_cache_dir,
         default_model=default_model,
         warmup=warmup,

@@ -15,9 +15,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["BackendName", "Settings", "default_model_path"]
+__all__ = ["BackendName", "Precision", "Settings", "default_model_path"]
 
 BackendName = Literal["auto", "onnxruntime", "tensorrt", "torch"]
+Precision = Literal["fp32", "fp16", "bf16"]
 
 #: Where the lead ships the default model (certseg/weights/*.onnx or */model.onnx).
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "certseg" / "weights"
@@ -68,7 +69,12 @@ class Settings(BaseSettings):
         description="Bound on the numerical error of each margin, subtracted before radii "
         "are reported (needed for fp16/TensorRT engines; 0 for fp32 ONNX Runtime).",
     )
-    trt_fp16: bool = Field(default=False, description="Native TensorRT: build an fp16 engine.")
+    precision: Precision = Field(
+        default="fp32",
+        description="Arithmetic of the engine: fp32 (certificates exactly as exported), or "
+        "fp16 (torch, TensorRT, ONNX Runtime's TensorRT provider) / bf16 (torch), which "
+        "certify only with a margin error bound (--margin-error).",
+    )
     trt_cache_dir: Path | None = None
     trt_max_side: int = Field(default=2048, ge=32, description="Native TensorRT: max H and W.")
 

@@ -75,19 +75,23 @@ def resolve_backend(requested: str, path: Path) -> str:
     return "onnxruntime"
 
 
-def create_engine(spec: ModelSpec, settings: Settings) -> Engine:
-    """Build (not load) the engine of one model; imports the backend lazily."""
+def create_engine(spec: ModelSpec, settings: Settings, calibrating: bool = False) -> Engine:
+    """Build (not load) the engine of one model; imports the backend lazily.
+
+    calibrating=True gives the raw margins of a reduced-precision engine, with no
+    error bound subtracted, for `export.error_bound.calibrate`; never serve those.
+    """
     backend = resolve_backend(settings.backend, spec.path)
     if backend == "onnxruntime":
         from server.backends.ort import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(spec.name, spec.path, settings)
+        return OnnxRuntimeEngine(spec.name, spec.path, settings, calibrating)
     if backend == "tensorrt":
         from server.backends.tensorrt import TensorRTEngine
 
-        return TensorRTEngine(spec.name, spec.path, settings)
+        return TensorRTEngine(spec.name, spec.path, settings, calibrating)
     if backend == "torch":
         from server.backends.torch_eager import TorchEngine
 
-        return TorchEngine(spec.name, spec.path, settings)
+        return TorchEngine(spec.name, spec.path, settings, calibrating)
     raise ModelError(f"unknown backend {backend!r}")

@@ -8,8 +8,9 @@ import numpy as np
 
 from certseg.certify.numerics import certified_margins
 from server.engine import ModelInfo
+from server.errors import ModelError
 
-__all__ = ["BaseEngine", "apply_margin_error"]
+__all__ = ["BaseEngine", "apply_margin_error", "check_precision"]
 
 
 def apply_margin_error(
@@ -25,6 +26,27 @@ def apply_margin_error(
         return outputs
     margin, radius = certified_margins(outputs["margin"], margin_error, lipschitz)
     return {**outputs, "margin": margin, "radius": radius}
+
+
+def check_precision(
+    backend: str,
+    precision: str,
+    supported: Sequence[str],
+    margin_error: float,
+    calibrating: bool = False,
+) -> None:
+    """Refuse a precision the backend cannot run, or a reduced one with no error bound.
+
+    `calibrating` engines (raw margins, to measure that bound; never served) are
+    exempt from the second rule.
+    """
+    if precision not in supported:
+        raise ModelError(f"the {backend} backend runs {', '.join(supported)}, not {precision!r}")
+    if precision != "fp32" and margin_error <= 0 and not calibrating:
+        raise ModelError(
+            f"a {precision} engine certifies only with --margin-error > 0 (measure it with "
+            "benchmarks/gpu.py or export.error_bound.calibrate)"
+        )
 
 
 class BaseEngine:

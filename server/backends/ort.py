@@ -2,8 +2,8 @@
 
 The CUDA provider is asked for full fp32 (``use_tf32=0``): TF32 convolutions would
 give logits that differ from the fp32 evaluation the certificate speaks of. The
-TensorRT provider runs fp32 unless ``trt_fp16`` is set, which needs a margin error
-bound (`Settings.margin_error`) to stay sound.
+TensorRT provider runs fp32 unless ``precision`` is fp16, which needs a margin error
+bound (`Settings.margin_error`) to stay sound; CPU and CUDA run fp32 only.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from server.backends.base import BaseEngine
+from server.backends.base import BaseEngine, check_precision
 from server.engine import file_sha256, info_from_card, read_onnx_metadata
 from server.errors import BackendUnavailable, ModelError
 from server.settings import Settings
@@ -33,7 +33,9 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def choose_providers(settings: Settings, available: list[str]) -> list[tuple[str, dict[str, str]]]:
+def choose_providers(
+    settings: Settings, available: list[str], calibrating: bool = False
+) -> list[tuple[str, dict[str, str]]]:
     """Providers with their options: the requested ones, or CUDA (if present) then CPU."""
     wanted = settings.providers or ([CUDA, CPU] if CUDA in available else [CPU])
     missing = [p for p in wanted if p not in available]
@@ -42,14 +44,16 @@ def choose_providers(settings: Settings, available: list[str]) -> list[tuple[str
             f"execution providers {missing} are not in this onnxruntime build "
             f"(available: {available}); onnxruntime-gpu brings CUDA and TensorRT"
         )
-    if TRT in wanted and settings.trt_fp16 and settings.margin_error <= 0:
-        raise ModelError("an fp16 TensorRT engine certifies only with --margin-error > 0")
+    supported = ("fp32", "fp16") if TRT in wanted else ("fp32",)
+    check_precision(
+        "onnxruntime", settings.precision, supported, settings.margin_error, calibrating
+    )
     dev = str(settings.device_id)
     opts: dict[str, dict[str, str]] = {
         CUDA: {"device_id": dev, "use_tf32": "0"},
         TRT: {
             "device_id": dev,
-            "trt_fp16_enable": "True" if settings.trt_fp16 else "False",
+            "trt_fp16_enable": "True" if settings.precision == "fp16" else "False",
             "trt_engine_cache_enable": "True",
             "trt_engine_cache_path": str(settings.trt_cache_dir or Path(".trt_cache")),
         },
@@ -60,10 +64,12 @@ def choose_providers(settings: Settings, available: list[str]) -> list[tuple[str
 class OnnxRuntimeEngine(BaseEngine):
     """One InferenceSession of an exported certseg graph."""
 
-    def __init__(self, name: str | None, path: Path, settings: Settings) -> None:
+    def __init__(
+        self, name: str | None, path: Path, settings: Settings, calibrating: bool = False
+    ) -> None:
         ort = _ort()
         card, lipschitz, outputs = read_onnx_metadata(path, settings.audit)
-        self._providers = choose_providers(settings, ort.get_available_providers())
+        self._providers = choose_providers(settings, ort.get_available_providers(), calibrating)
         first = self._providers[0][0]
         device = f"cuda:{settings.device_id}" if first in (CUDA, TRT) else "cpu"
         info = info_from_card(
@@ -77,7 +83,7 @@ class OnnxRuntimeEngine(BaseEngine):
             has_logits="logits" in outputs,
             sha256=file_sha256(path),
         )
-        super().__init__(info, settings.margin_error)
+        super().__init__(info, 0.0 if calibrating else settings.margin_error)
         self._threads = settings.intra_op_threads
         self._session: Any = None
 

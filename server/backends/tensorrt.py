@@ -3,7 +3,7 @@
 Building, caching and running live in `export.tensorrt` (one builder, one cache key of
 (ONNX sha256, GPU, compute capability, TensorRT version, profile, precision), one
 runner on cuda-python device memory); this module adapts them to the `Engine`
-protocol. The engine is fp32 with TF32 disabled unless ``trt_fp16`` is set; an fp16
+protocol. The engine is fp32 with TF32 disabled unless ``precision`` is fp16; an fp16
 engine certifies only after a margin error bound is subtracted
 (`Settings.margin_error`), and is refused without one. Needs the ``gpu`` extra;
 without `tensorrt` or `cuda-python`, creating the engine raises BackendUnavailable.
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from server.backends.base import BaseEngine
+from server.backends.base import BaseEngine, check_precision
 from server.engine import file_sha256, info_from_card, read_onnx_metadata
 from server.errors import BackendError, BackendUnavailable, ModelError
 from server.settings import Settings
@@ -62,15 +62,18 @@ def engine_profile(input_size: tuple[int, int], settings: Settings) -> Any:
 class TensorRTEngine(BaseEngine):
     """A TensorRT engine (built from model.onnx, or a given .plan) on one GPU."""
 
-    def __init__(self, name: str | None, path: Path, settings: Settings) -> None:
+    def __init__(
+        self, name: str | None, path: Path, settings: Settings, calibrating: bool = False
+    ) -> None:
         self._trt_export = _imports()
         onnx_path = path if path.suffix == ".onnx" else path.with_name("model.onnx")
         if not onnx_path.is_file():
             raise ModelError(
                 f"{path}: the TensorRT backend needs the exported model.onnx beside it"
             )
-        if settings.trt_fp16 and settings.margin_error <= 0:
-            raise ModelError("an fp16 TensorRT engine certifies only with --margin-error > 0")
+        check_precision(
+            "tensorrt", settings.precision, ("fp32", "fp16"), settings.margin_error, calibrating
+        )
         card, lipschitz, outputs = read_onnx_metadata(onnx_path, settings.audit)
         info = info_from_card(
             name or card.name,
@@ -83,7 +86,7 @@ class TensorRTEngine(BaseEngine):
             has_logits="logits" in outputs,
             sha256=file_sha256(onnx_path),
         )
-        super().__init__(info, settings.margin_error)
+        super().__init__(info, 0.0 if calibrating else settings.margin_error)
         self._onnx = onnx_path
         self._plan = path if path.suffix in (".plan", ".engine") else None
         self._settings = settings
@@ -96,7 +99,7 @@ class TensorRTEngine(BaseEngine):
             if plan is None:
                 built = trt_export.build_engine(
                     self._onnx,
-                    "fp16" if s.trt_fp16 else "fp32",
+                    s.precision,
                     engine_profile(self.info.card.input_size, s),
                     s.trt_cache_dir or Path.home() / ".cache" / "certseg" / "trt",
                     device=s.device_id,

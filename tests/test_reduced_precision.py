@@ -1,0 +1,111 @@
+"""Reduced-precision engines stay sound: the torch backend at bf16/fp16 on the CPU.
+
+The same rule the GPU paths use (a measured margin error bound, subtracted on the
+device) is exercised here on the shipped model: the bound is calibrated on some
+street scenes and checked on others, where every pixel the reduced engine certifies
+at eps must be certified, with the same class, by the fp32 ONNX Runtime reference,
+and no joint-budget figure may be smaller than the reference's. Also: TF32 is
+switched off wherever certseg certifies on a GPU, and the backends refuse a
+reduced precision without an error bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from certseg.certify import max_flips
+from certseg.data.synthetic import render_scene
+from export.error_bound import calibrate
+from server.backends import ModelSpec, create_engine
+from server.errors import ModelError
+from server.settings import Settings, default_model_path
+
+EPS = (0.0, 0.01, 0.02, 0.05, 0.1)
+SIZE = (48, 96)
+
+
+def _scenes(seed: int, n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [render_scene(rng, SIZE)[0][None] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    onnx_path = default_model_path()
+    assert onnx_path is not None
+    reference = create_engine(ModelSpec(None, onnx_path), Settings(intra_op_threads=1))
+    reference.load()
+    return onnx_path.with_name("model.pt"), reference
+
+
+def _torch_engine(checkpoint, calibrating=False, **kw):
+    settings = Settings(backend="torch", intra_op_threads=1, **kw)
+    engine = create_engine(ModelSpec(None, checkpoint), settings, calibrating)
+    engine.load()
+    return engine
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_certifies_a_subset_of_fp32(shipped, precision):
+    checkpoint, reference = shipped
+
+    def ref(x):
+        return reference.infer(x, ["mask"])
+
+    raw = _torch_engine(checkpoint, calibrating=True, precision=precision)
+    bound = calibrate(lambda x: raw.infer(x, ["mask"]), ref, _scenes(1, 4), precision=precision)
+    assert bound.max_margin_diff > 0  # the reduced arithmetic really differs
+    assert bound.bound < 0.5  # ... and the bound leaves something to certify
+    engine = _torch_engine(checkpoint, precision=precision, margin_error=bound.bound)
+    L = engine.metadata().lipschitz
+    assert pytest.approx(reference.metadata().lipschitz) == L
+    certified_any = 0
+    for x in _scenes(2, 4):
+        got, exact = engine.infer(x, ["mask"]), reference.infer(x, ["mask"])
+        assert np.all(got["margin"] <= exact["margin"])
+        for eps in EPS[1:]:
+            mine = got["radius"] > eps
+            certified_any += int(mine.sum())
+            assert np.all(exact["radius"][mine] > eps)
+            assert np.array_equal(got["mask"][mine], exact["mask"][mine])
+        for eps in EPS:
+            assert max_flips(got["margin"][0], eps, L) >= max_flips(exact["margin"][0], eps, L)
+    assert certified_any > 0
+
+
+def test_reduced_precision_needs_an_error_bound(shipped):
+    checkpoint, _ = shipped
+    with pytest.raises(ModelError, match="margin-error"):
+        _torch_engine(checkpoint, precision="bf16")
+    onnx_path = default_model_path()
+    with pytest.raises(ModelError, match="fp32"):  # ORT CPU runs fp32 only
+        create_engine(ModelSpec(None, onnx_path), Settings(precision="fp16", margin_error=0.1))
+
+
+def test_torch_backend_switches_tf32_off(shipped):
+    checkpoint, _ = shipped
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    try:
+        conv.fp32_precision = "tf32"  # torch's default for cuDNN convolutions
+        _torch_engine(checkpoint)
+        assert conv.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        conv.fp32_precision = before
+
+
+def test_exact_fp32_restores_the_flags():
+    from certseg.inference import exact_fp32
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    try:
+        conv.fp32_precision = "tf32"
+        with exact_fp32():
+            assert conv.fp32_precision == "ieee"
+        assert conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision = before
