@@ -34,14 +34,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, payload: dict[str, Any], path: Path | None = None) -> Path:
+    """benchmarks/results/<name>.json (or `path`), with the machine's description."""
+    path = path or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
     return path
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
 
@@ -50,7 +53,7 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table.add_column(c)
     for r in rows:
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
-    Console().print(table)
+    Console(width=max(shutil.get_terminal_size().columns, 150)).print(table)
 
 
 def street_like(h: int, w: int) -> np.ndarray:

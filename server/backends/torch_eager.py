@@ -96,7 +96,7 @@ class TorchEngine(BaseEngine):
             self._model.to(memory_format=torch.channels_last)
         self._staging: Any = None  # pinned host buffer for the batch (CUDA only)
 
-    def _upload(self, images: np.ndarray) -> Any:
+    def upload(self, images: np.ndarray) -> Any:
         """The batch on the device: via a reused pinned buffer and an async copy on CUDA."""
         torch = self._torch
         host = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
@@ -109,14 +109,20 @@ class TorchEngine(BaseEngine):
         staged.copy_(host)
         return staged.to(self._device, non_blocking=True)
 
-    def _forward(self, x: Any) -> dict[str, Any]:
-        """Device tensors of every output for a device batch x in [0, 1] (float32)."""
-        torch, model = self._torch, self._model
+    def device_logits(self, x: Any) -> Any:
+        """Padded fp32 logits of a device batch x (float32, in [0, 1]): the net alone."""
         if self._device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=self._torch.channels_last)
+        return self._model.padded_logits(x.to(self._dtype)).float()
+
+    def device_forward(self, x: Any) -> dict[str, Any]:
+        """Every output of a device batch x as device tensors (nothing copied back).
+
+        For callers that keep results on the GPU, and for timing the net and the
+        certificate head apart (benchmarks/gpu.py)."""
         h, w = x.shape[-2], x.shape[-1]
-        logits = model.padded_logits(x.to(self._dtype)).float()
-        mask, margin, radius = model.head(logits, h, w)
+        logits = self.device_logits(x)
+        mask, margin, radius = self._model.head(logits, h, w)
         if self._margin_error > 0:
             margin, radius = certified_margins(margin, self._margin_error, self.info.lipschitz)
         return {"mask": mask, "margin": margin, "radius": radius, "logits": logits[:, :, :h, :w]}
@@ -124,7 +130,7 @@ class TorchEngine(BaseEngine):
     def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            got = self._forward(self._upload(images))
+            got = self.device_forward(self.upload(images))
             if self._device.type != "cuda":
                 return {n: got[n].numpy() for n in names}
             host = {n: got[n].to("cpu", non_blocking=True) for n in names}

@@ -1,0 +1,395 @@
+"""The GPU path in one run: every engine, sound reduced precision, the server end to end.
+
+For each model (the shipped one; an M1-size lipdeeplab_m1, untrained) and each size
+and batch, every engine the machine can run, built by the server's own backends
+(`server.backends.create_engine`, so what is timed is what is served):
+
+    torch-fp32 / torch-fp16 / torch-bf16    the fused checkpoint on the GPU (or CPU)
+    ort-cuda, ort-trt-fp32 / ort-trt-fp16    ONNX Runtime's CUDA and TensorRT providers
+    trt-fp32 / trt-fp16                       native TensorRT engines (export.tensorrt)
+
+Each engine is first calibrated against fp32 ONNX Runtime on the CPU (the audited
+reference) at --calib-size: its margin error bound (export.error_bound) is what a
+reduced-precision engine subtracts before it certifies. Then, per size and batch:
+latency (ms per batch, host to host, what the server's worker sees) and throughput;
+against torch-fp32 on the same input: the largest margin difference, the class
+agreement where the reference margin exceeds the bound, and whether every pixel
+certified at each eps is certified by the reference too (violations must be 0).
+For the torch engines: the certificate head's share of the device time (net alone
+vs net + head, synchronised). Last, the fastest sound engine at the largest size
+behind a real `certseg serve`: REST answers/s and WebSocket fps (JPEG frames, 1 and
+4 streams) against that engine's raw images/s.
+
+Engines the machine lacks are reported as skipped, with the reason. Writes
+benchmarks/results/<name>.json with the card's name and every version.
+
+    python benchmarks/gpu.py                         # on a GPU machine: the full run
+    python benchmarks/gpu.py --quick                 # CPU smoke (what the tests run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import print_table, street_like, write_result
+from PIL import Image
+from server_overhead import rest_load, stream_fps
+
+from server.backends import ModelSpec, create_engine
+from server.launch import ServeProcess
+from server.settings import Settings, default_model_path
+
+#: name -> (backend, precision, ONNX Runtime providers or None)
+ENGINES: dict[str, tuple[str, str, list[str] | None]] = {
+    "torch-fp32": ("torch", "fp32", None),
+    "torch-fp16": ("torch", "fp16", None),
+    "torch-bf16": ("torch", "bf16", None),
+    "ort-cuda": ("onnxruntime", "fp32", ["CUDAExecutionProvider"]),
+    "ort-trt-fp32": ("onnxruntime", "fp32", ["TensorrtExecutionProvider"]),
+    "ort-trt-fp16": ("onnxruntime", "fp16", ["TensorrtExecutionProvider"]),
+    "trt-fp32": ("tensorrt", "fp32", None),
+    "trt-fp16": ("tensorrt", "fp16", None),
+}
+EPS = (0.01, 0.02, 0.05, 0.1)
+
+
+def parse_hw(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+
+
+def _cuda() -> Any:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _sync() -> None:
+    torch = _cuda()
+    if torch is not None:
+        torch.cuda.synchronize()
+
+
+def m1_model(folder: Path) -> tuple[Path, Path]:
+    """An untrained, seeded lipdeeplab_m1 (19 classes): checkpoint and exported ONNX."""
+    import torch
+
+    from certseg.models import ModelCard, create_model, save_checkpoint
+    from export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = create_model("lipdeeplab_m1", num_classes=19)
+    model.train()
+    with torch.no_grad():  # settle the centering statistics on a few inputs
+        model(torch.rand(2, 3, 64, 64))
+    model.eval()
+    card = ModelCard(
+        name="random-lipdeeplab_m1",
+        arch="lipdeeplab_m1",
+        num_classes=19,
+        classes=[f"c{i}" for i in range(19)],
+        palette=[((37 * i) % 256, (91 * i) % 256, (151 * i) % 256) for i in range(19)],
+        pad_multiple=8,
+        input_size=(512, 1024),
+    )
+    save_checkpoint(folder / "model.pt", model, card)
+    res = export_onnx(folder / "model.pt", folder / "m1")
+    (folder / "m1" / "model.pt").write_bytes((folder / "model.pt").read_bytes())
+    return folder / "m1" / "model.pt", res.onnx_path
+
+
+def _settings(backend: str, precision: str, providers, margin_error: float, **kw) -> Settings:
+    return Settings(
+        backend=backend,
+        precision=precision,
+        providers=[*providers, "CPUExecutionProvider"] if providers else None,
+        margin_error=margin_error,
+        warmup=False,
+        **kw,
+    )
+
+
+def make_engine(name: str, checkpoint: Path, onnx_path: Path, bound: float = 0.0, **kw):
+    backend, precision, providers = ENGINES[name]
+    artifact = checkpoint if backend == "torch" else onnx_path
+    settings = _settings(backend, precision, providers, bound, **kw)
+    engine = create_engine(ModelSpec(None, artifact), settings, calibrating=bound <= 0)
+    engine.load()
+    if providers and providers[0] not in getattr(engine, "providers", providers):
+        raise RuntimeError(f"{providers[0]} fell back to {engine.providers}")
+    return engine
+
+
+def time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
+    fn()  # warm-up (kernel choice, allocations)
+    _sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def head_share(engine, x: np.ndarray, repeats: int) -> dict[str, float] | None:
+    """Device time of the net alone vs net + certificate head (torch engines only)."""
+    if not hasattr(engine, "device_forward"):
+        return None
+    import torch
+
+    with torch.inference_mode():
+        dev = engine.upload(x)
+        net = float(np.median(time_calls(lambda: engine.device_logits(dev), repeats)))
+        full = float(np.median(time_calls(lambda: engine.device_forward(dev), repeats)))
+    return {"net_ms": net, "net_and_head_ms": full, "head_share": max(full - net, 0.0) / full}
+
+
+def compare(got: dict, ref: dict, bound: float) -> dict[str, Any]:
+    """Agreement with the fp32 reference and certificate soundness at each eps."""
+    sure = ref["margin"] > 2 * bound + 1e-4
+    violations = 0
+    certified = {}
+    for eps in EPS:
+        mine = got["radius"] > eps
+        violations += int(np.sum(mine & ~(ref["radius"] > eps)))
+        violations += int(np.sum(mine & (got["mask"] != ref["mask"])))
+        certified[str(eps)] = [float(mine.mean()), float((ref["radius"] > eps).mean())]
+    return {
+        "max_abs_margin_diff": float(np.max(np.abs(got["margin"] - ref["margin"]))),
+        "mask_agreement_where_sure": float(np.mean(got["mask"][sure] == ref["mask"][sure]))
+        if sure.any()
+        else float("nan"),
+        "certified_fraction_vs_fp32": certified,
+        "soundness_violations": violations,
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for mod in ("torch", "onnxruntime", "tensorrt", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = "absent"
+    torch = _cuda()
+    if torch is not None:
+        out["cuda"] = str(torch.version.cuda)
+        out["cudnn"] = str(torch.backends.cudnn.version())
+        out["gpu"] = torch.cuda.get_device_name()
+        out["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    try:
+        import onnxruntime
+
+        out["ort_providers"] = ",".join(onnxruntime.get_available_providers())
+    except ImportError:
+        pass
+    return out
+
+
+def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str, Any]:
+    sizes, batches = parse_hw(args.sizes), [int(b) for b in args.batches.split(",")]
+    ch, cw = parse_hw(args.calib_size)[0]
+    rng = np.random.default_rng(0)
+    calib = [rng.random((1, 3, ch, cw), dtype=np.float32) for _ in range(args.calib_images)]
+    from certseg.data.synthetic import render_scene
+
+    calib += [render_scene(rng, (ch, cw))[0][None] for _ in range(args.calib_images)]
+    reference = create_engine(ModelSpec(None, onnx_path), Settings(warmup=False))
+    reference.load()
+    from export.error_bound import calibrate
+
+    engines, bounds, skipped = {}, {}, {}
+    for name in args.engines.split(","):
+        try:
+            raw = make_engine(name, checkpoint, onnx_path)
+            b = calibrate(
+                lambda x, e=raw: e.infer(x, ["mask"]),
+                lambda x: reference.infer(x, ["mask"]),
+                calib,
+                precision=ENGINES[name][1],
+            )
+            raw.close()
+            bounds[name] = b
+            engines[name] = make_engine(
+                name, checkpoint, onnx_path, b.bound, max_batch=max(batches)
+            )
+        except Exception as err:  # a missing package, provider or GPU: report, go on
+            skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    rows = []
+    for h, w in sizes:
+        base = (street_like(h, w).astype(np.float32) / 255).transpose(2, 0, 1)
+        for n in batches:
+            x = np.ascontiguousarray(np.broadcast_to(base, (n, 3, h, w)))
+            ref = None
+            for name, engine in engines.items():
+                try:
+                    out = engine.infer(x, ["mask"])
+                    times = time_calls(lambda e=engine, x=x: e.infer(x, ["mask"]), args.repeats)
+                except Exception as err:  # e.g. out of the engine's profile or memory
+                    skipped[f"{name} {h}x{w} b{n}"] = str(err).splitlines()[0][:160]
+                    continue
+                if ref is None:
+                    ref = out  # the first engine (torch-fp32 by default) is the reference
+                ms = float(np.median(times))
+                row = {
+                    "model": label,
+                    "size": f"{h}x{w}",
+                    "batch": n,
+                    "engine": name,
+                    "ms_per_batch": ms,
+                    "p90_ms": float(np.percentile(times, 90)),
+                    "images_per_s": 1000.0 * n / ms,
+                    "margin_error_bound": bounds[name].bound,
+                    **compare(out, ref, bounds[name].bound),
+                }
+                if n == 1:
+                    share = head_share(engine, x, args.repeats)
+                    if share:
+                        row.update(share)
+                rows.append(row)
+    for engine in engines.values():
+        engine.close()
+    return {
+        "rows": rows,
+        "skipped": skipped,
+        "error_bounds": {k: vars(v) for k, v in bounds.items()},
+    }
+
+
+def end_to_end(label: str, artifact: Path, best: dict, args) -> dict[str, Any]:
+    """The fastest sound engine behind `certseg serve`: REST and WebSocket vs raw."""
+    h, w = (int(v) for v in best["size"].split("x"))
+    backend, precision, providers = ENGINES[best["engine"]]
+    pixels = street_like(h, w)
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
+    cmd = [str(artifact), "--backend", backend, "--precision", precision]
+    cmd += ["--margin-error", repr(best["margin_error_bound"])]
+    cmd += ["--max-batch", str(args.serve_max_batch), "--max-queue", "256"]
+    cmd += ["--log-level", "warning"]
+    if providers:
+        cmd += ["--providers", providers[0], "--providers", "CPUExecutionProvider"]
+    out: dict[str, Any] = {"engine": best["engine"], "size": best["size"], "model": label}
+    with ServeProcess(cmd) as srv:
+        srv.wait_ready(timeout=900)
+        out["rest_c8"] = asyncio.run(rest_load(srv.base, png.getvalue(), args.requests, 8))
+        out["ws_1_stream"] = asyncio.run(stream_fps(srv.base, jpeg.getvalue(), args.frames))
+
+        async def streams(k: int) -> float:
+            t0 = time.perf_counter()
+            await asyncio.gather(
+                *(stream_fps(srv.base, jpeg.getvalue(), args.frames) for _ in range(k))
+            )
+            return k * args.frames / (time.perf_counter() - t0)
+
+        out["ws_4_streams_fps"] = asyncio.run(streams(4))
+    out["raw_images_per_s"] = best["images_per_s"]
+    out["ws_fps_over_raw"] = out["ws_4_streams_fps"] / best["images_per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", default="shipped,m1", help="shipped, m1 (comma list)")
+    ap.add_argument("--sizes", default="512x1024,1024x2048")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--calib-size", default="256x512")
+    ap.add_argument("--calib-images", type=int, default=2, help="noise and scenes, each")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--requests", type=int, default=200, help="REST requests end to end")
+    ap.add_argument("--frames", type=int, default=100, help="WebSocket frames per stream")
+    ap.add_argument("--serve-max-batch", type=int, default=8)
+    ap.add_argument("--no-serve", action="store_true", help="skip the end-to-end part")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke: tiny sizes and counts")
+    ap.add_argument("--name", default=None, help="result name (default gpu or gpu_quick)")
+    ap.add_argument("--out", type=Path, default=None, help="result path (default: results/)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.sizes, args.batches = "shipped", "32x64,48x96", "1,2"
+        args.calib_size, args.calib_images, args.repeats = "32x64", 1, 2
+        args.requests, args.frames, args.serve_max_batch = 8, 4, 2
+        args.engines = "torch-fp32,torch-bf16,ort-cuda,trt-fp16"
+    name = args.name or ("gpu_quick" if args.quick else "gpu")
+
+    result: dict[str, Any] = {"versions": versions(), "models": {}, "end_to_end": []}
+    tmp = tempfile.TemporaryDirectory()
+    for label in args.models.split(","):
+        if label == "shipped":
+            onnx_path = default_model_path()
+            assert onnx_path is not None, "the shipped model is missing"
+            checkpoint = onnx_path.with_name("model.pt")
+        elif label == "m1":
+            checkpoint, onnx_path = m1_model(Path(tmp.name))
+        else:
+            raise SystemExit(f"unknown model {label!r} (shipped, m1)")
+        got = bench_model(label, checkpoint, onnx_path, args)
+        result["models"][label] = got
+        sound = [r for r in got["rows"] if r["soundness_violations"] == 0]
+        largest = max((r["size"] for r in sound), key=lambda s: np.prod(parse_hw(s)[0]), default=0)
+        at_top = [r for r in sound if r["size"] == largest and r["batch"] == 1]
+        if at_top and not args.no_serve:
+            best = max(at_top, key=lambda r: r["images_per_s"])
+            artifact = checkpoint if ENGINES[best["engine"]][0] == "torch" else onnx_path
+            result["end_to_end"].append(end_to_end(label, artifact, best, args))
+    tmp.cleanup()
+    report(result)
+    print(write_result(name, result, args.out))
+    return result
+
+
+def report(result: dict[str, Any]) -> None:
+    rows = []
+    for label, got in result["models"].items():
+        for r in got["rows"]:
+            rows.append(
+                [
+                    label,
+                    r["size"],
+                    r["batch"],
+                    r["engine"],
+                    r["ms_per_batch"],
+                    r["images_per_s"],
+                    r["margin_error_bound"],
+                    r.get("head_share", float("nan")),
+                    r["soundness_violations"],
+                ]
+            )
+    gpu = result["versions"].get("gpu", "no GPU")
+    cols = ["model", "size", "batch", "engine", "ms/batch", "img/s", "bound", "head", "unsound"]
+    print_table(f"engines on {gpu}", cols, rows)
+    for label, got in result["models"].items():
+        for key, why in got["skipped"].items():
+            print(f"skipped [{label}] {key}: {why}")
+    e2e = [
+        [
+            e["model"],
+            e["engine"],
+            e["size"],
+            e["raw_images_per_s"],
+            e["rest_c8"]["per_s"],
+            e["ws_1_stream"]["fps"],
+            e["ws_4_streams_fps"],
+            e["ws_fps_over_raw"],
+        ]
+        for e in result["end_to_end"]
+    ]
+    cols = ["model", "engine", "size", "raw img/s", "REST c8/s", "WS 1 fps", "WS 4 fps", "WS/raw"]
+    print_table("end to end through certseg serve", cols, e2e)
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    main()
