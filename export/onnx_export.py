@@ -34,6 +34,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from certseg.certify import radius_scale_for
 from certseg.models import ModelCard, load_checkpoint
 from certseg.nn import certified_lipschitz, fuse_module, structural_lipschitz
 from export.audit import (
@@ -45,7 +46,6 @@ from export.audit import (
     audit_onnx,
     find_logits,
 )
-from certseg.certify import radius_scale_for
 from export.graph_head import DEFAULT_HEAD, CertifiedSegmenter
 
 __all__ = ["ExportResult", "build_segmenter", "export_graph", "export_onnx", "resolve_model"]
