@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["OverlayStyle", "encode_mask_png", "encode_png", "render_overlay"]
+__all__ = ["OverlayStyle", "encode_mask_png", "encode_png", "overlay_png", "render_overlay"]
 
 OverlayStyle = Literal["hatch", "dim", "heat"]
 
@@ -46,17 +47,35 @@ def _heat(radius: np.ndarray, eps: float) -> np.ndarray:
     return (np.stack([r, g, b], axis=-1) * 255 + 0.5).astype(np.uint8)
 
 
+@lru_cache(maxsize=4)
+def _hatch_lines(h: int, w: int) -> np.ndarray:
+    """(H, W) bool: pixels on the diagonal hatch lines (cached: frames share a size)."""
+    period = HATCH_PERIOD
+    lines = (np.arange(h, dtype=np.intp)[:, None] % period + np.arange(w) % period) % period
+    out = lines == 0
+    out.flags.writeable = False
+    return out
+
+
 def _state(radius: np.ndarray, eps: float, style: OverlayStyle) -> np.ndarray | None:
-    """Per pixel 0 (certified), 1 (dimmed) or 2 (on a hatch line), or None if all 0."""
+    """Per pixel 0 (certified), 1 (dimmed) or 2 (on a hatch line) as uint8, or None if
+    all 0."""
     if style == "heat" or eps <= 0:
         return None
-    state = (radius <= eps).astype(np.intp)
+    state = (radius <= eps).view(np.uint8)
     if style == "hatch":
-        h, w = radius.shape
-        period = HATCH_PERIOD
-        lines = (np.arange(h, dtype=np.intp)[:, None] % period + np.arange(w) % period) % period
-        state += state & (lines == 0)
+        state = state + (state & _hatch_lines(*radius.shape))
     return state
+
+
+def _indexed(
+    mask: np.ndarray, palette: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """(colour table (3K, 3) uint8: plain, dimmed, hatched rows; K; class ids clipped)."""
+    k = max(int(mask.max(initial=0)) + 1, len(palette))
+    lut = _lut(palette, k)
+    table = np.concatenate([lut, _DIM_LUT[lut], np.zeros_like(lut)])
+    return table, k, np.clip(mask, 0, k - 1)
 
 
 def render_overlay(
@@ -75,17 +94,16 @@ def render_overlay(
     state (certified, dimmed, hatched): this runs on every answer.
     """
     mask = np.asarray(mask)
-    k = max(int(mask.max(initial=0)) + 1, len(palette))
-    lut = _lut(palette, k)
     state = _state(radius, eps, style)
+    if style != "heat" and (image is None or blend <= 0):
+        table, k, idx = _indexed(mask, palette)
+        idx = idx.astype(np.intp)
+        return table[idx if state is None else idx + k * state]
     if style == "heat":
         rgb = _heat(radius, eps)
-    elif image is None or blend <= 0:
-        table = np.concatenate([lut, _DIM_LUT[lut], np.zeros_like(lut)])
-        idx = np.clip(mask, 0, k - 1).astype(np.intp)
-        return table[idx if state is None else idx + k * state]
     else:
-        rgb = lut[np.clip(mask, 0, k - 1)]
+        table, k, idx = _indexed(mask, palette)
+        rgb = table[:k][idx]
     if image is not None and blend > 0:
         rgb = (1.0 - blend) * rgb.astype(np.float32) + blend * image.astype(np.float32)
         rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
@@ -93,6 +111,38 @@ def render_overlay(
         shade = np.array([1.0, DIM, 0.0], np.float32)[state][..., None]
         rgb = np.clip(rgb * shade + 0.5, 0, 255).astype(np.uint8)
     return rgb
+
+
+def overlay_png(
+    mask: np.ndarray,
+    radius: np.ndarray,
+    eps: float,
+    palette: Sequence[Sequence[int]],
+    image: np.ndarray | None = None,
+    style: OverlayStyle = "hatch",
+    blend: float = 0.0,
+) -> bytes:
+    """The overlay of `render_overlay` as PNG bytes, the same pixels.
+
+    Without blending or heat the overlay has at most 3K colours, so it is written as
+    an indexed (palette) PNG: one byte per pixel to build and compress instead of
+    three (measured at 1024x2048 on street scenes: see benchmarks/server_overhead.py).
+    """
+    mask = np.asarray(mask)
+    if style == "heat" or (image is not None and blend > 0):
+        return encode_png(render_overlay(mask, radius, eps, palette, image, style, blend))
+    table, k, idx = _indexed(mask, palette)
+    if 3 * k > 256:
+        return encode_png(render_overlay(mask, radius, eps, palette, image, style, blend))
+    index = idx.astype(np.uint8)
+    state = _state(radius, eps, style)
+    if state is not None:
+        index += np.uint8(k) * state
+    img = Image.fromarray(index)  # mode L; putpalette makes it P with our colours
+    img.putpalette(table.reshape(-1).tolist())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:

@@ -136,3 +136,43 @@ def test_selection_path_equals_sort_and_cumsum():
         for b in budgets:
             expected = int(np.sum(prefix <= b))
             assert _max_flips_select(costs, b) == expected, (trial, b)
+
+
+@pytest.mark.parametrize("n", [40_000, 300_000])
+def test_bucketed_selection_equals_sort_and_cumsum_on_large_rows(n):
+    """Rows above the bucketing threshold (a counting pass over ordered cost buckets,
+    then selection inside one bucket) give the sort + cumsum answer: ties, zeros,
+    budgets at exact prefix sums, inside a bucket, and beyond the total."""
+    from certseg.certify.budget import _BUCKET_MIN, _max_flips_select
+
+    assert n > _BUCKET_MIN
+    rng = np.random.default_rng(n)
+    for decimals in (None, 3, 1):
+        costs = rng.exponential(1e-3, n)
+        if decimals is not None:
+            costs = np.round(costs, decimals)  # many ties, many zeros
+        prefix = np.cumsum(np.sort(costs))
+        picks = [int(rng.integers(0, n)) for _ in range(4)] + [n // 2, n - 1]
+        budgets = [float(prefix[i]) for i in picks]  # exact prefix sums
+        budgets += [float(rng.uniform(0, prefix[-1])), float(prefix[-1]) * 2, 1e-12]
+        for b in budgets:
+            expected = int(np.sum(prefix <= b * (1 + 1e-9)))
+            got = _max_flips_select(costs, b)
+            # The slack may admit one more flip whose prefix exceeds b by < 1e-9 relative.
+            assert got == expected, (decimals, b, got, expected)
+            assert got >= int(np.sum(prefix <= b))
+
+
+def test_max_flips_numpy_prefilter_matches_torch_path():
+    """The numpy path's float32 margin pre-filter keeps every affordable pixel: same
+    answers as the torch path (sort + cumsum) on float32 and float64 margins."""
+    import torch
+
+    rng = np.random.default_rng(11)
+    for dtype in (np.float32, np.float64):
+        margin = np.abs(rng.normal(0, 0.3, (2, 180, 200))).astype(dtype)
+        valid = rng.random((2, 180, 200)) > 0.1
+        for eps in (0.0, 0.01, 0.05, 0.2, 5.0):
+            got = max_flips(margin, eps, 3.0, valid=valid)
+            ref = max_flips(torch.from_numpy(margin), eps, 3.0, valid=torch.from_numpy(valid))
+            np.testing.assert_array_equal(got, ref.numpy())

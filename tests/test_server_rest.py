@@ -65,8 +65,9 @@ def _radius(field: dict) -> np.ndarray:
 
 
 def _png(field: dict) -> np.ndarray:
+    """Pixels as a viewer sees them: palette (indexed) PNGs expanded to RGB."""
     with Image.open(io.BytesIO(base64.b64decode(field["data"]))) as img:
-        return np.asarray(img)
+        return np.asarray(img.convert("RGB") if img.mode == "P" else img)
 
 
 # ------------------------------------------------------------------------------ answers
@@ -166,7 +167,8 @@ def test_format_png_and_npz(client, session):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert "Server-Timing" in r.headers and "X-Certseg-Guaranteed-Fraction" in r.headers
     with Image.open(io.BytesIO(r.content)) as img:
-        assert img.size == (47, 33) and img.mode == "RGB"
+        assert img.size == (47, 33) and img.mode == "P"  # indexed: at most 3K colours
+        assert np.asarray(img.convert("RGB")).shape == (33, 47, 3)
     r = client.post("/v1/segment?format=npz&outputs=logits", content=body)
     assert r.status_code == 200
     arrays = np.load(io.BytesIO(r.content))

@@ -118,7 +118,7 @@ def test_control_overlay_ping_and_errors(server):
             assert res["type"] == "result" and res["eps"] == 0.2 and res["frame"] == 0
             assert res["binary"] == ["overlay", "mask"]
             overlay = Image.open(io.BytesIO(await ws.recv()))
-            assert overlay.size == (32, 24) and overlay.mode == "RGB"
+            assert overlay.size == (32, 24) and overlay.mode == "P"  # indexed PNG
             mask = np.asarray(Image.open(io.BytesIO(await ws.recv())))
             expected = session.run(["mask"], {"image": to_input(frame)})[0][0]
             np.testing.assert_array_equal(mask, expected)

@@ -41,7 +41,7 @@ from server.errors import (
     UnsupportedMediaType,
     problem_for,
 )
-from server.overlay import DIM, encode_mask_png, render_overlay
+from server.overlay import DIM, encode_mask_png, overlay_png, render_overlay
 from server.pipeline import certify, check_eps, parse_outputs
 from server.settings import Settings, default_model_path
 
@@ -139,6 +139,25 @@ def test_overlay_marks_uncertified_pixels():
     photo = np.full((6, 4, 3), 100, np.uint8)
     blended = render_overlay(mask, radius, 0.0, palette, image=photo, blend=0.5)
     np.testing.assert_array_equal(blended[0, 0], [150, 50, 50])
+
+
+@pytest.mark.parametrize("style", ["hatch", "dim", "heat"])
+@pytest.mark.parametrize("k", [3, 19, 100])
+def test_overlay_png_has_render_overlay_pixels(style, k):
+    """The indexed PNG (up to 85 classes) and the RGB fallback decode to the pixels
+    render_overlay gives, at several eps, with and without a blended photo."""
+    rng = np.random.default_rng(k)
+    mask = rng.integers(0, k, (37, 53))
+    radius = rng.random((37, 53)).astype(np.float32) * 0.2
+    palette = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(k)]
+    photo = rng.integers(0, 256, (37, 53, 3)).astype(np.uint8)
+    for eps, blend in ((0.0, 0.0), (0.05, 0.0), (0.1, 0.0), (0.05, 0.4)):
+        png = overlay_png(mask, radius, eps, palette, photo, style, blend)
+        want = render_overlay(mask, radius, eps, palette, photo, style, blend)
+        got = Image.open(io.BytesIO(png))
+        indexed = style != "heat" and blend == 0 and 3 * k <= 256
+        assert got.mode == ("P" if indexed else "RGB")
+        np.testing.assert_array_equal(np.asarray(got.convert("RGB")), want)
 
 
 def test_mask_png_depth():

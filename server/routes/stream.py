@@ -44,7 +44,7 @@ from server.errors import (
     problem_for,
     problem_response,
 )
-from server.overlay import encode_mask_png, encode_png, render_overlay
+from server.overlay import encode_mask_png, overlay_png
 from server.pipeline import Timings, check_eps, segment_image
 from server.state import ServerState, get_state
 
@@ -258,7 +258,8 @@ class StreamSession:
         blobs: list[bytes] = []
         for name in cfg.outputs:
             if name == "overlay":
-                rgb = render_overlay(
+                png = await asyncio.to_thread(
+                    overlay_png,
                     cert.mask,
                     cert.radius,
                     cert.eps,
@@ -266,7 +267,7 @@ class StreamSession:
                     image.rgb8,
                     cfg.overlay_style,  # type: ignore[arg-type]
                 )
-                blobs.append(await asyncio.to_thread(encode_png, rgb))
+                blobs.append(png)
             else:
                 png, _ = await asyncio.to_thread(
                     encode_mask_png, cert.mask, cert.model.card.num_classes

@@ -20,7 +20,7 @@ from server.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from server.overlay import OverlayStyle, encode_mask_png, encode_png, render_overlay
+from server.overlay import OverlayStyle, encode_mask_png, overlay_png, render_overlay
 from server.pipeline import Certified, Timings, check_eps, parse_outputs, segment_image
 from server.state import ServerState, get_state
 
@@ -207,10 +207,9 @@ def _array(a: np.ndarray, dtype: Literal["float16", "float32"]) -> EncodedArray:
 
 
 def _overlay_png(cert: Certified, image: DecodedImage, style: OverlayStyle, blend: float) -> bytes:
-    rgb = render_overlay(
+    return overlay_png(
         cert.mask, cert.radius, cert.eps, cert.model.card.palette, image.rgb8, style, blend
     )
-    return encode_png(rgb)
 
 
 def _json_answer(
