@@ -109,3 +109,56 @@ def test_exact_fp32_restores_the_flags():
         assert conv.fp32_precision == "tf32"
     finally:
         conv.fp32_precision = before
+
+
+# ----------------------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cuda_engine_is_sound_against_cpu_fp32(shipped, precision):
+    """On the GPU: calibrate against fp32 ONNX Runtime on the CPU, then on other scenes
+    the masks agree where the reference margin exceeds the bound, and every certified
+    pixel is certified by the reference, with its class, at every eps."""
+    checkpoint, reference = shipped
+
+    def ref(x):
+        return reference.infer(x, ["mask"])
+
+    raw = _torch_engine(checkpoint, calibrating=True, precision=precision)
+    assert raw.metadata().device.startswith("cuda")
+    bound = calibrate(lambda x: raw.infer(x, ["mask"]), ref, _scenes(1, 4), precision=precision)
+    engine = _torch_engine(checkpoint, precision=precision, margin_error=bound.bound)
+    print(f"{precision} on {torch.cuda.get_device_name()}: margin error bound {bound.bound:.3e}")
+    for x in _scenes(3, 4):
+        got, exact = engine.infer(x, ["mask"]), reference.infer(x, ["mask"])
+        sure = exact["margin"] > 2 * bound.bound
+        assert np.array_equal(got["mask"][sure], exact["mask"][sure])
+        for eps in EPS[1:]:
+            mine = got["radius"] > eps
+            assert np.all(exact["radius"][mine] > eps)
+            assert np.array_equal(got["mask"][mine], exact["mask"][mine])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_tf32_would_move_the_margins(shipped):
+    """Exact fp32 on the GPU stays within 1e-3 of fp32 ONNX Runtime on the CPU, and
+    TF32 convolutions (torch's default) move the margins at least as far (the figures
+    are printed: how much farther is what the device run reports)."""
+    checkpoint, reference = shipped
+    x = np.concatenate(_scenes(4, 2))
+    exact = reference.infer(x, ["mask"])["margin"]
+    engine = _torch_engine(checkpoint)  # switches TF32 off
+    ieee = float(np.max(np.abs(engine.infer(x, ["mask"])["margin"] - exact)))
+    conv = torch.backends.cudnn.conv
+    try:
+        conv.fp32_precision = "tf32"
+        tf32 = float(np.max(np.abs(engine.infer(x, ["mask"])["margin"] - exact)))
+    finally:
+        conv.fp32_precision = "ieee"
+    print(f"max |margin - fp32 CPU|: exact fp32 {ieee:.2e}, TF32 {tf32:.2e}")
+    assert ieee < 1e-3 and tf32 >= ieee
