@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"unknown model {label!r} (shipped, m1)")
         got = bench_model(label, checkpoint, onnx_path, args)
         result["models"][label] = got
+        write_result(name, result, args.out)  # partial results survive a time limit
         sound = [r for r in got["rows"] if r["soundness_violations"] == 0]
         largest = max((r["size"] for r in sound), key=lambda s: np.prod(parse_hw(s)[0]), default=0)
         at_top = [r for r in sound if r["size"] == largest and r["batch"] == 1]
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             best = max(at_top, key=lambda r: r["images_per_s"])
             artifact = checkpoint if ENGINES[best["engine"]][0] == "torch" else onnx_path
             result["end_to_end"].append(end_to_end(label, artifact, best, args))
+            write_result(name, result, args.out)
     tmp.cleanup()
     report(result)
     print(write_result(name, result, args.out))

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every GPU check of certseg in one run on the device machine (docs/gpu.md):
+#   run(command="bash scripts/device_check.sh", carry=[".whl"], timeout_s=560)
+# after `bash scripts/device_wheels.sh` here. Each step has its own time limit, so a
+# slow one cannot take the others' results with it; all results land in $OUT.
+# QUICK=1 runs the same steps at CPU-smoke scale (for trying the script anywhere).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+step() {  # step NAME SECONDS CMD...: time-limited, logged to $OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0))s"
+    tail -n 25 "$OUT/$name.log"
+}
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+    "$PY" -c "import torch, numpy, onnxruntime; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.is_available() \
+and torch.cuda.get_device_name()); print('onnxruntime', onnxruntime.__version__, \
+onnxruntime.get_available_providers()); print('numpy', numpy.__version__)"
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+step gpu_tests 150 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider -s \
+    tests/test_reduced_precision.py tests/test_export_tensorrt.py tests/test_attacks.py \
+    tests/test_train_eval.py
+
+if [ "${QUICK:-0}" = 1 ]; then
+    step gpu_bench 200 "$PY" benchmarks/gpu.py --quick --out "$OUT/gpu.json"
+    smooth=(--images 1 --settings 0.2:4)
+else
+    step gpu_bench 300 "$PY" benchmarks/gpu.py --out "$OUT/gpu.json"
+    smooth=(--images 8 --settings 0.2:120,0.3:60)
+fi
+step smoothing 90 "$PY" benchmarks/certify_vs_smoothing.py certseg/weights/street/model.pt \
+    "${smooth[@]}" --out "$OUT/certify_vs_smoothing.json"
+ls -la "$OUT"
