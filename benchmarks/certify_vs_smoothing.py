@@ -9,7 +9,8 @@ vectorised; ratio_over_n shows how close the ratio comes to its limit, n0 + n. T
 paper's protocol (clocks read without synchronising) is reported beside it, since on
 a GPU it times kernel launches and flatters the ratio. Also reports certified pixel
 accuracy of both at the same eps. With no --twin, a noise-trained unconstrained twin
-of the same architecture is trained briefly (its accuracy is then low; the time ratio is what this measures).
+of the same architecture is trained briefly (its accuracy is then low; the time ratio
+is what this measures).
 
     python benchmarks/certify_vs_smoothing.py certseg/weights/street/model.pt --images 8
 """
