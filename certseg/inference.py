@@ -16,25 +16,24 @@ from torch import nn
 
 __all__ = ["exact_fp32", "pad_to_multiple", "padded_forward", "predict_logits", "set_exact_fp32"]
 
-# (flag holder, attribute) pairs of torch's TF32 switches, new API (torch >= 2.9) first.
-_NEW_TF32 = ("cudnn.conv", "cudnn.rnn", "cuda.matmul")
-
 
 def _tf32_holders() -> list[tuple[object, str]]:
+    """torch's TF32 switches, through the boolean (legacy) API.
+
+    Why not torch >= 2.9's fp32_precision strings: in torch 2.13, once cuDNN conv and
+    RNN are set to "ieee" that way, reading torch.backends.cudnn.allow_tf32 raises,
+    and torch.export (the ONNX exporter) reads it. allow_tf32 = False sets both to
+    "none" (inherit: IEEE), which every reader accepts.
+    """
     b = torch.backends
-    if hasattr(b.cudnn, "conv") and hasattr(b.cudnn.conv, "fp32_precision"):
-        return [
-            (getattr(getattr(b, a), c), "fp32_precision")
-            for a, c in (n.split(".") for n in _NEW_TF32)
-        ]
-    return [(b.cudnn, "allow_tf32"), (b.cuda.matmul, "allow_tf32")]  # pragma: no cover
+    return [(b.cudnn, "allow_tf32"), (b.cuda.matmul, "allow_tf32")]
 
 
 def set_exact_fp32() -> list[tuple[object, str, object]]:
     """Switch TF32 off for cuDNN convolutions and CUDA matmuls; returns the old flags.
 
     Why: torch runs float32 convolutions in TF32 on Ampere and later by default
-    (torch 2.13: cudnn.conv.fp32_precision == "tf32"), rounding their inputs to 10
+    (torch 2.13: torch.backends.cudnn.allow_tf32 is True), rounding their inputs to 10
     mantissa bits. Logits computed so differ from the fp32 evaluation a certificate
     speaks of by ~1e-3 relative: a radius from them is not sound. Everything that
     certifies on a GPU (the torch backend, evaluate, certify) runs under this.
@@ -42,7 +41,7 @@ def set_exact_fp32() -> list[tuple[object, str, object]]:
     old = []
     for holder, attr in _tf32_holders():
         old.append((holder, attr, getattr(holder, attr)))
-        setattr(holder, attr, "ieee" if attr == "fp32_precision" else False)
+        setattr(holder, attr, False)
     return old
 
 

@@ -83,6 +83,8 @@ class ModelInfo:
     version: str = "1"
     sha256: str = ""
     has_logits: bool = False
+    #: The engine takes uint8 images (0..255, meaning v / 255) and converts them itself.
+    accepts_uint8: bool = False
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
 
@@ -112,7 +114,8 @@ class Engine(Protocol):
         ...
 
     def infer(self, images: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """images float32 (N, 3, H, W) in [0, 1] -> the named outputs, each with N first."""
+        """images float32 (N, 3, H, W) in [0, 1], or uint8 (v / 255) -> the named outputs,
+        each with N first."""
         ...
 
     def close(self) -> None: ...

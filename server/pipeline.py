@@ -202,7 +202,9 @@ async def segment_image(
     need_logits = "logits" in outputs or (target is not None and info.has_logits)
     if "logits" in outputs and not info.has_logits:
         raise InvalidParameter(f"model '{info.name}' was exported without a logits output")
-    result = await batcher.submit(info.name, image.array, ("logits",) if need_logits else ())
+    chw8 = image.chw8 if info.accepts_uint8 else None
+    pixels = chw8 if chw8 is not None else image.array
+    result = await batcher.submit(info.name, pixels, ("logits",) if need_logits else ())
     timings.add("queue", result.queue_ms)
     timings.add("infer", result.infer_ms)
     t0 = time.perf_counter()

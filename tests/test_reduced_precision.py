@@ -86,29 +86,29 @@ def test_reduced_precision_needs_an_error_bound(shipped):
 
 def test_torch_backend_switches_tf32_off(shipped):
     checkpoint, _ = shipped
-    conv = torch.backends.cudnn.conv
-    before = conv.fp32_precision
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
     try:
-        conv.fp32_precision = "tf32"  # torch's default for cuDNN convolutions
+        cudnn.allow_tf32 = matmul.allow_tf32 = True  # cuDNN's default is True
         _torch_engine(checkpoint)
-        assert conv.fp32_precision == "ieee"
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert cudnn.allow_tf32 is False and matmul.allow_tf32 is False
+        assert cudnn.conv.fp32_precision != "tf32"
     finally:
-        conv.fp32_precision = before
+        cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
-def test_exact_fp32_restores_the_flags():
+def test_exact_fp32_restores_the_flags_and_export_still_reads_them():
     from certseg.inference import exact_fp32
 
-    conv = torch.backends.cudnn.conv
-    before = conv.fp32_precision
+    cudnn = torch.backends.cudnn
+    before = cudnn.allow_tf32
     try:
-        conv.fp32_precision = "tf32"
+        cudnn.allow_tf32 = True
         with exact_fp32():
-            assert conv.fp32_precision == "ieee"
-        assert conv.fp32_precision == "tf32"
+            assert cudnn.allow_tf32 is False  # readable: torch.export reads this flag
+        assert cudnn.allow_tf32 is True
     finally:
-        conv.fp32_precision = before
+        cudnn.allow_tf32 = before
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -154,11 +154,45 @@ def test_tf32_would_move_the_margins(shipped):
     exact = reference.infer(x, ["mask"])["margin"]
     engine = _torch_engine(checkpoint)  # switches TF32 off
     ieee = float(np.max(np.abs(engine.infer(x, ["mask"])["margin"] - exact)))
-    conv = torch.backends.cudnn.conv
+    cudnn = torch.backends.cudnn
     try:
-        conv.fp32_precision = "tf32"
+        cudnn.allow_tf32 = True
         tf32 = float(np.max(np.abs(engine.infer(x, ["mask"])["margin"] - exact)))
     finally:
-        conv.fp32_precision = "ieee"
+        cudnn.allow_tf32 = False
     print(f"max |margin - fp32 CPU|: exact fp32 {ieee:.2e}, TF32 {tf32:.2e}")
     assert ieee < 1e-3 and tf32 >= ieee
+
+
+def _levels_roundtrip(engine) -> None:
+    """Every 8-bit level reaches the net as exactly the CPU's float32 v / 255."""
+    from server.decode import chw8_to_float
+
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16).repeat(3, axis=1)
+    got = engine.upload(levels).cpu().numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, chw8_to_float(levels))
+
+
+def test_torch_backend_takes_uint8_with_exact_levels(shipped):
+    checkpoint, reference = shipped
+    engine = _torch_engine(checkpoint)
+    assert engine.metadata().accepts_uint8 and not reference.metadata().accepts_uint8
+    _levels_roundtrip(engine)
+    x8 = (np.concatenate(_scenes(5, 2)) * 255 + 0.5).astype(np.uint8)
+    from server.decode import chw8_to_float
+
+    a, b = engine.infer(x8, ["mask"]), engine.infer(chw8_to_float(x8), ["mask"])
+    for k in ("mask", "margin", "radius"):
+        np.testing.assert_array_equal(a[k], b[k])
+    ref8, ref = reference.infer(x8, ["mask"]), reference.infer(chw8_to_float(x8), ["mask"])
+    np.testing.assert_array_equal(ref8["margin"], ref["margin"])  # converted by the base
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_upload_of_uint8_is_exact(shipped):
+    checkpoint, _ = shipped
+    engine = _torch_engine(checkpoint)
+    assert engine.upload(np.zeros((1, 3, 4, 4), np.uint8)).is_cuda
+    _levels_roundtrip(engine)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from certseg.certify.numerics import certified_margins
+from server.decode import chw8_to_float
 from server.engine import ModelInfo
 from server.errors import ModelError
 
@@ -77,6 +78,8 @@ class BaseEngine:
 
     def infer(self, images: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         names = list(dict.fromkeys([*outputs, "margin", "radius"]))
+        if images.dtype == np.uint8 and not self.info.accepts_uint8:
+            images = chw8_to_float(images)
         got = self._run(images, names)
         return apply_margin_error(got, self.margin_error, self.info.lipschitz)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from certseg.certify.numerics import certified_margins
 from server.backends.base import BaseEngine, check_precision
+from server.decode import chw8_to_float
 from server.engine import CardInfo, file_sha256, info_from_card
 from server.errors import BackendUnavailable, ModelError
 from server.settings import Settings
@@ -74,6 +75,7 @@ class TorchEngine(BaseEngine):
             has_logits=True,
             sha256=file_sha256(path),
         )
+        info.accepts_uint8 = True
         # The margin correction runs on the device in _run; the base applies none.
         super().__init__(info, 0.0)
         self._margin_error = 0.0 if calibrating else settings.margin_error
@@ -95,19 +97,33 @@ class TorchEngine(BaseEngine):
         if use_cuda:  # cuDNN's fastest layout for convolutions, tensor cores included
             self._model.to(memory_format=torch.channels_last)
         self._staging: Any = None  # pinned host buffer for the batch (CUDA only)
+        self._levels: Any = None  # float32 value of each 8-bit level, on the device
 
     def upload(self, images: np.ndarray) -> Any:
-        """The batch on the device: via a reused pinned buffer and an async copy on CUDA."""
+        """The batch on the device as float32 in [0, 1]. On CUDA through a reused pinned
+        buffer and an async copy; uint8 input (0..255) travels as bytes, a quarter of
+        float32's, and becomes v / 255 on the device through a 256-entry table of the
+        CPU conversion's own values (`server.decode.chw8_to_float`): exact by
+        construction, whatever the device's division does with a scalar divisor."""
         torch = self._torch
-        host = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        if self._device.type != "cuda":
-            return host
-        need = host.numel()
-        if self._staging is None or self._staging.numel() < need:
-            self._staging = torch.empty(need, dtype=torch.float32, pin_memory=True)
-        staged = self._staging[:need].view(host.shape)
-        staged.copy_(host)
-        return staged.to(self._device, non_blocking=True)
+        host = torch.from_numpy(np.ascontiguousarray(images))
+        if self._device.type == "cuda":
+            need = host.numel()
+            if (
+                self._staging is None
+                or self._staging.numel() < need
+                or (self._staging.dtype != host.dtype)
+            ):
+                self._staging = torch.empty(need, dtype=host.dtype, pin_memory=True)
+            staged = self._staging[:need].view(host.shape)
+            staged.copy_(host)
+            host = staged.to(self._device, non_blocking=True)
+        if host.dtype == torch.uint8:
+            if self._levels is None or self._levels.device != host.device:
+                table = chw8_to_float(np.arange(256, dtype=np.uint8))
+                self._levels = torch.from_numpy(table).to(host.device)
+            return self._levels[host.to(torch.int32)]
+        return host.to(torch.float32)
 
     def device_logits(self, x: Any) -> Any:
         """Padded fp32 logits of a device batch x (float32, in [0, 1]): the net alone."""

@@ -468,7 +468,7 @@ async def _images(tensor: np.ndarray | list[bytes], state: ServerState) -> list[
     if isinstance(tensor, np.ndarray):
         return list(tensor)
     decoded = [await asyncio.to_thread(decode_image, b, state.limits) for b in tensor]
-    if len({d.array.shape for d in decoded}) > 1:
+    if len({(d.height, d.width) for d in decoded}) > 1:
         raise InvalidParameter("all BYTES images of one request must have the same size")
     return [d.array for d in decoded]
 
