@@ -142,7 +142,7 @@ def test_overlay_marks_uncertified_pixels():
 
 
 @pytest.mark.parametrize("style", ["hatch", "dim", "heat"])
-@pytest.mark.parametrize("k", [3, 19, 100])
+@pytest.mark.parametrize("k", [3, 19, 100, 300])
 def test_overlay_png_has_render_overlay_pixels(style, k):
     """The indexed PNG (up to 85 classes) and the RGB fallback decode to the pixels
     render_overlay gives, at several eps, with and without a blended photo."""
@@ -401,3 +401,13 @@ def test_card_mirror_keeps_up_with_model_card():
     missing = {f.name for f in dataclasses.fields(ModelCard)} - set(CardInfo.model_fields)
     # arch_kwargs only matter to rebuild the torch model, which the server never does.
     assert missing <= {"arch_kwargs"}, missing
+
+
+def test_overlay_of_many_classes_keeps_their_colours():
+    """Class ids and states index one (3K, 3) table: with K = 300 no index may wrap."""
+    mask = np.array([[299, 150, 0]])
+    radius = np.array([[0.0, 1.0, 0.0]], np.float32)
+    palette = [(i % 256, (7 * i) % 256, 200) for i in range(300)]
+    out = render_overlay(mask, radius, 0.1, palette, style="dim")
+    np.testing.assert_array_equal(out[0, 1], palette[150])
+    np.testing.assert_array_equal(out[0, 0], np.round(np.array(palette[299]) * DIM))
