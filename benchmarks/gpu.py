@@ -7,6 +7,7 @@ and batch, every engine the machine can run, built by the server's own backends
     torch-fp32 / torch-fp16 / torch-bf16    the fused checkpoint on the GPU (or CPU)
     ort-cuda, ort-trt-fp32 / ort-trt-fp16    ONNX Runtime's CUDA and TensorRT providers
     trt-fp32 / trt-fp16                       native TensorRT engines (export.tensorrt)
+    ort-cpu                                   ONNX Runtime on the CPU (ask for it)
 
 Each engine is first calibrated against fp32 ONNX Runtime on the CPU (the audited
 reference) at --calib-size: its margin error bound (export.error_bound) is what a
@@ -58,7 +59,9 @@ ENGINES: dict[str, tuple[str, str, list[str] | None]] = {
     "ort-trt-fp16": ("onnxruntime", "fp16", ["TensorrtExecutionProvider"]),
     "trt-fp32": ("tensorrt", "fp32", None),
     "trt-fp16": ("tensorrt", "fp16", None),
+    "ort-cpu": ("onnxruntime", "fp32", ["CPUExecutionProvider"]),  # not in the default run
 }
+DEFAULT_ENGINES = [e for e in ENGINES if e != "ort-cpu"]
 EPS = (0.01, 0.02, 0.05, 0.1)
 
 
@@ -112,7 +115,7 @@ def _settings(backend: str, precision: str, providers, margin_error: float, **kw
     return Settings(
         backend=backend,
         precision=precision,
-        providers=[*providers, "CPUExecutionProvider"] if providers else None,
+        providers=list(dict.fromkeys([*providers, "CPUExecutionProvider"])) if providers else None,
         margin_error=margin_error,
         warmup=False,
         **kw,
@@ -279,8 +282,9 @@ def end_to_end(label: str, artifact: Path, best: dict, args) -> dict[str, Any]:
     cmd += ["--margin-error", repr(best["margin_error_bound"])]
     cmd += ["--max-batch", str(args.serve_max_batch), "--max-queue", "256"]
     cmd += ["--log-level", "warning"]
-    if providers:
-        cmd += ["--providers", providers[0], "--providers", "CPUExecutionProvider"]
+    settings = _settings(backend, precision, providers, 0.0)
+    for provider in settings.providers or []:
+        cmd += ["--providers", provider]
     out: dict[str, Any] = {"engine": best["engine"], "size": best["size"], "model": label}
     with ServeProcess(cmd) as srv:
         srv.wait_ready(timeout=900)
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", default="shipped,m1", help="shipped, m1 (comma list)")
     ap.add_argument("--sizes", default="512x1024,1024x2048")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=", ".join(ENGINES))
     ap.add_argument("--calib-size", default="256x512")
     ap.add_argument("--calib-images", type=int, default=2, help="noise and scenes, each")
     ap.add_argument("--repeats", type=int, default=20)
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.models, args.sizes, args.batches = "shipped", "32x64,48x96", "1,2"
         args.calib_size, args.calib_images, args.repeats = "32x64", 1, 2
         args.requests, args.frames, args.serve_max_batch = 8, 4, 2
-        args.engines = "torch-fp32,torch-bf16,ort-cuda,trt-fp16"
+        args.engines = "torch-fp32,torch-bf16,ort-cpu,ort-cuda,trt-fp16"
     name = args.name or ("gpu_quick" if args.quick else "gpu")
 
     result: dict[str, Any] = {"versions": versions(), "models": {}, "end_to_end": []}

@@ -31,7 +31,7 @@ def test_gpu_benchmark_quick_runs_sound_and_reports_skips(tmp_path):
     r = json.loads(out.read_text())
     got = r["models"]["shipped"]
     engines = {row["engine"] for row in got["rows"]}
-    assert engines == {"torch-fp32", "torch-bf16"}
+    assert engines == {"torch-fp32", "torch-bf16", "ort-cpu"}
     assert {(row["size"], row["batch"]) for row in got["rows"]} == {
         ("32x64", 1), ("32x64", 2), ("48x96", 1), ("48x96", 2)
     }  # fmt: skip
