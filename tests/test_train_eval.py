@@ -168,3 +168,28 @@ def test_position_biases_get_their_own_learning_rate():
     assert len(opt.param_groups[1]["params"]) == 4
     plain, _ = make_optimizer(create_model("tiny", num_classes=3), Recipe(), total_steps=10)
     assert len(plain.param_groups) == 1
+
+
+def test_smoothing_tests_give_numpy_answers_on_torch():
+    """Holm's procedure and the per-pixel tests are array-API generic (they run on the
+    GPU in the fair timing): torch tensors give exactly numpy's answers, and numpy's
+    agree with the textbook step-down (cumulative product over sorted p-values)."""
+    from certseg.certify.smoothing import SmoothingCertifier
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        p = rng.random((3, 40)) ** rng.uniform(0.5, 8)
+        order = np.argsort(p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, -1)
+        ok = np.cumprod(sorted_p <= 0.05 / (40 - np.arange(40)), axis=-1).astype(bool)
+        expected = np.zeros_like(ok)
+        np.put_along_axis(expected, order, ok, -1)
+        np.testing.assert_array_equal(holm_reject(p, 0.05), expected)
+        np.testing.assert_array_equal(holm_reject(torch.from_numpy(p), 0.05).numpy(), expected)
+    cert = SmoothingCertifier(4, 0.25, 5, 30, 0.001, [0.05, 0.1, 0.2])
+    votes, guess = rng.integers(0, 31, (2, 6, 7)), rng.integers(0, 4, (2, 6, 7))
+    on_numpy = cert.certify_counts(guess, votes)
+    on_torch = cert.certify_counts(torch.from_numpy(guess), torch.from_numpy(votes))
+    assert sum(int(m.sum()) for m in on_numpy) > 0
+    for a, b in zip(on_numpy, on_torch, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())

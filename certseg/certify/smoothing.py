@@ -5,9 +5,11 @@ a one-sided binomial test per pixel (H0: p <= tau) with Holm's correction over t
 image's pixels at level alpha decides which pixels are certified, all with radius
 sigma * Phi^-1(tau); the rest abstain. For an eps grid, tau = Phi(eps / sigma).
 
-The statistics are numpy-only and vectorised (one tail table per (n, tau), looked up
-for every pixel). Sampling runs the model on batches of noisy copies on its device.
-Timing is fair: the caller synchronises the device before reading clocks.
+The statistics are vectorised and array-API generic (one tail table per (n, tau),
+looked up for every pixel; Holm's procedure by sort and running test): they run where
+the votes are, on the GPU when sampling ran there. Sampling runs the model on batches
+of noisy copies on its device. Timing is fair: the caller synchronises the device
+before reading clocks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
+from array_api_compat import device as _device
 
 __all__ = ["SmoothingCertifier", "binomial_tail", "holm_reject", "sample_votes"]
 
@@ -37,17 +41,24 @@ def binomial_tail(n: int, p: float) -> np.ndarray:
     return np.minimum(tail, 1.0)
 
 
-def holm_reject(pvalues: np.ndarray, alpha: float) -> np.ndarray:
-    """Holm's step-down procedure over the last axis: which null hypotheses to reject."""
-    p = np.asarray(pvalues, dtype=np.float64)
+def holm_reject(pvalues: Any, alpha: float) -> Any:
+    """Holm's step-down procedure over the last axis: which null hypotheses to reject.
+
+    Array-API generic: numpy in, numpy out; torch (CUDA) in, torch out, so the fair
+    timing runs the tests where the votes are. The step-down "all earlier sorted
+    p-values passed" is a running minimum of the pass flags along the sorted axis.
+    """
+    xp = array_namespace(pvalues)
+    dev = _device(pvalues)
+    p = xp.astype(xp.asarray(pvalues), xp.float64)
     m = p.shape[-1]
-    order = np.argsort(p, axis=-1, kind="stable")
-    sorted_p = np.take_along_axis(p, order, axis=-1)
-    thresholds = alpha / (m - np.arange(m))
-    ok = np.cumprod(sorted_p <= thresholds, axis=-1).astype(bool)
-    reject = np.zeros_like(ok)
-    np.put_along_axis(reject, order, ok, axis=-1)
-    return reject
+    order = xp.argsort(p, axis=-1, stable=True)
+    sorted_p = xp.take_along_axis(p, order, axis=-1)
+    thresholds = alpha / xp.astype(m - xp.arange(m, device=dev), xp.float64)
+    passed = xp.astype(sorted_p <= thresholds, xp.int64)
+    ok = xp.cumulative_sum(1 - passed, axis=-1) == 0  # no failure up to here
+    inverse = xp.argsort(order, axis=-1, stable=True)
+    return xp.take_along_axis(ok, inverse, axis=-1)
 
 
 def sample_votes(
@@ -101,13 +112,17 @@ class SmoothingCertifier:
         self.abstain = np.zeros(len(self.eps_grid))
         self.valid = 0
 
-    def certify_counts(self, guess: np.ndarray, votes: np.ndarray) -> list[np.ndarray]:
-        """Certified masks (one per eps) for guesses (N, H, W) and their n-sample votes."""
-        flat = votes.reshape(votes.shape[0], -1)
+    def certify_counts(self, guess: Any, votes: Any) -> list[Any]:
+        """Certified masks (one per eps) for guesses (N, H, W) and their n-sample votes,
+        on the votes' device (numpy or torch)."""
+        xp = array_namespace(votes)
+        flat = xp.reshape(votes, (votes.shape[0], -1))
+        index = xp.astype(flat, xp.int64)
         masks = []
         for tail in self.tails:
-            pvalues = tail[flat]
-            masks.append(holm_reject(pvalues, self.alpha).reshape(guess.shape))
+            table = xp.asarray(tail, device=_device(votes))
+            pvalues = xp.reshape(xp.take(table, xp.reshape(index, (-1,))), flat.shape)
+            masks.append(xp.reshape(holm_reject(pvalues, self.alpha), guess.shape))
         return masks
 
     def update(self, model, images: np.ndarray, labels: np.ndarray, device, pad_multiple) -> None:
@@ -118,12 +133,11 @@ class SmoothingCertifier:
         guess = sel.argmax(1)
         counts = sample_votes(model, x, self.n, self.sigma, self.num_classes, pad_multiple)
         votes = counts.gather(1, guess[:, None])[:, 0]
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        guess_np, votes_np = guess.cpu().numpy(), votes.cpu().numpy()
+        masks = [m.cpu().numpy() for m in self.certify_counts(guess, votes)]  # on the device
+        guess_np = guess.cpu().numpy()
         valid = labels != self.ignore_index
         self.valid += int(valid.sum())
-        for i, mask in enumerate(self.certify_counts(guess_np, votes_np)):
+        for i, mask in enumerate(masks):
             self.correct[i] += int((mask & (guess_np == labels) & valid).sum())
             self.abstain[i] += int((~mask & valid).sum())
 
