@@ -5,6 +5,7 @@ and batch, every engine the machine can run, built by the server's own backends
 (`server.backends.create_engine`, so what is timed is what is served):
 
     torch-fp32 / torch-fp16 / torch-bf16    the fused checkpoint on the GPU (or CPU)
+    torch-fp16-graphs                         the same, replayed from captured CUDA graphs
     ort-cuda, ort-trt-fp32 / ort-trt-fp16    ONNX Runtime's CUDA and TensorRT providers
     trt-fp32 / trt-fp16                       native TensorRT engines (export.tensorrt)
     ort-cpu                                   ONNX Runtime on the CPU (ask for it)
@@ -54,6 +55,7 @@ ENGINES: dict[str, tuple[str, str, list[str] | None]] = {
     "torch-fp32": ("torch", "fp32", None),
     "torch-fp16": ("torch", "fp16", None),
     "torch-bf16": ("torch", "bf16", None),
+    "torch-fp16-graphs": ("torch", "fp16", None),  # + cuda_graphs (GRAPHED)
     "ort-cuda": ("onnxruntime", "fp32", ["CUDAExecutionProvider"]),
     "ort-trt-fp32": ("onnxruntime", "fp32", ["TensorrtExecutionProvider"]),
     "ort-trt-fp16": ("onnxruntime", "fp16", ["TensorrtExecutionProvider"]),
@@ -62,6 +64,7 @@ ENGINES: dict[str, tuple[str, str, list[str] | None]] = {
     "ort-cpu": ("onnxruntime", "fp32", ["CPUExecutionProvider"]),  # not in the default run
 }
 DEFAULT_ENGINES = [e for e in ENGINES if e != "ort-cpu"]
+GRAPHED = {"torch-fp16-graphs"}
 EPS = (0.01, 0.02, 0.05, 0.1)
 
 
@@ -125,6 +128,8 @@ def _settings(backend: str, precision: str, providers, margin_error: float, **kw
 def make_engine(name: str, checkpoint: Path, onnx_path: Path, bound: float = 0.0, **kw):
     backend, precision, providers = ENGINES[name]
     artifact = checkpoint if backend == "torch" else onnx_path
+    if name in GRAPHED:
+        kw["cuda_graphs"] = True
     settings = _settings(backend, precision, providers, bound, **kw)
     engine = create_engine(ModelSpec(None, artifact), settings, calibrating=bound <= 0)
     engine.load()
@@ -281,7 +286,7 @@ def end_to_end(label: str, artifact: Path, best: dict, args) -> dict[str, Any]:
     cmd = [str(artifact), "--backend", backend, "--precision", precision]
     cmd += ["--margin-error", repr(best["margin_error_bound"])]
     cmd += ["--max-batch", str(args.serve_max_batch), "--max-queue", "256"]
-    cmd += ["--log-level", "warning"]
+    cmd += ["--log-level", "warning"] + (["--cuda-graphs"] if best["engine"] in GRAPHED else [])
     settings = _settings(backend, precision, providers, 0.0)
     for provider in settings.providers or []:
         cmd += ["--providers", provider]

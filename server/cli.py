@@ -92,6 +92,9 @@ def serve(
         str | None, typer.Option(help="fp32 | fp16 | bf16 (reduced ones need --margin-error).")
     ] = None,
     trt_cache_dir: Annotated[Path | None, typer.Option(help="TensorRT engine cache.")] = None,
+    cuda_graphs: Annotated[
+        bool | None, typer.Option(help="torch on a GPU: replay captured CUDA graphs.")
+    ] = None,
     default_model: Annotated[
         Path | None, typer.Option(help="Model served when none named.")
     ] = None,
@@ -139,6 +142,7 @@ def serve(
         margin_error=margin_error,
         precision=precision,
         trt_cache_dir=trt_cache_dir,
+        cuda_graphs=cuda_graphs,
         default_model=default_model,
         warmup=warmup,
         log_level=log_level,

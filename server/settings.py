@@ -75,6 +75,14 @@ class Settings(BaseSettings):
         "fp16 (torch, TensorRT, ONNX Runtime's TensorRT provider) / bf16 (torch), which "
         "certify only with a margin error bound (--margin-error).",
     )
+    cuda_graphs: bool = Field(
+        default=False,
+        description="torch backend on a GPU: replay each input shape's forward pass from a "
+        "captured CUDA graph (one launch instead of one per kernel).",
+    )
+    cuda_graph_cache: int = Field(
+        default=4, ge=1, description="Captured CUDA graphs kept (one per input shape)."
+    )
     trt_cache_dir: Path | None = None
     trt_max_side: int = Field(default=2048, ge=32, description="Native TensorRT: max H and W.")
 

@@ -14,6 +14,9 @@ Precision. fp32 runs with TF32 switched off (`certseg.inference.set_exact_fp32`)
 torch's default TF32 convolutions would change the logits the certificate speaks
 of. fp16 and bf16 run the net in that dtype (the head in fp32 on its logits) and
 certify only with a measured margin error bound (`Settings.margin_error`).
+
+With ``cuda_graphs`` the whole device part (8-bit table, net, head, correction) is
+replayed from a CUDA graph captured per input shape (`server.backends.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from certseg.certify.numerics import certified_margins
 from server.backends.base import BaseEngine, check_precision
+from server.backends.cuda_graphs import GraphCache
 from server.decode import chw8_to_float
 from server.engine import CardInfo, file_sha256, info_from_card
 from server.errors import BackendUnavailable, ModelError
@@ -98,32 +102,49 @@ class TorchEngine(BaseEngine):
             self._model.to(memory_format=torch.channels_last)
         self._staging: Any = None  # pinned host buffer for the batch (CUDA only)
         self._levels: Any = None  # float32 value of each 8-bit level, on the device
+        self._graphs: GraphCache | None = None
+        if settings.cuda_graphs and use_cuda:
+            self._levels = torch.from_numpy(chw8_to_float(np.arange(256, dtype=np.uint8)))
+            self._levels = self._levels.to(self._device)  # made before any capture
+            self._graphs = GraphCache(
+                torch,
+                lambda raw: self.device_forward(self._to_float(raw)),
+                settings.cuda_graph_cache,
+            )
 
     def upload(self, images: np.ndarray) -> Any:
-        """The batch on the device as float32 in [0, 1]. On CUDA through a reused pinned
-        buffer and an async copy; uint8 input (0..255) travels as bytes, a quarter of
-        float32's, and becomes v / 255 on the device through a 256-entry table of the
-        CPU conversion's own values (`server.decode.chw8_to_float`): exact by
-        construction, whatever the device's division does with a scalar divisor."""
+        """The batch on the device as float32 in [0, 1] (see `_to_device`, `_to_float`)."""
+        return self._to_float(self._to_device(images))
+
+    def _to_device(self, images: np.ndarray) -> Any:
+        """The batch as it came (uint8 or float32) on the device: on CUDA through a reused
+        pinned buffer and an async copy; uint8 travels as bytes, a quarter of float32's."""
         torch = self._torch
         host = torch.from_numpy(np.ascontiguousarray(images))
-        if self._device.type == "cuda":
-            need = host.numel()
-            if (
-                self._staging is None
-                or self._staging.numel() < need
-                or (self._staging.dtype != host.dtype)
-            ):
-                self._staging = torch.empty(need, dtype=host.dtype, pin_memory=True)
-            staged = self._staging[:need].view(host.shape)
-            staged.copy_(host)
-            host = staged.to(self._device, non_blocking=True)
-        if host.dtype == torch.uint8:
-            if self._levels is None or self._levels.device != host.device:
-                table = chw8_to_float(np.arange(256, dtype=np.uint8))
-                self._levels = torch.from_numpy(table).to(host.device)
-            return self._levels[host.to(torch.int32)]
-        return host.to(torch.float32)
+        if self._device.type != "cuda":
+            return host
+        need = host.numel()
+        if (
+            self._staging is None
+            or self._staging.numel() < need
+            or (self._staging.dtype != host.dtype)
+        ):
+            self._staging = torch.empty(need, dtype=host.dtype, pin_memory=True)
+        staged = self._staging[:need].view(host.shape)
+        staged.copy_(host)
+        return staged.to(self._device, non_blocking=True)
+
+    def _to_float(self, x: Any) -> Any:
+        """uint8 levels become v / 255 through a 256-entry table of the CPU conversion's
+        own values (`server.decode.chw8_to_float`): exact by construction, whatever the
+        device's division does with a scalar divisor."""
+        torch = self._torch
+        if x.dtype != torch.uint8:
+            return x.to(torch.float32)
+        if self._levels is None or self._levels.device != x.device:
+            table = chw8_to_float(np.arange(256, dtype=np.uint8))
+            self._levels = torch.from_numpy(table).to(x.device)
+        return self._levels[x.to(torch.int32)]
 
     def device_logits(self, x: Any) -> Any:
         """Padded fp32 logits of a device batch x (float32, in [0, 1]): the net alone."""
@@ -146,7 +167,11 @@ class TorchEngine(BaseEngine):
     def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            got = self.device_forward(self.upload(images))
+            raw = self._to_device(images)
+            if self._graphs is not None:
+                got = self._graphs(raw)
+            else:
+                got = self.device_forward(self._to_float(raw))
             if self._device.type != "cuda":
                 return {n: got[n].numpy() for n in names}
             host = {n: got[n].to("cpu", non_blocking=True) for n in names}
