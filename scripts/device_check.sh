@@ -34,8 +34,8 @@ onnxruntime.get_available_providers()); print('numpy', numpy.__version__)"
 cat "$OUT/machine.txt"
 
 step gpu_tests 150 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider -s \
-    tests/test_reduced_precision.py tests/test_export_tensorrt.py tests/test_attacks.py \
-    tests/test_train_eval.py
+    tests/test_reduced_precision.py tests/test_cuda_graphs.py tests/test_export_tensorrt.py \
+    tests/test_attacks.py tests/test_train_eval.py
 
 if [ "${QUICK:-0}" = 1 ]; then
     step gpu_bench 200 "$PY" benchmarks/gpu.py --quick --out "$OUT/gpu.json"
