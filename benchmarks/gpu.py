@@ -356,9 +356,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["end_to_end"].append(end_to_end(label, artifact, best, args))
             write_result(name, result, args.out)
     tmp.cleanup()
+    result["acceptance"] = acceptance(result)
     report(result)
     print(write_result(name, result, args.out))
     return result
+
+
+def acceptance(result: dict[str, Any]) -> dict[str, Any]:
+    """The GPU figures issue #10 sets targets for, each with the value reached."""
+    top = "1024x2048"
+    checks: dict[str, Any] = {}
+    m1 = result["models"].get("m1", {}).get("rows", [])
+    shares = [r["head_share"] for r in m1 if r["size"] == top and "head_share" in r]
+    if shares:
+        checks["head_share_m1_max <= 0.05"] = {"value": max(shares), "ok": max(shares) <= 0.05}
+    sound = [r for r in m1 if r["size"] == top and r["soundness_violations"] == 0]
+    if sound:
+        fps = max(r["images_per_s"] for r in sound)
+        checks["m1_1024x2048_images_per_s >= 30"] = {"value": fps, "ok": fps >= 30}
+    for e in result["end_to_end"]:
+        if e["size"] == top:
+            key = f"{e['model']}_ws_fps_over_raw >= 0.8"
+            checks[key] = {"value": e["ws_fps_over_raw"], "ok": e["ws_fps_over_raw"] >= 0.8}
+    return checks
 
 
 def report(result: dict[str, Any]) -> None:
@@ -399,6 +419,9 @@ def report(result: dict[str, Any]) -> None:
     ]
     cols = ["model", "engine", "size", "raw img/s", "REST c8/s", "WS 1 fps", "WS 4 fps", "WS/raw"]
     print_table("end to end through certseg serve", cols, e2e)
+    checks = result.get("acceptance", {})
+    rows = [[k, v["value"], "yes" if v["ok"] else "NO"] for k, v in checks.items()]
+    print_table("targets (issue #10)", ["target", "reached", "met"], rows)
 
 
 if __name__ == "__main__":
