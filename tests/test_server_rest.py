@@ -23,6 +23,7 @@ from server_support import (
     ort_session,
     random_image,
     serve_tiny,
+    tiny_checkpoint,
     tiny_model_dir,
     to_input,
 )
@@ -446,3 +447,27 @@ def test_not_ready_until_warm(model_dir):
     finally:
         engine.warm_gate.set()
         srv.stop()
+
+
+def test_torch_backend_over_http_answers_like_onnxruntime(client):
+    """The torch backend takes 8-bit frames (bytes to the engine, the exact table there):
+    over a live server its REST answer is the ONNX Runtime server's, mask and radius."""
+    body = encode(random_image(40, 56, seed=21))
+    live = LiveServer(
+        create_app(
+            Settings(
+                models=[str(tiny_checkpoint())], backend="torch", intra_op_threads=1, max_delay_ms=1
+            )
+        )
+    ).start()
+    try:
+        with httpx.Client(base_url=live.base, timeout=60) as torch_client:
+            a = torch_client.post("/v1/segment?eps=0.02&outputs=mask,radius", content=body)
+        b = client.post("/v1/segment?eps=0.02&outputs=mask,radius", content=body)
+        assert a.status_code == b.status_code == 200, a.text
+        a, b = a.json(), b.json()
+        np.testing.assert_array_equal(_png(a["mask"]), _png(b["mask"]))
+        np.testing.assert_allclose(_radius(a["radius"]), _radius(b["radius"]), atol=1e-3)
+        assert a["max_flips"] == pytest.approx(b["max_flips"], abs=2)
+    finally:
+        live.stop()
