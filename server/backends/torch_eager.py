@@ -103,9 +103,7 @@ class TorchEngine(BaseEngine):
         self._staging: Any = None  # pinned host buffer for the batch (CUDA only)
         self._levels: Any = None  # float32 value of each 8-bit level, on the device
         self._graphs: GraphCache | None = None
-        if settings.cuda_graphs and use_cuda:
-            self._levels = torch.from_numpy(chw8_to_float(np.arange(256, dtype=np.uint8)))
-            self._levels = self._levels.to(self._device)  # made before any capture
+        if settings.cuda_graphs and use_cuda:  # (a capture's warm-up makes _levels)
             self._graphs = GraphCache(
                 torch,
                 lambda raw: self.device_forward(self._to_float(raw)),
@@ -124,11 +122,8 @@ class TorchEngine(BaseEngine):
         if self._device.type != "cuda":
             return host
         need = host.numel()
-        if (
-            self._staging is None
-            or self._staging.numel() < need
-            or (self._staging.dtype != host.dtype)
-        ):
+        staging = self._staging
+        if staging is None or staging.numel() < need or staging.dtype != host.dtype:
             self._staging = torch.empty(need, dtype=host.dtype, pin_memory=True)
         staged = self._staging[:need].view(host.shape)
         staged.copy_(host)
