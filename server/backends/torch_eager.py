@@ -115,12 +115,14 @@ class TorchEngine(BaseEngine):
         return self._to_float(self._to_device(images))
 
     def _to_device(self, images: np.ndarray) -> Any:
-        """The batch as it came (uint8 or float32) on the device: on CUDA through a reused
-        pinned buffer and an async copy; uint8 travels as bytes, a quarter of float32's."""
+        """The batch on the device: on CUDA as it came (uint8 or float32) through a reused
+        pinned buffer and an async copy, uint8 as bytes, a quarter of float32's; on the
+        CPU already converted to float32."""
         torch = self._torch
+        if self._device.type != "cuda":  # numpy's conversion: exact, and 9x a CPU gather
+            x = np.ascontiguousarray(images)
+            return torch.from_numpy(chw8_to_float(x) if x.dtype == np.uint8 else x)
         host = torch.from_numpy(np.ascontiguousarray(images))
-        if self._device.type != "cuda":
-            return host
         need = host.numel()
         staging = self._staging
         if staging is None or staging.numel() < need or staging.dtype != host.dtype:
