@@ -47,6 +47,7 @@ from PIL import Image
 from server_overhead import rest_load, stream_fps
 
 from server.backends import ModelSpec, create_engine
+from server.calibration import calibrate_engine, calibration_images, reference_engine
 from server.launch import ServeProcess
 from server.settings import Settings, default_model_path
 
@@ -125,14 +126,20 @@ def _settings(backend: str, precision: str, providers, margin_error: float, **kw
     )
 
 
-def make_engine(name: str, checkpoint: Path, onnx_path: Path, bound: float = 0.0, **kw):
+def engine_settings(name: str, bound: float = 0.0, **kw) -> tuple[Settings, bool]:
+    """The server's settings for engine `name`, and whether it runs a checkpoint."""
     backend, precision, providers = ENGINES[name]
-    artifact = checkpoint if backend == "torch" else onnx_path
     if name in GRAPHED:
         kw["cuda_graphs"] = True
-    settings = _settings(backend, precision, providers, bound, **kw)
-    engine = create_engine(ModelSpec(None, artifact), settings, calibrating=bound <= 0)
+    return _settings(backend, precision, providers, bound, **kw), backend == "torch"
+
+
+def make_engine(name: str, checkpoint: Path, onnx_path: Path, bound: float, **kw):
+    """Engine `name` as served (its margins shrunk by `bound`), loaded."""
+    settings, torch_backend = engine_settings(name, bound, **kw)
+    engine = create_engine(ModelSpec(None, checkpoint if torch_backend else onnx_path), settings)
     engine.load()
+    providers = ENGINES[name][2]
     if providers and providers[0] not in getattr(engine, "providers", providers):
         raise RuntimeError(f"{providers[0]} fell back to {engine.providers}")
     return engine
@@ -207,30 +214,17 @@ def versions() -> dict[str, str]:
 
 def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str, Any]:
     sizes, batches = parse_hw(args.sizes), [int(b) for b in args.batches.split(",")]
-    ch, cw = parse_hw(args.calib_size)[0]
-    rng = np.random.default_rng(0)
-    calib = [rng.random((1, 3, ch, cw), dtype=np.float32) for _ in range(args.calib_images)]
-    from certseg.data.synthetic import render_scene
-
-    calib += [render_scene(rng, (ch, cw))[0][None] for _ in range(args.calib_images)]
-    reference = create_engine(ModelSpec(None, onnx_path), Settings(warmup=False))
-    reference.load()
-    from export.error_bound import calibrate
-
+    calib_hw = parse_hw(args.calib_size)[0]
+    calib = calibration_images(calib_hw, 2 * args.calib_images)  # scenes and noise
+    reference = reference_engine(onnx_path)
     engines, bounds, skipped = {}, {}, {}
     for name in args.engines.split(","):
         try:
-            raw = make_engine(name, checkpoint, onnx_path)
-            b = calibrate(
-                lambda x, e=raw: e.infer(x, ["mask"]),
-                lambda x: reference.infer(x, ["mask"]),
-                calib,
-                precision=ENGINES[name][1],
-            )
-            raw.close()
-            bounds[name] = b
+            settings, torch_backend = engine_settings(name)
+            artifact = checkpoint if torch_backend else onnx_path
+            bounds[name] = calibrate_engine(artifact, settings, calib, reference=reference)
             engines[name] = make_engine(
-                name, checkpoint, onnx_path, b.bound, max_batch=max(batches)
+                name, checkpoint, onnx_path, bounds[name].bound, max_batch=max(batches)
             )
         except Exception as err:  # a missing package, provider or GPU: report, go on
             skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"

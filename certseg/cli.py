@@ -183,10 +183,11 @@ def _mount() -> None:
     """Sub-commands that live in other packages (they import lazily, without torch)."""
     from clients.cli import app as client_app
     from export.cli import app as export_app
-    from server.cli import serve
+    from server.cli import calibrate, serve
 
     app.registered_commands += export_app.registered_commands
     app.command("serve")(serve)
+    app.command("calibrate")(calibrate)
     app.add_typer(client_app, name="client")
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["app", "build_settings", "serve"]
+__all__ = ["app", "build_settings", "calibrate", "serve"]
 
 app = typer.Typer(help="certseg inference server.", add_completion=False, no_args_is_help=True)
 
@@ -176,6 +176,73 @@ def serve(
     if state.fatal:  # a model failed to load in the background: exit non-zero
         _fail(state.fatal)
         raise typer.Exit(1)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[
+        Path, typer.Argument(help="Exported dir, .onnx, or .pt (torch), as for serve.")
+    ],
+    backend: Annotated[Backend, typer.Option(help="Backend to calibrate.")] = Backend.auto,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16.")] = "fp16",
+    providers: Annotated[
+        list[str] | None, typer.Option(help="ONNX Runtime providers, in order (repeatable).")
+    ] = None,
+    cuda_graphs: Annotated[bool, typer.Option(help="As served with --cuda-graphs.")] = False,
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of your own frames (recommended).")
+    ] = None,
+    count: Annotated[int, typer.Option(help="How many calibration images.")] = 8,
+    size: Annotated[
+        str | None, typer.Option(help="HxW of synthetic images (default: the card's).")
+    ] = None,
+    safety: Annotated[float, typer.Option(help="Factor on the largest error seen.")] = 2.0,
+    out: Annotated[Path | None, typer.Option(help="Write the bound's JSON here.")] = None,
+) -> None:
+    """Measure an engine's margin error bound against fp32 ONNX Runtime (for --margin-error)."""
+    from server.backends import resolve_model_specs
+    from server.calibration import calibrate_engine, calibration_images
+    from server.errors import CertSegError
+
+    settings = build_settings(
+        models=[str(model)],
+        backend=backend,
+        precision=precision,
+        providers=providers,
+        cuda_graphs=cuda_graphs,
+        warmup=False,
+    )
+    try:
+        (spec,) = resolve_model_specs(settings)
+        hw = _parse_hw(size) if size else _input_size(spec.path)
+        bound = calibrate_engine(
+            spec.path, settings, calibration_images(hw, count, images), safety=safety
+        )
+    except CertSegError as exc:
+        typer.echo("certseg calibrate: error: " + " ".join(exc.detail.split()), err=True)
+        raise typer.Exit(2) from None
+    if out is not None:
+        bound.save(out)
+    typer.echo(bound.to_json())
+    typer.echo(
+        f"serve with: --backend {settings.backend} --precision {precision} "
+        f"--margin-error {bound.bound:.6g}",
+        err=True,
+    )
+
+
+def _parse_hw(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w)
+
+
+def _input_size(path: Path) -> tuple[int, int]:
+    """The card's input size, from the exported ONNX beside the artifact (no audit)."""
+    from server.calibration import reference_artifact
+    from server.engine import read_onnx_metadata
+
+    card, _, _ = read_onnx_metadata(reference_artifact(path), audit=False)
+    return tuple(card.input_size)
 
 
 def _fail(message: str) -> None:

@@ -196,3 +196,35 @@ def test_cuda_upload_of_uint8_is_exact(shipped):
     engine = _torch_engine(checkpoint)
     assert engine.upload(np.zeros((1, 3, 4, 4), np.uint8)).is_cuda
     _levels_roundtrip(engine)
+
+
+def test_calibrate_command_gives_the_bound_serve_needs(tmp_path):
+    """`certseg calibrate` measures the engine as served and writes the bound; the
+    refusal message of a reduced-precision engine names that command."""
+    import json
+    import subprocess
+    import sys
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    from PIL import Image
+
+    for i, x in enumerate(_scenes(6, 2)):
+        Image.fromarray((x[0].transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)).save(
+            frames / f"f{i}.png"
+        )
+    checkpoint = default_model_path().with_name("model.pt")
+    out = tmp_path / "bound.json"
+    cmd = [sys.executable, "-m", "certseg.cli", "calibrate", str(checkpoint), "--backend",
+           "torch", "--precision", "bf16", "--images", str(frames), "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    bound = json.loads(out.read_text())
+    assert bound["images"] == 2 and bound["precision"] == "bf16" and bound["bound"] > 1e-3
+    assert f"--margin-error {bound['bound']:.6g}" in run.stderr
+    with pytest.raises(ModelError, match="certseg calibrate"):
+        _torch_engine(checkpoint, precision="bf16")
+    bad = subprocess.run(
+        [*cmd[:4], str(tmp_path / "missing.pt"), *cmd[5:]], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "certseg calibrate: error:" in bad.stderr

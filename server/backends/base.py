@@ -46,7 +46,7 @@ def check_precision(
     if precision != "fp32" and margin_error <= 0 and not calibrating:
         raise ModelError(
             f"a {precision} engine certifies only with --margin-error > 0 (measure it with "
-            "benchmarks/gpu.py or export.error_bound.calibrate)"
+            f"`certseg calibrate MODEL --backend {backend} --precision {precision}`)"
         )
 
 
