@@ -196,9 +196,9 @@ def _max_flips_numpy(
         if budget[r] < 0:
             continue
         limit = math.sqrt(2.0 * float(budget[r]) * (1.0 + 1e-9))
-        if rows.dtype.kind == "f" and rows.dtype.itemsize <= 4:
-            up = np.float32(limit)
-            limit = np.nextafter(np.nextafter(up, np.float32(np.inf)), np.float32(np.inf))
+        ftype = np.float32 if rows.dtype.kind == "f" and rows.dtype.itemsize <= 4 else np.float64
+        up = ftype(limit)  # rounded up two steps in the margins' own precision: a superset
+        limit = np.nextafter(np.nextafter(up, ftype(np.inf)), ftype(np.inf))
         cand = np.abs(rows[r]) <= limit
         if keep is not None:
             cand &= keep[r]
