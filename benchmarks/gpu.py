@@ -279,7 +279,9 @@ def end_to_end(label: str, artifact: Path, best: dict, args) -> dict[str, Any]:
     Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
     cmd = [str(artifact), "--backend", backend, "--precision", precision]
     cmd += ["--margin-error", repr(best["margin_error_bound"])]
-    cmd += ["--max-batch", str(args.serve_max_batch), "--max-queue", "256"]
+    cmd += ["--max-queue", "256"]
+    if args.serve_max_batch:  # else the server's default: 8 on a GPU, 1 on a CPU
+        cmd += ["--max-batch", str(args.serve_max_batch)]
     cmd += ["--log-level", "warning"] + (["--cuda-graphs"] if best["engine"] in GRAPHED else [])
     settings = _settings(backend, precision, providers, 0.0)
     for provider in settings.providers or []:
@@ -314,7 +316,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--requests", type=int, default=200, help="REST requests end to end")
     ap.add_argument("--frames", type=int, default=100, help="WebSocket frames per stream")
-    ap.add_argument("--serve-max-batch", type=int, default=8)
+    ap.add_argument(
+        "--serve-max-batch", type=int, default=None, help="default: the server's (GPU 8, CPU 1)"
+    )
     ap.add_argument("--no-serve", action="store_true", help="skip the end-to-end part")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: tiny sizes and counts")
     ap.add_argument("--name", default=None, help="result name (default gpu or gpu_quick)")
