@@ -68,14 +68,28 @@ def _state(radius: np.ndarray, eps: float, style: OverlayStyle) -> np.ndarray | 
     return state
 
 
-def _indexed(
-    mask: np.ndarray, palette: Sequence[Sequence[int]]
-) -> tuple[np.ndarray, int, np.ndarray]:
-    """(colour table (3K, 3) uint8: plain, dimmed, hatched rows; K; class ids clipped)."""
+def _palette(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> tuple[np.ndarray, int]:
+    """(colour table (3K, 3) uint8: plain, dimmed, hatched rows; K)."""
     k = max(int(mask.max(initial=0)) + 1, len(palette))
     lut = _lut(palette, k)
-    table = np.concatenate([lut, _DIM_LUT[lut], np.zeros_like(lut)])
-    return table, k, np.clip(mask, 0, k - 1)
+    return np.concatenate([lut, _DIM_LUT[lut], np.zeros_like(lut)]), k
+
+
+def _flat(style: OverlayStyle, image: np.ndarray | None, blend: float) -> bool:
+    """Whether the overlay is the palette alone (no heat map, no photo blended in)."""
+    return style != "heat" and (image is None or blend <= 0)
+
+
+def _palette_index(
+    mask: np.ndarray, radius: np.ndarray, eps: float, k: int, style: OverlayStyle, dtype
+) -> np.ndarray:
+    """Row of the colour table per pixel: class + K * state, in `dtype` (wide enough
+    for 3K rows)."""
+    index = np.clip(mask, 0, k - 1).astype(dtype)
+    state = _state(radius, eps, style)
+    if state is not None:
+        index += dtype(k) * state.astype(dtype)
+    return index
 
 
 def render_overlay(
@@ -94,19 +108,14 @@ def render_overlay(
     state (certified, dimmed, hatched): this runs on every answer.
     """
     mask = np.asarray(mask)
-    state = _state(radius, eps, style)
-    if style != "heat" and (image is None or blend <= 0):
-        table, k, idx = _indexed(mask, palette)
-        idx = idx.astype(np.intp)
-        return table[idx if state is None else idx + k * state.astype(np.intp)]
-    if style == "heat":
-        rgb = _heat(radius, eps)
-    else:
-        table, k, idx = _indexed(mask, palette)
-        rgb = table[:k][idx]
+    table, k = _palette(mask, palette)
+    if _flat(style, image, blend):
+        return table[_palette_index(mask, radius, eps, k, style, np.intp)]
+    rgb = _heat(radius, eps) if style == "heat" else table[np.clip(mask, 0, k - 1)]
     if image is not None and blend > 0:
         rgb = (1.0 - blend) * rgb.astype(np.float32) + blend * image.astype(np.float32)
         rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    state = _state(radius, eps, style)
     if state is not None:
         shade = np.array([1.0, DIM, 0.0], np.float32)[state][..., None]
         rgb = np.clip(rgb * shade + 0.5, 0, 255).astype(np.uint8)
@@ -129,17 +138,11 @@ def overlay_png(
     three (80 -> 17 ms at 1024x2048 on the shipped model: benchmarks/answer_cpu.py).
     """
     mask = np.asarray(mask)
-    if style == "heat" or (image is not None and blend > 0):
+    table, k = _palette(mask, palette)
+    if not _flat(style, image, blend) or 3 * k > 256:
         return encode_png(render_overlay(mask, radius, eps, palette, image, style, blend))
-    table, k, idx = _indexed(mask, palette)
-    if 3 * k > 256:
-        return encode_png(render_overlay(mask, radius, eps, palette, image, style, blend))
-    index = idx.astype(np.uint8)
-    state = _state(radius, eps, style)
-    if state is not None:
-        index += np.uint8(k) * state
-    img = Image.fromarray(index)  # mode L; putpalette makes it P with our colours
-    img.putpalette(table.reshape(-1).tolist())
+    img = Image.fromarray(_palette_index(mask, radius, eps, k, style, np.uint8))
+    img.putpalette(table.reshape(-1).tolist())  # mode L -> P with our colours
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
