@@ -51,11 +51,18 @@ def check_precision(
 
 
 class BaseEngine:
-    """Common state of a backend; subclasses implement `load` and `_run`."""
+    """Common state of a backend; subclasses implement `load` and `_run`.
 
-    def __init__(self, info: ModelInfo, margin_error: float = 0.0) -> None:
+    `margin_error` is the bound subtracted from every margin (none for a calibrating
+    engine, whose raw margins are what is measured). The base subtracts it after
+    `_run`, unless the backend does so itself on its device (`corrects_margins`).
+    """
+
+    corrects_margins = False
+
+    def __init__(self, info: ModelInfo, margin_error: float = 0.0, calibrating: bool = False):
         self.info = info
-        self.margin_error = float(margin_error)
+        self.margin_error = 0.0 if calibrating else float(margin_error)
         self._loaded = False
         self._warm = False
 
@@ -81,6 +88,8 @@ class BaseEngine:
         if images.dtype == np.uint8 and not self.info.accepts_uint8:
             images = chw8_to_float(images)
         got = self._run(images, names)
+        if self.corrects_margins:
+            return got
         return apply_margin_error(got, self.margin_error, self.info.lipschitz)
 
     def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:

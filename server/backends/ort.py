@@ -83,7 +83,7 @@ class OnnxRuntimeEngine(BaseEngine):
             has_logits="logits" in outputs,
             sha256=file_sha256(path),
         )
-        super().__init__(info, 0.0 if calibrating else settings.margin_error)
+        super().__init__(info, settings.margin_error, calibrating)
         self._threads = settings.intra_op_threads
         self._session: Any = None
 

@@ -86,7 +86,7 @@ class TensorRTEngine(BaseEngine):
             has_logits="logits" in outputs,
             sha256=file_sha256(onnx_path),
         )
-        super().__init__(info, 0.0 if calibrating else settings.margin_error)
+        super().__init__(info, settings.margin_error, calibrating)
         self._onnx = onnx_path
         self._plan = path if path.suffix in (".plan", ".engine") else None
         self._settings = settings

@@ -50,6 +50,8 @@ def _torch() -> Any:
 class TorchEngine(BaseEngine):
     """A fused checkpoint with the export's pad -> net -> crop -> certificate head."""
 
+    corrects_margins = True  # on the device, in device_forward
+
     def __init__(
         self, name: str | None, path: Path, settings: Settings, calibrating: bool = False
     ) -> None:
@@ -80,9 +82,7 @@ class TorchEngine(BaseEngine):
             sha256=file_sha256(path),
         )
         info.accepts_uint8 = True
-        # The margin correction runs on the device in _run; the base applies none.
-        super().__init__(info, 0.0)
-        self._margin_error = 0.0 if calibrating else settings.margin_error
+        super().__init__(info, settings.margin_error, calibrating)
         from export.graph_head import CertifiedSegmenter
 
         if settings.intra_op_threads:
@@ -157,8 +157,8 @@ class TorchEngine(BaseEngine):
         h, w = x.shape[-2], x.shape[-1]
         logits = self.device_logits(x)
         mask, margin, radius = self._model.head(logits, h, w)
-        if self._margin_error > 0:
-            margin, radius = certified_margins(margin, self._margin_error, self.info.lipschitz)
+        if self.margin_error > 0:
+            margin, radius = certified_margins(margin, self.margin_error, self.info.lipschitz)
         return {"mask": mask, "margin": margin, "radius": radius, "logits": logits[:, :, :h, :w]}
 
     def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
