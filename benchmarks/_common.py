@@ -34,6 +34,11 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'512x1024,1024x2048' -> [(512, 1024), (1024, 2048)]."""
+    return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+
+
 def write_result(name: str, payload: dict[str, Any], path: Path | None = None) -> Path:
     """benchmarks/results/<name>.json (or `path`), with the machine's description."""
     path = path or RESULTS / f"{name}.json"

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from _common import parse_sizes
 from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
@@ -43,10 +44,6 @@ from export.graph_head import DEFAULT_HEAD, HEAD_FORMULATIONS
 from export.onnx_export import build_segmenter, export_graph
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
 
 
 def random_model(arch: str, classes: int, seed: int = 0):

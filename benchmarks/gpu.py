@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import print_table, street_like, write_result
+from _common import parse_sizes, print_table, street_like, write_result
 from PIL import Image
 from server_overhead import rest_load, stream_fps
 
@@ -67,10 +67,6 @@ ENGINES: dict[str, tuple[str, str, list[str] | None]] = {
 DEFAULT_ENGINES = [e for e in ENGINES if e != "ort-cpu"]
 GRAPHED = {"torch-fp16-graphs"}
 EPS = (0.01, 0.02, 0.05, 0.1)
-
-
-def parse_hw(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
 
 
 def _cuda() -> Any:
@@ -213,8 +209,8 @@ def versions() -> dict[str, str]:
 
 
 def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str, Any]:
-    sizes, batches = parse_hw(args.sizes), [int(b) for b in args.batches.split(",")]
-    calib_hw = parse_hw(args.calib_size)[0]
+    sizes, batches = parse_sizes(args.sizes), [int(b) for b in args.batches.split(",")]
+    calib_hw = parse_sizes(args.calib_size)[0]
     calib = calibration_images(calib_hw, 2 * args.calib_images)  # scenes and noise
     reference = reference_engine(onnx_path)
     engines, bounds, skipped = {}, {}, {}
@@ -346,7 +342,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["models"][label] = got
         write_result(name, result, args.out)  # partial results survive a time limit
         sound = [r for r in got["rows"] if r["soundness_violations"] == 0]
-        largest = max((r["size"] for r in sound), key=lambda s: np.prod(parse_hw(s)[0]), default=0)
+        largest = max(
+            (r["size"] for r in sound), key=lambda s: np.prod(parse_sizes(s)[0]), default=0
+        )
         at_top = [r for r in sound if r["size"] == largest and r["batch"] == 1]
         if at_top and not args.no_serve:
             best = max(at_top, key=lambda r: r["images_per_s"])

@@ -28,7 +28,8 @@ app = typer.Typer(
 )
 
 
-def _parse_hw(text: str) -> tuple[int, int]:
+def parse_hw(text: str) -> tuple[int, int]:
+    """'HxW' -> (H, W); anything else is a usage error of the command."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -87,8 +88,8 @@ def _build_trt(result, precision, opt, largest, batch, cache, calib) -> None:
     from certseg.data.synthetic import render_scene
     from export.tensorrt import Profile, build_engine, calibrate_error_bound
 
-    oh, ow = _parse_hw(opt)
-    mh, mw = _parse_hw(largest)
+    oh, ow = parse_hw(opt)
+    mh, mw = parse_hw(largest)
     profile = Profile.for_sizes((oh, ow), (mh, mw), max_batch=batch)
     try:
         info = build_engine(result.onnx_path, precision, profile, cache)

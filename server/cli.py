@@ -200,6 +200,7 @@ def calibrate(
     out: Annotated[Path | None, typer.Option(help="Write the bound's JSON here.")] = None,
 ) -> None:
     """Measure an engine's margin error bound against fp32 ONNX Runtime (for --margin-error)."""
+    from export.cli import parse_hw
     from server.backends import resolve_model_specs
     from server.calibration import calibrate_engine, calibration_images
     from server.errors import CertSegError
@@ -214,7 +215,7 @@ def calibrate(
     )
     try:
         (spec,) = resolve_model_specs(settings)
-        hw = _parse_hw(size) if size else _input_size(spec.path)
+        hw = parse_hw(size) if size else _input_size(spec.path)
         bound = calibrate_engine(
             spec.path, settings, calibration_images(hw, count, images), safety=safety
         )
@@ -229,11 +230,6 @@ def calibrate(
         f"--margin-error {bound.bound:.6g}",
         err=True,
     )
-
-
-def _parse_hw(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w)
 
 
 def _input_size(path: Path) -> tuple[int, int]:
