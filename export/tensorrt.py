@@ -1,7 +1,7 @@
-"""TensorRT engines from the audited ONNX file: built once, cached, run on torch CUDA tensors.
+"""TensorRT engines from the audited ONNX file: built once, cached, run with cuda-python.
 
 GPU-only paths (build_engine, TrtRunner, calibrate_error_bound) import tensorrt and
-torch lazily; the cache key and profiles are plain Python (tested on CPU).
+cuda-python lazily; the cache key and profiles are plain Python (tested on CPU).
 
 An engine's margins differ from fp32 ONNX Runtime's (fp16, or fp32 with other kernels
 and summation orders), so it certifies only after subtracting a measured error bound:

@@ -192,11 +192,11 @@ def _max_flips_numpy(
         keep, _ = _rows(np.broadcast_to(np.asarray(valid, dtype=bool), margin.shape), 2)
     budget = _effective_budget(_eps_rows(eps, lead, np, None), L)
     flips = np.zeros(rows.shape[0], dtype=np.int64)
+    ftype = np.float32 if rows.dtype.kind == "f" and rows.dtype.itemsize <= 4 else np.float64
     for r in range(rows.shape[0]):
         if budget[r] < 0:
             continue
         limit = math.sqrt(2.0 * float(budget[r]) * (1.0 + 1e-9))
-        ftype = np.float32 if rows.dtype.kind == "f" and rows.dtype.itemsize <= 4 else np.float64
         up = ftype(limit)  # rounded up two steps in the margins' own precision: a superset
         limit = np.nextafter(np.nextafter(up, ftype(np.inf)), ftype(np.inf))
         cand = np.abs(rows[r]) <= limit

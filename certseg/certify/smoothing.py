@@ -45,8 +45,8 @@ def holm_reject(pvalues: Any, alpha: float) -> Any:
     """Holm's step-down procedure over the last axis: which null hypotheses to reject.
 
     Array-API generic: numpy in, numpy out; torch (CUDA) in, torch out, so the fair
-    timing runs the tests where the votes are. The step-down "all earlier sorted
-    p-values passed" is a running minimum of the pass flags along the sorted axis.
+    timing runs the tests where the votes are. The step-down "every sorted p-value up
+    to here passed" is a running count of failures along the sorted axis being zero.
     """
     xp = array_namespace(pvalues)
     dev = _device(pvalues)
