@@ -267,19 +267,17 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
 
 def end_to_end(label: str, artifact: Path, best: dict, args) -> dict[str, Any]:
     """The fastest sound engine behind `certseg serve`: REST and WebSocket vs raw."""
-    h, w = (int(v) for v in best["size"].split("x"))
-    backend, precision, providers = ENGINES[best["engine"]]
+    ((h, w),) = parse_sizes(best["size"])
+    settings, _ = engine_settings(best["engine"], best["margin_error_bound"])
     pixels = street_like(h, w)
     png, jpeg = io.BytesIO(), io.BytesIO()
     Image.fromarray(pixels).save(png, format="PNG")
     Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
-    cmd = [str(artifact), "--backend", backend, "--precision", precision]
-    cmd += ["--margin-error", repr(best["margin_error_bound"])]
-    cmd += ["--max-queue", "256"]
+    cmd = [str(artifact), "--backend", settings.backend, "--precision", settings.precision]
+    cmd += ["--margin-error", repr(settings.margin_error), "--max-queue", "256"]
     if args.serve_max_batch:  # else the server's default: 8 on a GPU, 1 on a CPU
         cmd += ["--max-batch", str(args.serve_max_batch)]
-    cmd += ["--log-level", "warning"] + (["--cuda-graphs"] if best["engine"] in GRAPHED else [])
-    settings = _settings(backend, precision, providers, 0.0)
+    cmd += ["--log-level", "warning"] + (["--cuda-graphs"] if settings.cuda_graphs else [])
     for provider in settings.providers or []:
         cmd += ["--providers", provider]
     out: dict[str, Any] = {"engine": best["engine"], "size": best["size"], "model": label}
