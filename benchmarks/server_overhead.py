@@ -6,7 +6,9 @@ For one exported model and one image size (default 512x1024, a Cityscapes half-f
 - REST: POST /v1/segment (PNG in; mask + radius + overlay out, JSON) at concurrency 1
   and 8, p50/p99 latency and throughput, with dynamic batching on (max batch 8) and
   off (max batch 1);
-- stream: WS /v1/stream, closed loop (next frame after each answer) -> fps.
+- stream: WS /v1/stream with the overlay per frame, lockstep (next frame after each
+  answer) and then at each --depths d with d + 1 frames unanswered (the most the
+  server never drops): fps and latency as the stream's stages overlap.
 
 The server runs as `python -m server.cli serve` in a subprocess (as deployed); the
 client runs here, on the same machine: on a small CPU box they compete for cores, so
@@ -76,10 +78,13 @@ def raw_ort(model: Path, x: np.ndarray, n: int, threads: int) -> dict:
     return {"p50_ms": p50, "p99_ms": p99, "per_s": 1000 / float(np.mean(times))}
 
 
-def serve(model: Path, max_batch: int, threads: int, max_delay_ms: float) -> ServeProcess:
+def serve(
+    model: Path, max_batch: int, threads: int, max_delay_ms: float, stream_depth: int = 2
+) -> ServeProcess:
     """The server on `model` with these batching settings, ready."""
     args = [str(model), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
     args += ["--intra-op-threads", str(threads), "--max-queue", "256", "--log-level", "warning"]
+    args += ["--stream-depth", str(stream_depth)]
     return ServeProcess(args).wait_ready()
 
 
@@ -117,22 +122,70 @@ async def rest_load(base: str, body: bytes, requests: int, concurrency: int) -> 
     }
 
 
-async def stream_fps(base: str, frame: bytes, frames: int) -> dict:
-    """Closed loop over one WebSocket: send a frame, wait for its answer, repeat."""
+async def stream_fps(
+    base: str,
+    frame: bytes,
+    frames: int,
+    depth: int | None = None,
+    window: int | None = None,
+    outputs: str = "overlay",
+) -> dict:
+    """One WebSocket kept `window` frames ahead (default: the stream's depth + 1, the
+    most the server never drops), asking for `outputs` per frame -> fps and latency.
+
+    Every answer must be a result and none may be dropped (a benchmark of a stream
+    that loses frames would measure the drops)."""
     import json
+    from urllib.parse import urlencode
 
     import websockets
 
-    url = base.replace("http://", "ws://") + "/v1/stream"
+    query = {"outputs": outputs, **({"depth": depth} if depth is not None else {})}
+    url = base.replace("http://", "ws://") + "/v1/stream?" + urlencode(query)
     async with websockets.connect(url, max_size=2**26) as ws:
-        await ws.recv()  # the initial config
-        t0 = time.perf_counter()
-        for _ in range(frames):
+        config = json.loads(await ws.recv())
+        assert config["type"] == "config", config
+        window = window or config["depth"] + 1
+        sent_at: list[float] = []
+        latencies: list[float] = []
+
+        async def send() -> None:
+            sent_at.append(time.perf_counter())
             await ws.send(frame)
+
+        async def answer() -> dict:
             msg = json.loads(await ws.recv())
             assert msg["type"] == "result", msg
+            for _ in msg["binary"]:
+                assert isinstance(await ws.recv(), bytes)
+            latencies.append((time.perf_counter() - sent_at[msg["frame"]]) * 1000)
+            return msg
+
+        t0 = time.perf_counter()
+        for _ in range(min(window, frames)):
+            await send()
+        for i in range(frames):
+            last = await answer()
+            if i + window < frames:
+                await send()
         wall = time.perf_counter() - t0
-    return {"fps": frames / wall, "ms_per_frame": wall * 1000 / frames}
+    assert last["dropped"] == 0 and last["frame"] == frames - 1, last
+    p50, p99 = percentiles(latencies)
+    return {
+        "fps": frames / wall,
+        "ms_per_frame": wall * 1000 / frames,
+        "depth": config["depth"],
+        "window": window,
+        "outputs": outputs,
+        "latency_p50_ms": p50,
+        "latency_p99_ms": p99,
+    }
+
+
+def stream_rows(base: str, frame: bytes, frames: int, depths: list[int]) -> list[dict]:
+    """Lockstep, then each depth with depth + 1 frames unanswered, on one server."""
+    settings = [(1, 1), *((d, None) for d in depths)]
+    return [asyncio.run(stream_fps(base, frame, frames, d, w)) for d, w in settings]
 
 
 def main() -> None:
@@ -144,11 +197,13 @@ def main() -> None:
     ap.add_argument("--size", default="512x1024", help="HxW of the test image.")
     ap.add_argument("--requests", type=int, default=200, help="REST requests per setting.")
     ap.add_argument("--frames", type=int, default=100, help="WebSocket frames.")
+    ap.add_argument("--depths", default="1,2,3", help="Stream depths to compare.")
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: auto).")
     ap.add_argument("--max-delay-ms", type=float, default=5.0)
     ap.add_argument("--name", default="server", help="Result file name.")
     args = ap.parse_args()
     h, w = (int(v) for v in args.size.lower().split("x"))
+    depths = [int(d) for d in args.depths.split(",")]
 
     tmp = tempfile.TemporaryDirectory()
     model = Path(args.model) if args.model else export_untrained(args.arch, Path(tmp.name))
@@ -173,7 +228,7 @@ def main() -> None:
 
     results["rest"] = {}
     for label, max_batch in (("batching", 8), ("no batching", 1)):
-        srv = serve(model, max_batch, args.threads, args.max_delay_ms)
+        srv = serve(model, max_batch, args.threads, args.max_delay_ms, max(depths))
         try:
             for conc in (1, 8):
                 if label == "no batching" and conc == 1:
@@ -192,11 +247,7 @@ def main() -> None:
                     ]
                 )
             if max_batch == 8:
-                s = asyncio.run(stream_fps(srv.base, body, args.frames))
-                results["stream"] = s
-                rows.append(
-                    ["WS stream (closed loop)", 1, max_batch, s["ms_per_frame"], "-", s["fps"], "-"]
-                )
+                results["stream"] = stream_rows(srv.base, body, args.frames, depths)
         finally:
             srv.close()
     tmp.cleanup()
@@ -212,6 +263,14 @@ def main() -> None:
         for v in [r["server_stage_p50_ms"]]
     ]
     print_table("server stages, p50 ms", ["REST", *STAGES], stage_rows)
+    print_table(
+        "WS /v1/stream, one stream, overlay per frame",
+        ["depth", "frames unanswered", "fps", "latency p50 ms", "latency p99 ms"],
+        [
+            [s["depth"], s["window"], s["fps"], s["latency_p50_ms"], s["latency_p99_ms"]]
+            for s in results["stream"]
+        ],
+    )
     print(write_result(args.name, results))
 
 

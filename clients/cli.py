@@ -246,12 +246,14 @@ def stream(
     model: ModelOpt = None,
     overlay_style: Annotated[str, typer.Option(help="hatch | dim | heat")] = "hatch",
     max_in_flight: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Frames in flight: 1 = lockstep, no frame dropped; 0 = send as fast as "
-            "frames come and let the server drop stale ones (always so with --camera)."
+            help="Frames unanswered at once. Default: the most the server never drops "
+            "(its stream depth + 1); 1 = lockstep; 0 = send as fast as frames come and "
+            "let the server drop stale ones (always so with --camera).",
+            show_default=False,
         ),
-    ] = 1,
+    ] = None,
     max_frames: Annotated[
         int | None, typer.Option(help="Stop after this many frames.", show_default=False)
     ] = None,
@@ -259,12 +261,14 @@ def stream(
 ) -> None:
     """Stream a video (or a camera) through WS /v1/stream; write the annotated video."""
     from clients.models import CertSegClientError, StreamSummary
-    from clients.sdk import CertSegClient
+    from clients.sdk import CertSegClient, InFlight
 
     container = _open_input(video, camera)
     vstream = container.streams.video[0]
     rate = vstream.average_rate or vstream.guessed_rate or Fraction(30)
-    in_flight = None if camera is not None or max_in_flight <= 0 else max_in_flight
+    in_flight: InFlight = "lossless" if max_in_flight is None else max_in_flight
+    if camera is not None or (max_in_flight is not None and max_in_flight <= 0):
+        in_flight = None
     summary = StreamSummary()
     writer = _Writer(out, Fraction(rate))
     t0 = time.perf_counter()

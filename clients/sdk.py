@@ -26,7 +26,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Se
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 from urllib.parse import urlencode
 
 import httpx
@@ -344,11 +344,19 @@ def _frame_message(item: Any, quality: int) -> str | bytes:
     return data
 
 
+#: What `stream(max_in_flight=...)` takes: a window, LOSSLESS or None (no window).
+InFlight: TypeAlias = "int | Literal['lossless'] | None"
+LOSSLESS = "lossless"
+
+
 class _Flow:
     """Sent / answered / dropped bookkeeping shared by the sender and the reader."""
 
-    def __init__(self, max_in_flight: int | None) -> None:
+    def __init__(self, max_in_flight: InFlight, reader: _StreamReader) -> None:
+        if max_in_flight != LOSSLESS and not (max_in_flight is None or max_in_flight >= 1):
+            raise ValueError(f"max_in_flight must be >= 1, 'lossless' or None: {max_in_flight!r}")
         self.max_in_flight = max_in_flight
+        self.reader = reader
         self.summary = StreamSummary()
         self.done = False  # every frame sent
         self.last_frame = -1  # newest frame answered
@@ -361,9 +369,16 @@ class _Flow:
         """Every frame sent and the last one answered (the rest answered or dropped)."""
         return self.done and self.last_frame >= self.summary.sent - 1
 
+    def window(self) -> int | None:
+        """Frames that may be unanswered; lossless: the stream's depth + 1 (a server works
+        on depth frames and keeps one waiting, so one more is the most it never drops)."""
+        if self.max_in_flight == LOSSLESS:
+            return int(self.reader.config.get("depth", 1)) + 1
+        return self.max_in_flight  # type: ignore[return-value]
+
     def can_send(self) -> bool:
-        s = self.summary
-        return self.max_in_flight is None or s.sent - s.answered - s.dropped < self.max_in_flight
+        s, window = self.summary, self.window()
+        return window is None or s.sent - s.answered - s.dropped < window
 
 
 class CertSegClient:
@@ -451,7 +466,7 @@ class CertSegClient:
         outputs: Sequence[str] = DEFAULT_STREAM_OUTPUTS,
         model: str | None = None,
         overlay_style: str | None = None,
-        max_in_flight: int | None = None,
+        max_in_flight: InFlight = None,
         jpeg_quality: int = 90,
         summary: StreamSummary | None = None,
     ) -> Iterator[StreamResult]:
@@ -460,18 +475,17 @@ class CertSegClient:
         Frames are images (sent as JPEG) or encoded bytes; a dict item is sent as a
         config message (e.g. {"eps": 0.2}) between frames. With max_in_flight=None
         frames go as fast as they come and the server drops stale ones (live video);
-        max_in_flight=1 sends each frame once the previous one is answered, so none
-        is dropped (files; the server keeps one waiting frame per stream, so a
-        larger window can still lose frames). Pass a
-        StreamSummary to collect counts and latencies; answered + dropped == sent."""
+        "lossless" keeps the stream's depth + 1 frames unanswered, the most that the
+        server never drops (files, at full speed); an int n keeps n (1: lockstep).
+        Pass a StreamSummary to collect counts and latencies; answered + dropped == sent."""
         from websockets.exceptions import WebSocketException
         from websockets.sync.client import connect
 
         core = self._core
-        flow = _Flow(max_in_flight)
+        reader = _StreamReader()
+        flow = _Flow(max_in_flight, reader)
         if summary is not None:
             flow.summary = summary
-        reader = _StreamReader()
         cond = threading.Condition()
         failure: list[BaseException] = []
         t_start = time.perf_counter()
@@ -638,7 +652,7 @@ class AsyncCertSegClient:
         outputs: Sequence[str] = DEFAULT_STREAM_OUTPUTS,
         model: str | None = None,
         overlay_style: str | None = None,
-        max_in_flight: int | None = None,
+        max_in_flight: InFlight = None,
         jpeg_quality: int = 90,
         summary: StreamSummary | None = None,
     ) -> AsyncIterator[StreamResult]:
@@ -647,10 +661,10 @@ class AsyncCertSegClient:
         from websockets.exceptions import WebSocketException
 
         core = self._core
-        flow = _Flow(max_in_flight)
+        reader = _StreamReader()
+        flow = _Flow(max_in_flight, reader)
         if summary is not None:
             flow.summary = summary
-        reader = _StreamReader()
         changed = asyncio.Condition()
         t_start = time.perf_counter()
 

@@ -112,6 +112,10 @@ def serve(
     stream_idle_s: Annotated[
         float | None, typer.Option(help="Close streams silent this long (default: 60).")
     ] = None,
+    stream_depth: Annotated[
+        int | None,
+        typer.Option(help="Frames one stream works on at once, and its limit (default: 2)."),
+    ] = None,
     shutdown_grace_s: Annotated[
         float | None, typer.Option(help="SIGTERM: seconds for in-flight work (default: 10).")
     ] = None,
@@ -150,6 +154,7 @@ def serve(
         cors_origins=cors_origins or None,
         max_streams=max_streams,
         stream_idle_s=stream_idle_s,
+        stream_depth=stream_depth,
         shutdown_grace_s=shutdown_grace_s,
     )
     configure_logging(settings.log_level, settings.log_json)

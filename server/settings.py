@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     stream_idle_s: float = Field(
         default=60.0, gt=0, description="Close a stream that sent nothing for this long."
     )
+    stream_depth: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Frames one stream works on at once (decode, infer, certify and encode "
+        "of consecutive frames overlap; answers keep frame order). A stream may ask for "
+        "fewer with {\"depth\": n}; 1 gives the lowest latency, more the higher fps.",
+    )
     stream_send_timeout_s: float = Field(
         default=10.0,
         gt=0,

@@ -167,13 +167,15 @@ def ort_session(model_dir: Path):
 class ControlledEngine:
     """TEST-ONLY wrapper around a real engine. It is a mock fault injector: a real
     ONNX Runtime fault cannot be caused on demand, so `fail` makes `infer` raise as a
-    crashed backend would, `delay_s` stalls it (to fill the queue), and `warm_gate`
-    holds the warm-up (to observe readiness before it)."""
+    crashed backend would, `delay_s` stalls it (to fill the queue), `gate` holds each
+    call until set (to observe what happens meanwhile), and `warm_gate` holds the
+    warm-up (to observe readiness before it)."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.fail = False
         self.delay_s = 0.0
+        self.gate: threading.Event | None = None
         self.warm_gate: threading.Event | None = None
         self.calls = 0
 
@@ -194,6 +196,8 @@ class ControlledEngine:
 
     def infer(self, images, outputs):
         self.calls += 1
+        if self.gate is not None:
+            self.gate.wait(timeout=60)
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.fail:

@@ -198,6 +198,39 @@ def test_stream_sync_in_order_without_drops(client):
     assert summary.fps > 0 and summary.percentile(50) is not None
 
 
+def test_stream_lossless_window_is_the_servers_depth_plus_one(client, server, engine):
+    """With a slow model, "lossless" keeps depth + 1 = 3 frames unanswered (the batcher
+    holds one while another is on the model) and the server drops none of them."""
+    frames = [encode(random_image(32, 48, seed=i), "JPEG") for i in range(8)]
+    batcher = server.app.state.server.batcher_for("tiny")
+    queued: list[int] = []
+    original = engine.inner.infer
+
+    def watched(images, outputs):
+        queued.append(batcher.depth)  # frames waiting while this one is on the model
+        return original(images, outputs)
+
+    engine.delay_s, engine.inner.infer = 0.1, watched
+    try:
+        sync_summary, async_summary = StreamSummary(), StreamSummary()
+        got = list(client.stream(frames, max_in_flight="lossless", summary=sync_summary))
+
+        async def run_async() -> list:
+            async with AsyncCertSegClient(server.base, api_key=KEY) as c:
+                stream = c.stream(frames, max_in_flight="lossless", summary=async_summary)
+                return [r async for r in stream]
+
+        got_async = asyncio.run(run_async())
+    finally:
+        engine.delay_s, engine.inner.infer = 0.0, original
+    for results, summary in ((got, sync_summary), (got_async, async_summary)):
+        assert [r.frame for r in results] == list(range(8)) and all(r.ok for r in results)
+        assert summary.dropped == 0 and summary.answered == 8
+    assert max(queued) == 1  # one frame waited while another was on the model (no more)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        list(client.stream(frames, max_in_flight=0))
+
+
 def test_stream_live_counts_every_frame(client):
     frames = [encode(random_image(32, 48, seed=i), "JPEG") for i in range(20)]
     summary = StreamSummary()

@@ -45,5 +45,6 @@ def test_gpu_benchmark_quick_runs_sound_and_reports_skips(tmp_path):
     assert "head_share" in next(r_ for r_ in got["rows"] if r_["batch"] == 1)
     (e2e,) = r["end_to_end"]
     assert e2e["size"] == "48x96" and e2e["ws_1_stream"]["fps"] > 0
+    assert e2e["ws_1_stream_lockstep"]["depth"] == 1 and e2e["ws_1_stream"]["depth"] in (2, 3)
     assert e2e["rest_c8"]["per_s"] > 0 and e2e["ws_4_streams_fps"] > 0
     assert r["versions"]["torch"] and r["versions"]["onnxruntime"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +97,69 @@ def test_latest_frame_wins_when_busy(server, engine):
     assert answers[-1]["frame"] == 29  # the newest frame is never dropped
 
 
+def test_depth_two_answers_in_order_and_loses_no_frame_of_a_window_of_three(server, engine):
+    """Depth 2: the answers (a corrupt frame's error among them) keep frame order, and a
+    client with depth + 1 frames unanswered loses none; at depth 1 the same client
+    loses one (its second frame is replaced while the first is on the model)."""
+    good = encode(random_image(24, 32, seed=5), "JPEG", quality=85)
+    frames = [good, b"\x89PNG\r\n\x1a\n garbage", good, good]
+
+    async def run(query: str, window: int = 3) -> list[dict]:
+        async with websockets.connect(_url(server, query)) as ws:
+            await _recv_json(ws)
+            for f in frames[:window]:
+                await ws.send(f)
+            answers = []
+            for f in frames[window:]:
+                answers.append(await _recv_json(ws))
+                await ws.send(f)
+            while not answers or answers[-1]["frame"] < len(frames) - 1:
+                answers.append(await _recv_json(ws))
+            return answers
+
+    engine.delay_s = 0.2
+    try:
+        deep, shallow = asyncio.run(run("")), asyncio.run(run("depth=1"))
+    finally:
+        engine.delay_s = 0.0
+    assert [a["frame"] for a in deep] == [0, 1, 2, 3]
+    assert [a["type"] for a in deep] == ["result", "error", "result", "result"]
+    assert deep[1]["status"] == 422 and deep[-1]["dropped"] == 0
+    assert [a["frame"] for a in shallow] == [0, 2, 3] and shallow[-1]["dropped"] == 1
+
+
+def test_depth_two_has_the_next_frame_queued_while_one_is_on_the_model(server, engine):
+    """The overlap itself: while frame 0 is held on the model, frame 1 is decoded and
+    waits in the batcher at depth 2; at depth 1 it does not start."""
+    batcher = server.app.state.server.batcher_for("tiny")
+    frame = encode(random_image(24, 32, seed=6))
+
+    async def queued_while_held(query: str) -> int:
+        engine.gate, calls = threading.Event(), engine.calls
+        try:
+            async with websockets.connect(_url(server, query)) as ws:
+                await _recv_json(ws)
+                await ws.send(frame)
+                await ws.send(frame)
+                deadline = time.monotonic() + 10
+                while engine.calls == calls and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)  # frame 0 reaches the model
+                most, until = 0, time.monotonic() + 1.0
+                while time.monotonic() < until:
+                    most = max(most, batcher.depth)
+                    await asyncio.sleep(0.01)
+                engine.gate.set()
+                answers = [await _recv_json(ws), await _recv_json(ws)]
+                assert [a["frame"] for a in answers] == [0, 1]
+                return most
+        finally:
+            engine.gate.set()
+            engine.gate = None
+
+    assert asyncio.run(queued_while_held("")) == 1
+    assert asyncio.run(queued_while_held("depth=1")) == 0
+
+
 def test_control_overlay_ping_and_errors(server):
     session = ort_session(tiny_model_dir())
     frame = encode(random_image(24, 32, seed=1))
@@ -112,6 +177,7 @@ def test_control_overlay_ping_and_errors(server):
                 "eps": 0.2,
                 "outputs": ["overlay", "mask"],
                 "overlay_style": "hatch",
+                "depth": 2,
             }
             await ws.send(frame)
             res = await _recv_json(ws)
@@ -123,7 +189,17 @@ def test_control_overlay_ping_and_errors(server):
             expected = session.run(["mask"], {"image": to_input(frame)})[0][0]
             np.testing.assert_array_equal(mask, expected)
             # bad control messages are answered, the stream goes on
-            for bad in ({"eps": "nan"}, {"eps": -1}, {"outputs": ["radius"]}, {"type": "x"}):
+            bad_messages = (
+                {"eps": "nan"},
+                {"eps": -1},
+                {"outputs": ["radius"]},
+                {"type": "x"},
+                {"depth": 0},
+                {"depth": 3},  # over the server's stream_depth
+                {"depth": True},
+                {"depth": 1.5},
+            )
+            for bad in bad_messages:
                 await ws.send(json.dumps(bad))
                 err = await _recv_json(ws)
                 assert err["type"] == "error" and err["status"] == 422 and err["frame"] is None

@@ -2,25 +2,30 @@
 
 Protocol (client -> server):
   binary message      one JPEG/PNG/WebP frame; frames are numbered 0, 1, 2, ...
-  {"type": "config", "eps": 0.05, "outputs": ["overlay"], "overlay_style": "dim"}
-                      changes this stream's settings (answered by a "config" message)
+  {"type": "config", "eps": 0.05, "outputs": ["overlay"], "overlay_style": "dim",
+   "depth": 2}        changes this stream's settings (answered by a "config" message)
   {"type": "ping"}    answered by {"type": "pong"} (protocol-level pings also work)
 Server -> client, per frame, in frame order:
   {"type": "result", "frame": n, "dropped": d, "guaranteed_fraction": ..., ...,
    "binary": ["overlay"]}  followed by one binary PNG per name in "binary";
   {"type": "error", "frame": n, "status": 422, "detail": ...} for a bad frame.
 
-While the model is busy, a connection keeps only its newest waiting frame: a frame
-arriving before the previous one started replaces it and counts as dropped (live
-video wants the present, not a backlog). Every frame is either answered (result or
-error) or dropped, so answered + dropped == sent once the last answer arrives.
-Query parameters model, eps, outputs and overlay_style set the initial settings.
+A stream works on up to `depth` frames at once (Settings.stream_depth, its default
+and its limit): while frame n is certified and encoded, frame n + 1 is decoded and
+on the device, so the answer rate is set by the slowest stage, not by their sum.
+Answers still go out in frame order. When all `depth` are taken, a connection keeps
+only its newest waiting frame: a frame arriving before the previous one started
+replaces it and counts as dropped (live video wants the present, not a backlog);
+a client that keeps at most depth + 1 frames unanswered loses none. Every frame is
+either answered (result or error) or dropped, so answered + dropped == sent once
+the last answer arrives. Query parameters model, eps, outputs, overlay_style and
+depth set the initial settings.
 
 Limits (Settings): at most max_streams open streams (the next handshake gets 503
 problem+json with Retry-After); a stream silent for stream_idle_s with nothing in
 flight is closed (1000, "idle timeout"); a client that takes no answer for
 stream_send_timeout_s is closed (1008, "client not reading"), so a reader that
-stalls holds one waiting frame and one unsent answer, never a backlog; a message
+stalls holds one waiting frame and `depth` answers, never a backlog; a message
 over max_body_bytes closes the stream (1009, by uvicorn).
 """
 
@@ -31,7 +36,8 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -65,6 +71,7 @@ class StreamConfig:
     eps: float
     outputs: tuple[str, ...] = ()
     overlay_style: str = "hatch"
+    depth: int = 1
 
     def update(self, state: ServerState, msg: dict[str, Any]) -> None:
         """Apply a control message; all-or-nothing (a bad field changes nothing)."""
@@ -83,8 +90,9 @@ class StreamConfig:
         style = msg.get("overlay_style", self.overlay_style)
         if style not in STYLES:
             raise InvalidParameter(f"overlay_style must be one of {STYLES}")
+        depth = _check_depth(msg.get("depth", self.depth), state.settings.stream_depth)
         self.model, self.eps, self.outputs = info.name, eps, tuple(dict.fromkeys(outputs))
-        self.overlay_style = style
+        self.overlay_style, self.depth = style, depth
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,7 +101,19 @@ class StreamConfig:
             "eps": self.eps,
             "outputs": list(self.outputs),
             "overlay_style": self.overlay_style,
+            "depth": self.depth,
         }
+
+
+def _check_depth(value: object, limit: int) -> int:
+    """A stream's depth: an integer from 1 to the server's stream_depth (else a 422)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise InvalidParameter(
+            f"depth must be an integer from 1 to {limit} (the server's stream_depth), got {value!r}"
+        )
+    return value
 
 
 class _Closing(Exception):
@@ -112,7 +132,8 @@ class _Pending:
 
 
 class StreamSession:
-    """The receive loop, the one-slot frame buffer and the processing loop of a socket."""
+    """A socket's receive loop, its frames in flight (at most `depth`), its one-slot
+    buffer for the newest frame waiting to start, and the loop that answers in order."""
 
     def __init__(self, ws: WebSocket, state: ServerState, config: StreamConfig) -> None:
         self.ws = ws
@@ -121,10 +142,11 @@ class StreamSession:
         self.sent = 0  # frames received from the client
         self.dropped = 0
         self.answered = 0
-        self._slot: _Pending | None = None
-        self._has_frame = asyncio.Event()
+        self._slot: _Pending | None = None  # the newest frame waiting for room
         self._send_lock = asyncio.Lock()
-        self._busy = False  # a frame is being processed
+        # Frames started and not yet answered, oldest first: at most config.depth.
+        self._in_flight: deque[asyncio.Task[_Answer]] = deque()
+        self._started = asyncio.Event()  # a frame joined _in_flight
 
     async def send_json(self, obj: dict[str, Any]) -> None:
         await self._send(json.dumps(obj))
@@ -144,13 +166,14 @@ class StreamSession:
 
     async def run(self) -> _Closing | None:
         """Receive and process until either side ends; why the stream ends (None: client)."""
-        tasks = [asyncio.create_task(self.receive_loop()), asyncio.create_task(self.process_loop())]
+        loops = (self.receive_loop(), self.answer_loop())
+        tasks = [asyncio.create_task(loop) for loop in loops]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
+            for task in (*tasks, *self._in_flight):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._in_flight, return_exceptions=True)
         for task in done:
             exc = task.exception()
             if isinstance(exc, _Closing):
@@ -167,7 +190,7 @@ class StreamSession:
                 async with asyncio.timeout(idle_s):
                     msg = await self.ws.receive()
             except TimeoutError:
-                if self._busy or self._slot is not None:
+                if self._in_flight or self._slot is not None:
                     continue  # silent because it waits for us
                 raise _Closing(1000, "idle timeout") from None
             if msg["type"] == "websocket.disconnect":
@@ -184,7 +207,21 @@ class StreamSession:
             self.dropped += 1
             self.state.metrics.dropped_frames.inc()
         self._slot = _Pending(frame, data)
-        self._has_frame.set()
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Start the waiting frame if fewer than `depth` frames are in flight.
+
+        Decided here, when a frame arrives or an answer leaves, not in a task of its
+        own: frames already buffered in the socket arrive without a yield between
+        them, and a starter task woken later would find them replaced."""
+        if self._slot is None or len(self._in_flight) >= self.config.depth:
+            return
+        pending, self._slot = self._slot, None
+        # The frame keeps the settings it started with (a later config applies later).
+        work = self._answer(pending, replace(self.config))
+        self._in_flight.append(asyncio.create_task(work))
+        self._started.set()
 
     async def _control(self, text: str) -> str | None:
         try:
@@ -192,7 +229,9 @@ class StreamSession:
             if not isinstance(msg, dict):
                 raise ValueError("not an object")
         except ValueError:
-            await self._error(None, InvalidParameter("control messages are JSON objects"))
+            await self.send_json(
+                _error_body(None, InvalidParameter("control messages are JSON objects"))
+            )
             return None
         kind = msg.get("type", "config")
         if kind == "ping":
@@ -203,51 +242,40 @@ class StreamSession:
             try:
                 self.config.update(self.state, msg)
             except CertSegError as exc:
-                await self._error(None, exc)
+                await self.send_json(_error_body(None, exc))
             else:
                 await self.send_json(self.config.as_dict())
+                self._start_waiting()  # a larger depth has room now
         else:
-            await self._error(None, InvalidParameter(f"unknown control type {kind!r}"))
+            await self.send_json(
+                _error_body(None, InvalidParameter(f"unknown control type {kind!r}"))
+            )
         return None
 
-    async def _error(self, frame: int | None, exc: CertSegError) -> None:
-        p = problem_for(exc)
-        body: dict[str, Any] = {
-            "type": "error",
-            "frame": frame,
-            "status": p.status,
-            "title": p.title,
-            "detail": exc.detail,
-        }
-        if frame is not None:
-            body["dropped"] = self.dropped
-        await self.send_json(body)
-
-    async def process_loop(self) -> None:
-        """Take the newest frame, run it, answer; repeat."""
+    async def answer_loop(self) -> None:
+        """Send each frame's answer once it and every frame before it are done."""
         while True:
-            await self._has_frame.wait()
-            pending, self._slot = self._slot, None
-            self._has_frame.clear()
-            if pending is None:
-                continue
-            self._busy = True
-            try:
-                await self._process(pending)
-            except (_Closing, WebSocketDisconnect, RuntimeError):
-                raise  # stalled client or socket gone: the session ends
-            except CertSegError as exc:
-                self.answered += 1
-                await self._error(pending.frame, exc)
-            except Exception as exc:
-                log.error("stream frame %d failed: %s", pending.frame, exc, exc_info=exc)
-                self.answered += 1
-                await self._error(pending.frame, CertSegError("internal error (see server log)"))
-            finally:
-                self._busy = False
+            while not self._in_flight:
+                self._started.clear()
+                await self._started.wait()
+            answer = await self._in_flight[0]
+            answer.body["dropped"] = self.dropped
+            await self._send(json.dumps(answer.body), *answer.blobs)
+            self.answered += 1
+            self._in_flight.popleft()  # after the send: a stalled client holds <= depth
+            self._start_waiting()
 
-    async def _process(self, p: _Pending) -> None:
-        cfg = self.config
+    async def _answer(self, p: _Pending, cfg: StreamConfig) -> _Answer:
+        """One frame's answer: its result, or the error that names it."""
+        try:
+            return await self._process(p, cfg)
+        except CertSegError as exc:
+            return _Answer(_error_body(p.frame, exc))
+        except Exception as exc:
+            log.error("stream frame %d failed: %s", p.frame, exc, exc_info=exc)
+            return _Answer(_error_body(p.frame, CertSegError("internal error (see server log)")))
+
+    async def _process(self, p: _Pending, cfg: StreamConfig) -> _Answer:
         timings = Timings(start=p.received)
         t0 = timings.since("pending", p.received)
         self.state.batcher_for(cfg.model).check_capacity()
@@ -276,30 +304,43 @@ class StreamSession:
         timings.since("encode", t0)
         stages = timings.finish()
         self.state.metrics.observe_stages(stages)
-        self.answered += 1
-        result = {
+        body = {
             "type": "result",
             "frame": p.frame,
-            "dropped": self.dropped,
             **cert.summary(),
             "timings_ms": stages,
             "binary": list(cfg.outputs),
         }
-        await self._send(json.dumps(result), *blobs)
+        return _Answer(body, blobs)
+
+
+@dataclass
+class _Answer:
+    """A frame's messages: the JSON body ("dropped" is set when it is sent) and blobs."""
+
+    body: dict[str, Any]
+    blobs: list[bytes] = field(default_factory=list)
+
+
+def _error_body(frame: int | None, exc: CertSegError) -> dict[str, Any]:
+    """The error message for a frame (or, frame None, for a control message)."""
+    p = problem_for(exc)
+    return {
+        "type": "error",
+        "frame": frame,
+        "status": p.status,
+        "title": p.title,
+        "detail": exc.detail,
+    }
 
 
 def _initial_config(ws: WebSocket, state: ServerState) -> StreamConfig:
     q = ws.query_params
     info = state.info(q.get("model"))
-    cfg = StreamConfig(model=info.name, eps=info.card.default_eps)
-    msg: dict[str, Any] = {}
-    if "eps" in q:
-        msg["eps"] = q["eps"]
-    if "outputs" in q:
-        msg["outputs"] = q["outputs"]
-    if "overlay_style" in q:
-        msg["overlay_style"] = q["overlay_style"]
-    cfg.update(state, msg)
+    cfg = StreamConfig(
+        model=info.name, eps=info.card.default_eps, depth=state.settings.stream_depth
+    )
+    cfg.update(state, {k: q[k] for k in ("eps", "outputs", "overlay_style", "depth") if k in q})
     return cfg
 
 
