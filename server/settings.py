@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         le=16,
         description="Frames one stream works on at once (decode, infer, certify and encode "
         "of consecutive frames overlap; answers keep frame order). A stream may ask for "
-        "fewer with {\"depth\": n}; 1 gives the lowest latency, more the higher fps.",
+        'fewer with {"depth": n}; 1 gives the lowest latency, more the higher fps.',
     )
     stream_send_timeout_s: float = Field(
         default=10.0,
