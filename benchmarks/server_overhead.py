@@ -6,9 +6,10 @@ For one exported model and one image size (default 512x1024, a Cityscapes half-f
 - REST: POST /v1/segment (PNG in; mask + radius + overlay out, JSON) at concurrency 1
   and 8, p50/p99 latency and throughput, with dynamic batching on (max batch 8) and
   off (max batch 1);
-- stream: WS /v1/stream with the overlay per frame, lockstep (next frame after each
-  answer) and then at each --depths d with d + 1 frames unanswered (the most the
-  server never drops): fps and latency as the stream's stages overlap.
+- stream: WS /v1/stream (max batch 1, the CPU default) with the overlay per frame,
+  lockstep (next frame after each answer) and then at each --depths d with d + 1
+  frames unanswered (the most the server never drops): fps and latency as the
+  stream's stages overlap.
 
 The server runs as `python -m server.cli serve` in a subprocess (as deployed); the
 client runs here, on the same machine: on a small CPU box they compete for cores, so
@@ -246,7 +247,7 @@ def main() -> None:
                         r["mean_batch"],
                     ]
                 )
-            if max_batch == 8:
+            if max_batch == 1:  # the CPU default: a stream's frames are not batched
                 results["stream"] = stream_rows(srv.base, body, args.frames, depths)
         finally:
             srv.close()
