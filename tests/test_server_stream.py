@@ -238,5 +238,13 @@ def test_stream_auth_and_unknown_model(server):
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
             assert ws.close_code == 1008
+        async with websockets.connect(
+            f"{server.ws_base}/v1/stream?depth=9", additional_headers=headers
+        ) as ws:  # over the server's stream_depth (2)
+            err = await _recv_json(ws)
+            assert err["type"] == "error" and err["status"] == 422 and "depth" in err["detail"]
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
 
     asyncio.run(run())
