@@ -229,9 +229,7 @@ class StreamSession:
             if not isinstance(msg, dict):
                 raise ValueError("not an object")
         except ValueError:
-            await self.send_json(
-                _error_body(None, InvalidParameter("control messages are JSON objects"))
-            )
+            await self._reject(InvalidParameter("control messages are JSON objects"))
             return None
         kind = msg.get("type", "config")
         if kind == "ping":
@@ -242,15 +240,17 @@ class StreamSession:
             try:
                 self.config.update(self.state, msg)
             except CertSegError as exc:
-                await self.send_json(_error_body(None, exc))
+                await self._reject(exc)
             else:
                 await self.send_json(self.config.as_dict())
                 self._start_waiting()  # a larger depth has room now
         else:
-            await self.send_json(
-                _error_body(None, InvalidParameter(f"unknown control type {kind!r}"))
-            )
+            await self._reject(InvalidParameter(f"unknown control type {kind!r}"))
         return None
+
+    async def _reject(self, exc: CertSegError) -> None:
+        """Answer a bad control message; the stream goes on."""
+        await self.send_json(_error_body(None, exc))
 
     async def answer_loop(self) -> None:
         """Send each frame's answer once it and every frame before it are done."""
@@ -365,9 +365,9 @@ async def _serve_stream(ws: WebSocket, state: ServerState) -> None:
     try:
         config = _initial_config(ws, state)
     except CertSegError as exc:
-        p = problem_for(exc)
-        await ws.send_text(json.dumps({"type": "error", "status": p.status, "detail": exc.detail}))
-        await ws.close(code=1008, reason=p.title)
+        body = _error_body(None, exc)
+        await ws.send_text(json.dumps(body))
+        await ws.close(code=1008, reason=body["title"])
         return
     session = StreamSession(ws, state, config)
     closing: _Closing | None = None
