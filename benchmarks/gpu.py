@@ -18,10 +18,12 @@ against torch-fp32 on the same input: the largest margin difference, the class
 agreement where the reference margin exceeds the bound, and whether every pixel
 certified at each eps is certified by the reference too (violations must be 0).
 For the torch engines: the certificate head's share of the device time (net alone
-vs net + head, synchronised). Last, the fastest sound engine at the largest size
-behind a real `certseg serve`: REST answers/s and WebSocket fps (JPEG frames in, an
-overlay PNG out per frame; one stream in lockstep and at depths 2 and 3 with depth + 1
-frames unanswered, and 4 streams) against that engine's raw images/s.
+vs net + head, synchronised) and, at the largest size, a profile: GFLOP per image,
+the TFLOP/s reached and the operators with the most device time. Last, the fastest
+sound engine at the largest size behind a real `certseg serve`: REST answers/s and
+WebSocket fps (JPEG frames in, an overlay PNG out per frame; one stream in lockstep
+and at depths 2 and 3 with depth + 1 frames unanswered, and 4 streams) against that
+engine's raw images/s.
 
 Engines the machine lacks are reported as skipped, with the reason. Writes
 benchmarks/results/<name>.json with the card's name and every version.
@@ -167,6 +169,56 @@ def head_share(engine, x: np.ndarray, repeats: int) -> dict[str, float] | None:
     return {"net_ms": net, "net_and_head_ms": full, "head_share": max(full - net, 0.0) / full}
 
 
+def profile(engine, x: np.ndarray, repeats: int, top: int = 10) -> dict[str, Any] | None:
+    """Where a torch engine's device time goes on batch x: the net's GFLOP per image
+    (torch's FlopCounterMode), the rate reached against it, and the operators with
+    the most self device time (torch.profiler). What a missed fps target needs."""
+    if not hasattr(engine, "device_forward"):
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cuda = _cuda() is not None
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode():
+        dev = engine.upload(x)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            engine.device_forward(dev)
+        ms = float(np.median(time_calls(lambda: engine.device_forward(dev), repeats)))
+        with torch_profile(activities=activities) as prof:
+            for _ in range(repeats):
+                engine.device_forward(dev)
+            _sync()
+    events = prof.key_averages()
+
+    def self_us(e: Any) -> float:  # device time on a GPU, else CPU time
+        if cuda:
+            return float(getattr(e, "self_device_time_total", e.self_cuda_time_total))
+        return float(e.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    gflop = counter.get_total_flops() / 1e9 / x.shape[0]
+    return {
+        "gflop_per_image": gflop,
+        "ms_per_batch": ms,
+        "tflop_per_s": gflop * x.shape[0] / ms,  # GFLOP / ms = TFLOP / s
+        "time": "device" if cuda else "cpu",
+        "top_ops": [
+            {
+                "op": e.key,
+                "ms_per_batch": self_us(e) / 1000.0 / repeats,
+                "share": self_us(e) / total,
+                "calls_per_batch": e.count / repeats,
+            }
+            for e in ranked
+        ],
+    }
+
+
 def compare(got: dict, ref: dict, bound: float) -> dict[str, Any]:
     """Agreement with the fp32 reference and certificate soundness at each eps."""
     sure = ref["margin"] > 2 * bound + 1e-4
@@ -214,7 +266,7 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
     calib_hw = parse_sizes(args.calib_size)[0]
     calib = calibration_images(calib_hw, 2 * args.calib_images)  # scenes and noise
     reference = reference_engine(onnx_path)
-    engines, bounds, skipped = {}, {}, {}
+    engines, bounds, skipped, profiles = {}, {}, {}, {}
     for name in args.engines.split(","):
         try:
             settings, torch_backend = engine_settings(name)
@@ -256,6 +308,8 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
                     share = head_share(engine, x, args.repeats)
                     if share:
                         row.update(share)
+                    if (h, w) == sizes[-1] and (got := profile(engine, x, args.repeats)):
+                        profiles[name] = {"size": f"{h}x{w}", "batch": n, **got}
                 rows.append(row)
     for engine in engines.values():
         engine.close()
@@ -263,6 +317,7 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
         "rows": rows,
         "skipped": skipped,
         "error_bounds": {k: vars(v) for k, v in bounds.items()},
+        "profiles": profiles,
     }
 
 
@@ -405,6 +460,21 @@ def report(result: dict[str, Any]) -> None:
     for label, got in result["models"].items():
         for key, why in got["skipped"].items():
             print(f"skipped [{label}] {key}: {why}")
+    prof_rows = [
+        [
+            label,
+            name,
+            p["size"],
+            p["gflop_per_image"],
+            p["ms_per_batch"],
+            p["tflop_per_s"],
+            "; ".join(f"{o['op']} {o['share']:.0%}" for o in p["top_ops"][:3]),
+        ]
+        for label, got in result["models"].items()
+        for name, p in got.get("profiles", {}).items()
+    ]
+    cols = ["model", "engine", "size", "GFLOP/img", "ms", "TFLOP/s", "top self time"]
+    print_table("where the time goes (batch 1, largest size)", cols, prof_rows)
     e2e = [
         [
             e["model"],

@@ -43,6 +43,10 @@ def test_gpu_benchmark_quick_runs_sound_and_reports_skips(tmp_path):
     assert set(got["skipped"]) == {"ort-cuda", "trt-fp16"}
     assert all(why for why in got["skipped"].values())
     assert "head_share" in next(r_ for r_ in got["rows"] if r_["batch"] == 1)
+    assert set(got["profiles"]) == {"torch-fp32", "torch-bf16"}  # the torch engines
+    for prof in got["profiles"].values():
+        assert prof["size"] == "48x96" and prof["gflop_per_image"] > 0 and prof["top_ops"]
+        assert all(0 < op["share"] <= 1 for op in prof["top_ops"])
     (e2e,) = r["end_to_end"]
     assert e2e["size"] == "48x96" and e2e["ws_1_stream"]["fps"] > 0
     assert e2e["ws_1_stream_lockstep"]["depth"] == 1 and e2e["ws_1_stream"]["depth"] in (2, 3)
