@@ -160,6 +160,35 @@ def test_depth_two_has_the_next_frame_queued_while_one_is_on_the_model(server, e
     assert asyncio.run(queued_while_held("depth=1")) == 0
 
 
+def test_backend_fault_mid_stream_answers_503_in_order_then_recovers(server, engine):
+    """The engine fails (a mock fault injector: ONNX Runtime cannot be crashed on demand)
+    while two frames are in flight: both get a 503 error naming their frame, in order,
+    the stream stays open, and the next frames are answered."""
+    frame = encode(random_image(24, 32, seed=8))
+
+    async def run() -> list[dict]:
+        async with websockets.connect(_url(server)) as ws:
+            await _recv_json(ws)
+            engine.fail = True
+            try:
+                for _ in range(2):
+                    await ws.send(frame)
+                answers = [await _recv_json(ws), await _recv_json(ws)]
+            finally:
+                engine.fail = False
+            for _ in range(2):
+                await ws.send(frame)
+            answers += [await _recv_json(ws), await _recv_json(ws)]
+            await ws.close()
+            assert ws.close_code == 1000
+            return answers
+
+    answers = asyncio.run(run())
+    assert [a["frame"] for a in answers] == [0, 1, 2, 3]
+    assert [a["type"] for a in answers] == ["error", "error", "result", "result"]
+    assert all(a["status"] == 503 and "injected" not in a["detail"] for a in answers[:2])
+
+
 def test_control_overlay_ping_and_errors(server):
     session = ort_session(tiny_model_dir())
     frame = encode(random_image(24, 32, seed=1))
