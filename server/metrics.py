@@ -41,6 +41,11 @@ class Metrics:
         self.queue_depth = Gauge(
             "certseg_queue_depth", "Images waiting for inference.", ["device"], registry=r
         )
+        self.stream_frames = Counter(
+            "certseg_stream_frames",
+            "Frames received on /v1/stream (each is answered or dropped).",
+            registry=r,
+        )
         self.dropped_frames = Counter(
             "certseg_stream_dropped_frames",
             "Stream frames replaced by a newer one before they ran.",

@@ -6,6 +6,8 @@ import asyncio
 import io
 import subprocess
 import sys
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -199,34 +201,49 @@ def test_stream_sync_in_order_without_drops(client):
 
 
 def test_stream_lossless_window_is_the_servers_depth_plus_one(client, server, engine):
-    """With a slow model, "lossless" keeps depth + 1 = 3 frames unanswered (the batcher
-    holds one while another is on the model) and the server drops none of them."""
+    """ "lossless" keeps depth + 1 = 3 frames unanswered: with the model held, the server
+    receives exactly 3 (one on the model, one queued, one waiting); once released,
+    every frame is answered and none dropped. Sync and async clients alike."""
     frames = [encode(random_image(32, 48, seed=i), "JPEG") for i in range(8)]
-    batcher = server.app.state.server.batcher_for("tiny")
-    queued: list[int] = []
-    original = engine.inner.infer
+    registry = server.app.state.server.metrics.registry
 
-    def watched(images, outputs):
-        queued.append(batcher.depth)  # frames waiting while this one is on the model
-        return original(images, outputs)
+    def received() -> float:
+        return registry.get_sample_value("certseg_stream_frames_total") or 0.0
 
-    engine.delay_s, engine.inner.infer = 0.1, watched
-    try:
-        sync_summary, async_summary = StreamSummary(), StreamSummary()
-        got = list(client.stream(frames, max_in_flight="lossless", summary=sync_summary))
+    def held_then_released(run_stream) -> tuple[list, StreamSummary, float]:
+        summary, results = StreamSummary(), []
+        before = received()
+        engine.gate = threading.Event()
+        worker = threading.Thread(target=lambda: results.extend(run_stream(summary)))
+        worker.start()
+        try:
+            deadline = time.monotonic() + 10
+            while received() - before < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # room for a fourth frame, if the window allowed one
+            held = received() - before
+        finally:
+            engine.gate.set()
+            engine.gate = None
+        worker.join(timeout=60)
+        return results, summary, held
 
-        async def run_async() -> list:
+    def sync_stream(summary):
+        return list(client.stream(frames, max_in_flight="lossless", summary=summary))
+
+    def async_stream(summary):
+        async def run() -> list:
             async with AsyncCertSegClient(server.base, api_key=KEY) as c:
-                stream = c.stream(frames, max_in_flight="lossless", summary=async_summary)
+                stream = c.stream(frames, max_in_flight="lossless", summary=summary)
                 return [r async for r in stream]
 
-        got_async = asyncio.run(run_async())
-    finally:
-        engine.delay_s, engine.inner.infer = 0.0, original
-    for results, summary in ((got, sync_summary), (got_async, async_summary)):
+        return asyncio.run(run())
+
+    for run_stream in (sync_stream, async_stream):
+        results, summary, held = held_then_released(run_stream)
+        assert held == 3
         assert [r.frame for r in results] == list(range(8)) and all(r.ok for r in results)
         assert summary.dropped == 0 and summary.answered == 8
-    assert max(queued) == 1  # one frame waited while another was on the model (no more)
     with pytest.raises(ValueError, match="max_in_flight"):
         list(client.stream(frames, max_in_flight=0))
 

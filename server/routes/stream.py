@@ -203,6 +203,7 @@ class StreamSession:
     def _offer(self, data: bytes) -> None:
         frame = self.sent
         self.sent += 1
+        self.state.metrics.stream_frames.inc()
         if self._slot is not None:
             self.dropped += 1
             self.state.metrics.dropped_frames.inc()
