@@ -6,7 +6,8 @@ Phases, one server process (server.launch.ServeProcess) for all of them:
 2. REST sweep: closed-loop POST /v1/segment at each concurrency in --levels for
    --seconds each: p50/p99 latency of the answers, throughput, shed rate (503, each
    must carry Retry-After), error rate (anything else that is not 200);
-3. streams: --streams WebSockets, each closed loop (next frame after each answer);
+3. streams: --streams WebSockets, each with its depth + 1 frames unanswered (none
+   dropped, the stages of its frames overlap);
 4. soak: REST at --soak-concurrency plus --soak-streams streams for --soak-seconds;
    RSS after it vs the baseline.
 
@@ -132,20 +133,28 @@ async def rest_clients(base: str, body: bytes, concurrency: int, seconds: float)
 
 
 async def stream_clients(base: str, frame: bytes, streams: int, seconds: float) -> dict:
-    """`streams` closed-loop WebSockets for `seconds`: frames answered per second."""
+    """`streams` WebSockets for `seconds`, each keeping its depth + 1 frames unanswered
+    (the most the server never drops, as the SDK's "lossless"): answers per second."""
     import websockets
 
     url = base.replace("http://", "ws://") + "/v1/stream"
-    counts = {"frames": 0, "shed": 0, "errors": 0, "closed": 0}
+    counts = {"frames": 0, "shed": 0, "errors": 0, "closed": 0, "dropped": 0}
     deadline = time.perf_counter() + seconds
 
     async def one() -> None:
         try:
             async with websockets.connect(url, max_size=2**26, open_timeout=60) as ws:
-                await ws.recv()  # config
-                while time.perf_counter() < deadline:
-                    await ws.send(frame)
+                window = json.loads(await ws.recv())["depth"] + 1
+                unanswered, dropped = 0, 0
+                while True:
+                    while unanswered < window and time.perf_counter() < deadline:
+                        await ws.send(frame)
+                        unanswered += 1
+                    if not unanswered:
+                        break
                     msg = json.loads(await ws.recv())
+                    unanswered -= 1
+                    dropped = msg.get("dropped", dropped)
                     if msg["type"] == "result":
                         counts["frames"] += 1
                     elif msg.get("status") == 503:  # overloaded: the frame was shed
@@ -153,6 +162,7 @@ async def stream_clients(base: str, frame: bytes, streams: int, seconds: float) 
                         await asyncio.sleep(0.01)
                     else:
                         counts["errors"] += 1
+                counts["dropped"] += dropped
         except (OSError, websockets.WebSocketException):
             counts["closed"] += 1
 

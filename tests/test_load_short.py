@@ -46,6 +46,7 @@ def test_load_sheds_with_503_never_errors_and_memory_stays_flat(tmp_path):
     assert r["levels"]["1"]["shed_rate"] == 0
     s = r["streams"]
     assert s["frames"] > 0 and s["errors"] == 0 and s["closed"] == 0
+    assert s["dropped"] == 0 and r["soak"]["stream"]["dropped"] == 0  # depth + 1 in flight
     assert abs(r["rss_soak_growth"]) < 0.10, r["rss_soak_growth"]
     assert r["serves_after"]
     assert (tmp_path / "load.png").stat().st_size > 10_000
