@@ -232,6 +232,8 @@ def test_control_overlay_ping_and_errors(server):
                 await ws.send(json.dumps(bad))
                 err = await _recv_json(ws)
                 assert err["type"] == "error" and err["status"] == 422 and err["frame"] is None
+            await ws.send(json.dumps({"depth": 1}))  # fewer in flight: lowest latency
+            assert (await _recv_json(ws))["depth"] == 1
             await ws.send("not json")
             assert (await _recv_json(ws))["status"] == 422
             await ws.send(json.dumps({"type": "ping", "t": 7}))
