@@ -195,9 +195,11 @@ def profile(engine, x: np.ndarray, repeats: int, top: int = 10) -> dict[str, Any
     events = prof.key_averages()
 
     def self_us(e: Any) -> float:  # device time on a GPU, else CPU time
-        if cuda:
-            return float(getattr(e, "self_device_time_total", e.self_cuda_time_total))
-        return float(e.self_cpu_time_total)
+        if not cuda:
+            return float(e.self_cpu_time_total)
+        if hasattr(e, "self_device_time_total"):  # the name since torch 2.4
+            return float(e.self_device_time_total)
+        return float(e.self_cuda_time_total)
 
     total = sum(self_us(e) for e in events) or 1.0
     ranked = sorted(events, key=self_us, reverse=True)[:top]

@@ -353,7 +353,8 @@ class _Flow:
     """Sent / answered / dropped bookkeeping shared by the sender and the reader."""
 
     def __init__(self, max_in_flight: InFlight, reader: _StreamReader) -> None:
-        if max_in_flight != LOSSLESS and not (max_in_flight is None or max_in_flight >= 1):
+        window = isinstance(max_in_flight, int) and not isinstance(max_in_flight, bool)
+        if not (max_in_flight in (None, LOSSLESS) or (window and max_in_flight >= 1)):
             raise ValueError(f"max_in_flight must be >= 1, 'lossless' or None: {max_in_flight!r}")
         self.max_in_flight = max_in_flight
         self.reader = reader

@@ -244,8 +244,9 @@ def test_stream_lossless_window_is_the_servers_depth_plus_one(client, server, en
         assert held == 3
         assert [r.frame for r in results] == list(range(8)) and all(r.ok for r in results)
         assert summary.dropped == 0 and summary.answered == 8
-    with pytest.raises(ValueError, match="max_in_flight"):
-        list(client.stream(frames, max_in_flight=0))
+    for bad in (0, "all", True):
+        with pytest.raises(ValueError, match="max_in_flight"):
+            list(client.stream(frames, max_in_flight=bad))
 
 
 def test_stream_live_counts_every_frame(client):
