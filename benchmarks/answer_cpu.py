@@ -6,10 +6,11 @@ all on the CPU. This times each stage on the shipped model's real outputs for a
 street scene, with the straightforward formulation it replaced side by side (same
 process, same input, same result checked):
 
-    decode    float conversion: (rgb8 / 255).transpose  vs  transpose, then divide
-    certify   max_flips: costs of all pixels + selection  vs  margin pre-filter + buckets
-    overlay   RGB render + RGB PNG                      vs  indexed (palette) PNG
-    mask      8-bit PNG of the class ids (no baseline)
+    stage     now                                   baseline
+    decode    transpose, then divide                (rgb8 / 255).transpose
+    certify   margin pre-filter + cost buckets      costs of all pixels + selection
+    overlay   indexed PNG (server.png)              RGB render + RGB PNG (Pillow)
+    mask      8-bit PNG, unfiltered (server.png)    8-bit PNG, Pillow (all filters tried)
 
     python benchmarks/answer_cpu.py --sizes 512x1024,1024x2048
 """
@@ -103,6 +104,8 @@ def main() -> None:
         assert max_flips(margin, args.eps, L) == flips_by_selection(margin, args.eps, L) == exact
         ov = np.asarray(Image.open(io.BytesIO(new_overlay())).convert("RGB"))
         assert np.array_equal(ov, render_overlay(mask, radius, args.eps, palette, None, "hatch"))
+        png, _ = encode_mask_png(mask, len(palette))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), mask)
         stages = {
             "decode (JPEG + float)": (
                 median_ms(lambda b=body, lim=limits: decode_image(b, lim), args.repeats),
@@ -122,7 +125,7 @@ def main() -> None:
             ),
             "mask PNG": (
                 median_ms(lambda m=mask: encode_mask_png(m, len(palette)), args.repeats),
-                None,
+                median_ms(lambda m=mask: encode_png(m.astype(np.uint8)), args.repeats),
             ),
         }
         total = sum(

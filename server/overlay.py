@@ -8,6 +8,8 @@ margin is thin. The photo shows through with `blend`.
 
 PNG encoding uses zlib level 1: on a 512x1024 overlay it is several times faster
 than Pillow's default for files ~20% larger, and encode time is part of latency.
+Masks and palette overlays go through `server.png` (unfiltered rows); RGB overlays
+(heat map, blended photo) through Pillow.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
+
+from server.png import png_bytes
 
 __all__ = ["OverlayStyle", "encode_mask_png", "encode_png", "overlay_png", "render_overlay"]
 
@@ -141,11 +145,7 @@ def overlay_png(
     table, k = _palette(mask, palette)
     if not _flat(style, image, blend) or 3 * k > 256:
         return encode_png(render_overlay(mask, radius, eps, palette, image, style, blend))
-    img = Image.fromarray(_palette_index(mask, radius, eps, k, style, np.uint8))
-    img.putpalette(table.reshape(-1).tolist())  # mode L -> P with our colours
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return png_bytes(_palette_index(mask, radius, eps, k, style, np.uint8), palette=table)
 
 
 def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
@@ -158,6 +158,5 @@ def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
 
 def encode_mask_png(mask: np.ndarray, num_classes: int) -> tuple[bytes, str]:
     """Class ids as a greyscale PNG: 8-bit when K <= 256, else 16-bit. (bytes, dtype)."""
-    if num_classes <= 256:
-        return encode_png(mask.astype(np.uint8)), "uint8"
-    return encode_png(mask.astype(np.uint16)), "uint16"
+    dtype = np.uint8 if num_classes <= 256 else np.uint16
+    return png_bytes(np.asarray(mask).astype(dtype, copy=False)), np.dtype(dtype).name

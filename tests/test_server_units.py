@@ -160,6 +160,34 @@ def test_overlay_png_has_render_overlay_pixels(style, k):
         np.testing.assert_array_equal(np.asarray(got.convert("RGB")), want)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 64)])
+def test_png_bytes_decode_to_the_same_plane(shape):
+    """server.png's unfiltered writer, read back by Pillow: 8- and 16-bit grey, and
+    indexed with a palette (indices and colours)."""
+    from server.png import png_bytes
+
+    rng = np.random.default_rng(shape[0])
+    grey8 = rng.integers(0, 256, shape, dtype=np.uint8)
+    grey16 = rng.integers(0, 65536, shape, dtype=np.uint16)
+    with Image.open(io.BytesIO(png_bytes(grey8))) as img:
+        assert img.mode == "L" and img.size == shape[::-1]
+        np.testing.assert_array_equal(np.asarray(img), grey8)
+    with Image.open(io.BytesIO(png_bytes(grey16))) as img:
+        assert img.mode.startswith("I")
+        np.testing.assert_array_equal(np.asarray(img).astype(np.uint16), grey16)
+    table = rng.integers(0, 256, (7, 3), dtype=np.uint8)
+    index = (grey8 % 7).astype(np.uint8)
+    with Image.open(io.BytesIO(png_bytes(index, palette=table))) as img:
+        assert img.mode == "P"
+        np.testing.assert_array_equal(np.asarray(img), index)
+        np.testing.assert_array_equal(np.asarray(img.convert("RGB")), table[index])
+    for bad in (np.zeros((2, 2, 3), np.uint8), np.zeros((0, 4), np.uint8), grey8.astype(float)):
+        with pytest.raises(ValueError):
+            png_bytes(bad)
+    with pytest.raises(ValueError):
+        png_bytes(grey16, palette=table)
+
+
 def test_mask_png_depth():
     mask = np.array([[0, 300], [5, 7]])
     png16, dtype = encode_mask_png(mask, 400)
