@@ -176,3 +176,55 @@ def test_max_flips_numpy_prefilter_matches_torch_path():
             got = max_flips(margin, eps, 3.0, valid=valid)
             ref = max_flips(torch.from_numpy(margin), eps, 3.0, valid=torch.from_numpy(valid))
             np.testing.assert_array_equal(got, ref.numpy())
+
+
+def test_max_flips_sampled_guess_on_large_images_changes_no_answer(monkeypatch):
+    """Images above _SAMPLE_MIN pixels first try the candidates below a sampled guess:
+    the answers equal those of every affordable pixel (the guess switched off) for
+    float32/float64 margins, with a valid mask, ties and budgets from none to all, and
+    are never below sort + cumsum (the torch path; above it only by the selection's
+    1e-9 slack at exact ties). A row built so that the stride sees only its cheapest
+    pixels (a guess too low) falls back, with the same answer."""
+    import torch
+
+    from certseg.certify import budget as budget_mod
+    from certseg.certify.budget import _SAMPLE_MIN, _SAMPLE_STRIDE, _costs_below, _sampled_limit
+
+    def without_guess(*args, **kw):
+        with monkeypatch.context() as m:
+            m.setattr(budget_mod, "_SAMPLE_MIN", 1 << 62)
+            return max_flips(*args, **kw)
+
+    rng = np.random.default_rng(5)
+    shape = (2, 300, 400)
+    assert shape[1] * shape[2] > _SAMPLE_MIN
+    for dtype in (np.float32, np.float64):
+        for decimals in (None, 2):  # 2: many ties
+            margin = np.abs(rng.normal(0, 0.3, shape)).astype(dtype)
+            if decimals is not None:
+                margin = np.round(margin, decimals).astype(dtype)
+            valid = rng.random(shape) > 0.2
+            for eps in (0.0, 1e-4, 0.01, 0.05, 0.2, 1.0, 50.0):
+                for v in (None, valid):
+                    got = max_flips(margin, eps, 3.0, valid=v)
+                    np.testing.assert_array_equal(got, without_guess(margin, eps, 3.0, valid=v))
+                    tv = None if v is None else torch.from_numpy(v)
+                    ref = max_flips(torch.from_numpy(margin), eps, 3.0, valid=tv).numpy()
+                    assert np.all(got >= ref) and np.all(got <= ref + 1), (dtype, eps, got, ref)
+    # The guess does its job on a photo-like row: far fewer candidates than affordable.
+    row = np.abs(rng.normal(0, 0.3, 300 * 400)).astype(np.float32)
+    budget = (3.0 * 0.05) ** 2
+    guess = _sampled_limit(row, None, budget)
+    assert guess is not None
+    few = _costs_below(row, row, None, guess, np.float32)
+    every = _costs_below(row, row, None, float(np.sqrt(2 * budget)), np.float32)
+    assert few.sum() > budget and few.size < every.size / 4
+    # A row whose strided pixels are its cheapest: the guess is too low, the answer exact.
+    tricky = np.full((300, 400), 0.3, np.float32)
+    tricky.reshape(-1)[::_SAMPLE_STRIDE] = 1e-3
+    low = _sampled_limit(tricky.reshape(-1), None, budget)
+    assert (
+        _costs_below(tricky.reshape(-1), tricky.reshape(-1), None, low, np.float32).sum() < budget
+    )
+    assert max_flips(tricky, 0.05, 3.0) == without_guess(tricky, 0.05, 3.0)
+    assert max_flips(tricky, 0.05, 3.0) == int(max_flips(torch.from_numpy(tricky), 0.05, 3.0))
