@@ -159,4 +159,4 @@ def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
 def encode_mask_png(mask: np.ndarray, num_classes: int) -> tuple[bytes, str]:
     """Class ids as a greyscale PNG: 8-bit when K <= 256, else 16-bit. (bytes, dtype)."""
     dtype = np.uint8 if num_classes <= 256 else np.uint16
-    return png_bytes(np.asarray(mask).astype(dtype, copy=False)), np.dtype(dtype).name
+    return png_bytes(np.asarray(mask).astype(dtype, copy=False), runs=True), np.dtype(dtype).name

@@ -169,9 +169,10 @@ def test_png_bytes_decode_to_the_same_plane(shape):
     rng = np.random.default_rng(shape[0])
     grey8 = rng.integers(0, 256, shape, dtype=np.uint8)
     grey16 = rng.integers(0, 65536, shape, dtype=np.uint16)
-    with Image.open(io.BytesIO(png_bytes(grey8))) as img:
-        assert img.mode == "L" and img.size == shape[::-1]
-        np.testing.assert_array_equal(np.asarray(img), grey8)
+    for runs in (False, True):
+        with Image.open(io.BytesIO(png_bytes(grey8, runs=runs))) as img:
+            assert img.mode == "L" and img.size == shape[::-1]
+            np.testing.assert_array_equal(np.asarray(img), grey8)
     with Image.open(io.BytesIO(png_bytes(grey16))) as img:
         assert img.mode.startswith("I")
         np.testing.assert_array_equal(np.asarray(img).astype(np.uint16), grey16)
