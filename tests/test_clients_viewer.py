@@ -201,11 +201,11 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     fps = wait_for(d, "parseFloat(document.getElementById('fps').textContent)")
     assert fps > 0
     assert text(d, "latency").endswith("ms") and text(d, "gf").endswith("%")
-    # the viewer keeps the stream's depth + 1 frames unanswered (the server works on two
-    # at once and keeps one waiting), so a model slower than the video loses no frame
+    # the viewer keeps the stream's depth of frames unanswered (the server works on both
+    # at once, none waits), so a model slower than the video loses no frame
     engine.delay_s = 0.0
-    assert d.execute_script("return [S.depth, S.mostInFlight]") == [2, 3]
-    assert text(d, "dropped") == "0" and text(d, "inflight").endswith("of 3")
+    assert d.execute_script("return [S.depth, S.mostInFlight]") == [2, 2]
+    assert text(d, "dropped") == "0" and text(d, "inflight").endswith("of 2")
     stats = d.execute_script(CANVAS_STATS)
     assert stats[:2] == [128, 96] and stats[3] > 5
     d.save_screenshot(str(tmp_path / "viewer-stream.png"))
