@@ -46,8 +46,8 @@ def png_bytes(
         colour = _GREY
     else:
         table = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-        if depth != 8 or not 1 <= len(table) <= 256:
-            raise ValueError("an indexed PNG needs a uint8 plane and 1..256 colours")
+        if depth != 8 or not 1 <= len(table) <= 256 or int(a.max()) >= len(table):
+            raise ValueError("an indexed PNG needs 1..256 colours and a uint8 plane of indices")
         colour = _INDEXED
         chunks.append(_chunk(b"PLTE", table.tobytes()))
     rows = np.empty((h, 1 + w * a.itemsize), dtype=np.uint8)

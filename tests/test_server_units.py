@@ -185,8 +185,9 @@ def test_png_bytes_decode_to_the_same_plane(shape):
     for bad in (np.zeros((2, 2, 3), np.uint8), np.zeros((0, 4), np.uint8), grey8.astype(float)):
         with pytest.raises(ValueError):
             png_bytes(bad)
-    with pytest.raises(ValueError):
-        png_bytes(grey16, palette=table)
+    for plane in (grey16, index + 7):  # not uint8; an index past the palette
+        with pytest.raises(ValueError):
+            png_bytes(plane, palette=table)
 
 
 def test_mask_png_depth():
