@@ -365,7 +365,9 @@ def end_to_end(label: str, artifact: Path, best: dict, args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--models", default="shipped,m1", help="shipped, m1 (comma list)")
+    ap.add_argument(
+        "--models", default="m1,shipped", help="m1, shipped (comma list; m1 first: #10's targets)"
+    )
     ap.add_argument("--sizes", default="512x1024,1024x2048")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=", ".join(ENGINES))
