@@ -28,6 +28,7 @@ from certseg.certify import (
 from server.decode import DecodedImage
 from server.engine import ModelInfo
 from server.errors import InvalidParameter
+from server.overlay import OverlayStyle, encode_mask_png, overlay_png
 from server.state import ServerState
 
 __all__ = [
@@ -115,6 +116,17 @@ class Certified:
     @property
     def pixels(self) -> int:
         return int(self.mask.size)
+
+    def overlay_png(
+        self, photo: np.ndarray | None, style: OverlayStyle, blend: float = 0.0
+    ) -> bytes:
+        """This certificate's overlay PNG (blocking): the one call of both routes."""
+        card = self.model.card
+        return overlay_png(self.mask, self.radius, self.eps, card.palette, photo, style, blend)
+
+    def mask_png(self) -> tuple[bytes, str]:
+        """The class ids as PNG and their dtype (blocking): the one call of both routes."""
+        return encode_mask_png(self.mask, self.model.card.num_classes)
 
     def summary(self) -> dict:
         """The certificate fields every answer carries, REST and stream alike."""

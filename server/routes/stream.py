@@ -50,7 +50,6 @@ from server.errors import (
     problem_for,
     problem_response,
 )
-from server.overlay import OverlayStyle, encode_mask_png, overlay_png
 from server.pipeline import Certified, Timings, check_eps, segment_image
 from server.state import ServerState, get_state
 
@@ -306,11 +305,8 @@ class StreamSession:
 def _encode(name: str, cert: Certified, image: DecodedImage, cfg: StreamConfig) -> bytes:
     """One binary part of a frame's answer: the overlay or the mask PNG (blocking)."""
     if name == "overlay":
-        style: OverlayStyle = cfg.overlay_style  # type: ignore[assignment]
-        card = cert.model.card
-        return overlay_png(cert.mask, cert.radius, cert.eps, card.palette, image.rgb8, style)
-    png, _ = encode_mask_png(cert.mask, cert.model.card.num_classes)
-    return png
+        return cert.overlay_png(image.rgb8, cfg.overlay_style)  # type: ignore[arg-type]
+    return cert.mask_png()[0]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from server.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from server.overlay import OverlayStyle, encode_mask_png, overlay_png, render_overlay
+from server.overlay import OverlayStyle, render_overlay
 from server.pipeline import Certified, Timings, check_eps, parse_outputs, segment_image
 from server.state import ServerState, get_state
 
@@ -206,12 +206,6 @@ def _array(a: np.ndarray, dtype: Literal["float16", "float32"]) -> EncodedArray:
     return EncodedArray(dtype=dtype, shape=list(a.shape), data=_b64(le.tobytes()))
 
 
-def _overlay_png(cert: Certified, image: DecodedImage, style: OverlayStyle, blend: float) -> bytes:
-    return overlay_png(
-        cert.mask, cert.radius, cert.eps, cert.model.card.palette, image.rgb8, style, blend
-    )
-
-
 def _json_answer(
     cert: Certified,
     image: DecodedImage,
@@ -223,12 +217,12 @@ def _json_answer(
     info = cert.model
     ans: dict = {**cert.summary(), "model_version": info.version, "metrics": cert.metrics}
     if "mask" in outputs:
-        png, dtype = encode_mask_png(cert.mask, info.card.num_classes)
+        png, dtype = cert.mask_png()
         ans["mask"] = EncodedImage(dtype=dtype, data=_b64(png))
     if "radius" in outputs:
         ans["radius"] = _array(cert.radius, "float16")
     if "overlay" in outputs:
-        ans["overlay"] = EncodedImage(data=_b64(_overlay_png(cert, image, style, blend)))
+        ans["overlay"] = EncodedImage(data=_b64(cert.overlay_png(image.rgb8, style, blend)))
     if "logits" in outputs and cert.logits is not None:
         ans["logits"] = _array(cert.logits, "float32")
     return ans
@@ -325,7 +319,7 @@ async def segment(
     t0 = time.perf_counter()
     headers = _certificate_headers(cert)
     if format == "png":
-        body = await asyncio.to_thread(_overlay_png, cert, image, overlay_style, blend)
+        body = await asyncio.to_thread(cert.overlay_png, image.rgb8, overlay_style, blend)
         media = "image/png"
     elif format == "npz":
         body = await asyncio.to_thread(_npz, cert, image, wanted, overlay_style, blend)
