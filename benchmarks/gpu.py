@@ -169,12 +169,11 @@ def head_share(engine, x: np.ndarray, repeats: int) -> dict[str, float] | None:
     return {"net_ms": net, "net_and_head_ms": full, "head_share": max(full - net, 0.0) / full}
 
 
-def profile(engine, x: np.ndarray, repeats: int, top: int = 10) -> dict[str, Any] | None:
+def profile(engine, x: np.ndarray, ms: float, repeats: int, top: int = 10) -> dict[str, Any]:
     """Where a torch engine's device time goes on batch x: the net's GFLOP per image
-    (torch's FlopCounterMode), the rate reached against it, and the operators with
-    the most self device time (torch.profiler). What a missed fps target needs."""
-    if not hasattr(engine, "device_forward"):
-        return None
+    (torch's FlopCounterMode), the rate reached in `ms` per batch (head_share's timing
+    of the same forward), and the operators with the most self device time
+    (torch.profiler). What a missed fps target needs."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -187,7 +186,6 @@ def profile(engine, x: np.ndarray, repeats: int, top: int = 10) -> dict[str, Any
         counter = FlopCounterMode(display=False)
         with counter:
             engine.device_forward(dev)
-        ms = float(np.median(time_calls(lambda: engine.device_forward(dev), repeats)))
         with torch_profile(activities=activities) as prof:
             for _ in range(repeats):
                 engine.device_forward(dev)
@@ -310,7 +308,8 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
                     share = head_share(engine, x, args.repeats)
                     if share:
                         row.update(share)
-                    if (h, w) == sizes[-1] and (got := profile(engine, x, args.repeats)):
+                    if share and (h, w) == sizes[-1]:
+                        got = profile(engine, x, share["net_and_head_ms"], args.repeats)
                         profiles[name] = {"size": f"{h}x{w}", "batch": n, **got}
                 rows.append(row)
     for engine in engines.values():
