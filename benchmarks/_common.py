@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from certseg.sizes import parse_size
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -36,7 +38,7 @@ def machine() -> dict[str, Any]:
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """'512x1024,1024x2048' -> [(512, 1024), (1024, 2048)]."""
-    return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+    return [parse_size(s) for s in text.split(",") if s]
 
 
 def write_result(name: str, payload: dict[str, Any], path: Path | None = None) -> Path:

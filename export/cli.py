@@ -18,6 +18,8 @@ from typing import Annotated
 
 import typer
 
+from certseg.sizes import parse_size
+
 __all__ = ["app"]
 
 app = typer.Typer(
@@ -31,10 +33,9 @@ app = typer.Typer(
 def parse_hw(text: str) -> tuple[int, int]:
     """'HxW' -> (H, W); anything else is a usage error of the command."""
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise typer.BadParameter(f"expected HxW, got {text!r}") from None
-    return h, w
+        return parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command("export")

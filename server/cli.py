@@ -31,14 +31,27 @@ class Backend(StrEnum):
     torch = "torch"
 
 
+#: Settings whose flag is not their name with dashes.
+_FLAGS = {"torch_compile": "--compile", "warmup_sizes": "--warmup-size"}
+
+
 def build_settings(**flags: Any) -> Any:
     """Settings from the flags that were given (None = not given), env and defaults."""
+    from pydantic import ValidationError
+
     from server.settings import Settings
 
     given = {k: (v.value if isinstance(v, Enum) else v) for k, v in flags.items() if v is not None}
     if given.get("models") == []:
         given.pop("models")
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:  # a flag's (or CERTSEG_ variable's) value: one line each
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "settings"
+            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+            typer.echo(f"certseg: error: {flag} (CERTSEG_{name.upper()}): {err['msg']}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -95,6 +108,17 @@ def serve(
     cuda_graphs: Annotated[
         bool | None, typer.Option(help="torch on a GPU: replay captured CUDA graphs.")
     ] = None,
+    torch_compile: Annotated[
+        bool | None,
+        typer.Option("--compile", help="torch: torch.compile the forward pass (per size)."),
+    ] = None,
+    warmup_size: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="HxW to warm up (and compile) at before ready (repeatable; "
+            "default: the model card's size)."
+        ),
+    ] = None,
     default_model: Annotated[
         Path | None, typer.Option(help="Model served when none named.")
     ] = None,
@@ -147,8 +171,10 @@ def serve(
         precision=precision,
         trt_cache_dir=trt_cache_dir,
         cuda_graphs=cuda_graphs,
+        torch_compile=torch_compile,
         default_model=default_model,
         warmup=warmup,
+        warmup_sizes=warmup_size or None,
         log_level=log_level,
         log_json=log_json,
         cors_origins=cors_origins or None,
@@ -194,6 +220,9 @@ def calibrate(
         list[str] | None, typer.Option(help="ONNX Runtime providers, in order (repeatable).")
     ] = None,
     cuda_graphs: Annotated[bool, typer.Option(help="As served with --cuda-graphs.")] = False,
+    torch_compile: Annotated[
+        bool, typer.Option("--compile", help="As served with --compile.")
+    ] = False,
     images: Annotated[
         Path | None, typer.Option(help="Folder of your own frames (recommended).")
     ] = None,
@@ -216,6 +245,7 @@ def calibrate(
         precision=precision,
         providers=providers,
         cuda_graphs=cuda_graphs,
+        torch_compile=torch_compile,
         warmup=False,
     )
     try:
@@ -232,7 +262,9 @@ def calibrate(
     typer.echo(bound.to_json())
     typer.echo(
         f"serve with: --backend {settings.backend} --precision {precision} "
-        f"--margin-error {bound.bound:.6g}",
+        f"--margin-error {bound.bound:.6g}"
+        + (" --cuda-graphs" if cuda_graphs else "")
+        + (" --compile" if torch_compile else ""),
         err=True,
     )
 

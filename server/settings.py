@@ -12,8 +12,10 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from certseg.sizes import parse_size
 
 __all__ = ["BackendName", "Precision", "Settings", "default_model_path"]
 
@@ -83,6 +85,12 @@ class Settings(BaseSettings):
     cuda_graph_cache: int = Field(
         default=4, ge=1, description="Captured CUDA graphs kept (one per input shape)."
     )
+    torch_compile: bool = Field(
+        default=False,
+        description="torch backend: run the forward pass compiled by torch.compile "
+        "(inductor), per input size, at most 4 sizes; the warm-up sizes are compiled "
+        "before ready.",
+    )
     trt_cache_dir: Path | None = None
     trt_max_side: int = Field(default=2048, ge=32, description="Native TensorRT: max H and W.")
 
@@ -138,6 +146,11 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(default=2.0, ge=0.0)
     max_queue: int = Field(default=64, ge=1, description="Images waiting; beyond it: 503.")
     warmup: bool = True
+    warmup_sizes: Annotated[list[tuple[PositiveInt, PositiveInt]], NoDecode] = Field(
+        default_factory=list,
+        description="Input sizes HxW each model is warmed up at before ready (kernel choice, "
+        "compiled graphs, TensorRT profiles). Empty: the model card's input size.",
+    )
 
     # input limits
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
@@ -162,6 +175,24 @@ class Settings(BaseSettings):
         if not math.isfinite(value):
             raise ValueError("must be finite")
         return value
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value: object) -> object:
+        """ "HxW" strings (flags, environment) or (H, W) pairs."""
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [parse_size(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    def warmup_hw(self, card_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The (H, W) to warm a model up at: the configured sizes, else its card's."""
+        return list(self.warmup_sizes) or [tuple(card_size)]
+
+    def batch_limit(self, device: str) -> int:
+        """Images per forward pass on `device`: max_batch, else 1 on a CPU, 8 on a GPU."""
+        return self.max_batch or (1 if device == "cpu" else 8)
 
     def api_key_bytes(self) -> bytes | None:
         """The key as bytes for hmac.compare_digest, or None when auth is off."""

@@ -67,7 +67,7 @@ class ServerState:
                 self.batchers[device] = Batcher(
                     {},
                     device=device,
-                    max_batch=s.max_batch or (1 if device == "cpu" else 8),
+                    max_batch=s.batch_limit(device),
                     max_delay_ms=s.max_delay_ms,
                     max_queue=s.max_queue,
                     on_batch=self._on_batch,
@@ -87,15 +87,13 @@ class ServerState:
     async def _load(self, name: str) -> None:
         engine = self.engines[name]
         info = engine.metadata()
-        h, w = info.card.input_size
+        sizes = [(1, h, w) for h, w in self.settings.warmup_hw(info.card.input_size)]
         batcher = self._by_model[name]
         try:
             await batcher.run_in_worker(engine.load)
             await asyncio.to_thread(_warm_certify)
-            if self.settings.warmup:
-                await batcher.run_in_worker(lambda: engine.warmup([(1, h, w)]))
-            else:
-                await batcher.run_in_worker(lambda: engine.warmup([]))
+            warm = sizes if self.settings.warmup else []
+            await batcher.run_in_worker(lambda: engine.warmup(warm))
         except Exception as exc:
             self.status[name] = "failed"
             self.errors[name] = str(exc)

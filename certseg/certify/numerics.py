@@ -46,19 +46,25 @@ def radius_scale_for(lipschitz: float) -> float:
     return float(c)
 
 
-def certified_margins(margin: Array, error: float, lipschitz: float) -> tuple[Array, Array]:
+def certified_margins(
+    margin: Array, error: float, lipschitz: float, xp: Any = None
+) -> tuple[Array, Array]:
     """(max(margin - error, 0), its radius) in float32, for margins off by at most error.
 
     The float32 error is rounded up, never down. The subtraction rounds to nearest
     (at most 2^-24 relative above the exact difference), which the 2^-22 slack of
     `radius_scale_for` covers for the radius. With error == 0 the margins pass
-    through unchanged and only the radius is formed.
+    through unchanged and only the radius is formed. `xp`, the array namespace, may
+    be given by a caller that knows it: a compiled torch graph traces this function,
+    and the namespace lookup (cached by type) stays out of it.
     """
     if not (math.isfinite(error) and error >= 0):
         raise ValueError(f"margin error bound must be finite and >= 0, got {error}")
     scale = radius_scale_for(lipschitz)
-    xp = array_namespace(margin)
-    dev = _device(margin)
+    if xp is None:
+        xp, dev = array_namespace(margin), _device(margin)
+    else:
+        dev = margin.device
     m = xp.astype(margin, xp.float32)
     if error > 0:
         e32 = np.float32(error)

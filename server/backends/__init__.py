@@ -82,6 +82,8 @@ def create_engine(spec: ModelSpec, settings: Settings, calibrating: bool = False
     error bound subtracted, for `export.error_bound.calibrate`; never serve those.
     """
     backend = resolve_backend(settings.backend, spec.path)
+    if settings.torch_compile and backend != "torch":
+        raise ModelError(f"--compile is for the torch backend (a .pt model), not {backend}")
     if backend == "onnxruntime":
         from server.backends.ort import OnnxRuntimeEngine
 

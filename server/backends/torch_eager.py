@@ -15,19 +15,24 @@ torch's default TF32 convolutions would change the logits the certificate speaks
 of. fp16 and bf16 run the net in that dtype (the head in fp32 on its logits) and
 certify only with a measured margin error bound (`Settings.margin_error`).
 
-With ``cuda_graphs`` the whole device part (8-bit table, net, head, correction) is
-replayed from a CUDA graph captured per input shape (`server.backends.cuda_graphs`).
+The device part (8-bit table, net, head, correction) is `served_forward`: eager, or
+with ``torch_compile`` compiled by inductor per input size (`server.backends.compiled`),
+and with ``cuda_graphs`` replayed from a CUDA graph captured per input shape
+(`server.backends.cuda_graphs`), of the compiled function when both are on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
 
 from certseg.certify.numerics import certified_margins
 from server.backends.base import BaseEngine, check_precision
+from server.backends.compiled import CompiledForward
 from server.backends.cuda_graphs import GraphCache
 from server.decode import chw8_to_float
 from server.engine import CardInfo, file_sha256, info_from_card
@@ -101,20 +106,43 @@ class TorchEngine(BaseEngine):
         if use_cuda:  # cuDNN's fastest layout for convolutions, tensor cores included
             self._model.to(memory_format=torch.channels_last)
         self._staging: Any = None  # pinned host buffer for the batch (CUDA only)
-        self._levels: Any = None  # float32 value of each 8-bit level, on the device
+        # float32 value of each 8-bit level, on the device (made here: a compiled or
+        # captured forward must not create it on its first call)
+        table = chw8_to_float(np.arange(256, dtype=np.uint8))
+        self._levels = torch.from_numpy(table).to(self._device)
+        self._batch_limit = settings.batch_limit(device)
+        self._xp = array_namespace(self._levels)  # torch's, for certified_margins
+        forward = self._device_part
+        self.compiled: CompiledForward | None = None
+        if settings.torch_compile:
+            forward = self.compiled = CompiledForward(torch, forward)
         self._graphs: GraphCache | None = None
-        if settings.cuda_graphs and use_cuda:  # (a capture's warm-up makes _levels)
-            self._graphs = GraphCache(
-                torch,
-                lambda raw: self.device_forward(self._to_float(raw)),
-                settings.cuda_graph_cache,
-            )
+        if settings.cuda_graphs and use_cuda:
+            forward = self._graphs = GraphCache(torch, forward, settings.cuda_graph_cache)
+        self._forward = forward
+
+    def warmup(self, sizes: Sequence[tuple[int, int, int]]) -> None:
+        """A compiled engine also warms batch 2 of each size when it serves batches: one
+        graph covers every batch of 2 or more, and its compile belongs before ready."""
+        sizes = list(sizes)
+        if self.compiled is not None and self._batch_limit > 1:
+            sizes += [(2, h, w) for n, h, w in sizes if n == 1]
+        super().warmup(sizes)
 
     def upload(self, images: np.ndarray) -> Any:
-        """The batch on the device as float32 in [0, 1] (see `_to_device`, `_to_float`)."""
-        return self._to_float(self._to_device(images))
+        """The batch on the device as float32 in [0, 1] (see `stage`, `_to_float`)."""
+        return self._to_float(self.stage(images))
 
-    def _to_device(self, images: np.ndarray) -> Any:
+    def served_forward(self, raw: Any) -> dict[str, Any]:
+        """Every output of a staged batch (`stage`) on the device, as served: eager,
+        compiled and/or replayed from a CUDA graph (the outputs of a replay are
+        overwritten by the next one)."""
+        return self._forward(raw)
+
+    def _device_part(self, raw: Any) -> dict[str, Any]:
+        return self.device_forward(self._to_float(raw))
+
+    def stage(self, images: np.ndarray) -> Any:
         """The batch on the device: on CUDA as it came (uint8 or float32) through a reused
         pinned buffer and an async copy, uint8 as bytes, a quarter of float32's; on the
         CPU already converted to float32."""
@@ -138,9 +166,6 @@ class TorchEngine(BaseEngine):
         torch = self._torch
         if x.dtype != torch.uint8:
             return x.to(torch.float32)
-        if self._levels is None or self._levels.device != x.device:
-            table = chw8_to_float(np.arange(256, dtype=np.uint8))
-            self._levels = torch.from_numpy(table).to(x.device)
         return self._levels[x.to(torch.int32)]
 
     def device_logits(self, x: Any) -> Any:
@@ -158,17 +183,15 @@ class TorchEngine(BaseEngine):
         logits = self.device_logits(x)
         mask, margin, radius = self._model.head(logits, h, w)
         if self.margin_error > 0:
-            margin, radius = certified_margins(margin, self.margin_error, self.info.lipschitz)
+            margin, radius = certified_margins(
+                margin, self.margin_error, self.info.lipschitz, self._xp
+            )
         return {"mask": mask, "margin": margin, "radius": radius, "logits": logits[:, :, :h, :w]}
 
     def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            raw = self._to_device(images)
-            if self._graphs is not None:
-                got = self._graphs(raw)
-            else:
-                got = self.device_forward(self._to_float(raw))
+            got = self._forward(self.stage(images))
             if self._device.type != "cuda":
                 return {n: got[n].numpy() for n in names}
             host = {n: got[n].to("cpu", non_blocking=True) for n in names}

@@ -1,0 +1,13 @@
+"""Image sizes written as text: "HxW" (1024x2048), the one parser of them."""
+
+from __future__ import annotations
+
+__all__ = ["parse_size"]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' -> (H, W), both positive; anything else is a ValueError that says so."""
+    h, sep, w = text.strip().lower().partition("x")
+    if not (sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+        raise ValueError(f"expected a size HxW such as 1024x2048, got {text!r}")
+    return int(h), int(w)
