@@ -6,6 +6,8 @@ and batch, every engine the machine can run, built by the server's own backends
 
     torch-fp32 / torch-fp16 / torch-bf16    the fused checkpoint on the GPU (or CPU)
     torch-fp16-graphs                         the same, replayed from captured CUDA graphs
+    torch-fp32-compile / torch-fp16-compile   torch.compile'd (inductor), per size
+    torch-fp16-compile-graphs                 compiled, then replayed from CUDA graphs
     ort-cuda, ort-trt-fp32 / ort-trt-fp16    ONNX Runtime's CUDA and TensorRT providers
     trt-fp32 / trt-fp16                       native TensorRT engines (export.tensorrt)
     ort-cpu                                   ONNX Runtime on the CPU (ask for it)
@@ -59,7 +61,10 @@ ENGINES: dict[str, tuple[str, str, list[str] | None]] = {
     "torch-fp32": ("torch", "fp32", None),
     "torch-fp16": ("torch", "fp16", None),
     "torch-bf16": ("torch", "bf16", None),
-    "torch-fp16-graphs": ("torch", "fp16", None),  # + cuda_graphs (GRAPHED)
+    "torch-fp16-graphs": ("torch", "fp16", None),  # + OPTIONS
+    "torch-fp32-compile": ("torch", "fp32", None),
+    "torch-fp16-compile": ("torch", "fp16", None),
+    "torch-fp16-compile-graphs": ("torch", "fp16", None),
     "ort-cuda": ("onnxruntime", "fp32", ["CUDAExecutionProvider"]),
     "ort-trt-fp32": ("onnxruntime", "fp32", ["TensorrtExecutionProvider"]),
     "ort-trt-fp16": ("onnxruntime", "fp16", ["TensorrtExecutionProvider"]),
@@ -67,8 +72,17 @@ ENGINES: dict[str, tuple[str, str, list[str] | None]] = {
     "trt-fp16": ("tensorrt", "fp16", None),
     "ort-cpu": ("onnxruntime", "fp32", ["CPUExecutionProvider"]),  # not in the default run
 }
-DEFAULT_ENGINES = [e for e in ENGINES if e != "ort-cpu"]
-GRAPHED = {"torch-fp16-graphs"}
+#: Settings beyond backend and precision, by engine.
+OPTIONS: dict[str, dict[str, bool]] = {
+    "torch-fp16-graphs": {"cuda_graphs": True},
+    "torch-fp32-compile": {"torch_compile": True},
+    "torch-fp16-compile": {"torch_compile": True},
+    "torch-fp16-compile-graphs": {"torch_compile": True, "cuda_graphs": True},
+}
+#: Compiled engines cost a compile per size and batch class (tens of seconds on a GPU
+#: node): asked for by name, at the sizes that matter (scripts/device_check.sh).
+COMPILED = {name for name, kw in OPTIONS.items() if kw.get("torch_compile")}
+DEFAULT_ENGINES = [e for e in ENGINES if e != "ort-cpu" and e not in COMPILED]
 EPS = (0.01, 0.02, 0.05, 0.1)
 
 
@@ -128,8 +142,7 @@ def _settings(backend: str, precision: str, providers, margin_error: float, **kw
 def engine_settings(name: str, bound: float = 0.0, **kw) -> tuple[Settings, bool]:
     """The server's settings for engine `name`, and whether it runs a checkpoint."""
     backend, precision, providers = ENGINES[name]
-    if name in GRAPHED:
-        kw["cuda_graphs"] = True
+    kw |= OPTIONS.get(name, {})
     return _settings(backend, precision, providers, bound, **kw), backend == "torch"
 
 
@@ -156,10 +169,27 @@ def time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
     return times
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """ms per call of each fn, timed in turns (a, b, c, a, b, c, ...) after one warm-up
+    call each: a machine that slows down or speeds up mid-run moves every engine alike,
+    so their ratios hold."""
+    for fn in fns.values():
+        fn()
+    _sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def head_share(engine, x: np.ndarray, repeats: int) -> dict[str, float] | None:
-    """Device time of the net alone vs net + certificate head (torch engines only)."""
-    if not hasattr(engine, "device_forward"):
-        return None
+    """Device time of the net alone vs net + certificate head (eager torch engines)."""
+    if not hasattr(engine, "device_forward") or engine.compiled is not None:
+        return None  # a compiled forward fuses the head into the net's last kernels
     import torch
 
     with torch.inference_mode():
@@ -169,11 +199,11 @@ def head_share(engine, x: np.ndarray, repeats: int) -> dict[str, float] | None:
     return {"net_ms": net, "net_and_head_ms": full, "head_share": max(full - net, 0.0) / full}
 
 
-def profile(engine, x: np.ndarray, ms: float, repeats: int, top: int = 10) -> dict[str, Any]:
-    """Where a torch engine's device time goes on batch x: the net's GFLOP per image
-    (torch's FlopCounterMode), the rate reached in `ms` per batch (head_share's timing
-    of the same forward), and the operators with the most self device time
-    (torch.profiler). What a missed fps target needs."""
+def profile(engine, x: np.ndarray, repeats: int, top: int = 10) -> dict[str, Any]:
+    """Where a torch engine's device time goes on batch x, as served (eager, compiled
+    or graphed): the net's GFLOP per image (torch's FlopCounterMode, on the eager
+    forward), the device time per batch and the TFLOP/s it gives, and the operators
+    with the most self device time (torch.profiler). What a missed fps target needs."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -182,13 +212,15 @@ def profile(engine, x: np.ndarray, ms: float, repeats: int, top: int = 10) -> di
     cuda = _cuda() is not None
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.inference_mode():
-        dev = engine.upload(x)
         counter = FlopCounterMode(display=False)
         with counter:
-            engine.device_forward(dev)
+            engine.device_forward(engine.upload(x))
+        raw = engine.stage(x)
+        engine.served_forward(raw)  # compiled, captured: before the profile
+        _sync()
         with torch_profile(activities=activities) as prof:
             for _ in range(repeats):
-                engine.device_forward(dev)
+                engine.served_forward(raw)
             _sync()
     events = prof.key_averages()
 
@@ -202,6 +234,7 @@ def profile(engine, x: np.ndarray, ms: float, repeats: int, top: int = 10) -> di
     total = sum(self_us(e) for e in events) or 1.0
     ranked = sorted(events, key=self_us, reverse=True)[:top]
     gflop = counter.get_total_flops() / 1e9 / x.shape[0]
+    ms = total / 1000.0 / repeats
     return {
         "gflop_per_image": gflop,
         "ms_per_batch": ms,
@@ -209,7 +242,9 @@ def profile(engine, x: np.ndarray, ms: float, repeats: int, top: int = 10) -> di
         "time": "device" if cuda else "cpu",
         "top_ops": [
             {
-                "op": e.key,
+                "op": "compiled graph (inductor's kernels)"
+                if e.key.startswith("## Call CompiledFxGraph")
+                else e.key,
                 "ms_per_batch": self_us(e) / 1000.0 / repeats,
                 "share": self_us(e) / total,
                 "calls_per_batch": e.count / repeats,
@@ -282,16 +317,19 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
         base = (street_like(h, w).astype(np.float32) / 255).transpose(2, 0, 1)
         for n in batches:
             x = np.ascontiguousarray(np.broadcast_to(base, (n, 3, h, w)))
-            ref = None
+            outs = {}
             for name, engine in engines.items():
                 try:
-                    out = engine.infer(x, ["mask"])
-                    times = time_calls(lambda e=engine, x=x: e.infer(x, ["mask"]), args.repeats)
+                    outs[name] = engine.infer(x, ["mask"])
                 except Exception as err:  # e.g. out of the engine's profile or memory
                     skipped[f"{name} {h}x{w} b{n}"] = str(err).splitlines()[0][:160]
-                    continue
-                if ref is None:
-                    ref = out  # the first engine (torch-fp32 by default) is the reference
+            timed = time_interleaved(
+                {name: lambda e=engines[name], x=x: e.infer(x, ["mask"]) for name in outs},
+                args.repeats,
+            )
+            ref = next(iter(outs.values()), None)  # the first engine (torch-fp32 by default)
+            for name, out in outs.items():
+                engine, times = engines[name], timed[name]
                 ms = float(np.median(times))
                 row = {
                     "model": label,
@@ -305,11 +343,9 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
                     **compare(out, ref, bounds[name].bound),
                 }
                 if n == 1:
-                    share = head_share(engine, x, args.repeats)
-                    if share:
-                        row.update(share)
-                    if share and (h, w) == sizes[-1]:
-                        got = profile(engine, x, share["net_and_head_ms"], args.repeats)
+                    row.update(head_share(engine, x, args.repeats) or {})
+                    if hasattr(engine, "served_forward") and (h, w) == sizes[-1]:
+                        got = profile(engine, x, args.repeats)
                         profiles[name] = {"size": f"{h}x{w}", "batch": n, **got}
                 rows.append(row)
     for engine in engines.values():
@@ -334,8 +370,9 @@ def end_to_end(label: str, artifact: Path, best: dict, args) -> dict[str, Any]:
     cmd += ["--margin-error", repr(settings.margin_error), "--max-queue", "256"]
     if args.serve_max_batch:  # else the server's default: 8 on a GPU, 1 on a CPU
         cmd += ["--max-batch", str(args.serve_max_batch)]
-    cmd += ["--log-level", "warning", "--stream-depth", "3"]
+    cmd += ["--log-level", "warning", "--stream-depth", "3", "--warmup-sizes", best["size"]]
     cmd += ["--cuda-graphs"] if settings.cuda_graphs else []
+    cmd += ["--torch-compile"] if settings.torch_compile else []
     for provider in settings.providers or []:
         cmd += ["--providers", provider]
     out: dict[str, Any] = {"engine": best["engine"], "size": best["size"], "model": label}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of certseg in one run on the device machine (docs/gpu.md):
-#   run(command="bash scripts/device_check.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash scripts/device_check.sh", carry=[".whl"], timeout_s=600)
 # after `bash scripts/device_wheels.sh` here. Each step has its own time limit, so a
 # slow one cannot take the others' results with it; all results land in $OUT.
 # QUICK=1 runs the same steps at CPU-smoke scale (for trying the script anywhere).
@@ -48,4 +48,20 @@ else
 fi
 step smoothing 90 "$PY" benchmarks/certify_vs_smoothing.py certseg/weights/street/model.pt \
     "${smooth[@]}" --out "$OUT/certify_vs_smoothing.json"
+# Last, in what time is left before DEADLINE (s since the start; the call's timeout_s
+# less a margin): torch.compile'd engines, at the one size of the 30 fps target. Each
+# compile takes tens of seconds, so they are not in the main run.
+if [ "${QUICK:-0}" = 1 ]; then
+    compiled=(--models shipped --sizes 32x64 --calib-size 32x64 --engines torch-fp32,torch-fp32-compile)
+else
+    compiled=(--models m1 --sizes 1024x2048 --calib-size 1024x2048
+        --engines torch-fp16,torch-fp16-compile,torch-fp16-compile-graphs,torch-fp32-compile)
+fi
+left=$(( ${DEADLINE:-570} - SECONDS ))
+if [ "$left" -gt 30 ]; then
+    step compile "$left" "$PY" benchmarks/gpu.py "${compiled[@]}" --batches 1 --calib-images 1 \
+        --repeats 10 --no-serve --out "$OUT/gpu_compile.json"
+else
+    echo "== compile: skipped, ${left}s left before the deadline"
+fi
 ls -la "$OUT"

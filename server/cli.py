@@ -31,10 +31,6 @@ class Backend(StrEnum):
     torch = "torch"
 
 
-#: Settings whose flag is not their name with dashes.
-_FLAGS = {"torch_compile": "--compile", "warmup_sizes": "--warmup-size"}
-
-
 def build_settings(**flags: Any) -> Any:
     """Settings from the flags that were given (None = not given), env and defaults."""
     from pydantic import ValidationError
@@ -49,7 +45,7 @@ def build_settings(**flags: Any) -> Any:
     except ValidationError as exc:  # a flag's (or CERTSEG_ variable's) value: one line each
         for err in exc.errors():
             name = str(err["loc"][0]) if err["loc"] else "settings"
-            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+            flag = "--" + name.replace("_", "-")
             typer.echo(f"certseg: error: {flag} (CERTSEG_{name.upper()}): {err['msg']}", err=True)
         raise typer.Exit(2) from None
 
@@ -109,10 +105,9 @@ def serve(
         bool | None, typer.Option(help="torch on a GPU: replay captured CUDA graphs.")
     ] = None,
     torch_compile: Annotated[
-        bool | None,
-        typer.Option("--compile", help="torch: torch.compile the forward pass (per size)."),
+        bool | None, typer.Option(help="torch: torch.compile the forward pass, per size.")
     ] = None,
-    warmup_size: Annotated[
+    warmup_sizes: Annotated[
         list[str] | None,
         typer.Option(
             help="HxW to warm up (and compile) at before ready (repeatable; "
@@ -174,7 +169,7 @@ def serve(
         torch_compile=torch_compile,
         default_model=default_model,
         warmup=warmup,
-        warmup_sizes=warmup_size or None,
+        warmup_sizes=warmup_sizes or None,
         log_level=log_level,
         log_json=log_json,
         cors_origins=cors_origins or None,
@@ -220,9 +215,7 @@ def calibrate(
         list[str] | None, typer.Option(help="ONNX Runtime providers, in order (repeatable).")
     ] = None,
     cuda_graphs: Annotated[bool, typer.Option(help="As served with --cuda-graphs.")] = False,
-    torch_compile: Annotated[
-        bool, typer.Option("--compile", help="As served with --compile.")
-    ] = False,
+    torch_compile: Annotated[bool, typer.Option(help="As served with --torch-compile.")] = False,
     images: Annotated[
         Path | None, typer.Option(help="Folder of your own frames (recommended).")
     ] = None,
@@ -264,7 +257,7 @@ def calibrate(
         f"serve with: --backend {settings.backend} --precision {precision} "
         f"--margin-error {bound.bound:.6g}"
         + (" --cuda-graphs" if cuda_graphs else "")
-        + (" --compile" if torch_compile else ""),
+        + (" --torch-compile" if torch_compile else ""),
         err=True,
     )
 

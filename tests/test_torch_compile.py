@@ -1,4 +1,4 @@
-"""torch.compile'd forward of the torch backend (`--compile`), on the CPU.
+"""torch.compile'd forward of the torch backend (`--torch-compile`), on the CPU.
 
 The compiled engine must answer like the eager one (same class wherever the margin
 leaves no doubt, margins within float rounding), compile its warm-up sizes before
@@ -132,13 +132,13 @@ def test_compile_is_refused_for_other_backends():
 
 def test_serve_flags_with_bad_values_fail_in_one_line_each():
     result = CliRunner().invoke(
-        serve_app, ["serve", "--stream-depth", "99", "--warmup-size", "12y4"]
+        serve_app, ["serve", "--stream-depth", "99", "--warmup-sizes", "12y4"]
     )
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 2 and "Traceback" not in result.output
     assert lines[0].startswith("certseg: error: --stream-depth (CERTSEG_STREAM_DEPTH)")
-    assert "--warmup-size" in lines[1] and "12y4" in lines[1]
+    assert "--warmup-sizes" in lines[1] and "12y4" in lines[1]
 
 
 def test_warmup_sizes_from_the_environment(monkeypatch):
@@ -150,7 +150,7 @@ def test_warmup_sizes_from_the_environment(monkeypatch):
 
 
 def test_compiled_server_is_ready_after_compiling_its_warmup_size(engines):
-    """A live server with --compile warms up (compiles) at --warmup-size, then answers
+    """A live server with --torch-compile warms up (compiles) at --warmup-sizes, then answers
     a frame of that size with the eager engine's mask and radii."""
     eager, _ = engines
     pixels = random_image(40, 56, seed=5)

@@ -83,7 +83,7 @@ def create_engine(spec: ModelSpec, settings: Settings, calibrating: bool = False
     """
     backend = resolve_backend(settings.backend, spec.path)
     if settings.torch_compile and backend != "torch":
-        raise ModelError(f"--compile is for the torch backend (a .pt model), not {backend}")
+        raise ModelError(f"--torch-compile is for the torch backend (a .pt model), not {backend}")
     if backend == "onnxruntime":
         from server.backends.ort import OnnxRuntimeEngine
 

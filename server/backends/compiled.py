@@ -18,7 +18,7 @@ and its memory do not grow with the sizes clients send.
 The compiled function computes what the eager one does, with the same kernels for
 the convolutions and fused, reordered arithmetic around them: its logits differ from
 eager fp32 by float rounding (~1e-6 here), as every engine's differ from the
-reference; `certseg calibrate --compile` measures the margin error bound of the
+reference; `certseg calibrate --torch-compile` measures the margin error bound of the
 engine exactly as served.
 """
 
