@@ -43,7 +43,8 @@ class CompiledForward:
         # process alike, and runs it eagerly past `recompile_limit` graphs (default 8):
         # give each compiled engine room for its own (two per size: batch 1 and > 1).
         config = torch._dynamo.config
-        config.recompile_limit = config.recompile_limit + 2 * sizes
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, getattr(config, limit) + 2 * sizes)  # older: cache_size_limit
         self._compiled = torch.compile(fn, backend=self._backend, dynamic=False)
 
     def _backend(self, graph: Any, example_inputs: list[Any]) -> Any:
