@@ -54,7 +54,7 @@ def engines():
     compiled.close()
 
 
-def test_compiled_forward_bounds_its_sizes_and_shares_one_graph_for_batches():
+def test_compiled_forward_bounds_its_sizes_and_shares_one_graph_for_batches(caplog):
     def fn(x):
         return {"y": torch.relu(x * 2 - 1)}
 
@@ -69,11 +69,16 @@ def test_compiled_forward_bounds_its_sizes_and_shares_one_graph_for_batches():
     assert forward.compiles == 3 and forward.compiled_sizes == [(4, 6), (5, 7)]
     eager_calls = []
     forward.fn = lambda x: eager_calls.append(tuple(x.shape)) or fn(x)  # the eager path
-    y = forward(torch.ones(1, 3, 6, 8))  # a third size: over the limit, run eagerly
-    assert forward.compiles == 3 and eager_calls == [(1, 3, 6, 8)]
+    with caplog.at_level("INFO", logger="certseg.server"):
+        y = forward(torch.ones(1, 3, 6, 8))  # a third size: over the limit, run eagerly
+        forward(torch.ones(1, 3, 7, 9))
+    assert forward.compiles == 3 and eager_calls == [(1, 3, 6, 8), (1, 3, 7, 9)]
+    said = [r.getMessage() for r in caplog.records if "eagerly" in r.getMessage()]
+    assert said == ["size 6x8 and any further new size run eagerly: 2 sizes are compiled "
+                    "already (4x6, 5x7)"]  # fmt: skip
     assert torch.equal(y["y"], torch.ones(1, 3, 6, 8))
     forward(torch.rand(3, 3, 5, 7))
-    assert forward.compiles == 4 and len(eager_calls) == 1  # known sizes stay compiled
+    assert forward.compiles == 4 and len(eager_calls) == 2  # known sizes stay compiled
     with pytest.raises(ValueError):
         CompiledForward(torch, fn, sizes=0)
 

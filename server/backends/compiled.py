@@ -24,10 +24,14 @@ engine exactly as served.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["CompiledForward"]
+
+log = logging.getLogger("certseg.server")
 
 
 class CompiledForward:
@@ -39,6 +43,7 @@ class CompiledForward:
         self.torch, self.fn, self.sizes = torch, fn, sizes
         self.compiles = 0  # graphs inductor built (for tests, benchmarks and logs)
         self._compiled_sizes: set[tuple[int, int, Any]] = set()
+        self._said_eager = False
         # dynamo keeps a function's graphs per code object, for every engine of the
         # process alike, and runs it eagerly past `recompile_limit` graphs (default 8):
         # give each compiled engine room for its own (two per size: batch 1 and > 1).
@@ -62,8 +67,28 @@ class CompiledForward:
         key = (int(x.shape[-2]), int(x.shape[-1]), x.dtype)
         if key not in self._compiled_sizes:
             if len(self._compiled_sizes) >= self.sizes:
+                if not self._said_eager:  # once: sizes are the clients' to choose
+                    self._said_eager = True
+                    log.warning(
+                        "size %dx%d and any further new size run eagerly: %d sizes are "
+                        "compiled already (%s)",
+                        key[0],
+                        key[1],
+                        self.sizes,
+                        ", ".join(f"{h}x{w}" for h, w in self.compiled_sizes),
+                    )
                 return self.fn(x)
             self._compiled_sizes.add(key)
         if x.shape[0] > 1:  # one graph serves every batch of 2 or more
             self.torch._dynamo.mark_dynamic(x, 0)
-        return self._compiled(x)
+        before, t0 = self.compiles, time.perf_counter()
+        out = self._compiled(x)
+        if self.compiles > before:  # a person waiting on a request wants to know why
+            log.info(
+                "compiled the forward pass for batch %s at %dx%d in %.1f s",
+                "1" if x.shape[0] == 1 else ">= 2",
+                key[0],
+                key[1],
+                time.perf_counter() - t0,
+            )
+        return out
