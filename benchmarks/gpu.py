@@ -157,18 +157,6 @@ def make_engine(name: str, checkpoint: Path, onnx_path: Path, bound: float, **kw
     return engine
 
 
-def time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
-    fn()  # warm-up (kernel choice, allocations)
-    _sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
-
-
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
     """ms per call of each fn, timed in turns (a, b, c, a, b, c, ...) after one warm-up
     call each: a machine that slows down or speeds up mid-run moves every engine alike,
@@ -194,8 +182,11 @@ def head_share(engine, x: np.ndarray, repeats: int) -> dict[str, float] | None:
 
     with torch.inference_mode():
         dev = engine.upload(x)
-        net = float(np.median(time_calls(lambda: engine.device_logits(dev), repeats)))
-        full = float(np.median(time_calls(lambda: engine.device_forward(dev), repeats)))
+        timed = time_interleaved(
+            {"net": lambda: engine.device_logits(dev), "full": lambda: engine.device_forward(dev)},
+            repeats,
+        )
+        net, full = (float(np.median(timed[k])) for k in ("net", "full"))
     return {"net_ms": net, "net_and_head_ms": full, "head_share": max(full - net, 0.0) / full}
 
 
