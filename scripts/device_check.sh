@@ -34,8 +34,9 @@ onnxruntime.get_available_providers()); print('numpy', numpy.__version__)"
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-step gpu_tests 150 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider -s \
-    tests/test_reduced_precision.py tests/test_cuda_graphs.py tests/test_export_tensorrt.py \
+step gpu_tests 180 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider -s \
+    tests/test_reduced_precision.py tests/test_cuda_graphs.py tests/test_torch_compile.py \
+    tests/test_export_tensorrt.py \
     tests/test_attacks.py tests/test_train_eval.py
 
 if [ "${QUICK:-0}" = 1 ]; then

@@ -67,6 +67,10 @@ def test_compiled_forward_bounds_its_sizes_and_shares_one_graph_for_batches(capl
     assert forward.compiles == 2
     forward(torch.rand(1, 3, 5, 7))  # a second size
     assert forward.compiles == 3 and forward.compiled_sizes == [(4, 6), (5, 7)]
+    z = torch.rand(3, 4, 6).numpy()[None]  # numpy's way to a batch of one: stride 0
+    assert torch.from_numpy(z).stride(0) == 0
+    np.testing.assert_allclose(forward(torch.from_numpy(z))["y"], fn(torch.from_numpy(z))["y"])
+    assert forward.compiles == 3  # the same size: no compile for another stride
     eager_calls = []
     forward.fn = lambda x: eager_calls.append(tuple(x.shape)) or fn(x)  # the eager path
     with caplog.at_level("INFO", logger="certseg.server"):
@@ -100,13 +104,16 @@ def test_compiled_engine_answers_like_eager_and_compiles_before_ready(engines):
     assert compiled.compiled.compiles == 2  # batch 3 took the batch-2 graph: no compile
 
 
-def test_compiled_engine_certifies_soundly_with_its_calibrated_bound(tmp_path):
-    settings = Settings(backend="torch", intra_op_threads=1, torch_compile=True, warmup=False)
-    checkpoint = tmp_path / "model.pt"  # beside its export, as `certseg export` leaves it
+def _calibrate_and_check(folder, **kw):
+    """Calibrate the engine `kw` describe (as served), serve it with its bound, and check
+    on other images that what it certifies the fp32 reference certifies, same class.
+    Returns the bound, the engine's compile count and captured graphs, and how many
+    pixel certificates were checked."""
+    settings = Settings(backend="torch", intra_op_threads=1, warmup=False, **kw)
+    checkpoint = folder / "model.pt"  # beside its export, as `certseg export` leaves it
     shutil.copy(tiny_checkpoint(), checkpoint)
-    shutil.copy(tiny_model_dir() / "model.onnx", tmp_path / "model.onnx")
+    shutil.copy(tiny_model_dir() / "model.onnx", folder / "model.onnx")
     bound = calibrate_engine(checkpoint, settings, calibration_images((32, 48), 4))
-    assert 0 < bound.max_margin_diff < 1e-4 and bound.bound < 1e-3  # float rounding only
     served = create_engine(
         ModelSpec(None, checkpoint), settings.model_copy(update={"margin_error": bound.bound})
     )
@@ -122,10 +129,32 @@ def test_compiled_engine_certifies_soundly_with_its_calibrated_bound(tmp_path):
                 certified += int(mine.sum())
                 assert np.all(exact["radius"][mine] > eps)
                 np.testing.assert_array_equal(got["mask"][mine], exact["mask"][mine])
+        graphs = served._graphs.captures if served._graphs is not None else 0
+        return bound, served.compiled.compiles, graphs, certified
     finally:
         served.close()
         reference.close()
-    assert certified > 0
+
+
+def test_compiled_engine_certifies_soundly_with_its_calibrated_bound(tmp_path):
+    bound, compiles, _, certified = _calibrate_and_check(tmp_path, torch_compile=True)
+    assert 0 < bound.max_margin_diff < 1e-4 and bound.bound < 1e-3  # float rounding only
+    assert compiles == 1 and certified > 0  # one size, batch 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_compiled_fp16_on_cuda_certifies_soundly(tmp_path, graphs):
+    """On a GPU: the compiled fp16 forward (inductor's kernels), replayed from a CUDA
+    graph too, certifies only what fp32 ONNX Runtime on the CPU certifies."""
+    bound, compiles, captured, certified = _calibrate_and_check(
+        tmp_path, precision="fp16", torch_compile=True, cuda_graphs=graphs
+    )
+    print(f"compiled fp16{' + graphs' if graphs else ''} on {torch.cuda.get_device_name()}: "
+          f"margin error bound {bound.bound:.3e}")  # fmt: skip
+    assert bound.max_margin_diff > 0 and bound.bound < 0.5
+    assert compiles == 1 and captured == (1 if graphs else 0) and certified > 0
 
 
 def test_compile_is_refused_for_other_backends():

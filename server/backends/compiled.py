@@ -64,6 +64,7 @@ class CompiledForward:
         return sorted((h, w) for h, w, _ in self._compiled_sizes)
 
     def __call__(self, x: Any) -> dict[str, Any]:
+        x = _canonical_strides(x)
         key = (int(x.shape[-2]), int(x.shape[-1]), x.dtype)
         if key not in self._compiled_sizes:
             if len(self._compiled_sizes) >= self.sizes:
@@ -92,3 +93,20 @@ class CompiledForward:
                 time.perf_counter() - t0,
             )
         return out
+
+
+def _canonical_strides(x: Any) -> Any:
+    """x, contiguous, with the strides a fresh tensor of its shape has (a view, no copy).
+
+    The stride of a dimension of size 1 is arbitrary (numpy's ``x[None]`` gives 0, a
+    stacked batch of one the plane's size), and dynamo guards on strides: without this
+    the same frame size would compile again for each way its batch of one was made.
+    """
+    if not x.is_contiguous():
+        x = x.contiguous()
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= int(size)
+    strides.reverse()
+    return x if tuple(x.stride()) == tuple(strides) else x.as_strided(x.shape, strides)
