@@ -11,6 +11,7 @@ and batch, every engine the machine can run, built by the server's own backends
     ort-cuda, ort-trt-fp32 / ort-trt-fp16    ONNX Runtime's CUDA and TensorRT providers
     trt-fp32 / trt-fp16                       native TensorRT engines (export.tensorrt)
     ort-cpu                                   ONNX Runtime on the CPU (ask for it)
+    ort-cpu-dynamic                           the same, one session for all sizes
 
 Each engine is first calibrated against fp32 ONNX Runtime on the CPU (the audited
 reference) at --calib-size: its margin error bound (export.error_bound) is what a
@@ -71,9 +72,11 @@ ENGINES: dict[str, tuple[str, str, list[str] | None]] = {
     "trt-fp32": ("tensorrt", "fp32", None),
     "trt-fp16": ("tensorrt", "fp16", None),
     "ort-cpu": ("onnxruntime", "fp32", ["CPUExecutionProvider"]),  # not in the default run
+    "ort-cpu-dynamic": ("onnxruntime", "fp32", ["CPUExecutionProvider"]),  # nor this
 }
 #: Settings beyond backend and precision, by engine.
-OPTIONS: dict[str, dict[str, bool]] = {
+OPTIONS: dict[str, dict[str, Any]] = {
+    "ort-cpu-dynamic": {"ort_size_sessions": 0},  # one session for every size
     "torch-fp16-graphs": {"cuda_graphs": True},
     "torch-fp32-compile": {"torch_compile": True},
     "torch-fp16-compile": {"torch_compile": True},
@@ -82,7 +85,7 @@ OPTIONS: dict[str, dict[str, bool]] = {
 #: Compiled engines cost a compile per size and batch class (tens of seconds on a GPU
 #: node): asked for by name, at the sizes that matter (scripts/device_check.sh).
 COMPILED = {name for name, kw in OPTIONS.items() if kw.get("torch_compile")}
-DEFAULT_ENGINES = [e for e in ENGINES if e != "ort-cpu" and e not in COMPILED]
+DEFAULT_ENGINES = [e for e in ENGINES if not e.startswith("ort-cpu") and e not in COMPILED]
 EPS = (0.01, 0.02, 0.05, 0.1)
 
 
