@@ -76,7 +76,7 @@ ENGINES: dict[str, tuple[str, str, list[str] | None]] = {
 }
 #: Settings beyond backend and precision, by engine.
 OPTIONS: dict[str, dict[str, Any]] = {
-    "ort-cpu-dynamic": {"ort_size_sessions": 0},  # one session for every size
+    "ort-cpu-dynamic": {"ort_specialize": False},  # one session for every size
     "torch-fp16-graphs": {"cuda_graphs": True},
     "torch-fp32-compile": {"torch_compile": True},
     "torch-fp16-compile": {"torch_compile": True},
@@ -149,11 +149,15 @@ def engine_settings(name: str, bound: float = 0.0, **kw) -> tuple[Settings, bool
     return _settings(backend, precision, providers, bound, **kw), backend == "torch"
 
 
-def make_engine(name: str, checkpoint: Path, onnx_path: Path, bound: float, **kw):
-    """Engine `name` as served (its margins shrunk by `bound`), loaded."""
+def make_engine(
+    name: str, checkpoint: Path, onnx_path: Path, bound: float, sizes: list[tuple[int, int]], **kw
+):
+    """Engine `name` as served (its margins shrunk by `bound`), loaded and warmed up at
+    `sizes` as `certseg serve --warmup-sizes` would (compiles, sized sessions)."""
     settings, torch_backend = engine_settings(name, bound, **kw)
     engine = create_engine(ModelSpec(None, checkpoint if torch_backend else onnx_path), settings)
     engine.load()
+    engine.warmup([(1, h, w) for h, w in sizes])
     providers = ENGINES[name][2]
     if providers and providers[0] not in getattr(engine, "providers", providers):
         raise RuntimeError(f"{providers[0]} fell back to {engine.providers}")
@@ -302,7 +306,7 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
             artifact = checkpoint if torch_backend else onnx_path
             bounds[name] = calibrate_engine(artifact, settings, calib, reference=reference)
             engines[name] = make_engine(
-                name, checkpoint, onnx_path, bounds[name].bound, max_batch=max(batches)
+                name, checkpoint, onnx_path, bounds[name].bound, sizes, max_batch=max(batches)
             )
         except Exception as err:  # a missing package, provider or GPU: report, go on
             skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"

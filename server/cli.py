@@ -101,9 +101,9 @@ def serve(
         str | None, typer.Option(help="fp32 | fp16 | bf16 (reduced ones need --margin-error).")
     ] = None,
     trt_cache_dir: Annotated[Path | None, typer.Option(help="TensorRT engine cache.")] = None,
-    ort_size_sessions: Annotated[
-        int | None,
-        typer.Option(help="ONNX Runtime CPU: sessions specialised per frame size (default: 4)."),
+    ort_specialize: Annotated[
+        bool | None,
+        typer.Option(help="ONNX Runtime CPU: a session per warm-up size (default: on)."),
     ] = None,
     cuda_graphs: Annotated[
         bool | None, typer.Option(help="torch on a GPU: replay captured CUDA graphs.")
@@ -169,7 +169,7 @@ def serve(
         margin_error=margin_error,
         precision=precision,
         trt_cache_dir=trt_cache_dir,
-        ort_size_sessions=ort_size_sessions,
+        ort_specialize=ort_specialize,
         cuda_graphs=cuda_graphs,
         torch_compile=torch_compile,
         default_model=default_model,

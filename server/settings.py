@@ -91,13 +91,11 @@ class Settings(BaseSettings):
         "(inductor), per input size, at most 4 sizes; the warm-up sizes are compiled "
         "before ready.",
     )
-    ort_size_sessions: int = Field(
-        default=4,
-        ge=0,
-        le=16,
-        description="ONNX Runtime on the CPU: keep a session specialised to each of the "
-        "last N frame sizes (batch 1), in which what depends on the size alone is "
-        "computed once at load (0: one dynamic session for all).",
+    ort_specialize: bool = Field(
+        default=True,
+        description="ONNX Runtime on the CPU: give each warm-up size (batch 1) a session "
+        "of its own, in which what depends on the size alone is computed once, at load "
+        "(each holds its own memory too; other sizes use the one dynamic session).",
     )
     trt_cache_dir: Path | None = None
     trt_max_side: int = Field(default=2048, ge=32, description="Native TensorRT: max H and W.")

@@ -8,7 +8,7 @@ bound (`Settings.margin_error`) to stay sound; CPU and CUDA run fp32 only.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +87,10 @@ class OnnxRuntimeEngine(BaseEngine):
         super().__init__(info, settings.margin_error, calibrating)
         self._threads = settings.intra_op_threads
         self._session: Any = None
-        # Sessions specialised to one frame size, most recently used last (CPU only:
-        # measured there; other providers plan shapes themselves).
-        self._sized: OrderedDict[tuple[int, int], Any] = OrderedDict()
-        self._max_sized = settings.ort_size_sessions if first == CPU else 0
+        # Sessions specialised to a warm-up size, batch 1 (CPU only: measured there;
+        # other providers plan shapes themselves).
+        self._sized: dict[tuple[int, int], Any] = {}
+        self._specialize = settings.ort_specialize and first == CPU
         self._free_dims: list[str] = []  # the input's symbolic dims: batch, height, width
 
     def _new_session(self, fixed: dict[str, int] | None = None) -> Any:
@@ -121,27 +121,28 @@ class OnnxRuntimeEngine(BaseEngine):
         self._free_dims = [d if isinstance(d, str) else "" for d in dims]
         named = [d for d in self._free_dims if d]
         if len(dims) != 4 or not named or len(set(named)) < len(named):
-            self._max_sized = 0  # one fixed shape, or dims that share a name: leave as is
+            self._specialize = False  # one fixed shape, or dims that share a name
         super().load()
 
-    def _session_for(self, images: np.ndarray) -> Any:
-        """A session whose graph knows the frame's size, for a batch of one: with every
+    def warmup(self, sizes: Sequence[tuple[int, int, int]]) -> None:
+        """Each warm-up size of batch 1 gets a session whose graph knows it: with every
         shape fixed, onnxruntime folds at load what depends on the size alone (the
-        positional biases' Resize; measured on the shipped model at 512x1024: 15
-        Resize and 15 Concat nodes gone, answers bit-identical). At most
-        `ort_size_sessions` are kept, least recently used out first; batches of more
-        than one, and the sizes before a session is made, use the dynamic session."""
-        if self._max_sized == 0 or images.shape[0] != 1:
+        positional biases' Resize; on the shipped model 15 Resize and 15 Concat nodes
+        gone, answers bit-identical). Only the warm-up sizes, which the operator names
+        (`--warmup-sizes`): each such session holds its folded maps and its own memory
+        arena, so sizes that clients choose must not add them."""
+        for n, h, w in sizes:
+            if self._specialize and n == 1 and (h, w) not in self._sized:
+                values = dict(zip(self._free_dims, (1, 3, h, w), strict=True))
+                self._sized[(h, w)] = self._new_session({d: v for d, v in values.items() if d})
+        super().warmup(sizes)
+
+    def _session_for(self, images: np.ndarray) -> Any:
+        """The warm-up size's own session for a batch of one of that size, else the
+        dynamic session."""
+        if images.shape[0] != 1:
             return self._session
-        key = (int(images.shape[2]), int(images.shape[3]))
-        session = self._sized.pop(key, None)
-        if session is None:
-            while len(self._sized) >= self._max_sized:
-                self._sized.popitem(last=False)
-            values = dict(zip(self._free_dims, (1, 3, *key), strict=True))
-            session = self._new_session({d: v for d, v in values.items() if d})
-        self._sized[key] = session
-        return session
+        return self._sized.get((int(images.shape[2]), int(images.shape[3])), self._session)
 
     @property
     def providers(self) -> list[str]:
@@ -150,7 +151,7 @@ class OnnxRuntimeEngine(BaseEngine):
 
     @property
     def sized_sessions(self) -> list[tuple[int, int]]:
-        """Frame sizes with a specialised session, least recently used first."""
+        """The frame sizes that have a session of their own."""
         return list(self._sized)
 
     def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
