@@ -236,7 +236,9 @@ def calibrate(
     from server.backends import resolve_model_specs
     from server.calibration import calibrate_engine, calibration_images
     from server.errors import CertSegError
+    from server.logs import configure_logging
 
+    configure_logging("info", as_json=False)  # a compile takes a while: say what it does
     settings = build_settings(
         models=[str(model)],
         backend=backend,

@@ -215,3 +215,24 @@ def test_compiled_server_is_ready_after_compiling_its_warmup_size(engines):
     sure = want["margin"][0] > 1e-3
     np.testing.assert_array_equal(mask[sure], want["mask"][0][sure])
     np.testing.assert_allclose(radius.reshape(40, 56), want["radius"][0], atol=1e-3)
+
+
+def test_calibrate_command_measures_the_compiled_engine(tmp_path):
+    """`certseg calibrate --torch-compile` calibrates the engine as it will be served and
+    says so in the flags it prints."""
+    import json
+    import subprocess
+    import sys
+
+    shutil.copy(tiny_checkpoint(), tmp_path / "model.pt")
+    shutil.copy(tiny_model_dir() / "model.onnx", tmp_path / "model.onnx")
+    out = tmp_path / "bound.json"
+    cmd = [sys.executable, "-m", "certseg.cli", "calibrate", str(tmp_path / "model.pt"),
+           "--backend", "torch", "--precision", "fp32", "--torch-compile", "--count", "2",
+           "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    bound = json.loads(out.read_text())
+    assert 0 < bound["bound"] < 1e-3 and bound["images"] == 2
+    assert run.stderr.strip().splitlines()[-1].endswith("--torch-compile")
+    assert "compiled the forward pass for batch 1 at 32x48" in run.stderr
