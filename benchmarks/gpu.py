@@ -164,11 +164,13 @@ def make_engine(
     return engine
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """ms per call of each fn, timed in turns (a, b, c, a, b, c, ...) after one warm-up
-    call each: a machine that slows down or speeds up mid-run moves every engine alike,
-    so their ratios hold."""
-    for fn in fns.values():
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, warm: bool = True
+) -> dict[str, list[float]]:
+    """ms per call of each fn, timed in turns (a, b, c, a, b, c, ...), after one warm-up
+    call each unless the caller made it (`warm=False`): a machine that slows down or
+    speeds up mid-run moves every engine alike, so their ratios hold."""
+    for fn in fns.values() if warm else ():
         fn()
     _sync()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -321,9 +323,10 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
                     outs[name] = engine.infer(x, ["mask"])
                 except Exception as err:  # e.g. out of the engine's profile or memory
                     skipped[f"{name} {h}x{w} b{n}"] = str(err).splitlines()[0][:160]
-            timed = time_interleaved(
+            timed = time_interleaved(  # the calls above were each engine's warm-up
                 {name: lambda e=engines[name], x=x: e.infer(x, ["mask"]) for name in outs},
                 args.repeats,
+                warm=False,
             )
             ref = next(iter(outs.values()), None)  # the first engine (torch-fp32 by default)
             for name, out in outs.items():
