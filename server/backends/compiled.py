@@ -4,7 +4,8 @@ Why: eager torch runs each elementwise step of a 1-Lipschitz net (activations,
 centering, residual sums, the certificate head) as a kernel of its own that reads
 and writes whole activation planes; inductor fuses them into few kernels, and the
 convolutions stay the vendor's (cuDNN, oneDNN). Measured on this project's CPU
-machine (shipped model, 512x1024, 2 threads): 1.93 s eager -> 1.25 s compiled.
+machine (shipped model, 512x1024, 2 threads, timed in turns): 1901 ms eager -> 1137 ms
+compiled (benchmarks/results/compile_cpu.json).
 
 What is compiled, and when. Each input size (H, W, dtype) gets its own graph with H
 and W fixed (inductor's fully dynamic spatial sizes fail on the padding arithmetic
@@ -49,7 +50,7 @@ class CompiledForward:
         # give each compiled engine room for its own (two per size: batch 1 and > 1).
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, limit, getattr(config, limit) + 2 * sizes)  # older: cache_size_limit
+        setattr(config, limit, getattr(config, limit) + 2 * sizes)
         self._compiled = torch.compile(fn, backend=self._backend, dynamic=False)
 
     def _backend(self, graph: Any, example_inputs: list[Any]) -> Any:
