@@ -327,9 +327,29 @@ def controlled(model_dir):
     srv.stop()
 
 
+def _wait_for(condition, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _hold_odd_then_queue(srv, engine, pool, post, odd: bytes, imgs: list[bytes]):
+    """Hold the worker on `odd` at the engine's gate until all of `imgs` wait in the
+    batcher: what shares a pass is then fixed by the batcher, not by thread timing.
+    Returns the futures (odd's first); the caller sets `engine.gate` to let them run."""
+    batcher = srv.app.state.server.batcher_for("tiny")
+    engine.gate, calls = threading.Event(), engine.calls
+    first = pool.submit(post, odd)
+    _wait_for(lambda: engine.calls == calls + 1, "the odd image to reach the model")
+    queued = [pool.submit(post, body) for body in imgs]
+    _wait_for(lambda: batcher.depth == len(imgs), "the images to queue")
+    return first, queued
+
+
 def test_dynamic_batching_groups_same_shapes(controlled, session):
     """While the worker is busy with a 30x40 image, four 32x48 ones queue up; they
-    then share forward passes, and every answer still matches the direct session."""
+    then share one forward pass, and every answer still matches the direct session."""
     srv, engine = controlled
     imgs = [encode(random_image(32, 48, seed=i)) for i in range(4)]
     odd = encode(random_image(30, 40, seed=9))
@@ -337,22 +357,22 @@ def test_dynamic_batching_groups_same_shapes(controlled, session):
     def post(body):
         return httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
 
-    engine.delay_s = 0.4
     try:
         with ThreadPoolExecutor(5) as pool:
-            first = pool.submit(post, odd)
-            time.sleep(0.15)
-            answers = [*pool.map(post, imgs), first.result()]
+            first, queued = _hold_odd_then_queue(srv, engine, pool, post, odd, imgs)
+            time.sleep(0.1)  # the queue visibly waits
+            engine.gate.set()
+            answers = [*(f.result() for f in queued), first.result()]
     finally:
-        engine.delay_s = 0.0
+        engine.gate.set()
+        engine.gate = None
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
     sizes = [r.json()["batch_size"] for r in answers]
-    assert max(sizes[:4]) > 1, sizes  # the four 32x48 images shared forward passes
-    assert sizes[4] == 1  # the 30x40 one ran on its own
+    assert sizes == [4, 4, 4, 4, 1], sizes  # the four 32x48 images shared one pass
     for body, r in zip([*imgs, odd], answers, strict=True):
         mask = session.run(["mask"], {"image": to_input(body)})[0][0]
         np.testing.assert_array_equal(_png(r.json()["mask"]), mask)
-    assert any(r.json()["timings_ms"]["queue"] > 50 for r in answers[:4])
+    assert all(r.json()["timings_ms"]["queue"] > 50 for r in answers[:4])
 
 
 def test_backend_fault_gives_503_then_recovers(controlled):
@@ -381,18 +401,18 @@ def test_fault_mid_batch_fails_that_whole_batch_only(controlled):
         return httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
 
     calls = engine.calls
-    engine.delay_s = 0.4
     try:
         with ThreadPoolExecutor(5) as pool:
-            first = pool.submit(post, encode(random_image(30, 40, seed=9)))
-            time.sleep(0.15)
-            batch = [pool.submit(post, body) for body in imgs]
-            time.sleep(0.1)
-            engine.fail = True  # raises at the end of the running pass and of the batch
-            answers = [f.result() for f in batch]
-            first.result()
+            odd = encode(random_image(30, 40, seed=9))
+            first, queued = _hold_odd_then_queue(srv, engine, pool, post, odd, imgs)
+            engine.fail = True  # raises on the held pass and on the batch
+            engine.gate.set()
+            answers = [f.result() for f in queued]
+            assert_problem(first.result(), 503)
     finally:
-        engine.delay_s, engine.fail = 0.0, False
+        engine.fail = False
+        engine.gate.set()
+        engine.gate = None
     assert engine.calls - calls == 2  # the odd one, then the four in one pass
     for r in answers:
         assert "injected" not in assert_problem(r, 503)["detail"]
@@ -402,19 +422,18 @@ def test_fault_mid_batch_fails_that_whole_batch_only(controlled):
 def test_full_queue_gives_503_with_retry_after(controlled):
     srv, engine = controlled
     img = encode(random_image(32, 48))
-    engine.delay_s = 0.3
+    engine.gate = threading.Event()  # the worker holds its first pass: the queue fills
     try:
         with ThreadPoolExecutor(16) as pool:
-            answers = list(
-                pool.map(
-                    lambda _: httpx.post(
-                        srv.base + "/v1/segment?outputs=mask", content=img, timeout=60
-                    ),
-                    range(16),
-                )
-            )
+            url = srv.base + "/v1/segment?outputs=mask"
+            futures = [pool.submit(httpx.post, url, content=img, timeout=60) for _ in range(16)]
+            # 16 images, at most 4 on the held pass and 6 queued: 6 or more refused at once
+            _wait_for(lambda: sum(f.done() for f in futures) >= 6, "refusals of a full queue")
+            engine.gate.set()
+            answers = [f.result() for f in futures]
     finally:
-        engine.delay_s = 0.0
+        engine.gate.set()
+        engine.gate = None
     codes = [r.status_code for r in answers]
     assert 200 in codes and 503 in codes, codes
     for r in answers:
