@@ -2,12 +2,14 @@
 
 Every image of every surface (REST, V2, stream) goes through `Batcher.submit`. The
 worker takes the oldest waiting image and gathers the others of the same (model,
-H, W, logits-or-not) until the batch has `max_batch` images or the oldest has waited
-`max_delay_ms`; images of other shapes wait their own turn, in arrival order. The
-forward pass runs in the device's single worker thread, so the event loop never
-blocks and a device never runs two batches at once (a GPU gains nothing from that,
-a CPU loses). The queue is bounded: past `max_queue` images, `Overloaded` (503 with
-Retry-After from the measured throughput).
+H, W, logits-or-not) until the batch is full or the oldest has waited `max_delay_ms`.
+Full is `max_batch` images, fewer where they would pass `max_pass_pixels` (the
+engine's working memory grows with the pixels of a pass, not with the images).
+Images of other shapes wait their own turn, in arrival order. The forward pass runs
+in the device's single worker thread, so the event loop never blocks and a device
+never runs two batches at once (a GPU gains nothing from that, a CPU loses). The
+queue is bounded: past `max_queue` images, `Overloaded` (503 with Retry-After from
+the measured throughput).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Batcher:
         engines: dict[str, Engine],
         device: str = "cpu",
         max_batch: int = 8,
+        max_pass_pixels: int | None = None,
         max_delay_ms: float = 2.0,
         max_queue: int = 64,
         on_batch: Callable[[str, int, float], None] | None = None,
@@ -86,6 +89,7 @@ class Batcher:
         self.engines = engines
         self.device = device
         self.max_batch = max_batch
+        self.max_pass_pixels = max_pass_pixels
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue = max_queue
         self._on_batch = on_batch
@@ -157,10 +161,18 @@ class Batcher:
             self._on_queue(self.device, self.depth)
 
     # the worker -----------------------------------------------------------------
-    def _take_batch(self) -> list[_Item]:
+    def batch_cap(self, height: int, width: int) -> int:
+        """Images of this size per pass: max_batch, fewer to stay within max_pass_pixels
+        (never fewer than one: a single image's size is bounded at decode)."""
+        if self.max_pass_pixels is None:
+            return self.max_batch
+        return max(1, min(self.max_batch, self.max_pass_pixels // (height * width)))
+
+    def _take_batch(self) -> tuple[list[_Item], int]:
+        """The oldest image's batch so far, and how many would make it full."""
         first = self._pending[0]
-        batch = [it for it in self._pending if it.key == first.key][: self.max_batch]
-        return batch
+        cap = self.batch_cap(first.image.shape[1], first.image.shape[2])
+        return [it for it in self._pending if it.key == first.key][:cap], cap
 
     async def _next_batch(self) -> list[_Item]:
         """The oldest image's batch, once full or once the oldest has waited enough."""
@@ -173,9 +185,9 @@ class Batcher:
                 self._pending.popleft()
             if not self._pending:
                 continue
-            batch = self._take_batch()
+            batch, cap = self._take_batch()
             remaining = self._pending[0].enqueued + self.max_delay - time.perf_counter()
-            if len(batch) >= self.max_batch or remaining <= 0:
+            if len(batch) >= cap or remaining <= 0:
                 return batch
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):

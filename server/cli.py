@@ -89,7 +89,11 @@ def serve(
         int | None, typer.Option(help="Largest image body (default: 32 MiB).")
     ] = None,
     max_pixels: Annotated[
-        int | None, typer.Option(help="Largest image, W*H (default: 4096^2).")
+        int | None, typer.Option(help="Largest image, W*H (default: 2048^2).")
+    ] = None,
+    max_pass_pixels: Annotated[
+        int | None,
+        typer.Option(help="Most pixels in one forward pass (default: max-pixels; GPU: 8x)."),
     ] = None,
     audit: Annotated[
         bool | None, typer.Option(help="Re-audit each ONNX file's L at load (default: on).")
@@ -165,6 +169,7 @@ def serve(
         api_key=api_key,
         max_body_bytes=max_body_bytes,
         max_pixels=max_pixels,
+        max_pass_pixels=max_pass_pixels,
         audit=audit,
         margin_error=margin_error,
         precision=precision,

@@ -34,7 +34,7 @@ class ServerState:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.limits = Limits(settings.max_body_bytes, settings.max_pixels)
+        self.limits = Limits(settings.max_body_bytes, settings.image_pixels())
         self.engines: dict[str, Engine] = {}
         self.status: dict[str, ModelStatus] = {}
         self.errors: dict[str, str] = {}
@@ -68,6 +68,7 @@ class ServerState:
                     {},
                     device=device,
                     max_batch=s.batch_limit(device),
+                    max_pass_pixels=s.pass_pixels(device),
                     max_delay_ms=s.max_delay_ms,
                     max_queue=s.max_queue,
                     on_batch=self._on_batch,

@@ -375,6 +375,32 @@ def test_dynamic_batching_groups_same_shapes(controlled, session):
     assert all(r.json()["timings_ms"]["queue"] > 50 for r in answers[:4])
 
 
+def test_pass_pixel_budget_cuts_batches_and_bounds_images(model_dir):
+    """--max-pass-pixels of two 32x48 images: four queued ones run as two passes of
+    two, and an image larger than one pass is refused before decoding (413)."""
+    engine = ControlledEngine(ort_engine(model_dir))
+    settings = Settings(intra_op_threads=1, max_batch=4, max_pass_pixels=2 * 32 * 48)
+    srv = LiveServer(create_app(settings, engines=[engine])).start()
+    imgs = [encode(random_image(32, 48, seed=i)) for i in range(4)]
+
+    def post(body):
+        return httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
+
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            odd = encode(random_image(30, 40, seed=9))
+            first, queued = _hold_odd_then_queue(srv, engine, pool, post, odd, imgs)
+            engine.gate.set()
+            answers = [f.result() for f in queued]
+            assert first.result().status_code == 200
+        assert [r.json()["batch_size"] for r in answers] == [2, 2, 2, 2]
+        assert_problem(post(encode(random_image(64, 64))), 413)
+        assert post(imgs[0]).status_code == 200
+    finally:
+        engine.gate.set()
+        srv.stop()
+
+
 def test_backend_fault_gives_503_then_recovers(controlled):
     srv, engine = controlled
     img = encode(random_image(32, 48))

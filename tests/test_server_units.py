@@ -247,6 +247,34 @@ def test_batcher_groups_by_shape_and_caps_batch():
         assert r.outputs["mask"].shape == jobs[i]
 
 
+def test_batcher_cuts_batches_to_the_pass_pixel_budget():
+    """32 pixels a pass: two 4x4 images, or one 8x8 (an image larger than the budget still
+    runs, alone: decode bounds a single image). A batch at its cap is full and runs at
+    once: with a 10 s delay this would otherwise take 10 s per batch."""
+    engine = FakeEngine()
+    jobs = [(4, 4)] * 5 + [(8, 8)] * 2
+
+    async def main():
+        b = Batcher({"m": engine}, max_batch=8, max_pass_pixels=32, max_delay_ms=10_000)
+        b.start()
+        try:
+            subs = [
+                b.submit("m", np.full((3, h, w), i, np.float32))
+                for i, (h, w) in enumerate(jobs[:4])
+            ]
+            return await asyncio.wait_for(asyncio.gather(*subs), 5)
+        finally:
+            await b.stop()
+
+    results = asyncio.run(main())
+    assert engine.batches == [(2, 3, 4, 4), (2, 3, 4, 4)]
+    assert [float(r.outputs["margin"][0, 0]) for r in results] == [0, 1, 2, 3]
+    engine.batches.clear()
+    _run_batcher(engine, jobs, max_batch=8, max_pass_pixels=32, max_delay_ms=0)
+    assert engine.batches == [(2, 3, 4, 4), (2, 3, 4, 4), (1, 3, 4, 4), (1, 3, 8, 8), (1, 3, 8, 8)]
+    assert Batcher({}, max_batch=8, max_pass_pixels=1000).batch_cap(10, 10) == 8
+
+
 def test_batcher_without_delay_runs_what_is_queued():
     engine = FakeEngine(delay=0.02)
     _run_batcher(engine, [(4, 4)] * 6, max_batch=8, max_delay_ms=0)
@@ -329,6 +357,16 @@ def test_settings_env_and_cli(monkeypatch):
     help_text = CliRunner().invoke(app, ["serve", "--help"]).output
     for flag in ("--host", "--port", "--backend", "--max-batch", "--max-delay-ms", "--api-key"):
         assert flag in help_text
+    assert "--max-pass-pixels" in help_text
+
+
+def test_pixel_limits_per_image_and_per_pass():
+    s = Settings()
+    assert s.image_pixels() == s.max_pixels == 2048 * 2048
+    assert s.pass_pixels("cpu") == s.max_pixels and s.pass_pixels("cuda:0") == 8 * s.max_pixels
+    s = Settings(max_pixels=1000, max_pass_pixels=600)
+    assert s.image_pixels() == 600 and s.pass_pixels("cuda:0") == 600  # an image fits a pass
+    assert Settings(max_pixels=1000, max_pass_pixels=5000).image_pixels() == 1000
 
 
 def test_margin_error_shrinks_radius():

@@ -93,7 +93,8 @@ class OnnxRuntimeEngine(BaseEngine):
         self._specialize = settings.ort_specialize and first == CPU
         self._free_dims: list[str] = []  # the input's symbolic dims: batch, height, width
 
-    def _new_session(self, fixed: dict[str, int] | None = None) -> Any:
+    def session_options(self, fixed: dict[str, int] | None = None) -> Any:
+        """The options of every session: threads, no spinning, `fixed` dims."""
         ort = _ort()
         so = ort.SessionOptions()
         so.intra_op_num_threads = self._threads
@@ -103,8 +104,19 @@ class OnnxRuntimeEngine(BaseEngine):
         # No busy-waiting between runs: decoding, certifying and encoding of other
         # requests need those cores (measured: certify 39 -> ~10 ms at 256x512, 2 CPUs).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self._providers[0][0] == CPU:
+            # The memory pattern (one block planned from the first run of a shape) comes
+            # on top of the arena's chunks from that run: peak RSS doubled on the second
+            # pass of a size (shipped model, 1024x2048: 3.1 -> 5.7 GB), for no speed
+            # (810 vs 807 ms at 512x1024; benchmarks/engine_memory.py).
+            so.enable_mem_pattern = False
         for name, value in (fixed or {}).items():
             so.add_free_dimension_override_by_name(name, value)
+        return so
+
+    def _new_session(self, fixed: dict[str, int] | None = None) -> Any:
+        ort = _ort()
+        so = self.session_options(fixed)
         try:
             return ort.InferenceSession(
                 str(self.info.path),

@@ -1,0 +1,155 @@
+"""Peak host memory of forward passes, by frame size: what `max_pixels` must bound.
+
+A fully convolutional net's working memory grows with the pixels of a pass. Each
+(size, variant) runs in a fresh process (peak RSS is per process): it loads the
+shipped model into the engine the server uses (ONNX Runtime CPU, dynamic session)
+and runs one image three times; the figures are the peak RSS after each pass and
+the first pass's growth over the loaded engine per pixel. Variants:
+
+    served        the engine as served (memory pattern off)
+    mem-pattern   the same with onnxruntime's memory pattern on (its default)
+
+Speed of the two is timed in turns in one process on the same input.
+
+    python benchmarks/engine_memory.py --sizes 512x1024,1024x2048,2048x2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from _common import parse_sizes, print_table, write_result
+from tqdm import tqdm
+
+from server.backends.ort import OnnxRuntimeEngine
+from server.settings import Settings, default_model_path
+
+GIB = 2**30
+PASSES = 3
+VARIANTS = ("served", "mem-pattern")
+OUTPUTS = ["mask", "margin", "radius"]
+
+
+class MemPatternEngine(OnnxRuntimeEngine):
+    """The served engine with onnxruntime's memory pattern back on: the comparison."""
+
+    def session_options(self, fixed: dict[str, int] | None = None) -> Any:
+        so = super().session_options(fixed)
+        so.enable_mem_pattern = True
+        return so
+
+
+def make_engine(variant: str, threads: int) -> OnnxRuntimeEngine:
+    cls = MemPatternEngine if variant == "mem-pattern" else OnnxRuntimeEngine
+    settings = Settings(intra_op_threads=threads, ort_specialize=False)
+    engine = cls(None, default_model_path(), settings)
+    engine.load()
+    return engine
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def measure_one(variant: str, h: int, w: int, threads: int) -> dict[str, Any]:
+    """In this process: load the engine, run one h x w image PASSES times."""
+    engine = make_engine(variant, threads)
+    loaded = _peak_rss_bytes()
+    x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    peaks, seconds = [], []
+    for _ in range(PASSES):
+        t = time.perf_counter()
+        engine.infer(x, OUTPUTS)
+        seconds.append(time.perf_counter() - t)
+        peaks.append(_peak_rss_bytes() / GIB)
+    return {
+        "loaded_gib": loaded / GIB,
+        "peak_gib": peaks,
+        "kib_per_pixel": (peaks[0] * GIB - loaded) / (h * w) / 1024,
+        "seconds": seconds,
+    }
+
+
+def time_in_turns(h: int, w: int, threads: int, rounds: int) -> dict[str, float]:
+    """Median seconds per pass of each variant, alternating on the same input."""
+    engines = {v: make_engine(v, threads) for v in VARIANTS}
+    x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for i in tqdm(range(rounds + 2), desc=f"turns {h}x{w}"):
+        for v, engine in engines.items():
+            t = time.perf_counter()
+            engine.infer(x, OUTPUTS)
+            if i >= 2:  # the first two passes of a size are its warm-up
+                times[v].append(time.perf_counter() - t)
+    return {v: float(np.median(t)) for v, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="512x1024,1024x2048,2048x2048")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--turns-size", default="512x1024")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # VARIANT:HxW, the child's job
+    args = ap.parse_args(argv)
+    if args.one:
+        variant, size = args.one.split(":")
+        ((h, w),) = parse_sizes(size)
+        print(json.dumps(measure_one(variant, h, w, args.threads)))
+        return {}
+    rows = []
+    jobs = [(v, hw) for hw in parse_sizes(args.sizes) for v in VARIANTS]
+    for variant, (h, w) in tqdm(jobs, desc="fresh processes"):
+        cmd = [sys.executable, __file__, "--one", f"{variant}:{h}x{w}"]
+        done = subprocess.run(
+            [*cmd, "--threads", str(args.threads)], capture_output=True, text=True
+        )
+        row: dict[str, Any] = {"variant": variant, "size": f"{h}x{w}", "pixels": h * w}
+        if done.returncode == -9:  # the kernel's OOM killer: the figure this is about
+            row["killed"] = "SIGKILL (out of memory)"
+        else:
+            assert done.returncode == 0, done.stderr[-2000:]
+            row.update(json.loads(done.stdout.splitlines()[-1]))
+        rows.append(row)
+    print_table(
+        "forward passes, shipped model, ONNX Runtime CPU (a fresh process per row)",
+        ["size", "variant", "peak RSS GiB, passes 1/2/3", "KiB/px (pass 1)", "s, passes 1/2/3"],
+        [
+            [r["size"], r["variant"], r["killed"], "", ""]
+            if "killed" in r
+            else [
+                r["size"],
+                r["variant"],
+                " / ".join(f"{g:.2f}" for g in r["peak_gib"]),
+                r["kib_per_pixel"],
+                " / ".join(f"{s:.2f}" for s in r["seconds"]),
+            ]
+            for r in rows
+        ],
+    )
+    ((h, w),) = parse_sizes(args.turns_size)
+    turns = time_in_turns(h, w, args.threads, args.rounds)
+    print_table(
+        f"median s per pass at {h}x{w}, in turns, after two warm-up passes",
+        list(VARIANTS),
+        [[turns[v] for v in VARIANTS]],
+    )
+    result = {
+        "threads": args.threads,
+        "passes": PASSES,
+        "rows": rows,
+        "turns": {"size": args.turns_size, "rounds": args.rounds, "median_s": turns},
+    }
+    print(write_result("engine_memory_cpu", result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
