@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,12 +79,13 @@ def measure_one(variant: str, h: int, w: int, threads: int) -> dict[str, Any]:
 
 
 def time_in_turns(h: int, w: int, threads: int, rounds: int) -> dict[str, float]:
-    """Median seconds per pass of each variant, alternating on the same input."""
+    """Median seconds per pass of each variant, in turns on the same input."""
     engines = {v: make_engine(v, threads) for v in VARIANTS}
     x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in tqdm(range(rounds + 2), desc=f"turns {h}x{w}"):
-        for v, engine in engines.items():
+        for v in VARIANTS if i % 2 else VARIANTS[::-1]:  # neither always goes first
+            engine = engines[v]
             t = time.perf_counter()
             engine.infer(x, OUTPUTS)
             if i >= 2:  # the first two passes of a size are its warm-up
@@ -95,8 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="512x1024,1024x2048,2048x2048")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--turns-size", default="512x1024")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--turns-sizes", default="512x1024,1024x2048")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--out", type=Path, help="result file (default: benchmarks/results/)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # VARIANT:HxW, the child's job
     args = ap.parse_args(argv)
     if args.one:
@@ -134,20 +137,22 @@ def main(argv: list[str] | None = None) -> dict:
             for r in rows
         ],
     )
-    ((h, w),) = parse_sizes(args.turns_size)
-    turns = time_in_turns(h, w, args.threads, args.rounds)
+    turns = {
+        f"{h}x{w}": time_in_turns(h, w, args.threads, args.rounds)
+        for h, w in parse_sizes(args.turns_sizes)
+    }
     print_table(
-        f"median s per pass at {h}x{w}, in turns, after two warm-up passes",
-        list(VARIANTS),
-        [[turns[v] for v in VARIANTS]],
+        "median s per pass, in turns on the same input, after two warm-up passes",
+        ["size", *VARIANTS],
+        [[size, *(t[v] for v in VARIANTS)] for size, t in turns.items()],
     )
     result = {
         "threads": args.threads,
         "passes": PASSES,
         "rows": rows,
-        "turns": {"size": args.turns_size, "rounds": args.rounds, "median_s": turns},
+        "turns": {"rounds": args.rounds, "median_s": turns},
     }
-    print(write_result("engine_memory_cpu", result))
+    print(write_result("engine_memory_cpu", result, args.out))
     return result
 
 
