@@ -106,9 +106,9 @@ class OnnxRuntimeEngine(BaseEngine):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._providers[0][0] == CPU:
             # The memory pattern (one block planned from the first run of a shape) comes
-            # on top of the arena's chunks from that run: peak RSS doubled on the second
-            # pass of a size (shipped model, 1024x2048: 3.1 -> 5.7 GB), for no speed
-            # (810 vs 807 ms at 512x1024; benchmarks/engine_memory.py).
+            # on top of the arena's chunks from that run: peak RSS nearly doubled on the
+            # second pass of a size (shipped model, 1024x2048: 5.72 GiB, 3.19 without),
+            # for no speed (3166 vs 3267 ms in turns; benchmarks/engine_memory.py).
             so.enable_mem_pattern = False
         for name, value in (fixed or {}).items():
             so.add_free_dimension_override_by_name(name, value)
