@@ -4,7 +4,9 @@ A fully convolutional net's working memory grows with the pixels of a pass. Each
 (size, variant) runs in a fresh process (peak RSS is per process): it loads the
 shipped model into the engine the server uses (ONNX Runtime CPU, dynamic session)
 and runs one image three times; the figures are the peak RSS after each pass and
-the first pass's growth over the loaded engine per pixel. Variants:
+the first pass's growth over the loaded engine per pixel. One more process per
+variant runs `--mixed` random sizes after its largest, as clients' varied frames
+would. Variants:
 
     served        the engine as served (memory pattern off)
     mem-pattern   the same with onnxruntime's memory pattern on (its default)
@@ -59,23 +61,37 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def measure_one(variant: str, h: int, w: int, threads: int) -> dict[str, Any]:
-    """In this process: load the engine, run one h x w image PASSES times."""
+def measure(variant: str, shapes: list[tuple[int, int]], threads: int) -> dict[str, Any]:
+    """In this process: load the engine, run one image of each shape in order."""
     engine = make_engine(variant, threads)
     loaded = _peak_rss_bytes()
-    x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    rng = np.random.default_rng(0)
     peaks, seconds = [], []
-    for _ in range(PASSES):
+    for h, w in shapes:
+        x = rng.random((1, 3, h, w), dtype=np.float32)
         t = time.perf_counter()
         engine.infer(x, OUTPUTS)
         seconds.append(time.perf_counter() - t)
         peaks.append(_peak_rss_bytes() / GIB)
+    h, w = shapes[0]
     return {
         "loaded_gib": loaded / GIB,
         "peak_gib": peaks,
         "kib_per_pixel": (peaks[0] * GIB - loaded) / (h * w) / 1024,
         "seconds": seconds,
     }
+
+
+def mixed_shapes(count: int, largest: tuple[int, int]) -> list[tuple[int, int]]:
+    """Random sizes, multiples of 16 up to `largest`, the largest one first: what
+    follows shows whether varied sizes grow the memory past the largest pass's."""
+    rng = np.random.default_rng(1)
+    h, w = largest
+    rest = [
+        (16 * int(rng.integers(4, h // 16)), 16 * int(rng.integers(4, w // 16)))
+        for _ in range(count - 1)
+    ]
+    return [largest, *rest]
 
 
 def time_in_turns(h: int, w: int, threads: int, rounds: int) -> dict[str, float]:
@@ -100,21 +116,38 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--turns-sizes", default="512x1024,1024x2048")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--out", type=Path, help="result file (default: benchmarks/results/)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # VARIANT:HxW, the child's job
+    ap.add_argument("--mixed", type=int, default=25, help="random sizes in one process")
+    ap.add_argument("--mixed-largest", default="1024x2048")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # VARIANT:HxW,HxW..., the child's job
     args = ap.parse_args(argv)
     if args.one:
-        variant, size = args.one.split(":")
-        ((h, w),) = parse_sizes(size)
-        print(json.dumps(measure_one(variant, h, w, args.threads)))
+        variant, sizes = args.one.split(":")
+        print(json.dumps(measure(variant, parse_sizes(sizes), args.threads)))
         return {}
     rows = []
-    jobs = [(v, hw) for hw in parse_sizes(args.sizes) for v in VARIANTS]
-    for variant, (h, w) in tqdm(jobs, desc="fresh processes"):
-        cmd = [sys.executable, __file__, "--one", f"{variant}:{h}x{w}"]
-        done = subprocess.run(
-            [*cmd, "--threads", str(args.threads)], capture_output=True, text=True
-        )
-        row: dict[str, Any] = {"variant": variant, "size": f"{h}x{w}", "pixels": h * w}
+    jobs = [
+        (f"{h}x{w}", v, [(h, w)] * PASSES) for h, w in parse_sizes(args.sizes) for v in VARIANTS
+    ]
+    if args.mixed:
+        ((h, w),) = parse_sizes(args.mixed_largest)
+        label = f"{args.mixed} sizes <= {h}x{w}"
+        jobs += [(label, v, mixed_shapes(args.mixed, (h, w))) for v in VARIANTS]
+    for label, variant, shapes in tqdm(jobs, desc="fresh processes"):
+        sizes = ",".join(f"{h}x{w}" for h, w in shapes)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            f"{variant}:{sizes}",
+            "--threads",
+            str(args.threads),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        row: dict[str, Any] = {
+            "variant": variant,
+            "size": label,
+            "pixels": shapes[0][0] * shapes[0][1],
+        }
         if done.returncode == -9:  # the kernel's OOM killer: the figure this is about
             row["killed"] = "SIGKILL (out of memory)"
         else:
@@ -123,16 +156,22 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
     print_table(
         "forward passes, shipped model, ONNX Runtime CPU (a fresh process per row)",
-        ["size", "variant", "peak RSS GiB, passes 1/2/3", "KiB/px (pass 1)", "s, passes 1/2/3"],
+        [
+            "size",
+            "variant",
+            "peak RSS GiB, passes 1/2/../last",
+            "KiB/px (pass 1)",
+            "s, passes 1/2/3",
+        ],
         [
             [r["size"], r["variant"], r["killed"], "", ""]
             if "killed" in r
             else [
                 r["size"],
                 r["variant"],
-                " / ".join(f"{g:.2f}" for g in r["peak_gib"]),
+                " / ".join(f"{g:.2f}" for g in [*r["peak_gib"][:2], r["peak_gib"][-1]]),
                 r["kib_per_pixel"],
-                " / ".join(f"{s:.2f}" for s in r["seconds"]),
+                " / ".join(f"{s:.2f}" for s in r["seconds"][:3]),
             ]
             for r in rows
         ],

@@ -19,16 +19,24 @@ def test_served_engine_memory_stays_flat_over_passes(tmp_path):
         "--sizes", "256x512",
         "--turns-sizes", "32x64",
         "--rounds", "1",
+        "--mixed", "4",
+        "--mixed-largest", "192x384",
         "--threads", "1",
         "--out", str(out),
     ]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
-    rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"served", "mem-pattern"}
-    served = rows["served"]
-    first, *later = (g - served["loaded_gib"] for g in served["peak_gib"])
-    assert first > 0 and all(g <= 1.2 * first for g in later), served
+    rows = {(r["size"], r["variant"]): r for r in result["rows"]}
+    assert set(rows) == {
+        (size, variant)
+        for size in ("256x512", "4 sizes <= 192x384")
+        for variant in ("served", "mem-pattern")
+    }
+    for size in ("256x512", "4 sizes <= 192x384"):  # the same size again, or smaller ones
+        served = rows[size, "served"]
+        first, *later = (g - served["loaded_gib"] for g in served["peak_gib"])
+        assert first > 0 and all(g <= 1.2 * first for g in later), served
+    served = rows["256x512", "served"]
     assert 0.5 < served["kib_per_pixel"] < 8, served  # the order of the documented 1.5
     assert set(result["turns"]["median_s"]["32x64"]) == {"served", "mem-pattern"}

@@ -108,7 +108,7 @@ class OnnxRuntimeEngine(BaseEngine):
             # The memory pattern (one block planned from the first run of a shape) comes
             # on top of the arena's chunks from that run: peak RSS nearly doubled on the
             # second pass of a size (shipped model, 1024x2048: 5.72 GiB, 3.19 without),
-            # for no speed (3166 vs 3267 ms in turns; benchmarks/engine_memory.py).
+            # for about 3% of speed (2939 vs 3023 ms in turns; benchmarks/engine_memory.py).
             so.enable_mem_pattern = False
         for name, value in (fixed or {}).items():
             so.add_free_dimension_override_by_name(name, value)
