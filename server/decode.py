@@ -122,7 +122,7 @@ def _open_checked(data: bytes, limits: Limits, formats: tuple[str, ...]) -> tupl
     if width * height > limits.max_pixels:
         raise PayloadTooLarge(
             f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
-            f"{limits.max_pixels}"
+            f"{limits.max_pixels} pixels; send it downscaled"
         )
     return img, fmt
 
