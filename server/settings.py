@@ -178,6 +178,13 @@ class Settings(BaseSettings):
     max_tensor_bytes: int = Field(
         default=256 * 1024 * 1024, ge=1024, description="V2 infer bodies (raw tensors, JSON)."
     )
+    max_json_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="The JSON part of a V2 infer body. Parsed JSON numbers take about 5x "
+        "their text in memory and the parser holds the GIL (a 59 MB tensor: 1.5 s, +300 MB), "
+        "so large tensors must come as binary data.",
+    )
 
     @field_validator("models", "providers", "cors_origins", mode="before")
     @classmethod

@@ -40,6 +40,7 @@ from server_support import (
 MAX_BYTES = 512 * 1024
 MAX_PIXELS = 300 * 300
 MAX_TENSOR_BYTES = 2 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024
 SEGMENT = "/v1/segment"
 INFER = "/v2/models/tiny/infer"
 H, W = 24, 40  # the unusual images' size
@@ -165,9 +166,11 @@ def _binary(header: dict, tail: bytes, length: int | str | None = None) -> tuple
     return head + tail, {"Inference-Header-Content-Length": str(n)}
 
 
-def _binary_case(id: str, header: dict, tail: bytes, word: str, length=None) -> Case:
+def _binary_case(
+    id: str, header: dict, tail: bytes, word: str, length=None, status: int = 422
+) -> Case:
     body, headers = _binary(header, tail, length)
-    return _v2(id, body, 422, word, headers=headers)
+    return _v2(id, body, status, word, headers=headers)
 
 
 _BIN = {"binary_data_size": 24}  # 6 FP32 values
@@ -352,6 +355,15 @@ CORPUS: list[Case] = [
         headers={"Content-Encoding": "gzip"},
     ),
     _v2("v2-body-over-limit", b" " * (MAX_TENSOR_BYTES + 1), 413, "limit"),
+    # 48x96 values as JSON text: 135 KB, over the JSON limit; the same as binary is fine
+    _v2("v2-json-tensor-over-limit", _tensor([1, 3, 48, 96], [0.123] * 13824), 413, "binary"),
+    _binary_case(
+        "v2-json-header-over-limit",
+        {**_tensor([1, 3, 1, 2], parameters=_BIN), "pad": " " * MAX_JSON_BYTES},
+        bytes(24),
+        "binary",
+        status=413,
+    ),
 ]
 BY_ID = {c.id: c for c in CORPUS}
 assert len(BY_ID) == len(CORPUS), "corpus ids must be unique"
@@ -363,7 +375,10 @@ assert len(BY_ID) == len(CORPUS), "corpus ids must be unique"
 @pytest.fixture(scope="module")
 def server():
     srv = serve_tiny(
-        max_body_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_tensor_bytes=MAX_TENSOR_BYTES
+        max_body_bytes=MAX_BYTES,
+        max_pixels=MAX_PIXELS,
+        max_tensor_bytes=MAX_TENSOR_BYTES,
+        max_json_bytes=MAX_JSON_BYTES,
     )
     yield srv
     srv.stop()
