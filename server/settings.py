@@ -178,6 +178,12 @@ class Settings(BaseSettings):
     max_tensor_bytes: int = Field(
         default=256 * 1024 * 1024, ge=1024, description="V2 infer bodies (raw tensors, JSON)."
     )
+    max_body_bytes_in_flight: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1024,
+        description="Request bodies held by all connections at once; a request that would "
+        "pass it: 503 + Retry-After (each body has its own cap, the connections have none).",
+    )
     max_json_bytes: int = Field(
         default=16 * 1024 * 1024,
         ge=1024,

@@ -15,6 +15,7 @@ from typing import Literal
 from starlette.requests import HTTPConnection
 
 from server.batcher import Batcher
+from server.body_budget import BodyBudget
 from server.decode import Limits
 from server.engine import Engine, ModelInfo
 from server.errors import ModelError, ModelNotFound, ModelNotReady
@@ -35,6 +36,7 @@ class ServerState:
         self.settings = settings
         self.metrics = metrics
         self.limits = Limits(settings.max_body_bytes, settings.image_pixels())
+        self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
         self.engines: dict[str, Engine] = {}
         self.status: dict[str, ModelStatus] = {}
         self.errors: dict[str, str] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -516,3 +517,35 @@ def test_torch_backend_over_http_answers_like_onnxruntime(client):
         assert a["max_flips"] == pytest.approx(b["max_flips"], abs=2)
     finally:
         live.stop()
+
+
+def test_bodies_in_flight_share_one_budget(model_dir):
+    """A slow upload holds most of the budget: another body that would pass it gets 503
+    + Retry-After (problem+json); once the upload ends its bytes are given back."""
+    body = encode(random_image(128, 160, seed=3))
+    settings = Settings(intra_op_threads=1, max_body_bytes_in_flight=len(body) * 3 // 2)
+    srv = LiveServer(create_app(settings, engines=[ort_engine(model_dir)])).start()
+    budget = srv.app.state.server.bodies
+    try:
+        slow = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        head = (
+            f"POST /v1/segment?outputs=mask HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        slow.sendall(head.encode() + body[:-100])
+        _wait_for(lambda: budget.used == len(body) - 100, "the slow upload's bytes")
+        r = httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
+        assert_problem(r, 503)
+        assert r.headers["Retry-After"] == "1"
+        slow.sendall(body[-100:])
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+        slow.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        _wait_for(lambda: budget.used == 0, "the budget given back")
+        r = httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
+        assert r.status_code == 200
+        assert budget.used == 0
+    finally:
+        srv.stop()
