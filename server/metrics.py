@@ -41,6 +41,11 @@ class Metrics:
         self.queue_depth = Gauge(
             "certseg_queue_depth", "Images waiting for inference.", ["device"], registry=r
         )
+        self.body_bytes = Gauge(
+            "certseg_body_bytes_in_flight",
+            "Request body bytes held by all requests (the max_body_bytes_in_flight budget).",
+            registry=r,
+        )
         self.stream_frames = Counter(
             "certseg_stream_frames",
             "Frames received on /v1/stream (each is answered or dropped).",

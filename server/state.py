@@ -37,6 +37,7 @@ class ServerState:
         self.metrics = metrics
         self.limits = Limits(settings.max_body_bytes, settings.image_pixels())
         self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
+        metrics.body_bytes.set_function(lambda: self.bodies.used)
         self.engines: dict[str, Engine] = {}
         self.status: dict[str, ModelStatus] = {}
         self.errors: dict[str, str] = {}

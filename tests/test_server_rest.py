@@ -214,6 +214,7 @@ def test_docs_metrics_health_and_index(client):
         "certseg_stage_latency_ms_bucket",
         "certseg_batch_size_bucket",
         "certseg_queue_depth",
+        "certseg_body_bytes_in_flight 0.0",
         "certseg_stream_dropped_frames_total",
         "certseg_guaranteed_fraction_bucket",
         "certseg_model_ready",
@@ -534,6 +535,8 @@ def test_bodies_in_flight_share_one_budget(model_dir):
         )
         slow.sendall(head.encode() + body[:-100])
         _wait_for(lambda: budget.used == len(body) - 100, "the slow upload's bytes")
+        scrape = httpx.get(srv.base + "/metrics").text
+        assert f"certseg_body_bytes_in_flight {float(len(body) - 100)}" in scrape
         r = httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
         assert_problem(r, 503)
         assert r.headers["Retry-After"] == "1"
