@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,34 @@ def machine() -> dict[str, Any]:
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """'512x1024,1024x2048' -> [(512, 1024), (1024, 2048)]."""
     return [parse_size(s) for s in text.split(",") if s]
+
+
+def time_in_turns(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warm: int = 1,
+    alternate: bool = False,
+    sync: Callable[[], None] = lambda: None,
+    desc: str | None = None,
+) -> dict[str, list[float]]:
+    """ms per call of each fn, timed in turns (a, b, c, a, b, c, ...) after `warm`
+    untimed rounds (0 when the caller made the warm-up calls): a machine that slows
+    down or speeds up mid-run moves every fn alike, so their ratios hold. `alternate`
+    reverses the order every other round, so that no fn always runs first; `sync`
+    waits for queued device work (CUDA) before a clock is read; `desc` shows the
+    rounds as a progress bar."""
+    from tqdm import tqdm
+
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in tqdm(range(warm + repeats), desc=desc, disable=desc is None):
+        for name in names[::-1] if alternate and i % 2 else names:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            if i >= warm:
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return times
 
 
 def write_result(name: str, payload: dict[str, Any], path: Path | None = None) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import parse_sizes, print_table, write_result
+from _common import parse_sizes, print_table, time_in_turns, write_result
 from tqdm import tqdm
 
 from server.backends.ort import OnnxRuntimeEngine
@@ -94,19 +94,14 @@ def mixed_shapes(count: int, largest: tuple[int, int]) -> list[tuple[int, int]]:
     return [largest, *rest]
 
 
-def time_in_turns(h: int, w: int, threads: int, rounds: int) -> dict[str, float]:
-    """Median seconds per pass of each variant, in turns on the same input."""
+def median_s_in_turns(h: int, w: int, threads: int, rounds: int) -> dict[str, float]:
+    """Median seconds per pass of each variant, in turns on the same input, after two
+    warm-up passes of each, alternating which goes first."""
     engines = {v: make_engine(v, threads) for v in VARIANTS}
     x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for i in tqdm(range(rounds + 2), desc=f"turns {h}x{w}"):
-        for v in VARIANTS if i % 2 else VARIANTS[::-1]:  # neither always goes first
-            engine = engines[v]
-            t = time.perf_counter()
-            engine.infer(x, OUTPUTS)
-            if i >= 2:  # the first two passes of a size are its warm-up
-                times[v].append(time.perf_counter() - t)
-    return {v: float(np.median(t)) for v, t in times.items()}
+    fns = {v: lambda e=engine: e.infer(x, OUTPUTS) for v, engine in engines.items()}
+    times = time_in_turns(fns, rounds, warm=2, alternate=True, desc=f"turns {h}x{w}")
+    return {v: float(np.median(t)) / 1000 for v, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -177,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     )
     turns = {
-        f"{h}x{w}": time_in_turns(h, w, args.threads, args.rounds)
+        f"{h}x{w}": median_s_in_turns(h, w, args.threads, args.rounds)
         for h, w in parse_sizes(args.turns_sizes)
     }
     print_table(

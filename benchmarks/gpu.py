@@ -43,12 +43,11 @@ import io
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import parse_sizes, print_table, street_like, write_result
+from _common import parse_sizes, print_table, street_like, time_in_turns, write_result
 from PIL import Image
 from server_overhead import rest_load, stream_fps, stream_rows
 
@@ -164,25 +163,6 @@ def make_engine(
     return engine
 
 
-def time_interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, warm: bool = True
-) -> dict[str, list[float]]:
-    """ms per call of each fn, timed in turns (a, b, c, a, b, c, ...), after one warm-up
-    call each unless the caller made it (`warm=False`): a machine that slows down or
-    speeds up mid-run moves every engine alike, so their ratios hold."""
-    for fn in fns.values() if warm else ():
-        fn()
-    _sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            times[name].append((time.perf_counter() - t0) * 1000)
-    return times
-
-
 def head_share(engine, x: np.ndarray, repeats: int) -> dict[str, float] | None:
     """Device time of the net alone vs net + certificate head (eager torch engines)."""
     if not hasattr(engine, "device_forward") or engine.compiled is not None:
@@ -191,9 +171,10 @@ def head_share(engine, x: np.ndarray, repeats: int) -> dict[str, float] | None:
 
     with torch.inference_mode():
         dev = engine.upload(x)
-        timed = time_interleaved(
+        timed = time_in_turns(
             {"net": lambda: engine.device_logits(dev), "full": lambda: engine.device_forward(dev)},
             repeats,
+            sync=_sync,
         )
         net, full = (float(np.median(timed[k])) for k in ("net", "full"))
     return {"net_ms": net, "net_and_head_ms": full, "head_share": max(full - net, 0.0) / full}
@@ -323,10 +304,11 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
                     outs[name] = engine.infer(x, ["mask"])
                 except Exception as err:  # e.g. out of the engine's profile or memory
                     skipped[f"{name} {h}x{w} b{n}"] = str(err).splitlines()[0][:160]
-            timed = time_interleaved(  # the calls above were each engine's warm-up
+            timed = time_in_turns(  # the calls above were each engine's warm-up
                 {name: lambda e=engines[name], x=x: e.infer(x, ["mask"]) for name in outs},
                 args.repeats,
-                warm=False,
+                warm=0,
+                sync=_sync,
             )
             ref = next(iter(outs.values()), None)  # the first engine (torch-fp32 by default)
             for name, out in outs.items():
