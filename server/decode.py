@@ -48,9 +48,10 @@ class DecodedImage:
     """A decoded image: its 8-bit pixels, and the network input derived from them.
 
     `array` (float32 (3, H, W) in [0, 1]) is formed on first use: an engine that takes
-    8-bit input (`ModelInfo.accepts_uint8`, the torch backend, which divides by 255 on
-    its device) gets `chw8` instead, a quarter of the bytes to batch and copy. Images
-    with more than 8 bits per channel have exact float input and no `chw8`.
+    8-bit input (`ModelInfo.accepts_uint8`: the torch backend, which divides by 255 on
+    its device, and ONNX Runtime on the CPU, which converts each batch in its worker)
+    gets `chw8` instead, a quarter of the bytes to queue, batch and copy. Images with
+    more than 8 bits per channel have exact float input and no `chw8`.
     """
 
     width: int
@@ -75,6 +76,12 @@ class DecodedImage:
         if self._array is None:
             self._array = chw8_to_float(self.chw8)
         return self._array
+
+    def network_input(self, accepts_uint8: bool) -> np.ndarray:
+        """What the engine gets: `chw8` if it takes 8-bit input and the image has no
+        more bits, else `array`. A copy of the frame: run it off the event loop."""
+        chw8 = self.chw8 if accepts_uint8 else None
+        return chw8 if chw8 is not None else self.array
 
 
 def chw8_to_float(chw8: np.ndarray) -> np.ndarray:

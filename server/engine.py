@@ -83,7 +83,8 @@ class ModelInfo:
     version: str = "1"
     sha256: str = ""
     has_logits: bool = False
-    #: The engine takes uint8 images (0..255, meaning v / 255) and converts them itself.
+    #: Send the engine uint8 images (0..255, meaning v / 255): it converts them itself,
+    #: so queues and batches hold a quarter of float32's bytes.
     accepts_uint8: bool = False
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)

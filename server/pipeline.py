@@ -199,13 +199,6 @@ def certify(
     )
 
 
-def network_input(image: DecodedImage, accepts_uint8: bool) -> np.ndarray:
-    """What the engine gets: 8-bit channels-first pixels if it takes them (a quarter of
-    the bytes), else float32 in [0, 1]. A copy of the frame: run it off the event loop."""
-    chw8 = image.chw8 if accepts_uint8 else None
-    return chw8 if chw8 is not None else image.array
-
-
 async def segment_image(
     state: ServerState,
     model: str,
@@ -221,7 +214,7 @@ async def segment_image(
     need_logits = "logits" in outputs or (target is not None and info.has_logits)
     if "logits" in outputs and not info.has_logits:
         raise InvalidParameter(f"model '{info.name}' was exported without a logits output")
-    pixels = await asyncio.to_thread(network_input, image, info.accepts_uint8)
+    pixels = await asyncio.to_thread(image.network_input, info.accepts_uint8)
     result = await batcher.submit(info.name, pixels, ("logits",) if need_logits else ())
     timings.add("queue", result.queue_ms)
     timings.add("infer", result.infer_ms)

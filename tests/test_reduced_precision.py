@@ -177,7 +177,7 @@ def _levels_roundtrip(engine) -> None:
 def test_torch_backend_takes_uint8_with_exact_levels(shipped):
     checkpoint, reference = shipped
     engine = _torch_engine(checkpoint)
-    assert engine.metadata().accepts_uint8 and not reference.metadata().accepts_uint8
+    assert engine.metadata().accepts_uint8 and reference.metadata().accepts_uint8
     _levels_roundtrip(engine)
     x8 = (np.concatenate(_scenes(5, 2)) * 255 + 0.5).astype(np.uint8)
     from server.decode import chw8_to_float
@@ -186,7 +186,9 @@ def test_torch_backend_takes_uint8_with_exact_levels(shipped):
     for k in ("mask", "margin", "radius"):
         np.testing.assert_array_equal(a[k], b[k])
     ref8, ref = reference.infer(x8, ["mask"]), reference.infer(chw8_to_float(x8), ["mask"])
-    np.testing.assert_array_equal(ref8["margin"], ref["margin"])  # converted by the base
+    # ONNX Runtime on the CPU: converted by the base, in the worker, to the same values
+    for k in ("mask", "margin", "radius"):
+        np.testing.assert_array_equal(ref8[k], ref[k])
 
 
 @pytest.mark.gpu

@@ -26,7 +26,7 @@ from certseg.certify import worst_case_pixel_accuracy
 from server.backends import ModelSpec, create_engine, resolve_backend, resolve_model_specs
 from server.backends.base import apply_margin_error
 from server.batcher import Batcher
-from server.decode import Limits, decode_image, decode_target, sniff_format
+from server.decode import Limits, chw8_to_float, decode_image, decode_target, sniff_format
 from server.engine import read_onnx_metadata
 from server.errors import (
     PROBLEMS,
@@ -84,6 +84,21 @@ def test_decode_modes_match_certseg_loader():
     d = decode_image(encode(grey16), LIMITS)
     np.testing.assert_allclose(d.array[0], grey16 / 65535.0, rtol=1e-6)
     assert d.rgb8.shape == (6, 7, 3)
+
+
+def test_network_input_is_8bit_for_engines_that_take_it():
+    """An 8-bit image is queued as its bytes (a quarter of float32's) when the engine
+    converts them itself; more than 8 bits per channel stays exact float32."""
+    rgb = random_image(6, 7)
+    d = decode_image(encode(rgb), LIMITS)
+    bytes8, floats = d.network_input(True), d.network_input(False)
+    assert bytes8.dtype == np.uint8 and bytes8.flags.c_contiguous
+    np.testing.assert_array_equal(bytes8, rgb.transpose(2, 0, 1))
+    assert floats.dtype == np.float32
+    np.testing.assert_array_equal(chw8_to_float(bytes8), floats)
+    grey16 = (np.arange(42, dtype=np.uint16).reshape(6, 7) * 1500).astype(np.uint16)
+    deep = decode_image(encode(grey16), LIMITS)
+    assert deep.network_input(True).dtype == np.float32
 
 
 @pytest.mark.parametrize(

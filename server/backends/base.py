@@ -56,9 +56,12 @@ class BaseEngine:
     `margin_error` is the bound subtracted from every margin (none for a calibrating
     engine, whose raw margins are what is measured). The base subtracts it after
     `_run`, unless the backend does so itself on its device (`corrects_margins`).
+    8-bit images become float32 here, in the device's worker thread, unless the backend
+    takes them as they are (`converts_uint8`).
     """
 
     corrects_margins = False
+    converts_uint8 = False
 
     def __init__(self, info: ModelInfo, margin_error: float = 0.0, calibrating: bool = False):
         self.info = info
@@ -85,7 +88,7 @@ class BaseEngine:
 
     def infer(self, images: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         names = list(dict.fromkeys([*outputs, "margin", "radius"]))
-        if images.dtype == np.uint8 and not self.info.accepts_uint8:
+        if images.dtype == np.uint8 and not self.converts_uint8:
             images = chw8_to_float(images)
         got = self._run(images, names)
         if self.corrects_margins:

@@ -84,6 +84,11 @@ class OnnxRuntimeEngine(BaseEngine):
             has_logits="logits" in outputs,
             sha256=file_sha256(path),
         )
+        # On the CPU, routes send 8-bit frames as they are and the base converts each batch
+        # in the worker thread: a queued 2048x2048 frame holds 12 MB, not 48, and the
+        # conversion (5 ms at 1024x2048) is a sliver of a CPU pass. A GPU provider gets
+        # float32 made in the request's thread, off its one worker.
+        info.accepts_uint8 = first == CPU
         super().__init__(info, settings.margin_error, calibrating)
         self._threads = settings.intra_op_threads
         self._session: Any = None

@@ -56,6 +56,7 @@ class TorchEngine(BaseEngine):
     """A fused checkpoint with the export's pad -> net -> crop -> certificate head."""
 
     corrects_margins = True  # on the device, in device_forward
+    converts_uint8 = True  # through a 256-entry table, on the device
 
     def __init__(
         self, name: str | None, path: Path, settings: Settings, calibrating: bool = False

@@ -472,13 +472,15 @@ def _requested_outputs(req: dict[str, Any], available: list[str]) -> list[tuple[
     return result
 
 
-async def _images(tensor: np.ndarray | list[bytes], state: ServerState) -> list[np.ndarray]:
+async def _images(
+    tensor: np.ndarray | list[bytes], state: ServerState, accepts_uint8: bool
+) -> list[np.ndarray]:
     if isinstance(tensor, np.ndarray):
         return list(tensor)
     decoded = [await asyncio.to_thread(decode_image, b, state.limits) for b in tensor]
     if len({(d.height, d.width) for d in decoded}) > 1:
         raise InvalidParameter("all BYTES images of one request must have the same size")
-    return [d.array for d in decoded]
+    return [await asyncio.to_thread(d.network_input, accepts_uint8) for d in decoded]
 
 
 @router.post("/models/{model}/infer", responses=_INFER_RESPONSES, openapi_extra=_INFER_DOC)
@@ -522,7 +524,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         _parse, body, encoding, request.headers.get(HEADER), state
     )
     wanted = _requested_outputs(req, info.output_names)
-    images = await _images(tensor, state)
+    images = await _images(tensor, state, info.accepts_uint8)
     if not images:
         raise InvalidParameter("the input holds no images (batch of 0)")
     if len(images) > state.settings.max_queue:
