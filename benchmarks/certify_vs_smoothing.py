@@ -44,7 +44,8 @@ def _quick_twin(card, out: Path, device: str) -> Path:
     cfg = TrainConfig(
         out=str(out),
         arch=card.arch,
-        arch_kwargs={"constrained": False},
+        # the same architecture as the certified net (width, position biases), unconstrained
+        arch_kwargs={**card.arch_kwargs, "constrained": False},
         num_images=64,
         val_images=8,
         size=tuple(card.input_size),

@@ -135,9 +135,9 @@ class RequestContextMiddleware:
                 status["started"] = True
             await send(message)
 
-        held = [0]
+        charge = self.state.bodies.charge()
         if scope["type"] == "http":
-            receive = self.state.bodies.counting(receive, held)
+            receive = charge.counting(receive)
         try:
             if not self._authorized(scope):
                 status["code"] = 401
@@ -154,7 +154,7 @@ class RequestContextMiddleware:
                 )
                 await self._send_body(send, 500, body, scope["path"], rid)
         finally:
-            self.state.bodies.release(held)
+            charge.release()
             self._record(scope, status["code"], start)
             request_id_var.reset(token)
 

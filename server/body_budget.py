@@ -12,7 +12,7 @@ from starlette.types import Message, Receive
 
 from server.errors import Overloaded
 
-__all__ = ["BodyBudget"]
+__all__ = ["BodyBudget", "BodyCharge"]
 
 
 class BodyBudget:
@@ -22,24 +22,36 @@ class BodyBudget:
         self.limit = limit
         self.used = 0
 
-    def counting(self, receive: Receive, held: list[int]) -> Receive:
-        """`receive` that charges each body chunk to the budget; `held[0]` is what this
-        request holds, for `release` at its end."""
+    def charge(self) -> BodyCharge:
+        """What one request holds of the budget; `release` it when the request ends."""
+        return BodyCharge(self)
+
+
+class BodyCharge:
+    """One request's share of a `BodyBudget`."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def counting(self, receive: Receive) -> Receive:
+        """`receive` that charges each body chunk to the budget before handing it on."""
 
         async def counted() -> Message:
             message = await receive()
             n = len(message.get("body", b"")) if message["type"] == "http.request" else 0
             if n:
-                if self.used + n > self.limit:
+                budget = self.budget
+                if budget.used + n > budget.limit:
                     raise Overloaded(
-                        f"request bodies in flight exceed {self.limit} bytes", retry_after=1
+                        f"request bodies in flight exceed {budget.limit} bytes", retry_after=1
                     )
-                self.used += n
-                held[0] += n
+                budget.used += n
+                self.held += n
             return message
 
         return counted
 
-    def release(self, held: list[int]) -> None:
-        self.used -= held[0]
-        held[0] = 0
+    def release(self) -> None:
+        self.budget.used -= self.held
+        self.held = 0

@@ -24,6 +24,8 @@ Precision = Literal["fp32", "fp16", "bf16"]
 
 #: Where the lead ships the default model (certseg/weights/*.onnx or */model.onnx).
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "certseg" / "weights"
+#: Images of the largest size one GPU pass takes by default (batch size and pixel budget).
+GPU_IMAGES_PER_PASS = 8
 
 
 def default_model_path(weights_dir: Path = WEIGHTS_DIR) -> Path | None:
@@ -225,7 +227,7 @@ class Settings(BaseSettings):
 
     def batch_limit(self, device: str) -> int:
         """Images per forward pass on `device`: max_batch, else 1 on a CPU, 8 on a GPU."""
-        return self.max_batch or (1 if device == "cpu" else 8)
+        return self.max_batch or (1 if device == "cpu" else GPU_IMAGES_PER_PASS)
 
     def image_pixels(self) -> int:
         """Largest image accepted: max_pixels, or a smaller explicit max_pass_pixels (an
@@ -234,7 +236,8 @@ class Settings(BaseSettings):
 
     def pass_pixels(self, device: str) -> int:
         """Most pixels in one forward pass on `device` (see `max_pass_pixels`)."""
-        return self.max_pass_pixels or self.max_pixels * (1 if device == "cpu" else 8)
+        per_pass = 1 if device == "cpu" else GPU_IMAGES_PER_PASS
+        return self.max_pass_pixels or self.max_pixels * per_pass
 
     def api_key_bytes(self) -> bytes | None:
         """The key as bytes for hmac.compare_digest, or None when auth is off."""
