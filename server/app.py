@@ -61,6 +61,9 @@ PUBLIC_PATHS = frozenset(
     }
 )
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The request counter's method label: the client picks the method, so any other is
+# "other" (one label set per invented method would grow the scrape without bound).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "WS"})
 
 DESCRIPTION = """Certified semantic segmentation: every pixel comes with the l2 radius
 within which no perturbation of the image can change its class, and every image with
@@ -188,7 +191,8 @@ class RequestContextMiddleware:
         template = getattr(route, "path", None) or "unmatched"
         method = scope.get("method", "WS")
         ms = (time.perf_counter() - start) * 1000.0
-        self.state.metrics.requests.labels(template, method, str(status)).inc()
+        label = method if method in _METHODS else "other"
+        self.state.metrics.requests.labels(template, label, str(status)).inc()
         log.info(
             "%s %s %d %.1fms",
             method,

@@ -221,6 +221,10 @@ def test_docs_metrics_health_and_index(client):
     ):
         assert name in text, name
     assert 'route="/v1/segment"' in text and 'stage="infer"' in text
+    for invented in ("PROPFIND", "MKCOL"):  # methods the client picks share one label
+        assert client.request(invented, "/v1/models").status_code == 405
+    text = client.get("/metrics").text
+    assert 'method="other"' in text and "PROPFIND" not in text
 
 
 # ------------------------------------------------------------------------------ errors
