@@ -91,6 +91,10 @@ def serve(
     max_pixels: Annotated[
         int | None, typer.Option(help="Largest image, W*H (default: 2048^2).")
     ] = None,
+    max_source_pixels: Annotated[
+        int | None,
+        typer.Option(help="Largest image, W*H, sent with resize=fit or a scale (4096^2)."),
+    ] = None,
     max_pass_pixels: Annotated[
         int | None,
         typer.Option(help="Most pixels in one forward pass (default: max-pixels; GPU: 8x)."),
@@ -169,6 +173,7 @@ def serve(
         api_key=api_key,
         max_body_bytes=max_body_bytes,
         max_pixels=max_pixels,
+        max_source_pixels=max_source_pixels,
         max_pass_pixels=max_pass_pixels,
         audit=audit,
         margin_error=margin_error,

@@ -9,6 +9,11 @@ with 413 at step 3 and never allocates its pixels.
 Pixels become float32 RGB in [0, 1], channels first, exactly like
 `certseg.data.to_chw_float` (alpha dropped, grey and palette expanded). EXIF
 orientation is not applied: the certificate speaks of the pixel grid as stored.
+
+An image over the pixel limit is refused (413) unless the client asks for a resize
+(`resize=fit` or a scale): then up to `max_source_pixels` are decoded and shrunk by
+area averaging (`certseg.certify.resize`), whose operator norm the certificate folds
+in, so radii still speak of the image sent.
 """
 
 from __future__ import annotations
@@ -16,20 +21,27 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from certseg.certify.resize import AreaResize
 from server.errors import CorruptImage, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
 
 __all__ = [
     "DecodedImage",
     "Limits",
+    "ResizeRequest",
     "chw8_to_float",
     "decode_image",
     "decode_target",
+    "parse_resize",
     "sniff_format",
 ]
+
+#: What a client asks: no resize (None), shrink to fit the limit, or a scale in (0, 1].
+ResizeRequest = Literal["fit"] | float | None
 
 #: Formats we decode: name -> Pillow format id. Sniffed from magic bytes.
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -40,7 +52,27 @@ class Limits:
     """Input limits: body bytes and declared pixels (width * height)."""
 
     max_bytes: int
-    max_pixels: int
+    max_pixels: int  # what the network takes
+    max_source_pixels: int = 0  # what may be decoded to be shrunk (0: max_pixels)
+
+    def declared_limit(self, resize: ResizeRequest) -> int:
+        """Pixels an image may declare: more when the client asked for a resize."""
+        return max(self.max_pixels, self.max_source_pixels) if resize else self.max_pixels
+
+
+def parse_resize(value: str | None) -> ResizeRequest:
+    """The `resize` option: none / fit / a scale in (0, 1]; else a 422."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    if value.strip().lower() == "fit":
+        return "fit"
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = float("nan")
+    if not 0.0 < scale <= 1.0:
+        raise InvalidParameter(f"resize must be none, fit or a scale in (0, 1], got {value!r}")
+    return scale
 
 
 @dataclass
@@ -51,14 +83,16 @@ class DecodedImage:
     8-bit input (`ModelInfo.accepts_uint8`: the torch backend, which divides by 255 on
     its device, and ONNX Runtime on the CPU, which converts each batch in its worker)
     gets `chw8` instead, a quarter of the bytes to queue, batch and copy. Images with
-    more than 8 bits per channel have exact float input and no `chw8`.
+    more than 8 bits per channel, and resized images, have exact float input (at the
+    network's size) and no `chw8`; `width`, `height` and `rgb8` stay the source's.
     """
 
     width: int
     height: int
     format: str
     rgb8: np.ndarray  # (H, W, 3) uint8: overlays, and the input when it is 8-bit
-    exact: np.ndarray | None = None  # (3, H, W) float32 when the source had > 8 bits
+    exact: np.ndarray | None = None  # (3, h, w) float32: > 8 bits, or resized
+    resize: AreaResize | None = None  # (H, W) -> the network's (h, w)
     _array: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -105,7 +139,9 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _open_checked(data: bytes, limits: Limits, formats: tuple[str, ...]) -> tuple[Image.Image, str]:
+def _open_checked(
+    data: bytes, limits: Limits, formats: tuple[str, ...], resize: ResizeRequest = None
+) -> tuple[Image.Image, str]:
     """Steps 1-3: size, format, declared pixels; returns the lazily opened image."""
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"body of {len(data)} bytes exceeds the limit of {limits.max_bytes}")
@@ -126,12 +162,33 @@ def _open_checked(data: bytes, limits: Limits, formats: tuple[str, ...]) -> tupl
         raise CorruptImage(f"cannot read the {fmt.upper()} header") from exc
     if width < 1 or height < 1:
         raise CorruptImage(f"image declares an empty size {width}x{height}")
-    if width * height > limits.max_pixels:
+    limit = limits.declared_limit(resize)
+    if width * height > limit:
+        hint = "send it downscaled"
+        if not resize and limits.max_source_pixels > limits.max_pixels:
+            hint += f", or ask resize=fit (up to {limits.max_source_pixels} pixels)"
         raise PayloadTooLarge(
             f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
-            f"{limits.max_pixels} pixels; send it downscaled"
+            f"{limit} pixels; {hint}"
         )
     return img, fmt
+
+
+def _plan_resize(
+    height: int, width: int, resize: ResizeRequest, limits: Limits
+) -> AreaResize | None:
+    if resize is None:
+        return None
+    if resize == "fit":
+        return AreaResize.to_fit(height, width, limits.max_pixels)
+    plan = AreaResize.by_scale(height, width, float(resize))
+    h, w = plan.network if plan else (height, width)
+    if h * w > limits.max_pixels:
+        raise PayloadTooLarge(
+            f"resize={resize} gives {w}x{h} = {w * h} pixels, over the limit of "
+            f"{limits.max_pixels}; ask a smaller scale or resize=fit"
+        )
+    return plan
 
 
 def _load(img: Image.Image, fmt: str) -> None:
@@ -144,26 +201,38 @@ def _load(img: Image.Image, fmt: str) -> None:
         raise CorruptImage(f"the {fmt.upper()} data does not decode ({exc})") from exc
 
 
-def decode_image(data: bytes, limits: Limits) -> DecodedImage:
-    """Decode a PNG/JPEG/WebP body into the network's input, limits first."""
-    img, fmt = _open_checked(data, limits, ("png", "jpeg", "webp"))
+def decode_image(data: bytes, limits: Limits, resize: ResizeRequest = None) -> DecodedImage:
+    """Decode a PNG/JPEG/WebP body into the network's input, limits first; with
+    `resize`, shrunk by area averaging (only if it needs it, for "fit")."""
+    img, fmt = _open_checked(data, limits, ("png", "jpeg", "webp"), resize)
+    plan = _plan_resize(img.height, img.width, resize, limits)
     _load(img, fmt)
+    exact = None
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         # 16-bit/float grey: scale to [0, 1] without going through 8 bits first.
         scale = 65535.0 if img.mode != "F" else 1.0
         grey = np.clip(np.asarray(img, dtype=np.float32) / np.float32(scale), 0.0, 1.0)
         exact = np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape)))
         rgb8 = np.repeat((grey * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
-        return DecodedImage(img.width, img.height, fmt, rgb8, exact)
-    rgb8 = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    return DecodedImage(img.width, img.height, fmt, rgb8)
+    else:
+        rgb8 = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    if plan is not None:
+        exact = plan.apply(rgb8 if exact is None else exact)
+    return DecodedImage(img.width, img.height, fmt, rgb8, exact, plan)
 
 
 def decode_target(
-    data: bytes, width: int, height: int, num_classes: int, ignore_index: int, limits: Limits
+    data: bytes,
+    width: int,
+    height: int,
+    num_classes: int,
+    ignore_index: int,
+    limits: Limits,
+    resize: ResizeRequest = None,
 ) -> np.ndarray:
-    """A ground-truth mask PNG (class ids; 8/16-bit grey or palette) as (H, W) int64."""
-    img, fmt = _open_checked(data, limits, ("png",))
+    """A ground-truth mask PNG (class ids; 8/16-bit grey or palette) as (H, W) int64;
+    `resize` as the image's was asked (the target must have the image's size)."""
+    img, fmt = _open_checked(data, limits, ("png",), resize)
     if img.size != (width, height):
         raise InvalidParameter(
             f"target mask is {img.size[0]}x{img.size[1]}, the image {width}x{height}"

@@ -7,6 +7,11 @@ graph's own fp32 margins and radii, with the model's audited L:
 - max_flips: the most pixels one perturbation of norm <= eps can flip (the joint
   budget: the longest prefix of sorted margin^2/2 costs within (L eps)^2);
 - with a ground-truth mask: worst-case pixel accuracy and mIoU at eps.
+
+A resized image (`certseg.certify.resize`) is certified at the network-input budget
+an eps-attack on the source stays within, and its answer is brought back to the
+source grid: radii in source units, every source pixel with its network pixel's
+class, max_flips counting the source pixels those network pixels cover.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from certseg.certify import (
     worst_case_miou,
     worst_case_pixel_accuracy,
 )
+from certseg.certify.resize import AreaResize
 from server.decode import DecodedImage
 from server.engine import ModelInfo
 from server.errors import InvalidParameter
@@ -112,6 +118,7 @@ class Certified:
     max_flips: int
     batch_size: int
     metrics: dict[str, float | None] | None = None
+    resize: AreaResize | None = None  # the shrink the network saw, if any
 
     @property
     def pixels(self) -> int:
@@ -131,6 +138,7 @@ class Certified:
     def summary(self) -> dict:
         """The certificate fields every answer carries, REST and stream alike."""
         height, width = self.mask.shape
+        resized = {"resize": self.resize.describe(self.eps)} if self.resize else {}
         return {
             "model": self.model.name,
             "eps": self.eps,
@@ -141,6 +149,7 @@ class Certified:
             "max_flips": self.max_flips,
             "max_flips_fraction": self.max_flips / self.pixels,
             "batch_size": self.batch_size,
+            **resized,
         }
 
 
@@ -154,8 +163,11 @@ def certify(
     eps: float,
     target: np.ndarray | None,
     batch_size: int,
+    resize: AreaResize | None = None,
 ) -> Certified:
     """The certificate figures of one image's graph outputs (blocking; run in a thread)."""
+    if resize is not None:
+        return _certify_resized(info, outputs, eps, batch_size, resize)
     L = info.lipschitz
     margin, radius = outputs["margin"], outputs["radius"]
     guaranteed = float(np.mean(guaranteed_region(radius, eps)))
@@ -214,12 +226,44 @@ async def segment_image(
     need_logits = "logits" in outputs or (target is not None and info.has_logits)
     if "logits" in outputs and not info.has_logits:
         raise InvalidParameter(f"model '{info.name}' was exported without a logits output")
+    if image.resize is not None and (target is not None or "logits" in outputs):
+        raise InvalidParameter(
+            "a resized image has no logits or worst-case metrics at its own size; "
+            "send it at most the pixel limit for those"
+        )
     pixels = await asyncio.to_thread(image.network_input, info.accepts_uint8)
     result = await batcher.submit(info.name, pixels, ("logits",) if need_logits else ())
     timings.add("queue", result.queue_ms)
     timings.add("infer", result.infer_ms)
     t0 = time.perf_counter()
-    cert = await asyncio.to_thread(certify, info, result.outputs, eps, target, result.batch_size)
+    cert = await asyncio.to_thread(
+        certify, info, result.outputs, eps, target, result.batch_size, image.resize
+    )
     timings.since("certify", t0)
     state.metrics.guaranteed_fraction.labels(info.name).observe(cert.guaranteed_fraction)
     return cert
+
+
+def _certify_resized(
+    info: ModelInfo,
+    outputs: dict[str, np.ndarray],
+    eps: float,
+    batch_size: int,
+    resize: AreaResize,
+) -> Certified:
+    """A shrunk image's certificate, on the source grid (no logits, no target: both
+    would be the network's, at its size)."""
+    flips = int(max_flips(outputs["margin"], resize.network_eps(eps), info.lipschitz))
+    radius = resize.upsample(resize.source_radius(outputs["radius"]))
+    return Certified(
+        model=info,
+        eps=eps,
+        mask=resize.upsample(outputs["mask"]),
+        margin=resize.upsample(outputs["margin"]),
+        radius=radius,
+        logits=None,
+        guaranteed_fraction=float(np.mean(guaranteed_region(radius, eps))),
+        max_flips=resize.source_flips(flips),
+        batch_size=batch_size,
+        resize=resize,
+    )

@@ -170,6 +170,13 @@ class Settings(BaseSettings):
         "CPU: peak RSS 6.1 GiB at 2048x2048), so a bound on it is what keeps one legal image "
         "from exhausting the host.",
     )
+    max_source_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="Largest image a client may send with resize=fit or a scale: decoded, "
+        "then shrunk by area averaging to at most max_pixels (the certificate folds the "
+        "shrink's operator norm in). Above it: 413 before any decode.",
+    )
     max_pass_pixels: int | None = Field(
         default=None,
         ge=1,

@@ -35,7 +35,9 @@ class ServerState:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.limits = Limits(settings.max_body_bytes, settings.image_pixels())
+        self.limits = Limits(
+            settings.max_body_bytes, settings.image_pixels(), settings.max_source_pixels
+        )
         self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
         metrics.body_bytes.set_function(lambda: self.bodies.used)
         self.engines: dict[str, Engine] = {}

@@ -8,6 +8,7 @@ Not a test module: imported by the test files (pytest puts tests/ on sys.path).
 from __future__ import annotations
 
 import atexit
+import base64
 import io
 import shutil
 import struct
@@ -141,6 +142,19 @@ def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
         chans.append(0.5 + 0.5 * np.sin(fx * 6.28 * xx + ph) * np.cos(fy * 6.28 * yy))
     img = np.stack(chans, axis=-1) + rng.normal(0, 0.05, (h, w, 3))
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def answer_radius(field: dict) -> np.ndarray:
+    """A JSON answer's radius map (base64 little-endian fp16) as float32."""
+    assert field["dtype"] == "float16" and field["byte_order"] == "little"
+    raw = np.frombuffer(base64.b64decode(field["data"]), dtype="<f2")
+    return raw.reshape(field["shape"]).astype(np.float32)
+
+
+def answer_png(field: dict) -> np.ndarray:
+    """A JSON answer's PNG as a viewer sees it: palette (indexed) PNGs expanded to RGB."""
+    with Image.open(io.BytesIO(base64.b64decode(field["data"]))) as img:
+        return np.asarray(img.convert("RGB") if img.mode == "P" else img)
 
 
 def to_input(pixels_or_bytes) -> np.ndarray:

@@ -18,6 +18,8 @@ from PIL import Image
 from server_support import (
     ControlledEngine,
     LiveServer,
+    answer_png,
+    answer_radius,
     assert_problem,
     encode,
     ort_engine,
@@ -60,18 +62,6 @@ def client(server):
         yield c
 
 
-def _radius(field: dict) -> np.ndarray:
-    assert field["dtype"] == "float16" and field["byte_order"] == "little"
-    raw = np.frombuffer(base64.b64decode(field["data"]), dtype="<f2")
-    return raw.reshape(field["shape"]).astype(np.float32)
-
-
-def _png(field: dict) -> np.ndarray:
-    """Pixels as a viewer sees them: palette (indexed) PNGs expanded to RGB."""
-    with Image.open(io.BytesIO(base64.b64decode(field["data"]))) as img:
-        return np.asarray(img.convert("RGB") if img.mode == "P" else img)
-
-
 # ------------------------------------------------------------------------------ answers
 
 
@@ -86,10 +76,10 @@ def test_segment_matches_direct_onnxruntime(client, session, h, w):
     ans = r.json()
     mask, margin, radius, _ = session.run(None, {"image": to_input(body)})
     assert (ans["width"], ans["height"]) == (w, h)
-    got_mask = _png(ans["mask"])
+    got_mask = answer_png(ans["mask"])
     assert ans["mask"]["dtype"] == "uint8"
     np.testing.assert_array_equal(got_mask, mask[0])
-    got_radius = _radius(ans["radius"])
+    got_radius = answer_radius(ans["radius"])
     assert got_radius.shape == (h, w)
     np.testing.assert_array_equal(got_radius, radius[0].astype(np.float16).astype(np.float32))
     eps = 0.05  # the card's default_eps
@@ -100,7 +90,7 @@ def test_segment_matches_direct_onnxruntime(client, session, h, w):
     L = ans["lipschitz"]
     assert ans["max_flips"] == int(max_flips(margin[0], eps, L))
     assert ans["max_flips_fraction"] == pytest.approx(ans["max_flips"] / (h * w))
-    overlay = _png(ans["overlay"])
+    overlay = answer_png(ans["overlay"])
     assert overlay.shape == (h, w, 3)
     assert set(ans["timings_ms"]) == {"decode", "queue", "infer", "certify", "encode", "total"}
     timing = r.headers["Server-Timing"]
@@ -120,7 +110,7 @@ def test_jpeg_and_webp(client, session, fmt):
     r = client.post("/v1/segment?outputs=mask", content=body)
     assert r.status_code == 200, r.text
     mask = session.run(["mask"], {"image": to_input(body)})[0]
-    np.testing.assert_array_equal(_png(r.json()["mask"]), mask[0])
+    np.testing.assert_array_equal(answer_png(r.json()["mask"]), mask[0])
     assert "radius" not in r.json() and "overlay" not in r.json()
 
 
@@ -377,7 +367,7 @@ def test_dynamic_batching_groups_same_shapes(controlled, session):
     assert sizes == [4, 4, 4, 4, 1], sizes  # the four 32x48 images shared one pass
     for body, r in zip([*imgs, odd], answers, strict=True):
         mask = session.run(["mask"], {"image": to_input(body)})[0][0]
-        np.testing.assert_array_equal(_png(r.json()["mask"]), mask)
+        np.testing.assert_array_equal(answer_png(r.json()["mask"]), mask)
     assert all(r.json()["timings_ms"]["queue"] > 50 for r in answers[:4])
 
 
@@ -517,8 +507,9 @@ def test_torch_backend_over_http_answers_like_onnxruntime(client):
         b = client.post("/v1/segment?eps=0.02&outputs=mask,radius", content=body)
         assert a.status_code == b.status_code == 200, a.text
         a, b = a.json(), b.json()
-        np.testing.assert_array_equal(_png(a["mask"]), _png(b["mask"]))
-        np.testing.assert_allclose(_radius(a["radius"]), _radius(b["radius"]), atol=1e-3)
+        np.testing.assert_array_equal(answer_png(a["mask"]), answer_png(b["mask"]))
+        ra, rb = answer_radius(a["radius"]), answer_radius(b["radius"])
+        np.testing.assert_allclose(ra, rb, atol=1e-3)
         assert a["max_flips"] == pytest.approx(b["max_flips"], abs=2)
     finally:
         live.stop()

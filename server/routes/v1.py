@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from server.decode import DecodedImage, decode_image, decode_target
+from server.decode import DecodedImage, decode_image, decode_target, parse_resize
 from server.errors import (
     PROBLEM_MEDIA_TYPE,
     InvalidParameter,
@@ -59,6 +59,20 @@ class WorstCaseMetrics(BaseModel):
     clean_miou: float | None
 
 
+class ResizeInfo(BaseModel):
+    """The area shrink the network saw (asked by `resize`): mask and radius are on the
+    source grid, and radii speak of perturbations of the image sent."""
+
+    source: list[int] = Field(description="[height, width] of the image sent.")
+    network: list[int] = Field(description="[height, width] the network saw.")
+    method: Literal["area"] = "area"
+    operator_norm: float = Field(description="Upper bound of the shrink's l2 operator norm.")
+    rounding: float = Field(description="l2 bound of the shrink's float32 rounding.")
+    network_eps: float = Field(
+        description="Budget at the network input that an eps-attack on the source stays in."
+    )
+
+
 class SegmentResponse(BaseModel):
     """A segmentation with its certificate at `eps` (l2, image values in [0, 1])."""
 
@@ -78,6 +92,7 @@ class SegmentResponse(BaseModel):
     overlay: EncodedImage | None = None
     logits: EncodedArray | None = None
     metrics: WorstCaseMetrics | None = None
+    resize: ResizeInfo | None = None
     timings_ms: dict[str, float]
 
 
@@ -238,6 +253,10 @@ def _npz(cert: Certified, image: DecodedImage, outputs: frozenset[str], style, b
         "guaranteed_fraction": np.float64(cert.guaranteed_fraction),
         "max_flips": np.int64(cert.max_flips),
     }
+    if cert.resize is not None:
+        arrays["network_size"] = np.asarray(cert.resize.network, np.int64)
+        arrays["operator_norm"] = np.float64(cert.resize.operator_norm)
+        arrays["network_eps"] = np.float64(cert.resize.network_eps(cert.eps))
     if "overlay" in outputs:
         arrays["overlay"] = render_overlay(
             cert.mask, cert.radius, cert.eps, cert.model.card.palette, image.rgb8, style, blend
@@ -256,6 +275,15 @@ def _certificate_headers(cert: Certified) -> dict[str, str]:
         "X-Certseg-Lipschitz": repr(cert.model.lipschitz),
         "X-Certseg-Guaranteed-Fraction": repr(cert.guaranteed_fraction),
         "X-Certseg-Max-Flips": str(cert.max_flips),
+        **(
+            {
+                "X-Certseg-Resize": "{}x{}->{}x{}; operator_norm={!r}".format(
+                    *cert.resize.source, *cert.resize.network, cert.resize.operator_norm
+                )
+            }
+            if cert.resize
+            else {}
+        ),
     }
 
 
@@ -290,6 +318,14 @@ async def segment(
     format: Annotated[Literal["json", "png", "npz"], Query()] = "json",
     overlay_style: Annotated[Literal["hatch", "dim", "heat"], Query()] = "hatch",
     blend: Annotated[float, Query(ge=0.0, le=1.0, description="Photo weight in overlay.")] = 0.0,
+    resize: Annotated[
+        str | None,
+        Query(
+            description="none (default: over the pixel limit is a 413), fit (shrink to the "
+            "limit if over it) or a scale in (0, 1]: area averaging, certified against "
+            "perturbations of the image sent; answers stay on its grid."
+        ),
+    ] = None,
 ) -> Response:
     """Segment an image (raw body or multipart `image`, optional `target` mask) and
     certify every pixel at eps."""
@@ -298,10 +334,11 @@ async def segment(
     info = state.info(model)
     eps_value = check_eps(eps, info.card.default_eps)
     wanted = parse_outputs(outputs)
+    shrink = parse_resize(resize)
     image_bytes, target_bytes = await _image_and_target(request, state)
     state.batcher_for(info.name).check_capacity()
     t0 = time.perf_counter()
-    image = await asyncio.to_thread(decode_image, image_bytes, state.limits)
+    image = await asyncio.to_thread(decode_image, image_bytes, state.limits, shrink)
     target = None
     if target_bytes is not None:
         card = info.card
@@ -313,6 +350,7 @@ async def segment(
             card.num_classes,
             card.ignore_index,
             state.limits,
+            shrink,
         )
     timings.since("decode", t0)
     cert = await segment_image(state, info.name, image, eps_value, wanted, timings, target)

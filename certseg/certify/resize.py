@@ -1,0 +1,217 @@
+"""Area downscaling with a known operator norm, so certificates speak of the image sent.
+
+A frame larger than one pass can take (a 4K camera frame, a 12 MP photo) can be
+shrunk by area averaging D before the net sees it: each network pixel is the mean of
+the source area it covers. D is linear, so a perturbation delta of the source image
+moves the network input by D delta, of l2 norm at most ||D|| ||delta||, and
+
+    ||D|| <= sqrt(h w / (H W))
+
+(Schur's test on each axis: every row of a 1-D area matrix sums to 1, every column
+to n_out / n_in; D is the Kronecker product of the two axes' matrices). Storing D x
+in float32 moves it by at most `rounding` in l2, for the image sent and for an
+attacker's alike (pixel values in [0, 1]). Hence, for the upscaled answer:
+
+- a source pixel takes the class of the network pixel its centre falls in; that
+  class holds under every source perturbation of norm < (r - rounding) / ||D||,
+  r the network pixel's radius;
+- an eps-attack on the source is at most an (||D|| eps + rounding)-attack on the
+  network input, so the joint budget at that eps bounds the network pixels one
+  attack can flip, and each flips the source pixels mapped to it.
+
+DESIGN.md: "If a resize is ever applied, fold its operator norm into L so the radius
+still speaks of the image the user sent, and say so in the answer."
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+__all__ = ["AreaResize", "area_weights"]
+
+#: Bound on |fl32(y) - y| for the computed y in [0, 1]: half an ulp of float32 below 1
+#: (2**-25) plus a generous allowance for the float64 sums of a few weighted terms.
+_ELEMENT_ERROR = 2.0**-25 + 2.0**-40
+_ROWS_PER_BLOCK = 256  # network rows per step: bounds the float64 temporaries
+
+
+def area_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 1-D area matrix, banded: (index, weight), each (n_out, taps).
+
+    Output k averages the source interval [k s, (k + 1) s), s = n_in / n_out; the
+    weight of source pixel i is |[i, i + 1) n [k s, (k + 1) s)| / s. Interval ends are
+    exact rationals (k n_in / n_out), so every row sums to 1 and every source pixel's
+    weights sum to n_out / n_in. Unused taps have weight 0 (and index 0).
+    """
+    if not 1 <= n_out <= n_in:
+        raise ValueError(f"area resize shrinks: need 1 <= {n_out} <= {n_in}")
+    k = np.arange(n_out, dtype=np.int64)
+    first = (k * n_in) // n_out  # source pixel holding the interval's start
+    last = ((k + 1) * n_in - 1) // n_out  # ... and its end
+    taps = int((last - first).max()) + 1
+    index = first[:, None] + np.arange(taps, dtype=np.int64)[None, :]
+    # overlap of [i, i + 1) with [k n_in / n_out, (k + 1) n_in / n_out), in units of 1/n_out
+    lo = np.maximum(index * n_out, (k * n_in)[:, None])
+    hi = np.minimum((index + 1) * n_out, ((k + 1) * n_in)[:, None])
+    weight = np.clip(hi - lo, 0, None).astype(np.float64) / n_in
+    index = np.where(weight > 0, index, 0)
+    return index, weight
+
+
+def _shrink(x: np.ndarray, index: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
+    """sum over taps of weight * x[index] along `axis` (0 or 1 of a 2-D plane; float64)."""
+    if axis == 0:
+        out = weight[:, 0, None] * x[index[:, 0]]
+        for t in range(1, index.shape[1]):
+            out += weight[:, t, None] * x[index[:, t]]
+        return out
+    out = x[:, index[:, 0]] * weight[None, :, 0]
+    for t in range(1, index.shape[1]):
+        out += x[:, index[:, t]] * weight[None, :, t]
+    return out
+
+
+@dataclass(frozen=True)
+class AreaResize:
+    """Area downscaling of (H, W) images to (h, w), with what the certificate needs."""
+
+    source: tuple[int, int]  # (H, W) of the image sent
+    network: tuple[int, int]  # (h, w) the net sees
+
+    def __post_init__(self) -> None:
+        (H, W), (h, w) = self.source, self.network
+        if not (1 <= h <= H and 1 <= w <= W):
+            raise ValueError(f"area resize shrinks: {H}x{W} -> {h}x{w}")
+
+    @classmethod
+    def to_fit(cls, height: int, width: int, max_pixels: int) -> AreaResize | None:
+        """The largest same-aspect shrink with h * w <= max_pixels; None if it fits."""
+        if height * width <= max_pixels:
+            return None
+        scale = math.sqrt(max_pixels / (height * width))
+        h, w = max(1, int(height * scale)), max(1, int(width * scale))
+        while h * w > max_pixels:  # float rounding of the square root
+            h, w = max(1, h - 1), max(1, w - 1)
+        return cls((height, width), (h, w))
+
+    @classmethod
+    def by_scale(cls, height: int, width: int, scale: float) -> AreaResize | None:
+        """Both sides times `scale` in (0, 1], rounded, at least 1; None if unchanged."""
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"scale must be in (0, 1], got {scale}")
+        h, w = max(1, round(height * scale)), max(1, round(width * scale))
+        return None if (h, w) == (height, width) else cls((height, width), (h, w))
+
+    # the certificate's side ------------------------------------------------------------
+    @cached_property
+    def operator_norm(self) -> float:
+        """An upper bound of ||D||_2 (rounded up)."""
+        (H, W), (h, w) = self.source, self.network
+        return math.nextafter(math.sqrt((h * w) / (H * W)), math.inf) * (1 + 1e-12)
+
+    def rounding(self, channels: int = 3) -> float:
+        """l2 bound of the float32 rounding of D x, for x and an attacker's image both."""
+        h, w = self.network
+        return 2.0 * _ELEMENT_ERROR * math.sqrt(channels * h * w) * (1 + 1e-9)
+
+    def network_eps(self, eps: float, channels: int = 3) -> float:
+        """The network-input budget an eps-attack on the source image stays within."""
+        if eps == 0:
+            return 0.0  # no perturbation: the network sees exactly what it saw
+        return (self.operator_norm * eps + self.rounding(channels)) * (1 + 1e-9)
+
+    def source_radius(self, radius: np.ndarray, channels: int = 3) -> np.ndarray:
+        """Network radii -> radii against source perturbations, rounded down (float32)."""
+        r = (radius.astype(np.float64) - self.rounding(channels)) / self.operator_norm
+        out = np.maximum(r, 0.0).astype(np.float32)
+        return np.where(out > r, np.nextafter(out, np.float32(0)), out)
+
+    def source_flips(self, network_flips: int) -> int:
+        """Most source pixels that `network_flips` flipped network pixels cover."""
+        if network_flips <= 0:
+            return 0
+        rows = np.bincount(self.row_map, minlength=self.network[0])
+        cols = np.bincount(self.col_map, minlength=self.network[1])
+        values_r, counts_r = np.unique(rows, return_counts=True)
+        values_c, counts_c = np.unique(cols, return_counts=True)
+        # multiplicity of pixel (k, l) is rows[k] * cols[l]: few distinct values
+        products = sorted(
+            (
+                (int(a) * int(b), int(m) * int(n))
+                for a, m in zip(values_r, counts_r, strict=True)
+                for b, n in zip(values_c, counts_c, strict=True)
+            ),
+            reverse=True,
+        )
+        left, total = network_flips, 0
+        for value, count in products:
+            take = min(left, count)
+            total += take * value
+            left -= take
+            if not left:
+                break
+        return total
+
+    # the image's side -------------------------------------------------------------------
+    @cached_property
+    def _weights(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        (H, W), (h, w) = self.source, self.network
+        return area_weights(H, h), area_weights(W, w)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """(3, H, W) float in [0, 1], or (H, W, 3) uint8 (v / 255) -> (3, h, w) float32."""
+        if image.dtype == np.uint8:
+            planes, scale = [image[..., c] for c in range(image.shape[-1])], 1.0 / 255.0
+        else:
+            planes, scale = list(image), 1.0
+        (ri, rw), (ci, cw) = self._weights
+        h, w = self.network
+        out = np.empty((len(planes), h, w), np.float32)
+        for c, plane in enumerate(planes):
+            for k0 in range(0, h, _ROWS_PER_BLOCK):
+                block = slice(k0, min(h, k0 + _ROWS_PER_BLOCK))
+                rows = _shrink(plane, ri[block], rw[block], axis=0)  # (b, W) float64
+                out[c, block] = _shrink(rows, ci, cw, axis=1) * scale
+        return out
+
+    def matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dense (h, H) and (w, W) float64 area matrices (D x = R_h x R_w^T): for
+        tests and attacks through the resize."""
+        dense = []
+        for (index, weight), n_in in zip(self._weights, self.source, strict=True):
+            m = np.zeros((index.shape[0], n_in))
+            np.add.at(m, (np.arange(index.shape[0])[:, None], index), weight)
+            dense.append(m)
+        return dense[0], dense[1]
+
+    # back to the source grid ------------------------------------------------------------
+    @cached_property
+    def row_map(self) -> np.ndarray:
+        """Network row of each source row: the one its centre falls in."""
+        (H, _), (h, _) = self.source, self.network
+        return ((2 * np.arange(H) + 1) * h) // (2 * H)
+
+    @cached_property
+    def col_map(self) -> np.ndarray:
+        """Network column of each source column (as `row_map`)."""
+        (_, W), (_, w) = self.source, self.network
+        return ((2 * np.arange(W) + 1) * w) // (2 * W)
+
+    def upsample(self, plane: np.ndarray) -> np.ndarray:
+        """(..., h, w) -> (..., H, W): each source pixel gets its network pixel's value."""
+        return plane.take(self.row_map, axis=-2).take(self.col_map, axis=-1)
+
+    def describe(self, eps: float) -> dict[str, object]:
+        """What the answer says of the resize."""
+        return {
+            "source": list(self.source),
+            "network": list(self.network),
+            "method": "area",
+            "operator_norm": self.operator_norm,
+            "rounding": self.rounding(),
+            "network_eps": self.network_eps(eps),
+        }

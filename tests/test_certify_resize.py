@@ -1,0 +1,112 @@
+"""Area resize: its matrix, its operator-norm bound, its fast path, the source grid.
+
+The soundness of certificates through it is attacked in test_resize_soundness.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from certseg.certify.resize import AreaResize, area_weights
+
+SIZES = [(45, 32), (7, 7), (100, 33), (5, 1), (64, 32), (97, 96)]
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), SIZES)
+def test_area_matrix_rows_average_and_columns_share(n_in, n_out):
+    r, _ = AreaResize((n_in, n_in), (n_out, n_out)).matrices()
+    np.testing.assert_allclose(r.sum(1), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r.sum(0), n_out / n_in, rtol=0, atol=1e-12)
+    assert (r >= 0).all()
+    index, weight = area_weights(n_in, n_out)
+    assert index.shape == weight.shape and index.max() < n_in
+
+
+@pytest.mark.parametrize(("H", "h", "W", "w"), [(45, 32, 90, 64), (30, 10, 17, 16), (9, 4, 9, 9)])
+def test_operator_norm_bounds_the_largest_singular_value(H, h, W, w):
+    plan = AreaResize((H, W), (h, w))
+    rh, rw = plan.matrices()
+    largest = np.linalg.svd(np.kron(rh, rw), compute_uv=False)[0]
+    assert largest <= plan.operator_norm
+    # and the bound is tight: the constant image is its top singular vector
+    assert plan.operator_norm - largest < 1e-9
+    assert plan.operator_norm == pytest.approx(math.sqrt(h * w / (H * W)), rel=1e-9)
+
+
+def test_fast_path_equals_the_dense_matrices_to_float32_rounding():
+    plan = AreaResize((45, 90), (32, 64))
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 45, 90)).astype(np.float32)
+    rh, rw = plan.matrices()
+    exact = np.einsum("ij,cjk,lk->cil", rh, x.astype(np.float64), rw)
+    got = plan.apply(x)
+    assert got.dtype == np.float32 and got.shape == (3, 32, 64)
+    assert np.abs(got - exact).max() <= 2.0**-25 + 2.0**-40
+    x8 = rng.integers(0, 256, (45, 90, 3), dtype=np.uint8)
+    exact8 = np.einsum("ij,cjk,lk->cil", rh, x8.transpose(2, 0, 1) / 255.0, rw)
+    assert np.abs(plan.apply(x8) - exact8).max() <= 2.0**-25 + 2.0**-40
+    # rows processed in blocks give the same as one block
+    tall = AreaResize((700, 20), (600, 10))
+    img = rng.integers(0, 256, (700, 20, 3), dtype=np.uint8)
+    th, tw = tall.matrices()
+    ref = np.einsum("ij,cjk,lk->cil", th, img.transpose(2, 0, 1) / 255.0, tw)
+    assert np.abs(tall.apply(img) - ref).max() <= 2.0**-25 + 2.0**-40
+
+
+def test_fit_and_scale_pick_network_sizes():
+    assert AreaResize.to_fit(48, 96, 48 * 96) is None
+    plan = AreaResize.to_fit(2160, 3840, 2048 * 2048)
+    h, w = plan.network
+    assert h * w <= 2048 * 2048 and (h + 1) * (w + 1) > 2048 * 2048
+    assert abs(w / h - 3840 / 2160) < 0.01
+    assert AreaResize.to_fit(1, 10_000, 100).network == (1, 100)
+    assert AreaResize.by_scale(100, 50, 0.5).network == (50, 25)
+    assert AreaResize.by_scale(100, 50, 1.0) is None
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(ValueError):
+            AreaResize.by_scale(10, 10, bad)
+    with pytest.raises(ValueError):
+        AreaResize((10, 10), (11, 10))
+
+
+def test_each_source_pixel_takes_the_network_pixel_its_centre_is_in():
+    plan = AreaResize((45, 91), (32, 64))
+    ids = np.arange(32 * 64).reshape(32, 64)
+    up = plan.upsample(ids)
+    assert up.shape == (45, 91)
+    rows, cols = np.divmod(up, 64)
+    centre_r = (np.arange(45) + 0.5)[:, None] * 32 / 45  # in network units
+    centre_c = (np.arange(91) + 0.5)[None, :] * 64 / 91
+    assert ((rows <= centre_r) & (centre_r < rows + 1)).all()
+    assert ((cols <= centre_c) & (centre_c < cols + 1)).all()
+    # leading axes ride along
+    assert plan.upsample(np.zeros((7, 32, 64))).shape == (7, 45, 91)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 100, 32 * 64])
+def test_source_flips_is_the_top_k_of_the_multiplicities(k):
+    plan = AreaResize((45, 91), (32, 64))
+    counts = np.bincount(plan.upsample(np.arange(32 * 64).reshape(32, 64)).ravel())
+    brute = int(np.sort(counts)[::-1][:k].sum())
+    assert plan.source_flips(k) == brute
+    assert plan.source_flips(32 * 64) == 45 * 91
+
+
+def test_source_radius_and_budget_fold_in_the_norm_and_the_rounding():
+    plan = AreaResize((90, 180), (45, 90))  # factor 2 a side: ||D|| = 1/2
+    assert plan.operator_norm == pytest.approx(0.5)
+    rho = plan.rounding()
+    assert 0 < rho < 1e-4
+    r = np.array([[0.0, rho / 2, 0.01, 1.0]], np.float32)
+    got = plan.source_radius(r)
+    exact = np.maximum(r.astype(np.float64) - rho, 0) / plan.operator_norm
+    assert got.dtype == np.float32 and (got <= exact).all()
+    np.testing.assert_allclose(got, exact, rtol=1e-6)
+    assert plan.network_eps(0.0) == 0.0
+    assert plan.network_eps(0.1) >= 0.5 * 0.1 + rho
+    # a pixel guaranteed at eps on the source grid is guaranteed at network_eps
+    eps = 0.004
+    assert ((got > eps) <= (r > plan.network_eps(eps))).all()

@@ -1,0 +1,124 @@
+"""POST /v1/segment?resize=...: images over the pixel limit shrunk by area averaging,
+answered on their own grid with certificates about the image sent (real uvicorn
+server, tiny exported model, figures recomputed from a direct ONNX Runtime session)."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from server_support import (
+    answer_png,
+    answer_radius,
+    assert_problem,
+    encode,
+    ort_session,
+    random_image,
+    serve_tiny,
+    tiny_model_dir,
+)
+
+from certseg.certify import max_flips
+from certseg.certify.resize import AreaResize
+
+MAX_PIXELS = 40 * 64
+MAX_SOURCE = 120 * 200
+
+
+@pytest.fixture(scope="module")
+def client():
+    srv = serve_tiny(max_pixels=MAX_PIXELS, max_source_pixels=MAX_SOURCE)
+    with httpx.Client(base_url=srv.base, timeout=60) as c:
+        yield c
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def session():
+    return ort_session(tiny_model_dir())
+
+
+def _post(client, body: bytes, **params) -> httpx.Response:
+    return client.post("/v1/segment", content=body, params=params)
+
+
+def test_over_the_limit_is_413_naming_resize(client):
+    body = encode(random_image(70, 110))
+    problem = assert_problem(_post(client, body), 413)
+    assert "resize=fit" in problem["detail"]
+    problem = assert_problem(_post(client, encode(random_image(130, 200)), resize="fit"), 413)
+    assert str(MAX_SOURCE) in problem["detail"]
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.02, 0.05])
+def test_fit_answers_on_the_source_grid_with_the_folded_certificate(client, session, eps):
+    h, w = 70, 110
+    pixels = random_image(h, w, seed=3)
+    r = _post(client, encode(pixels), resize="fit", eps=eps)
+    assert r.status_code == 200, r.text
+    ans = r.json()
+    plan = AreaResize.to_fit(h, w, MAX_PIXELS)
+    assert ans["resize"]["source"] == [h, w] and ans["resize"]["network"] == list(plan.network)
+    assert ans["resize"]["operator_norm"] == pytest.approx(plan.operator_norm)
+    assert ans["resize"]["network_eps"] == pytest.approx(plan.network_eps(eps))
+    assert (ans["width"], ans["height"]) == (w, h)
+    # the engine saw the area shrink of the image sent
+    mask, margin, radius = session.run(
+        ["mask", "margin", "radius"], {"image": plan.apply(pixels)[None]}
+    )
+    np.testing.assert_array_equal(answer_png(ans["mask"]), plan.upsample(mask[0]))
+    src_radius = plan.upsample(plan.source_radius(radius[0]))
+    got = answer_radius(ans["radius"])
+    assert got.shape == (h, w)
+    np.testing.assert_array_equal(got, src_radius.astype(np.float16).astype(np.float32))
+    expected = 1.0 if eps == 0 else float(np.mean(src_radius > eps))
+    assert ans["guaranteed_fraction"] == pytest.approx(expected)
+    k = int(max_flips(margin[0], plan.network_eps(eps), ans["lipschitz"]))
+    assert ans["max_flips"] == plan.source_flips(k)
+    assert answer_png(ans["overlay"]).shape == (h, w, 3)
+
+
+def test_fit_leaves_images_within_the_limit_alone(client):
+    ans = _post(client, encode(random_image(30, 50)), resize="fit").json()
+    assert "resize" not in ans and (ans["width"], ans["height"]) == (50, 30)
+
+
+def test_scale_shrinks_even_small_images_and_checks_the_limit(client):
+    ans = _post(client, encode(random_image(40, 60)), resize="0.5").json()
+    assert ans["resize"]["network"] == [20, 30] and (ans["width"], ans["height"]) == (60, 40)
+    assert ans["resize"]["operator_norm"] == pytest.approx(0.5)
+    problem = assert_problem(_post(client, encode(random_image(100, 160)), resize="0.9"), 413)
+    assert "resize=0.9" in problem["detail"]
+
+
+@pytest.mark.parametrize("value", ["2", "0", "-1", "huge", "nan"])
+def test_bad_resize_values_are_422(client, value):
+    assert_problem(_post(client, encode(random_image(20, 30)), resize=value), 422)
+
+
+def test_logits_and_targets_need_the_image_at_its_own_size(client):
+    big = encode(random_image(70, 110))
+    problem = assert_problem(_post(client, big, resize="fit", outputs="mask,logits"), 422)
+    assert "resized" in problem["detail"]
+    files = {
+        "image": ("x.png", big, "image/png"),
+        "target": ("t.png", encode(np.zeros((70, 110), np.uint8)), "image/png"),
+    }
+    r = client.post("/v1/segment", files=files, params={"resize": "fit"})
+    assert_problem(r, 422)
+    # the server keeps serving
+    assert _post(client, big, resize="fit").status_code == 200
+
+
+def test_png_and_npz_say_so(client):
+    big = encode(random_image(70, 110))
+    r = _post(client, big, resize="fit", format="png")
+    assert r.status_code == 200 and r.headers["X-Certseg-Resize"].startswith("70x110->")
+    r = _post(client, big, resize="fit", format="npz")
+    arrays = np.load(io.BytesIO(r.content))
+    plan = AreaResize.to_fit(70, 110, MAX_PIXELS)
+    assert arrays["mask"].shape == (70, 110)
+    assert tuple(arrays["network_size"]) == plan.network
+    assert float(arrays["operator_norm"]) == pytest.approx(plan.operator_norm)
