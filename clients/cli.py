@@ -46,6 +46,14 @@ EpsOpt = Annotated[
     typer.Option(help="l2 budget on [0,1] pixels (default: the model's).", show_default=False),
 ]
 ModelOpt = Annotated[str | None, typer.Option(help="Model name (default: the server's first).")]
+ResizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="fit: let the server shrink images over its pixel limit (area averaging, "
+        "certified against the image sent); or a scale in (0, 1].",
+        show_default=False,
+    ),
+]
 
 # Viridis, 9 stops: the radius heat map's colours (dark = fragile, yellow = robust).
 _VIRIDIS = (
@@ -104,6 +112,7 @@ def segment(
     url: UrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
     model: ModelOpt = None,
+    resize: ResizeOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 60.0,
 ) -> None:
     """Segment and certify images; write overlay, class-id mask and radius heat map PNGs."""
@@ -125,7 +134,7 @@ def segment(
         task = progress.add_task("segmenting", total=len(images))
         for path in images:
             try:
-                result = client.segment(path, eps=eps, model=model)
+                result = client.segment(path, eps=eps, model=model, resize=resize)
             except CertSegClientError as exc:
                 console.print(f"[red]{path}: {exc}[/red]")
                 failed += 1
@@ -245,6 +254,7 @@ def stream(
     api_key: KeyOpt = None,
     model: ModelOpt = None,
     overlay_style: Annotated[str, typer.Option(help="hatch | dim | heat")] = "hatch",
+    resize: ResizeOpt = None,
     max_in_flight: Annotated[
         int | None,
         typer.Option(
@@ -279,6 +289,7 @@ def stream(
                 eps=eps,
                 model=model,
                 overlay_style=overlay_style,
+                resize=resize,
                 max_in_flight=in_flight,
                 summary=summary,
             )

@@ -146,6 +146,9 @@ class SegmentResult:
     overlay: Image.Image | None = None
     logits: np.ndarray | None = None  # (C, H, W) float32
     metrics: dict[str, float | None] | None = None
+    #: The server's area shrink, when asked (resize=): source and network sizes, the
+    #: operator norm folded into the radii, the network-input budget of eps.
+    resize: dict[str, Any] | None = None
     batch_size: int = 1
     request_id: str | None = None
     latency_ms: float | None = None  # client-side round trip, retries included
@@ -178,6 +181,7 @@ class StreamResult:
     height: int | None = None
     model: str | None = None
     lipschitz: float | None = None
+    resize: dict[str, Any] | None = None  # as SegmentResult.resize
     timings: dict[str, float] = field(default_factory=dict)
     overlay: Image.Image | None = None
     mask: np.ndarray | None = None

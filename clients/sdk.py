@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray"
+#: None (the server refuses images over its pixel limit), "fit", or a scale in (0, 1].
+Resize: TypeAlias = "Literal['fit'] | float | None"
 #: What `segment` asks for by default (logits are off: they are C x H x W floats).
 DEFAULT_OUTPUTS: tuple[str, ...] = ("mask", "radius", "overlay")
 #: What `stream` asks for by default: the server renders the overlay PNG per frame.
@@ -126,6 +128,26 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
+def _options(
+    eps: float | None,
+    outputs: Sequence[str],
+    model: str | None,
+    overlay_style: str | None,
+    resize: Resize,
+) -> dict[str, str]:
+    """The query options /v1/segment and /v1/stream share."""
+    q: dict[str, str] = {"outputs": ",".join(outputs)}
+    if eps is not None:
+        q["eps"] = repr(float(eps))
+    if model is not None:
+        q["model"] = model
+    if overlay_style is not None:
+        q["overlay_style"] = overlay_style
+    if resize is not None:
+        q["resize"] = resize if isinstance(resize, str) else repr(float(resize))
+    return q
+
+
 def _b64(data: str) -> bytes:
     return base64.b64decode(data)
 
@@ -174,16 +196,11 @@ class _Core:
         outputs: Sequence[str],
         model: str | None,
         overlay_style: str | None,
+        resize: Resize = None,
     ) -> tuple[dict[str, str], bytes, dict[str, str]]:
         """(query params, body, extra headers) of POST /v1/segment."""
         body, media = encode_image(image)
-        params: dict[str, str] = {"format": "json", "outputs": ",".join(outputs)}
-        if eps is not None:
-            params["eps"] = repr(float(eps))
-        if model is not None:
-            params["model"] = model
-        if overlay_style is not None:
-            params["overlay_style"] = overlay_style
+        params = {"format": "json", **_options(eps, outputs, model, overlay_style, resize)}
         return params, body, {"Content-Type": media}
 
     def stream_url(
@@ -192,14 +209,9 @@ class _Core:
         outputs: Sequence[str],
         model: str | None,
         overlay_style: str | None,
+        resize: Resize = None,
     ) -> str:
-        q: dict[str, str] = {"outputs": ",".join(outputs)}
-        if eps is not None:
-            q["eps"] = repr(float(eps))
-        if model is not None:
-            q["model"] = model
-        if overlay_style is not None:
-            q["overlay_style"] = overlay_style
+        q = _options(eps, outputs, model, overlay_style, resize)
         ws = "wss" + self.url[5:] if self.url.startswith("https") else "ws" + self.url[4:]
         return f"{ws}/v1/stream?{urlencode(q)}"
 
@@ -246,6 +258,7 @@ class _Core:
             overlay=overlay,
             logits=logits,
             metrics=d.get("metrics"),
+            resize=d.get("resize"),
             batch_size=int(d.get("batch_size", 1)),
             request_id=d.get("request_id"),
             latency_ms=latency_ms,
@@ -329,6 +342,7 @@ class _StreamReader:
             height=d.get("height"),
             model=d.get("model"),
             lipschitz=d.get("lipschitz"),
+            resize=d.get("resize"),
             timings=dict(d.get("timings_ms", {})),
             overlay=_png(overlay).convert("RGB") if overlay is not None else None,
             mask=np.asarray(_png(mask)) if mask is not None else None,
@@ -451,10 +465,15 @@ class CertSegClient:
         outputs: Sequence[str] = DEFAULT_OUTPUTS,
         model: str | None = None,
         overlay_style: str | None = None,
+        resize: Resize = None,
     ) -> SegmentResult:
-        """Segment one image and certify every pixel at eps (default: the model's)."""
+        """Segment one image and certify every pixel at eps (default: the model's).
+
+        resize="fit" lets the server shrink an image over its pixel limit (a float in
+        (0, 1] shrinks by that scale) by area averaging: the answer stays on the
+        image's grid and its radii speak of the image sent (`SegmentResult.resize`)."""
         params, body, headers = self._core.segment_request(
-            image, eps, outputs, model, overlay_style
+            image, eps, outputs, model, overlay_style, resize
         )
         t0 = time.perf_counter()
         resp = self._request("POST", "/v1/segment", params=params, content=body, headers=headers)
@@ -467,6 +486,7 @@ class CertSegClient:
         outputs: Sequence[str] = DEFAULT_STREAM_OUTPUTS,
         model: str | None = None,
         overlay_style: str | None = None,
+        resize: Resize = None,
         max_in_flight: InFlight = None,
         jpeg_quality: int = 90,
         summary: StreamSummary | None = None,
@@ -492,7 +512,7 @@ class CertSegClient:
         t_start = time.perf_counter()
         try:
             ws = connect(
-                core.stream_url(eps, outputs, model, overlay_style),
+                core.stream_url(eps, outputs, model, overlay_style, resize),
                 additional_headers=core.base_headers(),
                 max_size=2**26,
                 open_timeout=core.timeout,
@@ -636,9 +656,10 @@ class AsyncCertSegClient:
         outputs: Sequence[str] = DEFAULT_OUTPUTS,
         model: str | None = None,
         overlay_style: str | None = None,
+        resize: Resize = None,
     ) -> SegmentResult:
         params, body, headers = self._core.segment_request(
-            image, eps, outputs, model, overlay_style
+            image, eps, outputs, model, overlay_style, resize
         )
         t0 = time.perf_counter()
         resp = await self._request(
@@ -653,6 +674,7 @@ class AsyncCertSegClient:
         outputs: Sequence[str] = DEFAULT_STREAM_OUTPUTS,
         model: str | None = None,
         overlay_style: str | None = None,
+        resize: Resize = None,
         max_in_flight: InFlight = None,
         jpeg_quality: int = 90,
         summary: StreamSummary | None = None,
@@ -679,7 +701,7 @@ class AsyncCertSegClient:
 
         try:
             ws = await connect(
-                core.stream_url(eps, outputs, model, overlay_style),
+                core.stream_url(eps, outputs, model, overlay_style, resize),
                 additional_headers=core.base_headers(),
                 max_size=2**26,
                 open_timeout=core.timeout,

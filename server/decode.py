@@ -19,6 +19,7 @@ in, so radii still speak of the image sent.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,16 +61,18 @@ class Limits:
         return max(self.max_pixels, self.max_source_pixels) if resize else self.max_pixels
 
 
-def parse_resize(value: str | None) -> ResizeRequest:
-    """The `resize` option: none / fit / a scale in (0, 1]; else a 422."""
-    if value is None or value.strip().lower() in ("", "none"):
+def parse_resize(value: object) -> ResizeRequest:
+    """The `resize` option (query string or JSON): none / fit / a scale in (0, 1];
+    else a 422."""
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text is None or text in ("", "none"):
         return None
-    if value.strip().lower() == "fit":
+    if text == "fit":
         return "fit"
     try:
-        scale = float(value)
-    except ValueError:
-        scale = float("nan")
+        scale = float(text) if not isinstance(text, bool) else math.nan  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        scale = math.nan
     if not 0.0 < scale <= 1.0:
         raise InvalidParameter(f"resize must be none, fit or a scale in (0, 1], got {value!r}")
     return scale

@@ -115,6 +115,24 @@ def test_logits_output(client):
     assert np.array_equal(r.logits.argmax(0), client.segment(random_image(32, 48)).mask)
 
 
+def test_resize_reaches_the_server_and_comes_back(client, server):
+    img = random_image(32, 48, seed=2)
+    r = client.segment(img, resize=0.5)
+    assert r.resize["network"] == [16, 24] and r.resize["source"] == [32, 48]
+    assert r.mask.shape == r.radius.shape == (32, 48)
+    assert client.segment(img, resize="fit").resize is None  # within the limit: untouched
+    (frame,) = client.stream([img], resize=0.5, max_in_flight=1)
+    assert frame.ok and frame.resize["network"] == [16, 24] and frame.width == 48
+    with pytest.raises(InputRejected):
+        client.segment(img, resize=3.0)
+
+    async def main():
+        async with AsyncCertSegClient(server.base, api_key=KEY) as c:
+            return await c.segment(img, resize=0.5)
+
+    assert asyncio.run(main()).resize["operator_norm"] == pytest.approx(0.5)
+
+
 def test_errors_are_typed_problems(server, client):
     with pytest.raises(InputRejected) as info:
         client.segment(b"\x89PNG\r\n\x1a\nnot really a png")

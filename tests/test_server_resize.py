@@ -4,11 +4,14 @@ server, tiny exported model, figures recomputed from a direct ONNX Runtime sessi
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 
 import httpx
 import numpy as np
 import pytest
+import websockets
 from server_support import (
     answer_png,
     answer_radius,
@@ -28,11 +31,16 @@ MAX_SOURCE = 120 * 200
 
 
 @pytest.fixture(scope="module")
-def client():
+def server():
     srv = serve_tiny(max_pixels=MAX_PIXELS, max_source_pixels=MAX_SOURCE)
-    with httpx.Client(base_url=srv.base, timeout=60) as c:
-        yield c
+    yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.base, timeout=60) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +130,34 @@ def test_png_and_npz_say_so(client):
     assert arrays["mask"].shape == (70, 110)
     assert tuple(arrays["network_size"]) == plan.network
     assert float(arrays["operator_norm"]) == pytest.approx(plan.operator_norm)
+
+
+def test_stream_frames_shrink_when_the_stream_asks(server):
+    """A 4K-like stream: frames over the limit are an error per frame until the stream
+    asks resize=fit (query or config message), then answered on their own grid."""
+    frame = encode(random_image(70, 110), "JPEG", quality=90)
+
+    async def main() -> list[dict]:
+        got = []
+        async with websockets.connect(f"{server.ws_base}/v1/stream") as ws:
+            assert json.loads(await ws.recv())["resize"] is None
+            await ws.send(frame)
+            got.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "config", "resize": "fit"}))
+            got.append(json.loads(await ws.recv()))
+            await ws.send(frame)
+            got.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "config", "resize": 7}))
+            got.append(json.loads(await ws.recv()))
+        async with websockets.connect(f"{server.ws_base}/v1/stream?resize=0.5") as ws:
+            got.append(json.loads(await ws.recv()))
+        return got
+
+    too_big, config, result, bad, query = asyncio.run(main())
+    assert too_big["type"] == "error" and too_big["status"] == 413
+    assert config["type"] == "config" and config["resize"] == "fit"
+    assert result["type"] == "result" and (result["width"], result["height"]) == (110, 70)
+    plan = AreaResize.to_fit(70, 110, MAX_PIXELS)
+    assert result["resize"]["network"] == list(plan.network)
+    assert bad["type"] == "error" and bad["status"] == 422
+    assert query["resize"] == 0.5

@@ -207,6 +207,7 @@ def test_control_overlay_ping_and_errors(server):
                 "outputs": ["overlay", "mask"],
                 "overlay_style": "hatch",
                 "depth": 2,
+                "resize": None,
             }
             await ws.send(frame)
             res = await _recv_json(ws)

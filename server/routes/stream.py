@@ -3,7 +3,8 @@
 Protocol (client -> server):
   binary message      one JPEG/PNG/WebP frame; frames are numbered 0, 1, 2, ...
   {"type": "config", "eps": 0.05, "outputs": ["overlay"], "overlay_style": "dim",
-   "depth": 2}        changes this stream's settings (answered by a "config" message)
+   "depth": 2, "resize": "fit"}   changes this stream's settings (answered by a
+                      "config" message); resize: null, "fit" or a scale (as in REST)
   {"type": "ping"}    answered by {"type": "pong"} (protocol-level pings also work)
 Server -> client, per frame, in frame order:
   {"type": "result", "frame": n, "dropped": d, "guaranteed_fraction": ..., ...,
@@ -18,8 +19,8 @@ only its newest waiting frame: a frame arriving before the previous one started
 replaces it and counts as dropped (live video wants the present, not a backlog);
 a client that keeps at most depth + 1 frames unanswered loses none. Every frame is
 either answered (result or error) or dropped, so answered + dropped == sent once
-the last answer arrives. Query parameters model, eps, outputs, overlay_style and
-depth set the initial settings.
+the last answer arrives. Query parameters model, eps, outputs, overlay_style, depth
+and resize set the initial settings.
 
 Limits (Settings): at most max_streams open streams (the next handshake gets 503
 problem+json with Retry-After); a stream silent for stream_idle_s with nothing in
@@ -42,7 +43,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from server.decode import DecodedImage, decode_image
+from server.decode import DecodedImage, ResizeRequest, decode_image, parse_resize
 from server.errors import (
     CertSegError,
     InvalidParameter,
@@ -71,6 +72,7 @@ class StreamConfig:
     outputs: tuple[str, ...] = ()
     overlay_style: str = "hatch"
     depth: int = 1
+    resize: ResizeRequest = None
 
     def update(self, state: ServerState, msg: dict[str, Any]) -> None:
         """Apply a control message; all-or-nothing (a bad field changes nothing)."""
@@ -90,8 +92,9 @@ class StreamConfig:
         if style not in STYLES:
             raise InvalidParameter(f"overlay_style must be one of {STYLES}")
         depth = _check_depth(msg.get("depth", self.depth), state.settings.stream_depth)
+        resize = parse_resize(msg["resize"]) if "resize" in msg else self.resize
         self.model, self.eps, self.outputs = info.name, eps, tuple(dict.fromkeys(outputs))
-        self.overlay_style, self.depth = style, depth
+        self.overlay_style, self.depth, self.resize = style, depth, resize
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +104,7 @@ class StreamConfig:
             "outputs": list(self.outputs),
             "overlay_style": self.overlay_style,
             "depth": self.depth,
+            "resize": self.resize,
         }
 
 
@@ -279,7 +283,7 @@ class StreamSession:
         timings = Timings(start=p.received)
         t0 = timings.since("pending", p.received)
         self.state.batcher_for(cfg.model).check_capacity()
-        image = await asyncio.to_thread(decode_image, p.data, self.state.limits)
+        image = await asyncio.to_thread(decode_image, p.data, self.state.limits, cfg.resize)
         timings.since("decode", t0)
         cert = await segment_image(self.state, cfg.model, image, cfg.eps, frozenset(), timings)
         t0 = time.perf_counter()
@@ -335,7 +339,8 @@ def _initial_config(ws: WebSocket, state: ServerState) -> StreamConfig:
     cfg = StreamConfig(
         model=info.name, eps=info.card.default_eps, depth=state.settings.stream_depth
     )
-    cfg.update(state, {k: q[k] for k in ("eps", "outputs", "overlay_style", "depth") if k in q})
+    keys = ("eps", "outputs", "overlay_style", "depth", "resize")
+    cfg.update(state, {k: q[k] for k in keys if k in q})
     return cfg
 
 
