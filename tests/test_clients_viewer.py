@@ -152,7 +152,7 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     w, h, mean, std = d.execute_script(CANVAS_STATS)
     assert (w, h) == (160, 120) and mean > 10 and std > 5  # not blank
     gf_default = text(d, "gf")
-    assert text(d, "epsans") == "0.050"
+    assert text(d, "epsans") == "0.050" and text(d, "netsize") == "full size"
 
     # layers and colour scale
     d.execute_script(
@@ -210,6 +210,26 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     assert stats[:2] == [128, 96] and stats[3] > 5
     d.save_screenshot(str(tmp_path / "viewer-stream.png"))
     assert text(d, "error") == ""
+
+
+def test_viewer_shrinks_images_over_the_servers_limit(browser, tmp_path):
+    """A photo over the pixel limit is certified shrunk (resize=fit), shown at its own
+    size, and the page says what the network saw."""
+    settings = Settings(intra_op_threads=1, max_delay_ms=1, max_pixels=60 * 80)
+    srv = LiveServer(create_app(settings, engines=[ort_engine(tiny_model_dir())])).start()
+    try:
+        d = browser
+        d.get(srv.base + "/")
+        wait_for(d, "document.getElementById('model').dataset.ready === '1'")
+        img_path = tmp_path / "big.png"
+        Image.fromarray(random_image(120, 160, seed=5)).save(img_path)
+        upload(d, img_path)
+        wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
+        assert text(d, "netsize") == "80x60 (norm 0.500)" and text(d, "error") == ""
+        w, h, _, std = d.execute_script(CANVAS_STATS)
+        assert (w, h) == (160, 120) and std > 5
+    finally:
+        srv.stop()
 
 
 def test_viewer_webcam_streams(server, browser, tmp_path):
