@@ -37,6 +37,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `repeats` calls after one warm-up call, in ms."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """'512x1024,1024x2048' -> [(512, 1024), (1024, 2048)]."""
     return [parse_size(s) for s in text.split(",") if s]

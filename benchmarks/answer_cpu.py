@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import time
-from collections.abc import Callable
 
 import numpy as np
-from _common import print_table, write_result
+from _common import median_ms, print_table, write_result
 from PIL import Image
 
 from certseg.certify import budget as budget_mod
@@ -34,16 +32,6 @@ from server.backends import ModelSpec, create_engine
 from server.decode import Limits, decode_image
 from server.overlay import encode_mask_png, encode_png, overlay_png, render_overlay
 from server.settings import Settings, default_model_path
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
 
 
 def flips_by_sort(margin: np.ndarray, eps: float, L: float) -> int:

@@ -56,6 +56,17 @@ def test_fast_path_equals_the_dense_matrices_to_float32_rounding():
     assert np.abs(tall.apply(img) - ref).max() <= 2.0**-25 + 2.0**-40
 
 
+def test_integer_factors_are_block_means_and_edges_are_area_weighted():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    block = x.reshape(20, 2, 30, 2, 3).mean((1, 3)).transpose(2, 0, 1) / 255.0
+    assert np.abs(AreaResize((40, 60), (20, 30)).apply(x) - block).max() <= 2.0**-25
+    step = np.zeros((1, 45, 3), np.uint8)
+    step[:, 20:] = 255  # output 14 covers [19.6875, 21.09375): 0.778 of it is white
+    row = AreaResize((1, 45), (1, 32)).apply(step)[0, 0]
+    np.testing.assert_allclose(row[12:17], [0, 0, (21.09375 - 20) / (45 / 32), 1, 1], atol=1e-7)
+
+
 def test_fit_and_scale_pick_network_sizes():
     assert AreaResize.to_fit(48, 96, 48 * 96) is None
     plan = AreaResize.to_fit(2160, 3840, 2048 * 2048)
