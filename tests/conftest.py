@@ -5,8 +5,16 @@ machine intra-op threads spin against each other (measured ~100x slower)."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An httpx client of the module's `server` fixture (a LiveServer)."""
+    with httpx.Client(base_url=server.base, timeout=60) as c:
+        yield c
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -384,12 +384,6 @@ def server():
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.base, timeout=30) as c:
-        yield c
-
-
 def send(client: httpx.Client, case: Case) -> httpx.Response:
     content = case.content() if callable(case.content) else case.content
     return client.post(case.path, params=case.params, headers=case.headers, content=content)

@@ -38,12 +38,6 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.base, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def session():
     return ort_session(tiny_model_dir())
 

@@ -56,12 +56,6 @@ def session(model_dir):
     return ort_session(model_dir)
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.base, timeout=30) as c:
-        yield c
-
-
 # ------------------------------------------------------------------------------ answers
 
 
