@@ -82,6 +82,15 @@ def test_fit_answers_on_the_source_grid_with_the_folded_certificate(client, sess
     assert answer_png(ans["overlay"]).shape == (h, w, 3)
 
 
+def test_16_bit_images_shrink_from_their_exact_values(client, session):
+    grey16 = (np.arange(70 * 110, dtype=np.uint32).reshape(70, 110) * 8 % 65536).astype(np.uint16)
+    ans = _post(client, encode(grey16), resize="fit", outputs="mask").json()
+    plan = AreaResize.to_fit(70, 110, MAX_PIXELS)
+    exact = np.broadcast_to(grey16.astype(np.float32) / np.float32(65535), (3, 70, 110))
+    (mask,) = session.run(["mask"], {"image": plan.apply(np.ascontiguousarray(exact))[None]})
+    np.testing.assert_array_equal(answer_png(ans["mask"]), plan.upsample(mask[0]))
+
+
 def test_fit_leaves_images_within_the_limit_alone(client):
     ans = _post(client, encode(random_image(30, 50)), resize="fit").json()
     assert "resize" not in ans and (ans["width"], ans["height"]) == (50, 30)
