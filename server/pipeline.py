@@ -254,15 +254,15 @@ def _certify_resized(
     """A shrunk image's certificate, on the source grid (no logits, no target: both
     would be the network's, at its size)."""
     flips = int(max_flips(outputs["margin"], resize.network_eps(eps), info.lipschitz))
-    radius = resize.upsample(resize.source_radius(outputs["radius"]))
+    radius = resize.source_radius(outputs["radius"])  # source units, network grid
     return Certified(
         model=info,
         eps=eps,
         mask=resize.upsample(outputs["mask"]),
         margin=resize.upsample(outputs["margin"]),
-        radius=radius,
+        radius=resize.upsample(radius),
         logits=None,
-        guaranteed_fraction=float(np.mean(guaranteed_region(radius, eps))),
+        guaranteed_fraction=resize.source_fraction(guaranteed_region(radius, eps)),
         max_flips=resize.source_flips(flips),
         batch_size=batch_size,
         resize=resize,

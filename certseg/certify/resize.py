@@ -125,10 +125,25 @@ class AreaResize:
         return (self.operator_norm * eps + self.rounding(channels)) * (1 + 1e-9)
 
     def source_radius(self, radius: np.ndarray, channels: int = 3) -> np.ndarray:
-        """Network radii -> radii against source perturbations, rounded down (float32)."""
-        r = (radius.astype(np.float64) - self.rounding(channels)) / self.operator_norm
-        out = np.maximum(r, 0.0).astype(np.float32)
-        return np.where(out > r, np.nextafter(out, np.float32(0)), out)
+        """Network radii -> radii against source perturbations: max(r - rounding, 0) /
+        operator_norm, never above it.
+
+        In float32, in place (a 4K frame's 4 Mpx: ~10 ms, 89 in float64): rounding taken
+        up, 1 / norm taken down, and the result shrunk by 2^-20, which covers the
+        (1 + 2^-24)^3 of the three roundings."""
+        rho = np.nextafter(np.float32(self.rounding(channels)), np.float32(np.inf))
+        inv = np.nextafter(np.float32(1.0 / self.operator_norm), np.float32(0))
+        out = np.subtract(radius, rho, dtype=np.float32)
+        out *= inv * np.float32(1 - 2.0**-20)
+        return np.maximum(out, np.float32(0), out=out)
+
+    def source_fraction(self, region: np.ndarray) -> float:
+        """Fraction of source pixels whose network pixel is in `region` (h, w), exactly:
+        each network pixel counts the source pixels mapped to it."""
+        rows = np.bincount(self.row_map, minlength=self.network[0])
+        cols = np.bincount(self.col_map, minlength=self.network[1])
+        hits = int(rows @ (region.astype(np.int64) @ cols))
+        return hits / (self.source[0] * self.source[1])
 
     def source_flips(self, network_flips: int) -> int:
         """Most source pixels that `network_flips` flipped network pixels cover."""
