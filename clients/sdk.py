@@ -452,7 +452,8 @@ class CertSegClient:
                 attempt += 1
 
     def models(self) -> dict[str, Any]:
-        """GET /v1/models: {"default": name, "models": [card summaries]}."""
+        """GET /v1/models: {"default": name, "models": [card summaries], "limits":
+        {max_body_bytes, max_pixels, max_source_pixels}} (over max_pixels: resize="fit")."""
         return self._request("GET", "/v1/models").json()
 
     def health(self) -> dict[str, Any]:

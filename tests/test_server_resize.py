@@ -46,6 +46,11 @@ def _post(client, body: bytes, **params) -> httpx.Response:
     return client.post("/v1/segment", content=body, params=params)
 
 
+def test_models_lists_the_input_limits(client):
+    limits = client.get("/v1/models").json()["limits"]
+    assert limits["max_pixels"] == MAX_PIXELS and limits["max_source_pixels"] == MAX_SOURCE
+
+
 def test_over_the_limit_is_413_naming_resize(client):
     body = encode(random_image(70, 110))
     problem = assert_problem(_post(client, body), 413)

@@ -117,9 +117,19 @@ class ModelSummary(BaseModel):
     arch: str
 
 
+class InputLimits(BaseModel):
+    """What an image may be: over `max_pixels` it needs resize=fit (up to
+    `max_source_pixels`), over `max_body_bytes` it is refused."""
+
+    max_body_bytes: int
+    max_pixels: int
+    max_source_pixels: int
+
+
 class ModelsResponse(BaseModel):
     default: str
     models: list[ModelSummary]
+    limits: InputLimits
 
 
 _BODY_DOC = {
@@ -405,7 +415,13 @@ def model_summary(state: ServerState, name: str) -> ModelSummary:
 async def models(request: Request) -> ModelsResponse:
     """Every served model with its card, audited L and readiness."""
     state = get_state(request)
+    limits = state.limits
     return ModelsResponse(
         default=state.default_model(),
         models=[model_summary(state, n) for n in state.engines],
+        limits=InputLimits(
+            max_body_bytes=limits.max_bytes,
+            max_pixels=limits.max_pixels,
+            max_source_pixels=limits.declared_limit("fit"),
+        ),
     )
