@@ -167,7 +167,7 @@ def certify(
 ) -> Certified:
     """The certificate figures of one image's graph outputs (blocking; run in a thread)."""
     if resize is not None:
-        return _certify_resized(info, outputs, eps, batch_size, resize)
+        return _certify_resized(info, outputs, eps, target, batch_size, resize)
     L = info.lipschitz
     margin, radius = outputs["margin"], outputs["radius"]
     guaranteed = float(np.mean(guaranteed_region(radius, eps)))
@@ -223,12 +223,13 @@ async def segment_image(
     """Queue the image, wait for its batch, certify it; records queue/infer/certify."""
     info = state.info(model)
     batcher = state.batcher_for(info.name)
-    need_logits = "logits" in outputs or (target is not None and info.has_logits)
+    whole = image.resize is None
+    need_logits = "logits" in outputs or (target is not None and info.has_logits and whole)
     if "logits" in outputs and not info.has_logits:
         raise InvalidParameter(f"model '{info.name}' was exported without a logits output")
-    if image.resize is not None and (target is not None or "logits" in outputs):
+    if not whole and "logits" in outputs:
         raise InvalidParameter(
-            "a resized image has no logits or worst-case metrics at its own size; "
+            "a resized image has no logits at its own size (they are the network's); "
             "send it at most the pixel limit for those"
         )
     pixels = await asyncio.to_thread(image.network_input, info.accepts_uint8)
@@ -248,13 +249,31 @@ def _certify_resized(
     info: ModelInfo,
     outputs: dict[str, np.ndarray],
     eps: float,
+    target: np.ndarray | None,
     batch_size: int,
     resize: AreaResize,
 ) -> Certified:
-    """A shrunk image's certificate, on the source grid (no logits, no target: both
-    would be the network's, at its size)."""
+    """A shrunk image's certificate, on the source grid. With a source-size target:
+    worst-case pixel accuracy (mIoU needs the runner-up logits of every source pixel's
+    network pixel, not bounded here: null, as for a model without logits)."""
     flips = int(max_flips(outputs["margin"], resize.network_eps(eps), info.lipschitz))
     radius = resize.source_radius(outputs["radius"])  # source units, network grid
+    metrics = None
+    if target is not None:
+        acc, clean = resize.worst_case_accuracy(
+            outputs["mask"],
+            outputs["margin"],
+            target,
+            eps,
+            info.lipschitz,
+            info.card.ignore_index,
+        )
+        metrics = {
+            "worst_case_pixel_accuracy": _nan_to_none(acc),
+            "worst_case_miou": None,
+            "clean_pixel_accuracy": _nan_to_none(clean),
+            "clean_miou": None,
+        }
     return Certified(
         model=info,
         eps=eps,
@@ -265,5 +284,6 @@ def _certify_resized(
         guaranteed_fraction=resize.source_fraction(guaranteed_region(radius, eps)),
         max_flips=resize.source_flips(flips),
         batch_size=batch_size,
+        metrics=metrics,
         resize=resize,
     )

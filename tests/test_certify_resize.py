@@ -5,6 +5,7 @@ The soundness of certificates through it is attacked in test_resize_soundness.py
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -131,3 +132,42 @@ def test_source_radius_and_budget_fold_in_the_norm_and_the_rounding():
     # a pixel guaranteed at eps on the source grid is guaranteed at network_eps
     eps = 0.004
     assert ((got > eps) <= (r > plan.network_eps(eps))).all()
+
+
+def _brute_worst(plan, mask, margin, target, eps, L):
+    """Worst accuracy over every set of network pixels one attack can afford."""
+    up = plan.upsample(np.arange(mask.size).reshape(mask.shape))
+    correct = (plan.upsample(mask) == target) & (target != 255)
+    v = np.bincount(up[correct], minlength=mask.size)
+    costs = margin.ravel().astype(np.float64) ** 2 / 2
+    budget = (L * plan.network_eps(eps)) ** 2
+    best = 0
+    for r in range(mask.size + 1):
+        for s in itertools.combinations(range(mask.size), r):
+            if costs[list(s)].sum() <= budget:
+                best = max(best, int(v[list(s)].sum()))
+    return (int(correct.sum()) - best) / int((target != 255).sum())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_worst_case_accuracy_never_above_the_exhaustive_worst(seed):
+    rng = np.random.default_rng(seed)
+    plan = AreaResize((7, 9), (3, 4))  # 12 network pixels: every subset is tried
+    mask = rng.integers(0, 3, (3, 4))
+    margin = rng.random((3, 4)).astype(np.float32)
+    target = rng.integers(0, 3, (7, 9))
+    target[0, :3] = 255
+    for eps in (0.0, 0.02, 0.1, 0.3):
+        worst, clean = plan.worst_case_accuracy(mask, margin, target, eps, 2.0)
+        exact = _brute_worst(plan, mask, margin, target, eps, 2.0)
+        assert worst <= exact + 1e-12
+        valid = target != 255
+        assert clean == ((plan.upsample(mask) == target) & valid).sum() / valid.sum()
+        if eps == 0:
+            assert worst == clean
+    # equal whole blocks (factor 2, uniform targets per block): the bound is exact
+    plan2 = AreaResize((6, 8), (3, 4))
+    target2 = plan2.upsample(mask)
+    for eps in (0.02, 0.1, 0.3):
+        worst, _ = plan2.worst_case_accuracy(mask, margin, target2, eps, 2.0)
+        assert worst == pytest.approx(_brute_worst(plan2, mask, margin, target2, eps, 2.0))

@@ -104,7 +104,7 @@ def test_pixel_attacks_on_the_source_never_beat_its_radius(setting):
 
 
 def test_image_attacks_on_the_source_never_beat_the_budget(setting):
-    shrunk, _, plan, src, certs, _ = setting
+    shrunk, _, plan, src, certs, labels = setting
     preds = np.stack([plan.upsample(c[1]["mask"]) for c in certs])
     radius = np.stack([c[1]["radius"] for c in certs])
     med = float(np.median(plan.source_radius(radius)))
@@ -112,7 +112,11 @@ def test_image_attacks_on_the_source_never_beat_the_budget(setting):
     attacks = pgd_image_sweep(
         shrunk, src, torch.from_numpy(preds).long(), eps_values, steps=60, restarts=1
     )
-    total_flips = 0
+    # ground truth on the source grid: the scenes' labels, nearest-resized
+    rows = np.minimum((np.arange(SOURCE[0]) * NETWORK[0]) // SOURCE[0], NETWORK[0] - 1)
+    cols = np.minimum((np.arange(SOURCE[1]) * NETWORK[1]) // SOURCE[1], NETWORK[1] - 1)
+    targets = labels.numpy()[:, rows][:, :, cols]
+    total_flips, lost = 0, 0.0
     for eps, res in zip(eps_values, attacks, strict=True):
         with torch.no_grad():
             adv = shrunk(res.adv).argmax(1).numpy()
@@ -124,5 +128,14 @@ def test_image_attacks_on_the_source_never_beat_the_budget(setting):
             assert int(changed.sum()) <= cert.max_flips
             assert cert.guaranteed_fraction == float(np.mean(cert.radius > eps))
             total_flips += int(changed.sum())
+            # the attacked accuracy on the source grid never goes below the bound
+            outputs = certs[i][1]
+            worst, clean = plan.worst_case_accuracy(
+                outputs["mask"], outputs["margin"], targets[i], eps, setting[1]
+            )
+            valid = targets[i] != 255
+            attacked = float(((adv[i] == targets[i]) & valid).sum() / valid.sum())
+            assert attacked >= worst - 1e-12
+            lost += clean - attacked
     print(f"source pixels flipped over {len(eps_values)} eps: {total_flips}")
-    assert total_flips > 0, "the attacks must flip something for this to test anything"
+    assert total_flips > 0 and lost > 0, "the attacks must do harm for this to test anything"

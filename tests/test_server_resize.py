@@ -114,18 +114,35 @@ def test_bad_resize_values_are_422(client, value):
     assert_problem(_post(client, encode(random_image(20, 30)), resize=value), 422)
 
 
-def test_logits_and_targets_need_the_image_at_its_own_size(client):
+def test_logits_need_the_image_at_its_own_size(client):
     big = encode(random_image(70, 110))
     problem = assert_problem(_post(client, big, resize="fit", outputs="mask,logits"), 422)
     assert "resized" in problem["detail"]
+    assert _post(client, big, resize="fit").status_code == 200  # the server keeps serving
+
+
+def test_a_source_size_target_gives_the_worst_case_accuracy(client, session):
+    pixels = random_image(70, 110, seed=9)
+    plan = AreaResize.to_fit(70, 110, MAX_PIXELS)
+    mask, margin = session.run(["mask", "margin"], {"image": plan.apply(pixels)[None]})
+    target = plan.upsample(mask[0]).astype(np.uint8)
+    target[:10] = (target[:10] + 1) % 4  # some pixels wrong
+    target[-5:] = 255  # and some ignored
     files = {
-        "image": ("x.png", big, "image/png"),
-        "target": ("t.png", encode(np.zeros((70, 110), np.uint8)), "image/png"),
+        "image": ("x.png", encode(pixels), "image/png"),
+        "target": ("t.png", encode(target), "image/png"),
     }
+    r = client.post("/v1/segment", files=files, params={"resize": "fit", "eps": 0.05})
+    assert r.status_code == 200, r.text
+    m = r.json()["metrics"]
+    worst, clean = plan.worst_case_accuracy(mask[0], margin[0], target, 0.05, r.json()["lipschitz"])
+    assert m["worst_case_pixel_accuracy"] == pytest.approx(worst)
+    assert m["clean_pixel_accuracy"] == pytest.approx(clean) and clean < 1
+    assert m["worst_case_pixel_accuracy"] <= clean and m["worst_case_miou"] is None
+    # a target of another size is refused
+    files["target"] = ("t.png", encode(target[:-1]), "image/png")
     r = client.post("/v1/segment", files=files, params={"resize": "fit"})
     assert_problem(r, 422)
-    # the server keeps serving
-    assert _post(client, big, resize="fit").status_code == 200
 
 
 def test_png_and_npz_say_so(client):

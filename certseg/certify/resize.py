@@ -140,19 +140,15 @@ class AreaResize:
     def source_fraction(self, region: np.ndarray) -> float:
         """Fraction of source pixels whose network pixel is in `region` (h, w), exactly:
         each network pixel counts the source pixels mapped to it."""
-        rows = np.bincount(self.row_map, minlength=self.network[0])
-        cols = np.bincount(self.col_map, minlength=self.network[1])
-        hits = int(rows @ (region.astype(np.int64) @ cols))
+        hits = int(self._row_counts @ (region.astype(np.int64) @ self._col_counts))
         return hits / (self.source[0] * self.source[1])
 
     def source_flips(self, network_flips: int) -> int:
         """Most source pixels that `network_flips` flipped network pixels cover."""
         if network_flips <= 0:
             return 0
-        rows = np.bincount(self.row_map, minlength=self.network[0])
-        cols = np.bincount(self.col_map, minlength=self.network[1])
-        values_r, counts_r = np.unique(rows, return_counts=True)
-        values_c, counts_c = np.unique(cols, return_counts=True)
+        values_r, counts_r = np.unique(self._row_counts, return_counts=True)
+        values_c, counts_c = np.unique(self._col_counts, return_counts=True)
         # multiplicity of pixel (k, l) is rows[k] * cols[l]: few distinct values
         products = sorted(
             (
@@ -170,6 +166,52 @@ class AreaResize:
             if not left:
                 break
         return total
+
+    def worst_case_accuracy(
+        self,
+        mask: np.ndarray,
+        margin: np.ndarray,
+        target: np.ndarray,
+        eps: float,
+        lipschitz: float,
+        ignore_index: int = 255,
+    ) -> tuple[float, float]:
+        """(worst-case, clean) pixel accuracy on the source grid under every source
+        perturbation of norm <= eps, against a source-size `target`.
+
+        Flipping network pixel k costs margin_k^2 / 2 of the budget (L network_eps)^2
+        and loses the v_k correct source pixels mapped to it. The most correct pixels
+        one attack can take is at most the fractional knapsack's optimum (cheapest
+        cost per pixel first, the last one in part), an upper bound of the integer
+        one: a sound worst case. When every v_k is the same (an integer shrink, a
+        target uniform per block) the cheapest prefix is optimal: that is exact."""
+        valid = target != ignore_index
+        n_valid = int(valid.sum())
+        if n_valid == 0:
+            return math.nan, math.nan
+        correct_src = (valid & (self.upsample(mask) == target)).astype(np.int64)
+        # v_k: correct source pixels per network pixel (each maps a block of the source)
+        v = np.add.reduceat(correct_src, self._starts(self.row_map), axis=0)
+        v = np.add.reduceat(v, self._starts(self.col_map), axis=1)
+        correct = int(v.sum())
+        # inflated by more than the cumulative sums' rounding (4M terms: < 5e-10)
+        budget = (lipschitz * self.network_eps(eps)) ** 2 * (1 + 1e-9)
+        lost = 0
+        if budget > 0:
+            hit = v > 0
+            costs = margin[hit].astype(np.float64) ** 2 / 2.0
+            values = v[hit].astype(np.float64)
+            order = np.argsort(costs / values, kind="stable")
+            spent = np.cumsum(costs[order])
+            whole = int(np.searchsorted(spent, budget, side="right"))
+            taken = float(values[order][:whole].sum())
+            # the next one in part (its cost is > 0 here), unless all values are equal:
+            # then the cheapest whole prefix is the optimum
+            if whole < len(order) and values.min() < values.max():
+                left = budget - (float(spent[whole - 1]) if whole else 0.0)
+                taken += left / float(costs[order][whole]) * float(values[order][whole])
+            lost = min(correct, math.floor(taken * (1 + 1e-9) + 1e-6))
+        return (correct - lost) / n_valid, correct / n_valid
 
     # the image's side -------------------------------------------------------------------
     @cached_property
@@ -215,6 +257,21 @@ class AreaResize:
         """Network column of each source column (as `row_map`)."""
         (_, W), (_, w) = self.source, self.network
         return ((2 * np.arange(W) + 1) * w) // (2 * W)
+
+    @cached_property
+    def _row_counts(self) -> np.ndarray:
+        """Source rows mapped to each network row (each at least 1: h <= H)."""
+        return np.bincount(self.row_map, minlength=self.network[0])
+
+    @cached_property
+    def _col_counts(self) -> np.ndarray:
+        return np.bincount(self.col_map, minlength=self.network[1])
+
+    @staticmethod
+    def _starts(index_map: np.ndarray) -> np.ndarray:
+        """Where each network index's run of source indices starts (the map is
+        non-decreasing and hits every network index)."""
+        return np.flatnonzero(np.diff(index_map, prepend=-1))
 
     def upsample(self, plane: np.ndarray) -> np.ndarray:
         """(..., h, w) -> (..., H, W): each source pixel gets its network pixel's value."""
