@@ -157,6 +157,16 @@ def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
+def _metrics(acc: float, miou: float, clean_acc: float, clean_miou: float) -> dict:
+    """The answer's worst-case metrics (NaN, what no bound is given for, as null)."""
+    return {
+        "worst_case_pixel_accuracy": _nan_to_none(acc),
+        "worst_case_miou": _nan_to_none(miou),
+        "clean_pixel_accuracy": _nan_to_none(clean_acc),
+        "clean_miou": _nan_to_none(clean_miou),
+    }
+
+
 def certify(
     info: ModelInfo,
     outputs: dict[str, np.ndarray],
@@ -191,12 +201,7 @@ def certify(
             acc = (int(correct.sum()) - k) / n_valid if n_valid else math.nan
             clean_acc = int(correct.sum()) / n_valid if n_valid else math.nan
             miou = clean_miou = math.nan
-        metrics = {
-            "worst_case_pixel_accuracy": _nan_to_none(acc),
-            "worst_case_miou": _nan_to_none(miou),
-            "clean_pixel_accuracy": _nan_to_none(clean_acc),
-            "clean_miou": _nan_to_none(clean_miou),
-        }
+        metrics = _metrics(acc, miou, clean_acc, clean_miou)
     return Certified(
         model=info,
         eps=eps,
@@ -268,12 +273,7 @@ def _certify_resized(
             info.lipschitz,
             info.card.ignore_index,
         )
-        metrics = {
-            "worst_case_pixel_accuracy": _nan_to_none(acc),
-            "worst_case_miou": None,
-            "clean_pixel_accuracy": _nan_to_none(clean),
-            "clean_miou": None,
-        }
+        metrics = _metrics(acc, math.nan, clean, math.nan)
     return Certified(
         model=info,
         eps=eps,

@@ -279,22 +279,19 @@ def _npz(cert: Certified, image: DecodedImage, outputs: frozenset[str], style, b
 
 
 def _certificate_headers(cert: Certified) -> dict[str, str]:
-    return {
+    headers = {
         "X-Certseg-Model": cert.model.name,
         "X-Certseg-Eps": repr(cert.eps),
         "X-Certseg-Lipschitz": repr(cert.model.lipschitz),
         "X-Certseg-Guaranteed-Fraction": repr(cert.guaranteed_fraction),
         "X-Certseg-Max-Flips": str(cert.max_flips),
-        **(
-            {
-                "X-Certseg-Resize": "{}x{}->{}x{}; operator_norm={!r}".format(
-                    *cert.resize.source, *cert.resize.network, cert.resize.operator_norm
-                )
-            }
-            if cert.resize
-            else {}
-        ),
     }
+    if cert.resize is not None:
+        (H, W), (h, w) = cert.resize.source, cert.resize.network
+        headers["X-Certseg-Resize"] = (
+            f"{H}x{W}->{h}x{w}; operator_norm={cert.resize.operator_norm!r}"
+        )
+    return headers
 
 
 @router.post(
