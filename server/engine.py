@@ -86,6 +86,10 @@ class ModelInfo:
     #: Send the engine uint8 images (0..255, meaning v / 255): it converts them itself,
     #: so queues and batches hold a quarter of float32's bytes.
     accepts_uint8: bool = False
+    #: The engine's bound on |its margin - the fp32 margin| (0 for fp32 ONNX Runtime):
+    #: already taken off the margins it returns; worst-case metrics computed from its
+    #: logits shrink every flip cost by it too.
+    margin_error: float = 0.0
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
 

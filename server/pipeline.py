@@ -186,13 +186,12 @@ def certify(
     metrics = None
     if target is not None:
         ignore = info.card.ignore_index
-        if logits is not None:
-            acc = float(worst_case_pixel_accuracy(logits, target, eps, L, ignore_index=ignore))
-            miou = float(worst_case_miou(logits, target, eps, L, ignore_index=ignore))
-            clean_acc = float(
-                worst_case_pixel_accuracy(logits, target, 0.0, L, ignore_index=ignore)
-            )
-            clean_miou = float(worst_case_miou(logits, target, 0.0, L, ignore_index=ignore))
+        if logits is not None:  # costs shrunk by the engine's margin error, as margins are
+            bound = {"ignore_index": ignore, "margin_error": info.margin_error}
+            acc = float(worst_case_pixel_accuracy(logits, target, eps, L, **bound))
+            miou = float(worst_case_miou(logits, target, eps, L, **bound))
+            clean_acc = float(worst_case_pixel_accuracy(logits, target, 0.0, L, **bound))
+            clean_miou = float(worst_case_miou(logits, target, 0.0, L, **bound))
         else:  # accuracy needs margins only; IoU needs the runner-up logits
             valid = target != ignore
             correct = valid & (outputs["mask"] == target)

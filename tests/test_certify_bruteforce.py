@@ -192,3 +192,33 @@ def test_dinkelbach_equals_bruteforce_on_random_frontiers() -> None:
         assert val == pytest.approx(best, abs=1e-12)
         ci = np.asarray(idx)
         assert (sum(p0) - m_a[ci].sum()) / (sum(q0) + n_a[ci].sum()) == pytest.approx(val)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_bounds_from_engine_logits_hold_for_the_float32_net(seed: int) -> None:
+    """An engine (fp16, TensorRT) whose logits are off by at most e / 2 each: its
+    bounds with margin_error = e never beat the float32 net's exhaustive worst, even
+    when the engine's prediction differs from the float32 one."""
+    rng = np.random.default_rng(100 + seed)
+    K, H, W, e, L = 3, 2, 3, 0.3, 1.0
+    z32, t = instance(rng, K, H, W, quantized=False)
+    if seed % 2:  # random offsets: some pixels change class
+        off = rng.uniform(-e / 2, e / 2, size=z32.shape)
+    else:  # the offset that flatters most: every margin grows by e
+        off = np.where(z32 == z32.max(0, keepdims=True), e / 2, -e / 2)
+    z = z32 + off
+    flattered = False
+    for eps in EPS[1:]:
+        b = brute_image(z32, t, eps, L)
+        acc = worst_case_pixel_accuracy(z, t, eps, L, margin_error=e)
+        assert acc <= float(b["acc"]) + 1e-12
+        iou = worst_case_iou(z, t, eps, L, margin_error=e)
+        ok = ~np.isnan(b["iou"])
+        assert (iou[ok] <= b["iou"][ok] + 1e-12).all()
+        fnr = worst_case_fnr(z, t, eps, L, margin_error=e)
+        assert np.isnan(b["fnr"]) or fnr >= float(b["fnr"]) - 1e-12
+        # without the error bound the engine's logits may claim more than holds
+        flattered |= worst_case_pixel_accuracy(z, t, eps, L) > float(b["acc"]) + 1e-12
+        flattered |= bool((worst_case_iou(z, t, eps, L)[ok] > b["iou"][ok] + 1e-12).any())
+    if seed % 2 == 0:
+        assert flattered, "this case should need the margin error to stay sound"

@@ -411,6 +411,18 @@ def test_pixel_accuracy_from_margins_equals_from_logits():
     want = float(worst_case_pixel_accuracy(logits, target, 0.3, 1.5))
     assert cert.metrics["worst_case_pixel_accuracy"] == pytest.approx(want)
     assert cert.metrics["worst_case_miou"] is None
+    # an engine with a margin error: bounds from its logits shrink their costs as its
+    # margins are shrunk, so both paths still agree (and the error lowers them)
+    exact = certify(info, {**outputs, "logits": logits}, 0.3, target, 1).metrics
+    info.margin_error = 0.2
+    shrunk = apply_margin_error(outputs, 0.2, 1.5)
+    from_margins = certify(info, shrunk, 0.3, target, 1).metrics
+    from_logits = certify(info, {**shrunk, "logits": logits}, 0.3, target, 1).metrics
+    assert from_logits["worst_case_pixel_accuracy"] == pytest.approx(
+        from_margins["worst_case_pixel_accuracy"], abs=1e-6
+    )
+    assert from_logits["worst_case_pixel_accuracy"] < exact["worst_case_pixel_accuracy"]
+    assert from_logits["worst_case_miou"] < exact["worst_case_miou"]
 
 
 # ------------------------------------------------------------------------------ models

@@ -8,6 +8,14 @@ network's l2 Lipschitz bound. Results are float64 of the leading shape (per imag
 or leading shape + (K,) for per-class metrics. At eps == 0 every bound equals the
 clean metric. Class-wise bounds come from each class's own worst attack; their
 mean is a valid (not necessarily tight) bound on the mean.
+
+``margin_error`` e: logits from an engine that differs from the float32 evaluation
+the certificate speaks of (fp16, TensorRT) by at most e / 2 per logit, so that every
+difference of two logits is off by at most e (the bound `certified_margins` takes
+off margins). Every flip cost is then formed from the difference shrunk by e,
+max(d - e, 0)^2 / 2: a lower bound of the float32 net's cost to move from the
+engine's prediction, so the bounds hold for the float32 net. A pixel whose class
+the two disagree on has margin <= e: it flips for free.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ class _Prepared:
     cost: Array  # (R, N) float64, margin**2 / 2
     eps: Array  # (R,) float64
     budget: Array  # (R,) float64, -1 where eps == 0
+    error: float  # margin_error: shrinks every logit difference a cost is formed from
 
     def count(self, mask: Array) -> Array:
         """Per-row count of a boolean (R, N) mask, int64."""
@@ -66,10 +75,17 @@ class _Prepared:
 
 
 def _prepare(
-    logits: Array, target: Array, eps: float | Array, L: float, ignore_index: int
+    logits: Array,
+    target: Array,
+    eps: float | Array,
+    L: float,
+    ignore_index: int,
+    margin_error: float = 0.0,
 ) -> _Prepared:
     xp = array_namespace(logits, target)
     L = _check_lipschitz(L)
+    if not (math.isfinite(margin_error) and margin_error >= 0):
+        raise ValueError(f"margin_error must be finite and >= 0, got {margin_error}")
     if logits.ndim < 3:
         raise ValueError(f"logits must have shape (..., K, H, W), got {tuple(logits.shape)}")
     lead = tuple(logits.shape[:-3])
@@ -83,7 +99,7 @@ def _prepare(
     logits = _detach(logits)
     pred, margin, top1 = _margins64(logits)
     target = xp.reshape(_detach(target), (R, N))
-    margin = xp.reshape(margin, (R, N))
+    margin = _shrunk(xp.reshape(margin, (R, N)), margin_error)
     eps_rows = _eps_rows(eps, lead, xp, dev)
     return _Prepared(
         xp=xp,
@@ -101,7 +117,16 @@ def _prepare(
         cost=margin * margin / 2.0,
         eps=eps_rows,
         budget=_effective_budget(eps_rows, L),
+        error=float(margin_error),
     )
+
+
+def _shrunk(d: Array, error: float) -> Array:
+    """max(d - error, 0): a logit difference's lower bound for the float32 net."""
+    if error == 0:
+        return d
+    xp = array_namespace(d)
+    return xp.maximum(d - error, xp.zeros_like(d))
 
 
 @dataclass
@@ -130,7 +155,7 @@ def _class_terms(p: _Prepared, c: int, with_fp: bool = True) -> _ClassTerms:
     b = p.budget[:, None]
     tp_costs = _keep_sorted(p.cost, tp & (p.cost <= b))
     if with_fp:
-        d = p.top1 - xp.astype(p.logits[:, c, :], xp.float64)
+        d = _shrunk(p.top1 - xp.astype(p.logits[:, c, :], xp.float64), p.error)
         fp_cost = d * d / 2.0
         fp_costs = _keep_sorted(fp_cost, other & ~pred_c & (fp_cost <= b))
     else:
@@ -192,64 +217,103 @@ def _certified_correct(p: _Prepared) -> Array:
 
 
 def worst_case_pixel_accuracy(
-    logits: Array, target: Array, eps: float | Array, L: float, *, ignore_index: int = IGNORE_INDEX
+    logits: Array,
+    target: Array,
+    eps: float | Array,
+    L: float,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    margin_error: float = 0.0,
 ) -> Array:
     """Lowest pixel accuracy any perturbation of norm <= eps can force, per image.
 
     The attacker flips the cheapest correct pixels: (n_correct - k) / n_valid with k
     the max flips among correct pixels. NaN for an image without valid pixels.
     """
-    p = _prepare(logits, target, eps, L, ignore_index)
+    p = _prepare(logits, target, eps, L, ignore_index, margin_error)
     n_correct, k = _correct_and_flips(p)
     return p.unflatten(_safe_ratio(n_correct - k, p.count(p.valid)))
 
 
 def certified_pixel_accuracy(
-    logits: Array, target: Array, eps: float | Array, L: float, *, ignore_index: int = IGNORE_INDEX
+    logits: Array,
+    target: Array,
+    eps: float | Array,
+    L: float,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    margin_error: float = 0.0,
 ) -> Array:
     """Fraction of valid pixels that are correct AND individually certified at eps.
 
     Weaker than the joint bound (each pixel is attacked alone), but it is the number
     the guaranteed-region overlay shows.
     """
-    p = _prepare(logits, target, eps, L, ignore_index)
+    p = _prepare(logits, target, eps, L, ignore_index, margin_error)
     return p.unflatten(_safe_ratio(_certified_correct(p), p.count(p.valid)))
 
 
 def worst_case_iou(
-    logits: Array, target: Array, eps: float | Array, L: float, *, ignore_index: int = IGNORE_INDEX
+    logits: Array,
+    target: Array,
+    eps: float | Array,
+    L: float,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    margin_error: float = 0.0,
 ) -> Array:
     """Per-class worst IoU = min (TP - m) / (GT + FP + n) over affordable attacks.
 
     Shape (..., K); NaN for classes absent from the image's labels (GT == 0).
     """
-    p = _prepare(logits, target, eps, L, ignore_index)
+    p = _prepare(logits, target, eps, L, ignore_index, margin_error)
     return p.unflatten(_iou_dice_rows(p, dice=False)[0], p.K)
 
 
 def worst_case_dice(
-    logits: Array, target: Array, eps: float | Array, L: float, *, ignore_index: int = IGNORE_INDEX
+    logits: Array,
+    target: Array,
+    eps: float | Array,
+    L: float,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    margin_error: float = 0.0,
 ) -> Array:
     """Per-class worst Dice = min 2 TP' / (GT + TP' + FP'), shape (..., K), NaN if GT == 0."""
-    p = _prepare(logits, target, eps, L, ignore_index)
+    p = _prepare(logits, target, eps, L, ignore_index, margin_error)
     return p.unflatten(_iou_dice_rows(p, dice=True)[0], p.K)
 
 
 def worst_case_miou(
-    logits: Array, target: Array, eps: float | Array, L: float, *, ignore_index: int = IGNORE_INDEX
+    logits: Array,
+    target: Array,
+    eps: float | Array,
+    L: float,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    margin_error: float = 0.0,
 ) -> Array:
     """Per-image mIoU bound: mean of per-class bounds over classes present in the labels."""
-    return _nanmean(worst_case_iou(logits, target, eps, L, ignore_index=ignore_index))
+    iou = worst_case_iou(
+        logits, target, eps, L, ignore_index=ignore_index, margin_error=margin_error
+    )
+    return _nanmean(iou)
 
 
 def worst_case_fwiou(
-    logits: Array, target: Array, eps: float | Array, L: float, *, ignore_index: int = IGNORE_INDEX
+    logits: Array,
+    target: Array,
+    eps: float | Array,
+    L: float,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    margin_error: float = 0.0,
 ) -> Array:
     """Frequency-weighted IoU bound: sum_c (GT_c / n_valid) * worst IoU_c, per image.
 
     The weights depend on the labels only, so a weighted sum of bounds is a bound.
     """
-    p = _prepare(logits, target, eps, L, ignore_index)
+    p = _prepare(logits, target, eps, L, ignore_index, margin_error)
     xp = p.xp
     iou, gt = _iou_dice_rows(p, dice=False)
     weighted = xp.where(gt > 0, xp.astype(gt, xp.float64) * iou, xp.zeros_like(iou))
@@ -264,6 +328,7 @@ def worst_case_fnr(
     *,
     positive: int = 1,
     ignore_index: int = IGNORE_INDEX,
+    margin_error: float = 0.0,
 ) -> Array:
     """Highest false-negative rate of class ``positive`` any attack can force, per image.
 
@@ -271,7 +336,7 @@ def worst_case_fnr(
     (adding false positives does not change the FNR). NaN if the image has no
     positive pixels. Meant for binary tasks but valid for any K.
     """
-    p = _prepare(logits, target, eps, L, ignore_index)
+    p = _prepare(logits, target, eps, L, ignore_index, margin_error)
     if not 0 <= positive < p.K:
         raise ValueError(f"positive class {positive} out of range for K = {p.K}")
     t = _class_terms(p, positive, with_fp=False)

@@ -66,6 +66,7 @@ class BaseEngine:
     def __init__(self, info: ModelInfo, margin_error: float = 0.0, calibrating: bool = False):
         self.info = info
         self.margin_error = 0.0 if calibrating else float(margin_error)
+        info.margin_error = self.margin_error
         self._loaded = False
         self._warm = False
 
