@@ -37,6 +37,22 @@ def test_max_flips_prefix_rule() -> None:
     assert max_flips(MARGIN, 0.5, 2.0) == 4  # same budget (L eps)**2 = 1
 
 
+def test_float32_margins_rounded_up_still_count_their_flips() -> None:
+    """A float32 margin top1 - top2 rounded to nearest may lie above the exact
+    difference: the budget takes up that rounding, so a flip the attacker can afford
+    at the exact cost is counted (and stability is not overstated)."""
+    top1, top2 = np.float32(1.0), np.float32(2.0**-25 * (1 - 2.0**-24))
+    stored = top1 - top2  # what a float32 head writes
+    exact = float(top1) - float(top2)
+    assert float(stored) > exact  # rounded up: 1.0
+    eps = exact / math.sqrt(2.0) * (1 + 1e-12)  # affords the exact cost, not the stored one
+    assert max_flips(np.full((1, 1), stored, np.float32), eps, 1.0) == 1
+    assert max_flips(np.full((1, 1), exact), eps, 1.0) == 1
+    assert stability(np.full((1, 1), stored, np.float32), 1.0, 1.0) <= exact / math.sqrt(2.0)
+    torch = pytest.importorskip("torch")
+    assert int(max_flips(torch.full((1, 1), float(stored)), eps, 1.0)) == 1
+
+
 def test_max_flips_valid_mask_and_batches() -> None:
     valid = np.array([[False, True, True, True, True]])
     assert max_flips(MARGIN, 1.0, 1.0, valid=valid) == 3

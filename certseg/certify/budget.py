@@ -26,6 +26,7 @@ __all__ = [
     "attack_budget",
     "flip_costs",
     "frontier_min_ratio",
+    "margin_rounding_slack",
     "max_flips",
     "split_frontier",
     "stability",
@@ -47,11 +48,27 @@ def attack_budget(eps: float | Array, L: float) -> float | Array:
     return (_check_lipschitz(L) * eps) ** 2
 
 
-def _effective_budget(eps_rows: Array, L: float) -> Array:
-    """(L eps)**2 per row, or -1 where eps == 0 so that even zero-cost flips fail."""
+def _effective_budget(eps_rows: Array, L: float, slack: float = 1.0) -> Array:
+    """(L eps)**2 * slack per row, or -1 where eps == 0 so that even zero-cost flips fail.
+
+    L eps is capped at 1e150 first: past that every finite cost is affordable anyway,
+    and the square stays finite (no overflow for an absurd eps)."""
     xp = array_namespace(eps_rows)
-    b = (L * eps_rows) ** 2
-    return xp.where(eps_rows > 0, b, xp.asarray(-1.0, dtype=xp.float64, device=_device(b)))
+    dev = _device(eps_rows)
+    le = xp.minimum(L * eps_rows, xp.asarray(1e150, dtype=xp.float64, device=dev))
+    b = le * le * slack
+    return xp.where(eps_rows > 0, b, xp.asarray(-1.0, dtype=xp.float64, device=dev))
+
+
+def margin_rounding_slack(margin: Array) -> float:
+    """1 + a bound on how far margin**2 / 2 may lie above the exact cost of a margin
+    stored in a float type: top1 - top2 rounded to nearest is at most eps / 2 relative
+    above the exact difference, its square about eps above; 2 eps is taken. Budgets are
+    multiplied by it (float32: 1 + 2.4e-7; float64, exact differences: 1 + 4.4e-16)."""
+    xp = array_namespace(margin)
+    if not xp.isdtype(margin.dtype, "real floating"):
+        return 1.0
+    return 1.0 + 2.0 * float(xp.finfo(margin.dtype).eps)
 
 
 def _keep_sorted(costs: Array, keep: Array) -> Array:
@@ -171,7 +188,8 @@ def max_flips(margin: Array, eps: float | Array, L: float, valid: Array | None =
     keep = xp.ones(costs.shape, dtype=xp.bool, device=_device(costs))
     if valid is not None:
         keep, _ = _rows(xp.broadcast_to(xp.asarray(_detach(valid), dtype=xp.bool), margin.shape), 2)
-    budget = _effective_budget(_eps_rows(eps, lead, xp, _device(costs)), L)
+    eps_rows = _eps_rows(eps, lead, xp, _device(costs))
+    budget = _effective_budget(eps_rows, L, margin_rounding_slack(margin))
     return xp.reshape(_max_flips_rows(costs, keep, budget), lead)
 
 
@@ -192,7 +210,7 @@ def _max_flips_numpy(
     keep = None
     if valid is not None:
         keep, _ = _rows(np.broadcast_to(np.asarray(valid, dtype=bool), margin.shape), 2)
-    budget = _effective_budget(_eps_rows(eps, lead, np, None), L)
+    budget = _effective_budget(_eps_rows(eps, lead, np, None), L, margin_rounding_slack(margin))
     flips = np.zeros(rows.shape[0], dtype=np.int64)
     ftype = np.float32 if rows.dtype.kind == "f" and rows.dtype.itemsize <= 4 else np.float64
     for r in range(rows.shape[0]):
@@ -281,6 +299,7 @@ def stability(margin: Array, alpha: float, L: float, valid: Array | None = None)
         return xp.reshape(xp.zeros((R,), dtype=xp.float64, device=dev), lead)
     cs = xp.cumulative_sum(xp.sort(costs, axis=-1), axis=-1, include_initial=True)
     total = xp.take_along_axis(cs, xp.reshape(k, (R, 1)), axis=-1)[:, 0]
+    total = total / margin_rounding_slack(margin)  # the exact costs may be that much lower
     out = xp.where(total > 0, xp.sqrt(total) / L, xp.zeros_like(total))
     return xp.reshape(out, lead)
 
