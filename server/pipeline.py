@@ -157,6 +157,12 @@ def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
+def _mean_present(per_class: np.ndarray) -> float:
+    """Mean over the classes the target has (NaN entries are the absent ones)."""
+    present = per_class[~np.isnan(per_class)]
+    return float(present.mean()) if present.size else math.nan
+
+
 def _metrics(acc: float, miou: float, clean_acc: float, clean_miou: float) -> dict:
     """The answer's worst-case metrics (NaN, what no bound is given for, as null)."""
     return {
@@ -227,11 +233,10 @@ async def segment_image(
     """Queue the image, wait for its batch, certify it; records queue/infer/certify."""
     info = state.info(model)
     batcher = state.batcher_for(info.name)
-    whole = image.resize is None
-    need_logits = "logits" in outputs or (target is not None and info.has_logits and whole)
+    need_logits = "logits" in outputs or (target is not None and info.has_logits)
     if "logits" in outputs and not info.has_logits:
         raise InvalidParameter(f"model '{info.name}' was exported without a logits output")
-    if not whole and "logits" in outputs:
+    if image.resize is not None and "logits" in outputs:
         raise InvalidParameter(
             "a resized image has no logits at its own size (they are the network's); "
             "send it at most the pixel limit for those"
@@ -258,9 +263,8 @@ def _certify_resized(
     resize: AreaResize,
 ) -> Certified:
     """A shrunk image's certificate, on the source grid. With a source-size target:
-    worst-case pixel accuracy (mIoU needs the runner-up logits of every source pixel's
-    network pixel, not bounded here: null, as for a model without logits)."""
-    flips = int(max_flips(outputs["margin"], resize.network_eps(eps), info.lipschitz))
+    worst-case pixel accuracy, and mIoU from the network's logits (null for a model
+    exported without them)."""
     radius = resize.source_radius(outputs["radius"])  # source units, network grid
     metrics = None
     if target is not None:
@@ -272,7 +276,20 @@ def _certify_resized(
             info.lipschitz,
             info.card.ignore_index,
         )
-        metrics = _metrics(acc, math.nan, clean, math.nan)
+        miou = clean_miou = math.nan
+        if "logits" in outputs:
+            iou, clean_iou = resize.worst_case_iou(
+                outputs["mask"],
+                outputs["margin"],
+                outputs["logits"],
+                target,
+                eps,
+                info.lipschitz,
+                info.card.ignore_index,
+                info.margin_error,
+            )
+            miou, clean_miou = _mean_present(iou), _mean_present(clean_iou)
+        metrics = _metrics(acc, miou, clean, clean_miou)
     return Certified(
         model=info,
         eps=eps,
@@ -281,7 +298,7 @@ def _certify_resized(
         radius=resize.upsample(radius),
         logits=None,
         guaranteed_fraction=resize.source_fraction(guaranteed_region(radius, eps)),
-        max_flips=resize.source_flips(flips),
+        max_flips=resize.max_source_flips(outputs["margin"], eps, info.lipschitz),
         batch_size=batch_size,
         metrics=metrics,
         resize=resize,

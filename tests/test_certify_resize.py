@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from certseg.certify import margins, max_flips, worst_case_iou
 from certseg.certify.resize import AreaResize, area_weights
 
 SIZES = [(45, 32), (7, 7), (100, 33), (5, 1), (64, 32), (97, 96)]
@@ -105,12 +106,42 @@ def test_source_fraction_counts_what_the_upsampled_region_holds():
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 100, 32 * 64])
-def test_source_flips_is_the_top_k_of_the_multiplicities(k):
+def test_top_multiplicities_are_the_largest_blocks(k):
     plan = AreaResize((45, 91), (32, 64))
     counts = np.bincount(plan.upsample(np.arange(32 * 64).reshape(32, 64)).ravel())
-    brute = int(np.sort(counts)[::-1][:k].sum())
-    assert plan.source_flips(k) == brute
-    assert plan.source_flips(32 * 64) == 45 * 91
+    assert plan._top_multiplicities(k) == int(np.sort(counts)[::-1][:k].sum())
+    assert plan._top_multiplicities(32 * 64) == 45 * 91
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_max_source_flips_bounds_every_affordable_set(seed):
+    """Never below the exhaustive most source pixels of an affordable set of network
+    pixels, never above the top-k blocks; exact for equal blocks."""
+    rng = np.random.default_rng(seed)
+    margin = rng.random((3, 4)).astype(np.float32)
+    cost = margin.ravel().astype(np.float64) ** 2 / 2
+    subsets = np.array(list(itertools.product((0, 1), repeat=12)), bool)
+    for plan in (AreaResize((7, 9), (3, 4)), AreaResize((6, 8), (3, 4))):
+        up = plan.upsample(np.arange(12).reshape(3, 4))
+        worth = np.bincount(up.ravel(), minlength=12)
+        for eps in (0.0, 0.02, 0.1, 0.3, 2.0):
+            budget = (2.0 * plan.network_eps(eps)) ** 2 if eps else -1.0
+            exact = int((subsets[(subsets * cost).sum(1) <= budget] @ worth).max(initial=0))
+            got = plan.max_source_flips(margin, eps, 2.0)
+            k = int(max_flips(margin, plan.network_eps(eps), 2.0))
+            assert exact <= got <= plan._top_multiplicities(k)
+            if worth.min() == worth.max():
+                assert got == exact
+
+
+def test_max_source_flips_is_tighter_than_the_largest_blocks():
+    """Cheap pixels do not all sit in the largest blocks: the knapsack gains on a real
+    shrink (4 block sizes)."""
+    plan = AreaResize((45, 91), (32, 64))
+    margin = np.random.default_rng(0).random((32, 64)).astype(np.float32)
+    eps = 0.5
+    k = int(max_flips(margin, plan.network_eps(eps), 1.0))
+    assert 0 < plan.max_source_flips(margin, eps, 1.0) < plan._top_multiplicities(k)
 
 
 def test_source_radius_and_budget_fold_in_the_norm_and_the_rounding():
@@ -171,3 +202,75 @@ def test_worst_case_accuracy_never_above_the_exhaustive_worst(seed):
     for eps in (0.02, 0.1, 0.3):
         worst, _ = plan2.worst_case_accuracy(mask, margin, target2, eps, 2.0)
         assert worst == pytest.approx(_brute_worst(plan2, mask, margin, target2, eps, 2.0))
+
+
+def _brute_iou(plan, logits, target, eps, L):
+    """Exact worst IoU per class on the source grid over every affordable set of
+    network pixels flipped in or out of the class (flips among other classes do not
+    change it), with every effect on the source pixels counted."""
+    K, n = logits.shape[0], logits[0].size
+    z = logits.reshape(K, n).astype(np.float64)
+    pred, top = z.argmax(0), z.max(0)
+    margin = top - np.sort(z, 0)[-2]
+    subsets = np.array(list(itertools.product((0, 1), repeat=n)), bool)  # (2^n, n)
+    budget = (L * plan.network_eps(eps)) ** 2 if eps > 0 else -1.0
+    up = plan.upsample(np.arange(n).reshape(logits.shape[1:]))
+    valid = target != 255
+    worst = np.full(K, np.nan)
+    for c in range(K):
+        g = np.bincount(up[valid & (target == c)], minlength=n)
+        other = np.bincount(up[valid & (target != c)], minlength=n)
+        if g.sum() == 0:
+            continue
+        cost = np.where(pred == c, margin, top - z[c]) ** 2 / 2
+        ok = subsets[(subsets * cost).sum(1) <= budget] if budget >= 0 else subsets[:1]
+        in_c = (pred == c)[None, :] ^ ok  # a flip toggles membership in c
+        worst[c] = ((in_c @ g) / (g.sum() + in_c @ other)).min()
+    return worst
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_worst_case_iou_never_above_the_exhaustive_worst(seed):
+    rng = np.random.default_rng(10 + seed)
+    plan = AreaResize((7, 9), (3, 4))  # 12 network pixels: every subset is tried
+    logits = rng.normal(size=(3, 3, 4)).astype(np.float32)
+    mask, margin = margins(logits)
+    target = np.where(rng.random((7, 9)) < 0.6, plan.upsample(mask), rng.integers(0, 3, (7, 9)))
+    target[0, :3] = 255
+    tight = []
+    for eps in (0.0, 0.05, 0.2, 0.5):
+        worst, clean = plan.worst_case_iou(mask, margin, logits, target, eps, 1.5)
+        exact = _brute_iou(plan, logits, target, eps, 1.5)
+        present = ~np.isnan(exact)
+        np.testing.assert_array_equal(np.isnan(worst), ~present)
+        assert (worst[present] <= exact[present] + 1e-12).all()
+        tight.append(exact[present] - worst[present])
+        if eps == 0:
+            np.testing.assert_allclose(worst[present], clean[present], rtol=0, atol=0)
+            np.testing.assert_allclose(worst[present], exact[present], atol=1e-12)
+    # the relaxation gives away little: at most a block or so of each side's pixels
+    assert max(t.max() for t in tight) < 0.25
+    # equal whole blocks (factor 2, targets uniform per block): the bound is exact
+    plan2 = AreaResize((6, 8), (3, 4))
+    target2 = plan2.upsample(np.where(rng.random((3, 4)) < 0.7, mask, (mask + 1) % 3))
+    for eps in (0.05, 0.2, 0.5):
+        worst, _ = plan2.worst_case_iou(mask, margin, logits, target2, eps, 1.5)
+        exact = _brute_iou(plan2, logits, target2, eps, 1.5)
+        present = ~np.isnan(exact)
+        assert (worst[present] <= exact[present]).all()
+        np.testing.assert_allclose(worst[present], exact[present], atol=1e-6)  # the slack
+
+
+def test_worst_case_iou_with_identity_resize_stays_below_the_exact_frontier():
+    """No shrink (every block one pixel): the knapsack bound never beats the integer
+    frontier of `certseg.certify.worst_case_iou`, and equals it (unit values)."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 12, 16)).astype(np.float32)
+    mask, margin = margins(logits)
+    target = np.where(rng.random((12, 16)) < 0.7, mask, rng.integers(0, 4, (12, 16)))
+    plan = AreaResize((12, 16), (12, 16))
+    for eps in (0.0, 0.05, 0.3):
+        worst, _ = plan.worst_case_iou(mask, margin, logits, target, eps, 2.0)
+        exact = worst_case_iou(logits, target, plan.network_eps(eps), 2.0)
+        assert (worst <= exact + 1e-12).all()
+        np.testing.assert_allclose(worst, exact, atol=1e-6)

@@ -137,5 +137,12 @@ def test_image_attacks_on_the_source_never_beat_the_budget(setting):
             attacked = float(((adv[i] == targets[i]) & valid).sum() / valid.sum())
             assert attacked >= worst - 1e-12
             lost += clean - attacked
+            # and so does every class's IoU
+            iou_worst, _ = plan.worst_case_iou(
+                outputs["mask"], outputs["margin"], certs[i][0], targets[i], eps, setting[1]
+            )
+            for c in np.flatnonzero(~np.isnan(iou_worst)):
+                hit, truth = (adv[i] == c) & valid, targets[i] == c
+                assert (hit & truth).sum() / (truth | hit).sum() >= iou_worst[c] - 1e-12
     print(f"source pixels flipped over {len(eps_values)} eps: {total_flips}")
     assert total_flips > 0 and lost > 0, "the attacks must do harm for this to test anything"

@@ -31,6 +31,9 @@ from functools import cached_property
 
 import numpy as np
 
+from .budget import margin_rounding_slack, max_flips
+from .knapsack import Knapsack, worst_split_ratio
+
 __all__ = ["AreaResize", "area_weights"]
 
 #: Bound on |fl32(y) - y| for the computed y in [0, 1]: half an ulp of float32 below 1
@@ -60,6 +63,12 @@ def area_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     weight = np.clip(hi - lo, 0, None).astype(np.float64) / n_in
     index = np.where(weight > 0, index, 0)
     return index, weight
+
+
+def _cost(margin: np.ndarray) -> np.ndarray:
+    """margin^2 / 2 in float64 (exact for float32 margins)."""
+    m = np.asarray(margin, np.float64)
+    return m * m / 2.0
 
 
 def _shrink(x: np.ndarray, index: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
@@ -143,7 +152,7 @@ class AreaResize:
         hits = int(self._row_counts @ (region.astype(np.int64) @ self._col_counts))
         return hits / (self.source[0] * self.source[1])
 
-    def source_flips(self, network_flips: int) -> int:
+    def _top_multiplicities(self, network_flips: int) -> int:
         """Most source pixels that `network_flips` flipped network pixels cover."""
         if network_flips <= 0:
             return 0
@@ -167,6 +176,36 @@ class AreaResize:
                 break
         return total
 
+    def max_source_flips(self, margin: np.ndarray, eps: float, lipschitz: float) -> int:
+        """Most source pixels one source attack of norm <= eps can flip.
+
+        Two upper bounds, the smaller taken: the k network pixels the joint budget
+        allows (`max_flips` at network_eps) covering the k largest blocks; and the
+        fractional knapsack over the affordable network pixels, each worth the source
+        pixels mapped to it (cheap pixels seldom all sit in the largest blocks)."""
+        k = int(max_flips(margin, self.network_eps(eps), lipschitz))
+        if k == 0:
+            return 0
+        budget = self.attack_budget(eps, lipschitz, margin)
+        # a superset of the affordable pixels (the threshold taken up past float32 rounding)
+        rows, cols = np.nonzero(np.abs(margin) <= math.sqrt(2.0 * budget) * (1 + 1e-6))
+        worth = self._row_counts[rows] * self._col_counts[cols]
+        items = Knapsack.of(_cost(margin[rows, cols]), worth, budget)
+        return min(self._top_multiplicities(k), math.floor(float(items.most(budget))))
+
+    def attack_budget(self, eps: float, lipschitz: float, margin: np.ndarray) -> float:
+        """Squared logit budget of an eps-attack on the source: (L network_eps)^2, taken
+        up by the rounding of the stored margins; 0 at eps == 0 (nothing flips)."""
+        if eps == 0:
+            return 0.0
+        return (lipschitz * self.network_eps(eps)) ** 2 * margin_rounding_slack(margin)
+
+    def block_sums(self, plane: np.ndarray) -> np.ndarray:
+        """(H, W) bool or counts -> (h, w) int64: the sum over each network pixel's
+        source pixels."""
+        v = np.add.reduceat(plane, self._starts(self.row_map), axis=0, dtype=np.int64)
+        return np.add.reduceat(v, self._starts(self.col_map), axis=1)
+
     def worst_case_accuracy(
         self,
         mask: np.ndarray,
@@ -179,39 +218,64 @@ class AreaResize:
         """(worst-case, clean) pixel accuracy on the source grid under every source
         perturbation of norm <= eps, against a source-size `target`.
 
-        Flipping network pixel k costs margin_k^2 / 2 of the budget (L network_eps)^2
-        and loses the v_k correct source pixels mapped to it. The most correct pixels
-        one attack can take is at most the fractional knapsack's optimum (cheapest
-        cost per pixel first, the last one in part), an upper bound of the integer
-        one: a sound worst case. When every v_k is the same (an integer shrink, a
-        target uniform per block) the cheapest prefix is optimal: that is exact."""
+        Flipping network pixel k costs margin_k^2 / 2 of the budget and loses the v_k
+        correct source pixels mapped to it: the most one attack can take is bounded by
+        the fractional knapsack (`Knapsack`; exact when every v_k is the same: an
+        integer shrink, a target uniform per block)."""
         valid = target != ignore_index
         n_valid = int(valid.sum())
         if n_valid == 0:
             return math.nan, math.nan
-        correct_src = (valid & (self.upsample(mask) == target)).astype(np.int64)
-        # v_k: correct source pixels per network pixel (each maps a block of the source)
-        v = np.add.reduceat(correct_src, self._starts(self.row_map), axis=0)
-        v = np.add.reduceat(v, self._starts(self.col_map), axis=1)
+        v = self.block_sums(valid & (self.upsample(mask) == target))
         correct = int(v.sum())
-        # inflated by more than the cumulative sums' rounding (4M terms: < 5e-10)
-        budget = (lipschitz * self.network_eps(eps)) ** 2 * (1 + 1e-9)
-        lost = 0
-        if budget > 0:
-            hit = v > 0
-            costs = margin[hit].astype(np.float64) ** 2 / 2.0
-            values = v[hit].astype(np.float64)
-            order = np.argsort(costs / values, kind="stable")
-            spent = np.cumsum(costs[order])
-            whole = int(np.searchsorted(spent, budget, side="right"))
-            taken = float(values[order][:whole].sum())
-            # the next one in part (its cost is > 0 here), unless all values are equal:
-            # then the cheapest whole prefix is the optimum
-            if whole < len(order) and values.min() < values.max():
-                left = budget - (float(spent[whole - 1]) if whole else 0.0)
-                taken += left / float(costs[order][whole]) * float(values[order][whole])
-            lost = min(correct, math.floor(taken * (1 + 1e-9) + 1e-6))
+        budget = self.attack_budget(eps, lipschitz, margin)
+        items = Knapsack.of(_cost(margin), v, budget)
+        lost = min(correct, math.floor(float(items.most(budget))))
         return (correct - lost) / n_valid, correct / n_valid
+
+    def worst_case_iou(
+        self,
+        mask: np.ndarray,
+        margin: np.ndarray,
+        logits: np.ndarray,
+        target: np.ndarray,
+        eps: float,
+        lipschitz: float,
+        ignore_index: int = 255,
+        margin_error: float = 0.0,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(worst-case, clean) IoU per class on the source grid, (K,) each, NaN for
+        classes the target lacks. `mask` and `logits` (K, h, w) are the network's.
+
+        For class c the attacker removes true positives (network pixel k predicted c:
+        cost margin_k^2 / 2, loses its g_kc source pixels labelled c) and adds false
+        ones (k predicted otherwise: cost (z_top - z_c)^2 / 2, each difference shrunk
+        by `margin_error` as in `certseg.certify.metrics`, gains its valid source
+        pixels labelled otherwise). Either flip also helps c a little (fewer false
+        positives, more true ones), which the bound forgoes. The worst split of the
+        budget between the two (`worst_split_ratio`) bounds (TP - m) / (GT + FP + n)
+        from below. `margin` is the engine's (already shrunk by its error)."""
+        K = logits.shape[0]
+        valid = target != ignore_index
+        n_valid = self.block_sums(valid)
+        top = np.max(logits, axis=0).astype(np.float64)
+        budget = self.attack_budget(eps, lipschitz, margin)
+        worst, clean = np.full(K, math.nan), np.full(K, math.nan)
+        for c in range(K):
+            g = self.block_sums(valid & (target == c))
+            gt = int(g.sum())
+            if gt == 0:
+                continue
+            is_c = mask == c
+            tp, fp = int(g[is_c].sum()), int((n_valid - g)[is_c].sum())
+            clean[c] = tp / (gt + fp)
+            remove = Knapsack.of(_cost(margin[is_c]), g[is_c], budget)
+            gap = top[~is_c] - logits[c][~is_c].astype(np.float64)
+            add = Knapsack.of(
+                _cost(np.maximum(gap - margin_error, 0.0)), (n_valid - g)[~is_c], budget
+            )
+            worst[c] = worst_split_ratio(remove, add, budget, tp, gt + fp)
+        return worst, clean
 
     # the image's side -------------------------------------------------------------------
     @cached_property
