@@ -7,7 +7,9 @@ shrink timed beside Pillow's BOX filter on float planes (the fast formulation th
 server does not use: its weights and rounding are Pillow's, so no operator norm is
 proven for it), and what the certificate gives at eps: the guaranteed fraction with
 the shrink's operator norm folded in beside the network radius alone (also sound,
-since ||D|| <= 1, but it leaves the norm's factor unused).
+since ||D|| <= 1, but it leaves the norm's factor unused). With the scene's own
+labels as a source-size target: the worst-case pixel accuracy and mIoU on the source
+grid, and what computing them costs.
 
     python benchmarks/resize.py --source 2160x3840 --max-pixels 4194304,2097152
 """
@@ -58,7 +60,8 @@ def main() -> None:
     engine = create_engine(ModelSpec(None, default_model_path()), Settings())
     engine.load()
     info = engine.metadata()
-    img, _ = render_scene(np.random.default_rng(0), (H, W))
+    img, label = render_scene(np.random.default_rng(0), (H, W))
+    target = np.asarray(label, np.uint8)
     rgb8 = np.ascontiguousarray((img.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8))
     buf = io.BytesIO()
     Image.fromarray(rgb8).save(buf, format="JPEG", quality=90)
@@ -73,9 +76,11 @@ def main() -> None:
         box = pillow_box(decoded.rgb8, plan.network)
         src, whole = decoded.rgb8, Limits(1 << 28, H * W)
         t0 = time.perf_counter()
-        outputs = {k: v[0] for k, v in engine.infer(shrunk[None], ["mask"]).items()}
+        names = ["mask", "logits"] if info.has_logits else ["mask"]
+        outputs = {k: v[0] for k, v in engine.infer(shrunk[None], names).items()}
         infer_ms = (time.perf_counter() - t0) * 1000
         cert = certify(info, outputs, args.eps, None, 1, plan)
+        scored = certify(info, outputs, args.eps, target, 1, plan).metrics
         stages = {
             "decode JPEG (no shrink)": median_ms(
                 lambda lim=whole: decode_image(body, lim), args.repeats
@@ -87,6 +92,9 @@ def main() -> None:
             "engine pass on the shrunk frame (first, cold)": infer_ms,
             "certificate on the source grid": median_ms(
                 lambda o=outputs, p=plan: certify(info, o, args.eps, None, 1, p), args.repeats
+            ),
+            "certificate with a target (accuracy + mIoU)": median_ms(
+                lambda o=outputs, p=plan: certify(info, o, args.eps, target, 1, p), args.repeats
             ),
             "overlay PNG at source size": median_ms(
                 lambda c=cert, x=src: c.overlay_png(x, "hatch"), args.repeats
@@ -105,6 +113,7 @@ def main() -> None:
             "guaranteed_fraction_network_radius_only": net_only,
             "max_flips": cert.max_flips,
             "max_flips_fraction": cert.max_flips / (H * W),
+            "metrics_with_target": scored,
             "shrink_vs_pillow_max_abs_diff": float(np.abs(shrunk - box).max()),
             "stages_ms": stages,
         }
@@ -117,6 +126,14 @@ def main() -> None:
                 f"{H}x{W} -> {size}",
                 f"guaranteed at eps {args.eps}: folded norm / network radius only",
                 f"{cert.guaranteed_fraction:.3f} / {net_only:.3f}",
+            ]
+        )
+        rows.append(
+            [
+                f"{H}x{W} -> {size}",
+                f"pixel acc / mIoU at eps {args.eps}: worst case (clean)",
+                f"{scored['worst_case_pixel_accuracy']:.3f} ({scored['clean_pixel_accuracy']:.3f})"
+                f" / {scored['worst_case_miou']:.3f} ({scored['clean_miou']:.3f})",
             ]
         )
     print_table("resize=fit, shipped model, CPU", ["frame", "stage", "ms"], rows)

@@ -29,7 +29,13 @@ if TYPE_CHECKING:
         StreamSummary,
         TransportError,
     )
-    from clients.sdk import DEFAULT_OUTPUTS, AsyncCertSegClient, CertSegClient, encode_image
+    from clients.sdk import (
+        DEFAULT_OUTPUTS,
+        AsyncCertSegClient,
+        CertSegClient,
+        encode_image,
+        encode_target,
+    )
 
 _HOME = {
     "APIError": "clients.models",
@@ -47,6 +53,7 @@ _HOME = {
     "AsyncCertSegClient": "clients.sdk",
     "CertSegClient": "clients.sdk",
     "encode_image": "clients.sdk",
+    "encode_target": "clients.sdk",
 }
 
 __all__ = [
@@ -65,6 +72,7 @@ __all__ = [
     "StreamSummary",
     "TransportError",
     "encode_image",
+    "encode_target",
 ]
 
 

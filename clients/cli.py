@@ -113,6 +113,13 @@ def segment(
     api_key: KeyOpt = None,
     model: ModelOpt = None,
     resize: ResizeOpt = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of label maps <image stem>.png (class ids): adds the worst-case "
+            "pixel accuracy and mIoU at eps."
+        ),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 60.0,
 ) -> None:
     """Segment and certify images; write overlay, class-id mask and radius heat map PNGs."""
@@ -124,6 +131,12 @@ def segment(
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="IMAGES")
+    targets = {p: None if labels is None else labels / f"{p.stem}.png" for p in images}
+    unlabelled = [str(t) for t in targets.values() if t is not None and not t.is_file()]
+    if unlabelled:
+        raise typer.BadParameter(
+            f"no such label map: {', '.join(unlabelled)}", param_hint="--labels"
+        )
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[Path, SegmentResult]] = []
     failed = 0
@@ -134,7 +147,9 @@ def segment(
         task = progress.add_task("segmenting", total=len(images))
         for path in images:
             try:
-                result = client.segment(path, eps=eps, model=model, resize=resize)
+                result = client.segment(
+                    path, eps=eps, model=model, resize=resize, target=targets[path]
+                )
             except CertSegClientError as exc:
                 console.print(f"[red]{path}: {exc}[/red]")
                 failed += 1
@@ -143,15 +158,20 @@ def segment(
                 rows.append((path, result))
             progress.advance(task)
     table = Table(title=f"certseg @ {url}")
-    for col in ("image", "size", "eps", "guaranteed", "max flips", "server ms", "latency ms"):
+    cols = ["image", "size", "eps", "guaranteed", "max flips", "server ms", "latency ms"]
+    if labels is not None:
+        cols[5:5] = ["worst acc (clean)", "worst mIoU (clean)"]
+    for col in cols:
         table.add_column(col, justify="left" if col == "image" else "right")
     for path, r in rows:
+        scored = [] if labels is None else _scored(r.metrics or {})
         table.add_row(
             path.name,
             f"{r.width}x{r.height}",
             f"{r.eps:g}",
             f"{100 * r.guaranteed_fraction:.1f}%",
             f"{r.max_flips} ({100 * r.max_flips_fraction:.1f}%)",
+            *scored,
             f"{r.timings.get('total', float('nan')):.1f}",
             f"{r.latency_ms or 0.0:.1f}",
         )
@@ -159,6 +179,19 @@ def segment(
     console.print(f"wrote {len(rows) * 3} files to {out}")
     if failed:
         raise typer.Exit(1)
+
+
+def _scored(metrics: dict[str, float | None]) -> list[str]:
+    """The worst-case / clean metric cells ("-" where the server gives none)."""
+
+    def cell(worst: str, clean: str) -> str:
+        w, c = metrics.get(worst), metrics.get(clean)
+        return "-" if w is None or c is None else f"{w:.3f} ({c:.3f})"
+
+    return [
+        cell("worst_case_pixel_accuracy", "clean_pixel_accuracy"),
+        cell("worst_case_miou", "clean_miou"),
+    ]
 
 
 def _open_input(video: Path | None, camera: int | None) -> Any:

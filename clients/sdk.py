@@ -48,10 +48,15 @@ __all__ = [
     "AsyncCertSegClient",
     "CertSegClient",
     "ImageInput",
+    "TargetInput",
     "encode_image",
+    "encode_target",
 ]
 
 ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray"
+#: A label map of class ids (the model's ignore index for unlabelled pixels): a PNG
+#: path or bytes, a PIL image, or an (H, W) integer array.
+TargetInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray"
 #: None (the server refuses images over its pixel limit), "fit", or a scale in (0, 1].
 Resize: TypeAlias = "Literal['fit'] | float | None"
 #: What `segment` asks for by default (logits are off: they are C x H x W floats).
@@ -114,6 +119,29 @@ def encode_image(image: ImageInput, fmt: str = "PNG", quality: int = 90) -> tupl
         image.save(buf, format=fmt, **kw)
         return buf.getvalue(), f"image/{fmt.lower()}"
     raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+def encode_target(target: TargetInput) -> bytes:
+    """PNG bytes of a label map: PNG files and bytes travel unchanged; arrays become
+    8-bit grey PNGs (16-bit when a label exceeds 255)."""
+    if isinstance(target, bytes | bytearray):
+        return bytes(target)
+    if isinstance(target, str | os.PathLike):
+        return Path(target).read_bytes()
+    if isinstance(target, np.ndarray):
+        if target.ndim != 2 or not np.issubdtype(target.dtype, np.integer):
+            raise ValueError(
+                f"a target is an (H, W) integer array, got {target.dtype} {target.shape}"
+            )
+        if target.size and (target.min() < 0 or target.max() > 65535):
+            raise ValueError("target labels must lie in 0..65535")
+        wide = bool(target.size) and int(target.max()) > 255
+        target = Image.fromarray(target.astype(np.uint16 if wide else np.uint8))
+    if isinstance(target, Image.Image):
+        buf = io.BytesIO()
+        target.save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(f"unsupported target type {type(target).__name__}")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -197,11 +225,19 @@ class _Core:
         model: str | None,
         overlay_style: str | None,
         resize: Resize = None,
-    ) -> tuple[dict[str, str], bytes, dict[str, str]]:
-        """(query params, body, extra headers) of POST /v1/segment."""
+        target: TargetInput | None = None,
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        """(query params, httpx body arguments) of POST /v1/segment: the image as the
+        raw body, or image and target as multipart files."""
         body, media = encode_image(image)
         params = {"format": "json", **_options(eps, outputs, model, overlay_style, resize)}
-        return params, body, {"Content-Type": media}
+        if target is None:
+            return params, {"content": body, "headers": {"Content-Type": media}}
+        files = {
+            "image": ("image", body, media),
+            "target": ("target.png", encode_target(target), "image/png"),
+        }
+        return params, {"files": files}
 
     def stream_url(
         self,
@@ -467,17 +503,21 @@ class CertSegClient:
         model: str | None = None,
         overlay_style: str | None = None,
         resize: Resize = None,
+        target: TargetInput | None = None,
     ) -> SegmentResult:
         """Segment one image and certify every pixel at eps (default: the model's).
 
         resize="fit" lets the server shrink an image over its pixel limit (a float in
         (0, 1] shrinks by that scale) by area averaging: the answer stays on the
-        image's grid and its radii speak of the image sent (`SegmentResult.resize`)."""
-        params, body, headers = self._core.segment_request(
-            image, eps, outputs, model, overlay_style, resize
+        image's grid and its radii speak of the image sent (`SegmentResult.resize`).
+        A `target` label map of the image's size adds `SegmentResult.metrics`: the
+        worst-case pixel accuracy and mIoU any eps-attack can force, beside the clean
+        ones (mIoU needs a model exported with logits)."""
+        params, body = self._core.segment_request(
+            image, eps, outputs, model, overlay_style, resize, target
         )
         t0 = time.perf_counter()
-        resp = self._request("POST", "/v1/segment", params=params, content=body, headers=headers)
+        resp = self._request("POST", "/v1/segment", params=params, **body)
         return self._core.parse_segment(resp, (time.perf_counter() - t0) * 1000.0)
 
     def stream(
@@ -658,14 +698,13 @@ class AsyncCertSegClient:
         model: str | None = None,
         overlay_style: str | None = None,
         resize: Resize = None,
+        target: TargetInput | None = None,
     ) -> SegmentResult:
-        params, body, headers = self._core.segment_request(
-            image, eps, outputs, model, overlay_style, resize
+        params, body = self._core.segment_request(
+            image, eps, outputs, model, overlay_style, resize, target
         )
         t0 = time.perf_counter()
-        resp = await self._request(
-            "POST", "/v1/segment", params=params, content=body, headers=headers
-        )
+        resp = await self._request("POST", "/v1/segment", params=params, **body)
         return self._core.parse_segment(resp, (time.perf_counter() - t0) * 1000.0)
 
     async def stream(

@@ -29,5 +29,5 @@ stage 2 1 1 1024 6 1e-3 0.045 --name certseg-street-s24             # 23 min
 stage 3 2 2 1024 6 1e-3 0.04 "${POS[@]}" --position-lr-scale 20 --name certseg-street-s24p  # 23 min
 stage 4 3 4 1536 4 1e-3 0.03 "${POS[@]}" --position-lr-scale 10 --name certseg-street-s24p  # 23 min
 stage 5 4 6 1536 4 1e-3 0.03 "${POS[@]}" --position-lr-scale 10 --name certseg-street-s24p  # 23 min
-certseg export "$RUNS/5/model.pt" -o certseg/weights/street
+certseg export "$RUNS/5/model.pt" -o certseg/weights/street --logits  # for worst-case mIoU
 cp "$RUNS/5/model.pt" certseg/weights/street/model.pt

@@ -72,6 +72,24 @@ def test_segment_writes_three_pngs_per_image(server, tmp_path):
     assert re.search(r"\d+\.\d%", res.output)
 
 
+def test_segment_with_labels_reports_the_worst_case_metrics(server, tmp_path):
+    img, labels = tmp_path / "street.png", tmp_path / "labels"
+    pixels = random_image(40, 56, seed=7)
+    Image.fromarray(pixels).save(img)
+    labels.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 4, (40, 56), dtype=np.uint8)).save(
+        labels / "street.png"
+    )
+    args = ["segment", str(img), "--out", str(tmp_path / "o"), "--url", server.base]
+    env = {"CERTSEG_API_KEY": KEY, "COLUMNS": "200"}
+    res = CliRunner().invoke(app, [*args, "--labels", str(labels)], env=env)
+    assert res.exit_code == 0, res.output
+    assert "worst mIoU" in res.output
+    assert re.search(r"0\.\d{3} \(0\.\d{3}\)", res.output)  # worst (clean)
+    res = CliRunner().invoke(app, [*args, "--labels", str(tmp_path / "none")], env=env)
+    assert res.exit_code != 0 and "label map" in res.output
+
+
 def test_segment_reports_errors_and_exits_nonzero(server, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")

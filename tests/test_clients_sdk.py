@@ -133,6 +133,42 @@ def test_resize_reaches_the_server_and_comes_back(client, server):
     assert asyncio.run(main()).resize["operator_norm"] == pytest.approx(0.5)
 
 
+def test_a_target_brings_the_worst_case_metrics(client, server):
+    img = random_image(32, 48, seed=6)
+    mask = client.segment(img, outputs=("mask",)).mask.astype(np.int64)
+    target = np.where(np.arange(48)[None, :] < 12, (mask + 1) % 4, mask)  # some wrong
+    target[:3] = 255  # and some unlabelled
+    raw = httpx.post(
+        f"{server.base}/v1/segment",
+        params={"eps": 0.05, "outputs": "mask"},
+        files={
+            "image": ("i.png", encode(img), "image/png"),
+            "target": ("t.png", encode(target.astype(np.uint8)), "image/png"),
+        },
+        headers={"Authorization": f"Bearer {KEY}"},
+    ).json()["metrics"]
+    png = encode(target.astype(np.uint8))
+    for t in (target, target.astype(np.uint8), png, Image.open(io.BytesIO(png))):
+        m = client.segment(img, eps=0.05, target=t).metrics
+        assert m == pytest.approx(raw)
+    assert raw["worst_case_pixel_accuracy"] < raw["clean_pixel_accuracy"] < 1
+    assert raw["worst_case_miou"] < raw["clean_miou"]
+    assert client.segment(img, eps=0.05).metrics is None
+    # through the shrink, and from the async twin
+    shrunk = client.segment(img, eps=0.05, resize=0.5, target=target).metrics
+    assert shrunk["worst_case_miou"] <= shrunk["clean_miou"]
+
+    async def main():
+        async with AsyncCertSegClient(server.base, api_key=KEY) as c:
+            return await c.segment(img, eps=0.05, target=target)
+
+    assert asyncio.run(main()).metrics == pytest.approx(raw)
+    with pytest.raises(InputRejected):  # not the image's size
+        client.segment(img, target=target[:-1])
+    with pytest.raises(ValueError):
+        client.segment(img, target=target.astype(np.float32))
+
+
 def test_errors_are_typed_problems(server, client):
     with pytest.raises(InputRejected) as info:
         client.segment(b"\x89PNG\r\n\x1a\nnot really a png")

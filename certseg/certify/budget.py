@@ -55,7 +55,7 @@ def _effective_budget(eps_rows: Array, L: float, slack: float = 1.0) -> Array:
     and the square stays finite (no overflow for an absurd eps)."""
     xp = array_namespace(eps_rows)
     dev = _device(eps_rows)
-    le = xp.minimum(L * eps_rows, xp.asarray(1e150, dtype=xp.float64, device=dev))
+    le = L * xp.minimum(eps_rows, xp.asarray(1e150 / L, dtype=xp.float64, device=dev))
     b = le * le * slack
     return xp.where(eps_rows > 0, b, xp.asarray(-1.0, dtype=xp.float64, device=dev))
 
@@ -237,8 +237,11 @@ def _max_flips_numpy(
 def _costs_below(row: np.ndarray, size: np.ndarray, kept, limit: float, ftype) -> np.ndarray:
     """float64 costs of the (kept) pixels whose |margin| is <= limit, the limit rounded up
     two steps in the margins' own precision (so the set is a superset, never short)."""
-    up = ftype(limit)
-    bound = np.nextafter(np.nextafter(up, ftype(np.inf)), ftype(np.inf))
+    if limit >= float(np.finfo(ftype).max):  # every finite margin is below it
+        bound = ftype(np.inf)
+    else:
+        up = ftype(limit)
+        bound = np.nextafter(np.nextafter(up, ftype(np.inf)), ftype(np.inf))
     cand = size <= bound
     if kept is not None:
         cand &= kept
