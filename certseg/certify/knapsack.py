@@ -18,10 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .budget import _max_flips_select
+
 __all__ = ["Knapsack", "worst_split_ratio"]
 
 #: Relative slack over the float64 sums (millions of terms: < 1e-9 relative).
 _SLACK = 1e-9
+_FEW = 4096  # items sorted as they are; more are cut to those within reach first
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,12 @@ class Knapsack:
         values = np.asarray(values, np.float64).ravel()
         keep = (values > 0) & (costs <= budget) if budget > 0 else np.zeros(costs.shape, bool)
         c, v = costs[keep], values[keep]
+        equal = bool(v.size == 0 or v.min() == v.max())  # of all items, before the cut
+        if c.size > _FEW:
+            c, v = _within_reach(c, v, float(budget))
         order = np.argsort(c / v, kind="stable")
         c, v = c[order], v[order]
         zero = np.zeros(1)
-        equal = bool(v.size == 0 or v.min() == v.max())
         spent, gained = np.concatenate([zero, np.cumsum(c)]), np.concatenate([zero, np.cumsum(v)])
         return cls(spent, gained, equal, max(float(budget), 0.0))
 
@@ -61,8 +66,8 @@ class Knapsack:
         sums' error (that of the prefix sums, and of budgets formed as differences of
         sums of the size of `limit`); the result is rounded up, never above what all
         the items hold."""
-        x = np.asarray(budget, np.float64)
-        x = np.where(x < 0, -1.0, x + _SLACK * (x + self.limit))
+        asked = np.asarray(budget, np.float64)
+        x = np.where(asked < 0, -1.0, asked + _SLACK * (asked + self.limit))
         j = np.maximum(np.searchsorted(self.spent, x, side="right") - 1, 0)
         out = self.gained[j]
         if not self.equal:  # the next item, in part
@@ -70,7 +75,24 @@ class Knapsack:
             step = self.spent[nxt] - self.spent[j]  # > 0 unless j is the last
             part = (x - self.spent[j]) / np.where(step > 0, step, 1.0)
             out = out + np.clip(part, 0.0, 1.0) * (self.gained[nxt] - self.gained[j])
-        return np.minimum(out * (1 + _SLACK) + 1e-6, self.total)
+        return np.where(asked < 0, 0.0, np.minimum(out * (1 + _SLACK) + 1e-6, self.total))
+
+
+def _within_reach(c: np.ndarray, v: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
+    """The items the relaxation can reach within the budget, in their order: the rest
+    never changes `most(x)` for x up to the budget (and its slack).
+
+    The k + 1 cheapest items (k: the longest cheapest prefix within budget (1 + 1e-6))
+    cost q each at most and more than the budget together; their ratios are <= q /
+    v_min, so the relaxation stops at a ratio lambda <= q / v_min, and every item it
+    takes has cost <= lambda v <= q v_max / v_min. On a 4K frame this keeps ~10^4 of
+    ~10^6 affordable pixels, and the sort by ratio shrinks with them."""
+    k = _max_flips_select(c, budget * (1 + 1e-6))
+    if k >= c.size:
+        return c, v
+    q = float(np.partition(c, k)[k])
+    keep = c <= q * (float(v.max()) / float(v.min())) * (1 + 1e-9)
+    return c[keep], v[keep]
 
 
 def worst_split_ratio(
