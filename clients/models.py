@@ -162,8 +162,9 @@ class SegmentResult:
     def guaranteed_fraction_at(self, eps: float) -> float:
         """Fraction of pixels certified at another eps, from the radius map (no request).
 
-        The radius travels as float16, so this can differ from a server answer at that
-        eps for pixels whose radius is within float16 rounding of eps."""
+        The radius travels as float16, each value rounded down, so this never counts a
+        pixel the server would not certify at that eps; it can count fewer (those whose
+        radius lies within one float16 step, 2^-11 relative, above eps)."""
         return float(self.guaranteed(eps).mean())
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from certseg.certify import certified_radius, guaranteed_region, margins
+from certseg.certify import certified_radius, float16_down, guaranteed_region, margins
 
 
 def _logits(*pixels: list[float]) -> np.ndarray:
@@ -72,3 +72,31 @@ def test_guaranteed_region_rejects_negative_eps() -> None:
         guaranteed_region(np.zeros((2, 2)), -0.1)
     with pytest.raises(ValueError):
         guaranteed_region(np.zeros((2, 2, 2)), np.array([0.1, math.nan]))
+
+
+def test_float16_down_never_rounds_a_radius_up() -> None:
+    """The REST answer's radius map is float16. Rounded to nearest, about half the
+    values would grow (by up to half a float16 step), and a client testing radius > eps
+    would certify pixels the float32 radius does not: rounded down, none is."""
+    rng = np.random.default_rng(3)
+    r = np.concatenate(
+        [
+            rng.random(100_000, dtype=np.float32) * 0.2,  # around typical eps
+            rng.random(1000, dtype=np.float32) * 1e-6,  # float16 subnormals
+            np.float32([0.0, 0.05, 65504.0, 65519.0, 70000.0, 3e38, np.inf]),
+        ]
+    )
+    nearest = r.astype(np.float16).astype(np.float32)
+    assert np.mean(nearest > r) > 0.3  # the fault is real: nearest often rounds up
+    down = float16_down(r)
+    assert down.dtype == np.float16
+    wide = down.astype(np.float32)
+    assert np.all(wide <= r)
+    # the largest float16 not above r: one step up is above r (or r is beyond range)
+    with np.errstate(over="ignore"):
+        step_up = np.nextafter(down, np.float16(np.inf)).astype(np.float32)
+    assert np.all((step_up > r) | (r >= 65504))
+    assert wide[-5:-1].tolist() == [65504.0] * 4 and wide[-1] == np.inf  # inf is exact
+    eps = np.float32(0.05)
+    assert np.all(guaranteed_region(wide, eps) <= guaranteed_region(r, eps))
+    assert np.isnan(float16_down(np.float32([np.nan]))[0])

@@ -72,8 +72,9 @@ def _check(r: SegmentResult, h: int, w: int) -> None:
     assert r.radius is not None and r.radius.dtype == np.float32 and r.radius.shape == (h, w)
     assert r.overlay is not None and r.overlay.size == (w, h) and r.overlay.mode == "RGB"
     assert 0.0 <= r.guaranteed_fraction <= 1.0
-    # the server counts radius > eps in float32; the map travels as float16
-    assert abs(r.guaranteed_fraction_at(r.eps) - r.guaranteed_fraction) < 0.02
+    # the server counts radius > eps in float32; the map travels as float16 rounded
+    # down, so the client never counts more, and misses only pixels within a step of eps
+    assert r.guaranteed_fraction - 0.02 < r.guaranteed_fraction_at(r.eps) <= r.guaranteed_fraction
     assert 0 <= r.max_flips <= h * w
     assert r.lipschitz > 0 and r.model == "tiny"
     assert r.timings["total"] > 0 and r.latency_ms is not None

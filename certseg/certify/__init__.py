@@ -27,7 +27,7 @@ from .metrics import (
     worst_case_miou,
     worst_case_pixel_accuracy,
 )
-from .numerics import certified_margins, radius_scale_for
+from .numerics import certified_margins, float16_down, radius_scale_for
 from .pixelwise import certified_radius, guaranteed_region, margins
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "certified_radius",
     "dinkelbach_min_ratio",
     "flip_costs",
+    "float16_down",
     "frontier_min_ratio",
     "guaranteed_region",
     "margins",

@@ -11,6 +11,9 @@ TensorRT and torch engines and the server apply the same arithmetic:
   order) certifies with margin - error, where error bounds |its margin - the fp32
   margin| (and a pixel whose class differs between the two has margin <= error).
   max(margin - error, 0) is then a sound margin and the radius follows from it.
+- `float16_down(radius)`: radii narrowed to float16 for the wire, each rounded down,
+  so that a client testing radius > eps never certifies a pixel the float32 radius
+  does not (rounding to nearest moves up to half a float16 step, 2^-12 relative, up).
 
 Written against the array API, like the rest of this package: numpy in, numpy
 out (the server); torch in, torch out (a GPU engine shrinks margins on the device).
@@ -25,7 +28,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
-__all__ = ["certified_margins", "radius_scale_for"]
+__all__ = ["certified_margins", "float16_down", "radius_scale_for"]
 
 Array = Any
 
@@ -74,3 +77,17 @@ def certified_margins(
         shrunk = m - xp.asarray(float(e32), dtype=xp.float32, device=dev)
         m = xp.where(shrunk > zero, shrunk, zero)
     return m, m * xp.asarray(scale, dtype=xp.float32, device=dev)
+
+
+def float16_down(values: np.ndarray) -> np.ndarray:
+    """`values` as float16, each the largest float16 not above it (NaN stays NaN).
+
+    A radius past float16's range becomes 65504, not inf. Numpy only: it serves the
+    REST answer, whose radius map travels as float16 (half the bytes of float32).
+    """
+    a = np.asarray(values, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    up = h.astype(np.float32) > a
+    h[up] = np.nextafter(h[up], np.float16(-np.inf))
+    return h

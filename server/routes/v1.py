@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from certseg.certify.numerics import float16_down
 from server.decode import DecodedImage, decode_image, decode_target, parse_resize
 from server.errors import (
     PROBLEM_MEDIA_TYPE,
@@ -227,7 +228,8 @@ def _b64(data: bytes) -> str:
 
 
 def _array(a: np.ndarray, dtype: Literal["float16", "float32"]) -> EncodedArray:
-    le = a.astype("<f2" if dtype == "float16" else "<f4", copy=False)
+    """Base64 of little-endian `a`; float16 is rounded down (radii must not grow)."""
+    le = float16_down(a).astype("<f2") if dtype == "float16" else a.astype("<f4", copy=False)
     return EncodedArray(dtype=dtype, shape=list(a.shape), data=_b64(le.tobytes()))
 
 
