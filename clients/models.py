@@ -164,7 +164,7 @@ class SegmentResult:
 
         The radius travels as float16, each value rounded down, so this never counts a
         pixel the server would not certify at that eps; it can count fewer (those whose
-        radius lies within one float16 step, 2^-11 relative, above eps)."""
+        radius lies within one float16 step, 2^-10 relative, above eps)."""
         return float(self.guaranteed(eps).mean())
 
 

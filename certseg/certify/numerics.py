@@ -13,7 +13,7 @@ TensorRT and torch engines and the server apply the same arithmetic:
   max(margin - error, 0) is then a sound margin and the radius follows from it.
 - `float16_down(radius)`: radii narrowed to float16 for the wire, each rounded down,
   so that a client testing radius > eps never certifies a pixel the float32 radius
-  does not (rounding to nearest moves up to half a float16 step, 2^-12 relative, up).
+  does not (rounding to nearest moves up to half a float16 step, 2^-11 relative, up).
 
 Written against the array API, like the rest of this package: numpy in, numpy
 out (the server); torch in, torch out (a GPU engine shrinks margins on the device).
