@@ -28,6 +28,7 @@ __all__ = [
     "APIError",
     "AuthenticationError",
     "CertSegClientError",
+    "ClassCertificate",
     "InputRejected",
     "NotFoundError",
     "SegmentResult",
@@ -123,6 +124,38 @@ def error_for_status(
     )
 
 
+@dataclass(frozen=True)
+class ClassCertificate:
+    """One predicted class's share of the certificate at the answer's eps."""
+
+    id: int
+    name: str
+    pixels: int  # pixels predicted as this class
+    guaranteed_fraction: float  # of them, the fraction with radius > eps
+    max_flips: int  # the most of them one eps-perturbation can flip
+
+    @property
+    def min_kept(self) -> int:
+        """Pixels that keep this class under every perturbation of norm <= eps."""
+        return self.pixels - self.max_flips
+
+    @classmethod
+    def parse(cls, rows: list[dict[str, Any]] | None) -> list[ClassCertificate] | None:
+        """The answer's `classes` field (None when it was not asked for)."""
+        if rows is None:
+            return None
+        return [
+            cls(
+                int(r["id"]),
+                str(r["name"]),
+                int(r["pixels"]),
+                float(r["guaranteed_fraction"]),
+                int(r["max_flips"]),
+            )
+            for r in rows
+        ]
+
+
 @dataclass
 class SegmentResult:
     """One image's segmentation and certificate at `eps` (l2, pixel values in [0, 1]).
@@ -142,10 +175,12 @@ class SegmentResult:
     max_flips_fraction: float
     timings: dict[str, float]
     mask: np.ndarray | None = None  # (H, W) class ids, uint8 or uint16
-    radius: np.ndarray | None = None  # (H, W) float32 (sent as float16)
+    radius: np.ndarray | None = None  # (H, W) float32 (sent as float16, rounded down)
     overlay: Image.Image | None = None
     logits: np.ndarray | None = None  # (C, H, W) float32
     metrics: dict[str, float | None] | None = None
+    #: Per predicted class: pixels, fraction certified, most one attack can flip.
+    classes: list[ClassCertificate] | None = None
     #: The server's area shrink, when asked (resize=): source and network sizes, the
     #: operator norm folded into the radii, the network-input budget of eps.
     resize: dict[str, Any] | None = None
@@ -183,6 +218,7 @@ class StreamResult:
     model: str | None = None
     lipschitz: float | None = None
     resize: dict[str, Any] | None = None  # as SegmentResult.resize
+    classes: list[ClassCertificate] | None = None  # as SegmentResult.classes (if asked)
     timings: dict[str, float] = field(default_factory=dict)
     overlay: Image.Image | None = None
     mask: np.ndarray | None = None

@@ -36,6 +36,7 @@ from PIL import Image
 from clients.models import (
     APIError,
     CertSegClientError,
+    ClassCertificate,
     SegmentResult,
     StreamResult,
     StreamSummary,
@@ -60,7 +61,7 @@ TargetInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | Image.Ima
 #: None (the server refuses images over its pixel limit), "fit", or a scale in (0, 1].
 Resize: TypeAlias = "Literal['fit'] | float | None"
 #: What `segment` asks for by default (logits are off: they are C x H x W floats).
-DEFAULT_OUTPUTS: tuple[str, ...] = ("mask", "radius", "overlay")
+DEFAULT_OUTPUTS: tuple[str, ...] = ("mask", "radius", "overlay", "classes")
 #: What `stream` asks for by default: the server renders the overlay PNG per frame.
 DEFAULT_STREAM_OUTPUTS: tuple[str, ...] = ("overlay",)
 RETRY_STATUSES = frozenset({503})
@@ -294,6 +295,7 @@ class _Core:
             overlay=overlay,
             logits=logits,
             metrics=d.get("metrics"),
+            classes=ClassCertificate.parse(d.get("classes")),
             resize=d.get("resize"),
             batch_size=int(d.get("batch_size", 1)),
             request_id=d.get("request_id"),
@@ -379,6 +381,7 @@ class _StreamReader:
             model=d.get("model"),
             lipschitz=d.get("lipschitz"),
             resize=d.get("resize"),
+            classes=ClassCertificate.parse(d.get("classes")),
             timings=dict(d.get("timings_ms", {})),
             overlay=_png(overlay).convert("RGB") if overlay is not None else None,
             mask=np.asarray(_png(mask)) if mask is not None else None,

@@ -6,6 +6,9 @@ graph's own fp32 margins and radii, with the model's audited L:
 - guaranteed fraction: pixels with radius > eps (all of them at eps = 0);
 - max_flips: the most pixels one perturbation of norm <= eps can flip (the joint
   budget: the longest prefix of sorted margin^2/2 costs within (L eps)^2);
+- per predicted class (output `classes`): its pixels, the fraction of them certified,
+  and the most of them one eps-attack can flip (`max_flips_by_class`): at least
+  pixels - max_flips of them keep their class under every such attack;
 - with a ground-truth mask: worst-case pixel accuracy and mIoU at eps.
 
 A resized image (`certseg.certify.resize`) is certified at the network-input budget
@@ -27,6 +30,7 @@ import numpy as np
 from certseg.certify import (
     guaranteed_region,
     max_flips,
+    max_flips_by_class,
     worst_case_miou,
     worst_case_pixel_accuracy,
 )
@@ -43,12 +47,13 @@ __all__ = [
     "Certified",
     "Timings",
     "check_eps",
+    "class_figures",
     "parse_outputs",
     "segment_image",
 ]
 
-OUTPUTS = ("mask", "radius", "overlay", "logits")
-DEFAULT_OUTPUTS = frozenset({"mask", "radius", "overlay"})
+OUTPUTS = ("mask", "radius", "overlay", "classes", "logits")
+DEFAULT_OUTPUTS = frozenset({"mask", "radius", "overlay", "classes"})
 
 
 @dataclass
@@ -119,6 +124,7 @@ class Certified:
     batch_size: int
     metrics: dict[str, float | None] | None = None
     resize: AreaResize | None = None  # the shrink the network saw, if any
+    classes: list[dict] | None = None  # per predicted class (`class_figures`), if asked
 
     @property
     def pixels(self) -> int:
@@ -150,7 +156,43 @@ class Certified:
             "max_flips_fraction": self.max_flips / self.pixels,
             "batch_size": self.batch_size,
             **resized,
+            **({"classes": self.classes} if self.classes is not None else {}),
         }
+
+
+def class_figures(
+    info: ModelInfo,
+    mask: np.ndarray,
+    margin: np.ndarray,
+    region: np.ndarray,
+    eps: float,
+    resize: AreaResize | None = None,
+) -> list[dict]:
+    """Per class the network predicted (on its own grid): its pixels, the fraction of
+    them certified at eps (`region`), and the most of them one eps-attack can flip; a
+    shrunk image's figures count source pixels. Classes with no pixel are left out."""
+    card, L = info.card, info.lipschitz
+    K = card.num_classes
+    if resize is None:
+        labels = np.clip(mask, 0, K - 1)
+        pixels = np.bincount(labels.reshape(-1), minlength=K)
+        certified = np.bincount(labels[region], minlength=K)
+        flips = max_flips_by_class(margin, mask, K, eps, L)
+    else:
+        pixels = resize.source_counts_by_class(mask, K)
+        certified = resize.source_counts_by_class(mask, K, region)
+        flips = resize.max_source_flips_by_class(margin, mask, K, eps, L)
+    return [
+        {
+            "id": c,
+            "name": card.classes[c],
+            "pixels": int(pixels[c]),
+            "guaranteed_fraction": float(certified[c]) / float(pixels[c]),
+            "max_flips": int(flips[c]),
+        }
+        for c in range(K)
+        if pixels[c]
+    ]
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -180,13 +222,16 @@ def certify(
     target: np.ndarray | None,
     batch_size: int,
     resize: AreaResize | None = None,
+    per_class: bool = False,
 ) -> Certified:
-    """The certificate figures of one image's graph outputs (blocking; run in a thread)."""
+    """The certificate figures of one image's graph outputs (blocking; run in a thread);
+    `per_class`: with `class_figures`."""
     if resize is not None:
-        return _certify_resized(info, outputs, eps, target, batch_size, resize)
+        return _certify_resized(info, outputs, eps, target, batch_size, resize, per_class)
     L = info.lipschitz
     margin, radius = outputs["margin"], outputs["radius"]
-    guaranteed = float(np.mean(guaranteed_region(radius, eps)))
+    region = guaranteed_region(radius, eps)
+    guaranteed = float(np.mean(region))
     flips = int(max_flips(margin, eps, L))
     logits = outputs.get("logits")
     metrics = None
@@ -218,6 +263,7 @@ def certify(
         max_flips=flips,
         batch_size=batch_size,
         metrics=metrics,
+        classes=class_figures(info, outputs["mask"], margin, region, eps) if per_class else None,
     )
 
 
@@ -246,8 +292,9 @@ async def segment_image(
     timings.add("queue", result.queue_ms)
     timings.add("infer", result.infer_ms)
     t0 = time.perf_counter()
+    per_class = "classes" in outputs
     cert = await asyncio.to_thread(
-        certify, info, result.outputs, eps, target, result.batch_size, image.resize
+        certify, info, result.outputs, eps, target, result.batch_size, image.resize, per_class
     )
     timings.since("certify", t0)
     state.metrics.guaranteed_fraction.labels(info.name).observe(cert.guaranteed_fraction)
@@ -261,11 +308,13 @@ def _certify_resized(
     target: np.ndarray | None,
     batch_size: int,
     resize: AreaResize,
+    per_class: bool,
 ) -> Certified:
     """A shrunk image's certificate, on the source grid. With a source-size target:
     worst-case pixel accuracy, and mIoU from the network's logits (null for a model
     exported without them)."""
     radius = resize.source_radius(outputs["radius"])  # source units, network grid
+    region = guaranteed_region(radius, eps)
     metrics = None
     if target is not None:
         acc, clean = resize.worst_case_accuracy(
@@ -297,9 +346,14 @@ def _certify_resized(
         margin=resize.upsample(outputs["margin"]),
         radius=resize.upsample(radius),
         logits=None,
-        guaranteed_fraction=resize.source_fraction(guaranteed_region(radius, eps)),
+        guaranteed_fraction=resize.source_fraction(region),
         max_flips=resize.max_source_flips(outputs["margin"], eps, info.lipschitz),
         batch_size=batch_size,
         metrics=metrics,
         resize=resize,
+        classes=(
+            class_figures(info, outputs["mask"], outputs["margin"], region, eps, resize)
+            if per_class
+            else None
+        ),
     )

@@ -244,3 +244,34 @@ def test_max_flips_sampled_guess_on_large_images_changes_no_answer(monkeypatch):
     )
     assert max_flips(tricky, 0.05, 3.0) == without_guess(tricky, 0.05, 3.0)
     assert max_flips(tricky, 0.05, 3.0) == int(max_flips(torch.from_numpy(tricky), 0.05, 3.0))
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (300, 400)])  # small, and above _SAMPLE_MIN
+def test_max_flips_by_class_equals_one_max_flips_per_class(shape):
+    """Every class's figure equals max_flips over that class's pixels, in one or two
+    passes: float32/float64 margins, ties, labels outside [0, K) (never counted),
+    classes absent, budgets from none to all; a class whose strided pixels are its
+    cheapest (the sampled guess too low) is taken again and comes out the same."""
+    from certseg.certify.budget import _SAMPLE_STRIDE, max_flips_by_class
+
+    rng = np.random.default_rng(11)
+    K = 6
+    for dtype in (np.float32, np.float64):
+        for decimals in (None, 2):
+            margin = np.abs(rng.normal(0, 0.3, shape)).astype(dtype)
+            if decimals is not None:
+                margin = np.round(margin, decimals).astype(dtype)
+            labels = rng.integers(-1, K, shape)  # -1: outside, class 5 made absent below
+            labels[labels == 5] = 0
+            if shape[0] * shape[1] > 1 << 16:  # class 4: strided pixels its cheapest
+                flat = labels.reshape(-1)
+                flat[flat == 4] = 3
+                flat[::_SAMPLE_STRIDE] = 4
+                margin.reshape(-1)[::_SAMPLE_STRIDE] = dtype(1e-3)
+            for eps in (0.0, 1e-4, 0.01, 0.05, 0.2, 50.0):
+                got = max_flips_by_class(margin, labels, K, eps, 3.0)
+                want = [int(max_flips(margin, eps, 3.0, valid=labels == c)) for c in range(K)]
+                assert got.tolist() == want, (dtype, decimals, eps)
+                assert got[5] == 0 and got.sum() >= max_flips(margin, eps, 3.0, valid=labels >= 0)
+    with pytest.raises(ValueError, match="shape"):
+        max_flips_by_class(np.zeros((2, 3)), np.zeros((3, 2), int), 2, 0.1, 1.0)

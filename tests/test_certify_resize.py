@@ -105,20 +105,33 @@ def test_source_fraction_counts_what_the_upsampled_region_holds():
     assert plan.source_fraction(region) == float(np.mean(plan.upsample(region)))
 
 
-@pytest.mark.parametrize("k", [0, 1, 5, 100, 32 * 64])
-def test_top_multiplicities_are_the_largest_blocks(k):
+def _largest_blocks(plan: AreaResize, k: int) -> int:
+    """Source pixels of the k largest blocks of a shrink (the bound with no costs)."""
+    h, w = plan.network
+    counts = np.bincount(plan.upsample(np.arange(h * w).reshape(h, w)).ravel())
+    return int(np.sort(counts)[::-1][:k].sum())
+
+
+def test_source_counts_by_class_count_the_upsampled_mask():
     plan = AreaResize((45, 91), (32, 64))
-    counts = np.bincount(plan.upsample(np.arange(32 * 64).reshape(32, 64)).ravel())
-    assert plan._top_multiplicities(k) == int(np.sort(counts)[::-1][:k].sum())
-    assert plan._top_multiplicities(32 * 64) == 45 * 91
+    rng = np.random.default_rng(5)
+    mask = rng.integers(0, 4, (32, 64))
+    region = rng.random((32, 64)) > 0.5
+    up, up_region = plan.upsample(mask), plan.upsample(region)
+    want = np.bincount(up.ravel(), minlength=5)
+    np.testing.assert_array_equal(plan.source_counts_by_class(mask, 5), want)
+    want_in = np.bincount(up[up_region], minlength=5)
+    np.testing.assert_array_equal(plan.source_counts_by_class(mask, 5, region), want_in)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_max_source_flips_bounds_every_affordable_set(seed):
     """Never below the exhaustive most source pixels of an affordable set of network
-    pixels, never above the top-k blocks; exact for equal blocks."""
+    pixels, never above the top-k blocks; exact for equal blocks. The same per class,
+    over the affordable sets inside the class, never above the whole image's."""
     rng = np.random.default_rng(seed)
     margin = rng.random((3, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, (3, 4))
     cost = margin.ravel().astype(np.float64) ** 2 / 2
     subsets = np.array(list(itertools.product((0, 1), repeat=12)), bool)
     for plan in (AreaResize((7, 9), (3, 4)), AreaResize((6, 8), (3, 4))):
@@ -129,9 +142,17 @@ def test_max_source_flips_bounds_every_affordable_set(seed):
             exact = int((subsets[(subsets * cost).sum(1) <= budget] @ worth).max(initial=0))
             got = plan.max_source_flips(margin, eps, 2.0)
             k = int(max_flips(margin, plan.network_eps(eps), 2.0))
-            assert exact <= got <= plan._top_multiplicities(k)
+            assert exact <= got <= _largest_blocks(plan, k)
             if worth.min() == worth.max():
                 assert got == exact
+            by_class = plan.max_source_flips_by_class(margin, labels, 3, eps, 2.0)
+            for c in range(3):
+                mine = subsets[:, labels.ravel() != c].sum(1) == 0  # sets inside class c
+                ok = mine & ((subsets * cost).sum(1) <= budget)
+                exact_c = int((subsets[ok] @ worth).max(initial=0))
+                assert exact_c <= by_class[c] <= got
+                if worth.min() == worth.max():
+                    assert by_class[c] == exact_c
 
 
 def test_max_source_flips_is_tighter_than_the_largest_blocks():
@@ -141,7 +162,7 @@ def test_max_source_flips_is_tighter_than_the_largest_blocks():
     margin = np.random.default_rng(0).random((32, 64)).astype(np.float32)
     eps = 0.5
     k = int(max_flips(margin, plan.network_eps(eps), 1.0))
-    assert 0 < plan.max_source_flips(margin, eps, 1.0) < plan._top_multiplicities(k)
+    assert 0 < plan.max_source_flips(margin, eps, 1.0) < _largest_blocks(plan, k)
 
 
 def test_source_radius_and_budget_fold_in_the_norm_and_the_rounding():

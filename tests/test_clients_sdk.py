@@ -76,6 +76,11 @@ def _check(r: SegmentResult, h: int, w: int) -> None:
     # down, so the client never counts more, and misses only pixels within a step of eps
     assert r.guaranteed_fraction - 0.02 < r.guaranteed_fraction_at(r.eps) <= r.guaranteed_fraction
     assert 0 <= r.max_flips <= h * w
+    assert r.classes is not None and sum(c.pixels for c in r.classes) == h * w
+    assert [c.id for c in r.classes] == sorted(int(k) for k in np.unique(r.mask))
+    for c in r.classes:
+        assert c.name in ("road", "car", "sky", "tree") and 0 <= c.max_flips <= r.max_flips
+        assert c.min_kept == c.pixels - c.max_flips >= 0
     assert r.lipschitz > 0 and r.model == "tiny"
     assert r.timings["total"] > 0 and r.latency_ms is not None
 
@@ -252,7 +257,10 @@ def test_stream_sync_in_order_without_drops(client):
     for r in results:
         assert r.ok and r.overlay is not None and r.overlay.size == (48, 32)
         assert r.eps == 0.05 and r.latency_ms is not None and r.latency_ms > 0
+        assert r.classes is None  # not asked for
     assert summary.fps > 0 and summary.percentile(50) is not None
+    (r,) = client.stream(frames[:1], outputs=("overlay", "classes"))
+    assert r.overlay is not None and sum(c.pixels for c in r.classes) == 32 * 48
 
 
 def test_stream_lossless_window_is_the_servers_depth_plus_one(client, server, engine):

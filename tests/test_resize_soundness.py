@@ -9,6 +9,8 @@ is the server's own (`server.pipeline.certify` with the resize).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -43,8 +45,11 @@ class Shrunk(torch.nn.Module):
 class _Info:
     """What `certify` reads of a served model."""
 
-    def __init__(self, lipschitz: float) -> None:
+    def __init__(self, lipschitz: float, num_classes: int) -> None:
         self.lipschitz = lipschitz
+        self.card = SimpleNamespace(
+            num_classes=num_classes, classes=[f"c{k}" for k in range(num_classes)]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +78,8 @@ def setting(trained_tiny):
 
 def _cert(setting, i: int, eps: float):
     _, _, plan, _, certs, _ = setting
-    _, outputs = certs[i]
-    return certify(_Info(setting[1]), outputs, eps, None, 1, plan)
+    logits, outputs = certs[i]
+    return certify(_Info(setting[1], logits.shape[0]), outputs, eps, None, 1, plan, True)
 
 
 def test_pixel_attacks_on_the_source_never_beat_its_radius(setting):
@@ -126,6 +131,8 @@ def test_image_attacks_on_the_source_never_beat_the_budget(setting):
             changed = adv[i] != preds[i]
             assert not (changed & (cert.radius > eps)).any(), "a certified pixel flipped"
             assert int(changed.sum()) <= cert.max_flips
+            for row in cert.classes:  # and per predicted class
+                assert int((changed & (preds[i] == row["id"])).sum()) <= row["max_flips"]
             assert cert.guaranteed_fraction == float(np.mean(cert.radius > eps))
             total_flips += int(changed.sum())
             # the attacked accuracy on the source grid never goes below the bound

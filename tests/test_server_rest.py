@@ -86,6 +86,18 @@ def test_segment_matches_direct_onnxruntime(client, session, h, w):
     L = ans["lipschitz"]
     assert ans["max_flips"] == int(max_flips(margin[0], eps, L))
     assert ans["max_flips_fraction"] == pytest.approx(ans["max_flips"] / (h * w))
+    # Per predicted class: its pixels, their certified fraction, the most one attack flips.
+    region = guaranteed_region(radius[0], eps)
+    present = [int(c) for c in np.unique(mask[0])]
+    assert [row["id"] for row in ans["classes"]] == present
+    for row in ans["classes"]:
+        mine = mask[0] == row["id"]
+        assert row["name"] == ["road", "car", "sky", "tree"][row["id"]]
+        assert row["pixels"] == int(mine.sum())
+        assert row["guaranteed_fraction"] == pytest.approx(float(region[mine].mean()))
+        assert row["max_flips"] == int(max_flips(margin[0], eps, L, valid=mine))
+    assert sum(row["pixels"] for row in ans["classes"]) == h * w
+    assert max(row["max_flips"] for row in ans["classes"]) <= ans["max_flips"]
     overlay = answer_png(ans["overlay"])
     assert overlay.shape == (h, w, 3)
     assert set(ans["timings_ms"]) == {"decode", "queue", "infer", "certify", "encode", "total"}
@@ -165,6 +177,13 @@ def test_format_png_and_npz(client, session):
     np.testing.assert_array_equal(arrays["radius"], radius[0])
     np.testing.assert_array_equal(arrays["logits"], logits[0])
     assert float(arrays["eps"]) == 0.05
+    assert "class_pixels" not in arrays  # classes were not asked for
+    r = client.post("/v1/segment?format=npz", content=body)  # default outputs: with classes
+    arrays = np.load(io.BytesIO(r.content))
+    ids = np.unique(mask[0])
+    np.testing.assert_array_equal(arrays["class_id"], ids)
+    np.testing.assert_array_equal(arrays["class_pixels"], [(mask[0] == c).sum() for c in ids])
+    assert arrays["class_max_flips"].shape == arrays["class_guaranteed_fraction"].shape == ids.shape
 
 
 def test_request_id_echoed(client):

@@ -249,6 +249,17 @@ def test_control_overlay_ping_and_errors(server):
             await ws.send(frame)
             res = await _recv_json(ws)
             assert res["frame"] == 2 and res["binary"] == [] and res["eps"] == 0.2
+            assert "classes" not in res  # only when asked: it costs a pass per frame
+            # "classes" is a field of the result (no binary part), as in REST
+            await ws.send(json.dumps({"outputs": ["classes", "mask"]}))
+            await _recv_json(ws)
+            await ws.send(frame)
+            res = await _recv_json(ws)
+            assert res["frame"] == 3 and res["binary"] == ["mask"]
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(await ws.recv()))), mask)
+            assert [row["id"] for row in res["classes"]] == [int(c) for c in np.unique(mask)]
+            assert sum(row["pixels"] for row in res["classes"]) == 24 * 32
+            assert all(0 <= row["max_flips"] <= res["max_flips"] for row in res["classes"])
             await ws.close()
             assert ws.close_code == 1000
 

@@ -351,7 +351,7 @@ def test_check_eps_and_outputs():
     for bad in (float("nan"), -1.0, float("inf"), "x", True, [1]):
         with pytest.raises(InvalidParameter):
             check_eps(bad, 0.1)
-    assert parse_outputs(None) == {"mask", "radius", "overlay"}
+    assert parse_outputs(None) == {"mask", "radius", "overlay", "classes"}
     assert parse_outputs(" Mask ,logits") == {"mask", "logits"}
     with pytest.raises(InvalidParameter):
         parse_outputs("mask,foo")

@@ -5,7 +5,8 @@ On a trained tiny 1-Lipschitz net (conftest.trained_tiny):
   minimum-norm attack never finds a flip below the radius (>= 200 pixels);
 - whole-image attacks at 3 eps values on 20 images never flip a pixel certified at
   eps, never flip more pixels than the joint budget allows, and never push accuracy
-  or any class IoU below its worst-case bound;
+  or any class IoU below its worst-case bound; attacks on one predicted class never
+  flip more of it than that class's joint-budget figure;
 - the same attacks do flip uncertified pixels and do break an unconstrained twin.
 """
 
@@ -15,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from certseg.attacks import min_norm_pixel, pgd_image_sweep, pgd_pixel
+from certseg.attacks import min_norm_pixel, pgd_image, pgd_image_sweep, pgd_pixel
 from certseg.certify import (
     certified_radius,
     margins,
     max_flips,
+    max_flips_by_class,
     worst_case_iou,
     worst_case_pixel_accuracy,
 )
@@ -109,8 +111,13 @@ def test_image_attacks_never_beat_worst_case_bounds(trained_tiny, clean, eps_val
         changed = adv_pred != pred
         # No pixel certified at eps changes class.
         assert not bool((changed & (radius > eps)).any())
-        # Never more flips than the joint budget allows.
+        # Never more flips than the joint budget allows, in the image and in each class.
         assert (changed.reshape(N_IMAGES, -1).sum(1) <= max_flips(margin, eps, lip)).all()
+        K = logits.shape[1]
+        for i in range(N_IMAGES):
+            per_class = max_flips_by_class(margin[i], pred[i], K, eps, lip)
+            lost = np.bincount(pred[i][changed[i]], minlength=K)
+            assert (lost <= per_class).all()
         # Attacked accuracy and IoU never below the bound.
         attacked_acc = ((adv_pred == y) & valid).reshape(N_IMAGES, -1).sum(1) / valid.reshape(
             N_IMAGES, -1
@@ -140,6 +147,32 @@ def test_image_attacks_are_real(trained_tiny, clean, eps_values, image_attacks):
     adv_acc = float((adv_pred == y).mean())
     bound = float(worst_case_pixel_accuracy(logits, y, eps, lip).mean())
     assert clean_acc - adv_acc >= 0.25 * (clean_acc - bound) > 0
+
+
+def test_attacks_on_one_class_never_beat_its_bound(trained_tiny, clean, eps_values):
+    """PGD told to flip only the pixels of one predicted class (the rest ignored) never
+    flips more of them than `max_flips_by_class` allows, and flips a real share."""
+    model, lip, images, _ = trained_tiny
+    logits, pred, margin, _ = (a[:N_IMAGES] for a in clean)
+    K = logits.shape[1]
+    eps = eps_values[-1]
+    bounds = np.stack(
+        [max_flips_by_class(margin[i], pred[i], K, eps, lip) for i in range(N_IMAGES)]
+    )
+    flipped_total = bound_total = 0
+    for c in range(K):
+        target = np.where(pred == c, pred, 255)
+        if not (target == c).any():
+            continue
+        res = pgd_image(
+            model, images[:N_IMAGES], torch.from_numpy(target), eps, steps=60, restarts=1
+        )
+        _, adv_pred, _ = _clean(model, res.adv)
+        flipped = ((adv_pred != pred) & (pred == c)).reshape(N_IMAGES, -1).sum(1)
+        assert (flipped <= bounds[:, c]).all(), (c, flipped, bounds[:, c])
+        flipped_total += int(flipped.sum())
+        bound_total += int(bounds[:, c].sum())
+    assert flipped_total >= 0.1 * bound_total > 0
 
 
 def test_unconstrained_twin_breaks(trained_tiny):

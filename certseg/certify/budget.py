@@ -23,11 +23,13 @@ from array_api_compat import device as _device
 from .pixelwise import _check_lipschitz, _detach, _eps_rows
 
 __all__ = [
+    "affordable_by_class",
     "attack_budget",
     "flip_costs",
     "frontier_min_ratio",
     "margin_rounding_slack",
     "max_flips",
+    "max_flips_by_class",
     "split_frontier",
     "stability",
     "worst_ratio",
@@ -212,13 +214,13 @@ def _max_flips_numpy(
         keep, _ = _rows(np.broadcast_to(np.asarray(valid, dtype=bool), margin.shape), 2)
     budget = _effective_budget(_eps_rows(eps, lead, np, None), L, margin_rounding_slack(margin))
     flips = np.zeros(rows.shape[0], dtype=np.int64)
-    ftype = np.float32 if rows.dtype.kind == "f" and rows.dtype.itemsize <= 4 else np.float64
+    ftype = _float_type(rows)
     for r in range(rows.shape[0]):
         if budget[r] < 0:
             continue
         b = float(budget[r])
         size, kept = np.abs(rows[r]), None if keep is None else keep[r]
-        affordable = math.sqrt(2.0 * b * (1.0 + 1e-9))  # the most one pixel may cost
+        affordable = _affordable_limit(b)  # the most one pixel may cost
         costs = None
         guess = _sampled_limit(size, kept, b)
         if guess is not None and guess < affordable:
@@ -234,18 +236,134 @@ def _max_flips_numpy(
     return flips.reshape(lead)
 
 
-def _costs_below(row: np.ndarray, size: np.ndarray, kept, limit: float, ftype) -> np.ndarray:
-    """float64 costs of the (kept) pixels whose |margin| is <= limit, the limit rounded up
-    two steps in the margins' own precision (so the set is a superset, never short)."""
+def _margin_threshold(limit: float, ftype: Any) -> Any:
+    """`limit` in the margins' own float type, rounded up two steps: comparing |margin|
+    with it keeps a superset of the margins <= limit, never fewer."""
     if limit >= float(np.finfo(ftype).max):  # every finite margin is below it
-        bound = ftype(np.inf)
-    else:
-        up = ftype(limit)
-        bound = np.nextafter(np.nextafter(up, ftype(np.inf)), ftype(np.inf))
-    cand = size <= bound
+        return ftype(np.inf)
+    up = ftype(limit)
+    return np.nextafter(np.nextafter(up, ftype(np.inf)), ftype(np.inf))
+
+
+def _costs_below(row: np.ndarray, size: np.ndarray, kept, limit: float, ftype) -> np.ndarray:
+    """float64 costs of the (kept) pixels whose |margin| is <= limit (a superset)."""
+    cand = size <= _margin_threshold(limit, ftype)
     if kept is not None:
         cand &= kept
     return flip_costs(row[cand])
+
+
+def _float_type(margin: np.ndarray) -> Any:
+    return np.float32 if margin.dtype.kind == "f" and margin.dtype.itemsize <= 4 else np.float64
+
+
+def _affordable_limit(budget: float) -> float:
+    """The largest |margin| a single flip within `budget` may have (with the select's slack)."""
+    return math.sqrt(2.0 * budget * (1.0 + 1e-9))
+
+
+def _class_groups(
+    margin: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    limit: float | np.ndarray,
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(class, float64 costs, flat indices) of the pixels with |margin| <= limit (a
+    superset), grouped by label, for labels in [0, num_classes). `limit`: one for all,
+    or one per class (num_classes,); a NaN or negative one leaves its class out.
+
+    One pass over the image whatever the number of classes: the threshold test, then a
+    stable sort of the candidates by label (a radix sort: labels become uint8/uint16).
+    """
+    if margin.shape != labels.shape:
+        raise ValueError(f"labels {labels.shape} and margins {margin.shape} differ in shape")
+    flat, lab_all = margin.reshape(-1), labels.reshape(-1)
+    ftype = _float_type(margin)
+    if np.ndim(limit) == 0:
+        idx = np.flatnonzero(np.abs(flat) <= _margin_threshold(float(limit), ftype))
+    else:  # a threshold per class, gathered per pixel (outside labels: below every margin)
+        per = [_margin_threshold(x, ftype) if x >= 0 else ftype(-1) for x in limit.tolist()]
+        thr = np.asarray([*per, ftype(-1)], dtype=ftype)
+        slot = np.where((lab_all >= 0) & (lab_all < num_classes), lab_all, num_classes)
+        idx = np.flatnonzero(np.abs(flat) <= thr[slot])
+    lab = lab_all[idx]
+    inside = (lab >= 0) & (lab < num_classes)
+    idx, lab = idx[inside], lab[inside].astype(np.min_scalar_type(max(num_classes - 1, 0)))
+    order = np.argsort(lab, kind="stable")
+    idx, lab = idx[order], lab[order]
+    starts = np.searchsorted(lab, np.arange(num_classes + 1))
+    groups = []
+    for c in range(num_classes):
+        members = idx[starts[c] : starts[c + 1]]
+        if members.size:
+            groups.append((c, flip_costs(flat[members]), members))
+    return groups
+
+
+def affordable_by_class(
+    margin: np.ndarray, labels: np.ndarray, num_classes: int, budget: float
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(class, float64 costs, flat pixel indices) of a superset of the pixels of each
+    label whose flip cost is <= `budget` (none when budget < 0), for the classes in
+    [0, num_classes) that have any."""
+    if budget < 0:
+        return []
+    return _class_groups(margin, labels, num_classes, _affordable_limit(budget))
+
+
+def _class_guesses(
+    margin: np.ndarray, labels: np.ndarray, num_classes: int, budget: float, limit: float
+) -> np.ndarray:
+    """Per class, `_sampled_limit` of its own pixels (from every 64th pixel): a margin
+    threshold whose pixels cost about twice the budget; `limit` where the image is
+    small or the sample does not get there."""
+    guesses = np.full(num_classes, limit)
+    if margin.size < _SAMPLE_MIN:
+        return guesses
+    sample = np.ascontiguousarray(margin.reshape(-1)[::_SAMPLE_STRIDE])
+    sample_labels = labels.reshape(-1)[::_SAMPLE_STRIDE]
+    for c, costs, _ in _class_groups(sample, sample_labels, num_classes, limit):
+        costs.sort()
+        reach = int(np.searchsorted(np.cumsum(costs) * _SAMPLE_STRIDE, 2.0 * budget))
+        if reach < costs.size:
+            guesses[c] = min(limit, math.sqrt(2.0 * float(costs[reach])))
+    return guesses
+
+
+def max_flips_by_class(
+    margin: np.ndarray, labels: np.ndarray, num_classes: int, eps: float, L: float
+) -> np.ndarray:
+    """Per label c of one image (H, W): the most pixels labelled c that one perturbation
+    of norm <= eps can flip, int64 (num_classes,).
+
+    Each equals `max_flips(margin, eps, L, valid=labels == c)`, all from one pass or
+    two, whatever the number of classes. Every class has its own worst attack, so they
+    do not add up to `max_flips`: an attack that reaches one class's figure spends its
+    budget there.
+
+    As in `max_flips`, a sampled guess per class first keeps its cheapest pixels; a
+    class whose kept pixels cost more than the budget has its answer among them, the
+    others are taken again with every affordable pixel.
+    """
+    L = _check_lipschitz(L)
+    margin, labels = np.asarray(margin), np.asarray(labels)
+    eps_row = _eps_rows(eps, (), np, None)
+    budget = float(_effective_budget(eps_row, L, margin_rounding_slack(margin))[0])
+    out = np.zeros(num_classes, dtype=np.int64)
+    if budget < 0:
+        return out
+    limit = _affordable_limit(budget)
+    guesses = _class_guesses(margin, labels, num_classes, budget, limit)
+    again = np.full(num_classes, -1.0)  # the classes the guess did not settle
+    for c, costs, _ in _class_groups(margin, labels, num_classes, guesses):
+        out[c] = _max_flips_select(costs, budget)
+        exact = guesses[c] >= limit or float(costs.sum()) > budget * (1.0 + 1e-9) * (1 + 1e-10)
+        if not exact:
+            again[c] = limit
+    if (again >= 0).any():
+        for c, costs, _ in _class_groups(margin, labels, num_classes, again):
+            out[c] = _max_flips_select(costs, budget)
+    return out
 
 
 _SAMPLE_STRIDE = 64

@@ -31,7 +31,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .budget import margin_rounding_slack, max_flips
+from .budget import affordable_by_class, flip_costs, margin_rounding_slack, max_flips_by_class
 from .knapsack import Knapsack, worst_split_ratio
 
 __all__ = ["AreaResize", "area_weights"]
@@ -63,12 +63,6 @@ def area_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     weight = np.clip(hi - lo, 0, None).astype(np.float64) / n_in
     index = np.where(weight > 0, index, 0)
     return index, weight
-
-
-def _cost(margin: np.ndarray) -> np.ndarray:
-    """margin^2 / 2 in float64 (exact for float32 margins)."""
-    m = np.asarray(margin, np.float64)
-    return m * m / 2.0
 
 
 def _run_sums(x: np.ndarray, starts: np.ndarray, counts: np.ndarray, axis: int) -> np.ndarray:
@@ -164,46 +158,46 @@ class AreaResize:
         hits = int(self._row_counts @ (region.astype(np.int64) @ self._col_counts))
         return hits / (self.source[0] * self.source[1])
 
-    def _top_multiplicities(self, network_flips: int) -> int:
-        """Most source pixels that `network_flips` flipped network pixels cover."""
-        if network_flips <= 0:
-            return 0
-        values_r, counts_r = np.unique(self._row_counts, return_counts=True)
-        values_c, counts_c = np.unique(self._col_counts, return_counts=True)
-        # multiplicity of pixel (k, l) is rows[k] * cols[l]: few distinct values
-        products = sorted(
-            (
-                (int(a) * int(b), int(m) * int(n))
-                for a, m in zip(values_r, counts_r, strict=True)
-                for b, n in zip(values_c, counts_c, strict=True)
-            ),
-            reverse=True,
-        )
-        left, total = network_flips, 0
-        for value, count in products:
-            take = min(left, count)
-            total += take * value
-            left -= take
-            if not left:
-                break
-        return total
+    def source_counts_by_class(
+        self, mask: np.ndarray, num_classes: int, region: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Source pixels of each class of a network-grid mask (h, w), those of network
+        pixels in `region` (h, w, bool) alone if given: int64 (num_classes,)."""
+        worth = self._worth if region is None else np.where(region, self._worth, 0)
+        labels = np.clip(mask.reshape(-1), 0, num_classes - 1)
+        sums = np.bincount(labels, weights=worth.reshape(-1), minlength=num_classes)
+        return np.rint(sums).astype(np.int64)  # integers below 2^53: float64 sums are exact
 
     def max_source_flips(self, margin: np.ndarray, eps: float, lipschitz: float) -> int:
-        """Most source pixels one source attack of norm <= eps can flip.
+        """Most source pixels one source attack of norm <= eps can flip."""
+        one = np.zeros(margin.shape, np.uint8)
+        return int(self.max_source_flips_by_class(margin, one, 1, eps, lipschitz)[0])
 
-        Two upper bounds, the smaller taken: the k network pixels the joint budget
-        allows (`max_flips` at network_eps) covering the k largest blocks; and the
-        fractional knapsack over the affordable network pixels, each worth the source
-        pixels mapped to it (cheap pixels seldom all sit in the largest blocks)."""
-        k = int(max_flips(margin, self.network_eps(eps), lipschitz))
-        if k == 0:
-            return 0
+    def max_source_flips_by_class(
+        self, margin: np.ndarray, mask: np.ndarray, num_classes: int, eps: float, lipschitz: float
+    ) -> np.ndarray:
+        """Per class c of the network-grid mask: the most source pixels of class c one
+        source attack of norm <= eps can flip, int64 (num_classes,).
+
+        Two upper bounds, the smaller taken: the k network pixels of c the joint budget
+        allows (`max_flips_by_class` at network_eps) covering the k largest of their
+        blocks; and the fractional knapsack over c's affordable network pixels, each
+        worth the source pixels mapped to it (cheap pixels seldom all sit in the
+        largest blocks)."""
+        out = np.zeros(num_classes, dtype=np.int64)
+        flips = max_flips_by_class(margin, mask, num_classes, self.network_eps(eps), lipschitz)
+        if not flips.any():
+            return out
         budget = self.attack_budget(eps, lipschitz, margin)
-        # a superset of the affordable pixels (the threshold taken up past float32 rounding)
-        rows, cols = np.nonzero(np.abs(margin) <= math.sqrt(2.0 * budget) * (1 + 1e-6))
-        worth = self._row_counts[rows] * self._col_counts[cols]
-        items = Knapsack.of(_cost(margin[rows, cols]), worth, budget)
-        return min(self._top_multiplicities(k), math.floor(float(items.most(budget))))
+        worth = self._worth.reshape(-1)
+        for c, costs, idx in affordable_by_class(margin, mask, num_classes, budget):
+            k = min(int(flips[c]), idx.size)  # each flipped pixel is one of the candidates
+            if k:
+                w = worth[idx]
+                top = int(np.partition(w, w.size - k)[w.size - k :].sum())
+                most = float(Knapsack.of(costs, w, budget).most(budget))
+                out[c] = min(top, math.floor(most))
+        return out
 
     def attack_budget(self, eps: float, lipschitz: float, margin: np.ndarray) -> float:
         """Squared logit budget of an eps-attack on the source: (L network_eps)^2, taken
@@ -242,7 +236,7 @@ class AreaResize:
         v = self.block_sums(valid & (self.upsample(mask) == target))
         correct = int(v.sum())
         budget = self.attack_budget(eps, lipschitz, margin)
-        items = Knapsack.of(_cost(margin), v, budget)
+        items = Knapsack.of(flip_costs(margin), v, budget)
         lost = min(correct, math.floor(float(items.most(budget))))
         return (correct - lost) / n_valid, correct / n_valid
 
@@ -286,11 +280,11 @@ class AreaResize:
             tp, fp = int(g[is_c].sum()), int((n_valid - g)[is_c].sum())
             clean[c] = tp / (gt + fp)
             out = is_c & (margin <= reach)
-            remove = Knapsack.of(_cost(margin[out]), g[out], budget)
+            remove = Knapsack.of(flip_costs(margin[out]), g[out], budget)
             into = ~is_c & (top - logits[c] <= reach + margin_error)
             gap = top[into].astype(np.float64) - logits[c][into].astype(np.float64)
             add = Knapsack.of(
-                _cost(np.maximum(gap - margin_error, 0.0)), (n_valid - g)[into], budget
+                flip_costs(np.maximum(gap - margin_error, 0.0)), (n_valid - g)[into], budget
             )
             worst[c] = worst_split_ratio(remove, add, budget, tp, gt + fp)
         return worst, clean
@@ -348,6 +342,11 @@ class AreaResize:
     @cached_property
     def _col_counts(self) -> np.ndarray:
         return np.bincount(self.col_map, minlength=self.network[1])
+
+    @cached_property
+    def _worth(self) -> np.ndarray:
+        """(h, w) int64: the source pixels mapped to each network pixel."""
+        return np.multiply.outer(self._row_counts, self._col_counts)
 
     @staticmethod
     def _starts(index_map: np.ndarray) -> np.ndarray:

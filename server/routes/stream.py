@@ -8,7 +8,9 @@ Protocol (client -> server):
   {"type": "ping"}    answered by {"type": "pong"} (protocol-level pings also work)
 Server -> client, per frame, in frame order:
   {"type": "result", "frame": n, "dropped": d, "guaranteed_fraction": ..., ...,
-   "binary": ["overlay"]}  followed by one binary PNG per name in "binary";
+   "binary": ["overlay"]}  followed by one binary PNG per name in "binary"
+                      (outputs "overlay", "mask"; "classes" adds the per-class
+                      certificate to the result, as in REST);
   {"type": "error", "frame": n, "status": 422, "detail": ...} for a bad frame.
 
 A stream works on up to `depth` frames at once (Settings.stream_depth, its default
@@ -59,7 +61,8 @@ __all__ = ["router"]
 router = APIRouter(tags=["stream"])
 log = logging.getLogger("certseg.server")
 
-STREAM_OUTPUTS = ("overlay", "mask")
+STREAM_OUTPUTS = ("overlay", "mask", "classes")
+BINARY_OUTPUTS = ("overlay", "mask")  # sent as PNG messages; classes is a field of the result
 STYLES = ("hatch", "dim", "heat")
 
 
@@ -285,12 +288,14 @@ class StreamSession:
         self.state.batcher_for(cfg.model).check_capacity()
         image = await asyncio.to_thread(decode_image, p.data, self.state.limits, cfg.resize)
         timings.since("decode", t0)
-        cert = await segment_image(self.state, cfg.model, image, cfg.eps, frozenset(), timings)
+        wanted = frozenset(cfg.outputs) - set(BINARY_OUTPUTS)  # "classes", if asked
+        cert = await segment_image(self.state, cfg.model, image, cfg.eps, wanted, timings)
         t0 = time.perf_counter()
+        binary = [name for name in cfg.outputs if name in BINARY_OUTPUTS]
         # The PNGs of one frame are encoded side by side (zlib and numpy let go of the GIL).
         blobs = list(
             await asyncio.gather(
-                *(asyncio.to_thread(_encode, name, cert, image, cfg) for name in cfg.outputs)
+                *(asyncio.to_thread(_encode, name, cert, image, cfg) for name in binary)
             )
         )
         timings.since("encode", t0)
@@ -301,7 +306,7 @@ class StreamSession:
             "frame": p.frame,
             **cert.summary(),
             "timings_ms": stages,
-            "binary": list(cfg.outputs),
+            "binary": binary,
         }
         return _Answer(body, blobs)
 

@@ -60,6 +60,19 @@ class WorstCaseMetrics(BaseModel):
     clean_miou: float | None
 
 
+class ClassCertificate(BaseModel):
+    """One predicted class's share of the certificate (output `classes`)."""
+
+    id: int
+    name: str
+    pixels: int = Field(description="Pixels predicted as this class.")
+    guaranteed_fraction: float = Field(description="Fraction of them with radius > eps.")
+    max_flips: int = Field(
+        description="Most of them one eps-perturbation can flip: at least pixels - max_flips "
+        "keep this class under every such attack."
+    )
+
+
 class ResizeInfo(BaseModel):
     """The area shrink the network saw (asked by `resize`): mask and radius are on the
     source grid, and radii speak of perturbations of the image sent."""
@@ -93,6 +106,7 @@ class SegmentResponse(BaseModel):
     overlay: EncodedImage | None = None
     logits: EncodedArray | None = None
     metrics: WorstCaseMetrics | None = None
+    classes: list[ClassCertificate] | None = None
     resize: ResizeInfo | None = None
     timings_ms: dict[str, float]
 
@@ -275,6 +289,11 @@ def _npz(cert: Certified, image: DecodedImage, outputs: frozenset[str], style, b
         )
     if cert.logits is not None and "logits" in outputs:
         arrays["logits"] = cert.logits.astype(np.float32)
+    if cert.classes is not None:  # one entry per predicted class, as in the JSON
+        for key, dtype in (("id", np.int64), ("pixels", np.int64), ("max_flips", np.int64)):
+            arrays[f"class_{key}"] = np.asarray([c[key] for c in cert.classes], dtype)
+        fractions = [c["guaranteed_fraction"] for c in cert.classes]
+        arrays["class_guaranteed_fraction"] = np.asarray(fractions, np.float64)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -322,7 +341,8 @@ async def segment(
         Query(ge=0.0, description="l2 budget on [0,1] pixels (default: the card's)."),
     ] = None,
     outputs: Annotated[
-        str | None, Query(description="Comma list of mask, radius, overlay, logits.")
+        str | None,
+        Query(description="Comma list of mask, radius, overlay, classes, logits."),
     ] = None,
     format: Annotated[Literal["json", "png", "npz"], Query()] = "json",
     overlay_style: Annotated[Literal["hatch", "dim", "heat"], Query()] = "hatch",
