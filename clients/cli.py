@@ -120,6 +120,14 @@ def segment(
             "pixel accuracy and mIoU at eps."
         ),
     ] = None,
+    classes: Annotated[
+        bool,
+        typer.Option(
+            "--classes",
+            help="Also print each image's per-class certificate (pixels, certified, "
+            "most one attack flips, kept at least).",
+        ),
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 60.0,
 ) -> None:
     """Segment and certify images; write overlay, class-id mask and radius heat map PNGs."""
@@ -176,9 +184,28 @@ def segment(
             f"{r.latency_ms or 0.0:.1f}",
         )
     console.print(table)
+    if classes:
+        for path, r in rows:
+            console.print(_class_table(path.name, r))
     console.print(f"wrote {len(rows) * 3} files to {out}")
     if failed:
         raise typer.Exit(1)
+
+
+def _class_table(name: str, r: SegmentResult) -> Table:
+    """One image's per-class certificate at its eps."""
+    table = Table(title=f"{name} per class @ eps {r.eps:g}")
+    for col in ("class", "pixels", "certified", "max flips", "kept ≥"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for c in r.classes or []:
+        table.add_row(
+            c.name,
+            str(c.pixels),
+            f"{100 * c.guaranteed_fraction:.1f}%",
+            str(c.max_flips),
+            f"{100 * c.min_kept / c.pixels:.1f}%",
+        )
+    return table
 
 
 def _scored(metrics: dict[str, float | None]) -> list[str]:

@@ -72,6 +72,20 @@ def test_segment_writes_three_pngs_per_image(server, tmp_path):
     assert re.search(r"\d+\.\d%", res.output)
 
 
+def test_segment_classes_prints_the_per_class_certificate(server, tmp_path):
+    img = tmp_path / "street.png"
+    Image.fromarray(random_image(40, 56, seed=3)).save(img)
+    args = ["segment", str(img), "--out", str(tmp_path / "o"), "--url", server.base]
+    env = {"CERTSEG_API_KEY": KEY, "COLUMNS": "200"}
+    plain = CliRunner().invoke(app, args, env=env)
+    res = CliRunner().invoke(app, [*args, "--classes"], env=env)
+    assert plain.exit_code == 0 and res.exit_code == 0, res.output
+    assert "per class" not in plain.output and "street.png per class" in res.output
+    # one row per predicted class: name, pixels, certified %, max flips, kept >= %
+    rows = re.findall(r"│ (road|car|sky|tree)\s+│\s+(\d+) │\s+([\d.]+)% │\s+(\d+) │", res.output)
+    assert rows and sum(int(pixels) for _, pixels, _, _ in rows) == 40 * 56
+
+
 def test_segment_with_labels_reports_the_worst_case_metrics(server, tmp_path):
     img, labels = tmp_path / "street.png", tmp_path / "labels"
     pixels = random_image(40, 56, seed=7)

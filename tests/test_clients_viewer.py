@@ -105,6 +105,11 @@ def upload(driver, path: Path) -> None:
     driver.execute_script("arguments[0].hidden = true", field)
 
 
+# The per-class table as [name, share %, certified %, kept %] rows.
+CLASS_ROWS = (
+    "return [...document.querySelectorAll('#perclass tr[data-cls]')].map(r =>"
+    " [r.dataset.cls, ...[...r.children].slice(2).map(c => parseFloat(c.textContent))])"
+)
 CANVAS_STATS = """
 const c = document.getElementById('view');
 if (c.style.display === 'none' || !c.width) return null;
@@ -153,6 +158,11 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     assert (w, h) == (160, 120) and mean > 10 and std > 5  # not blank
     gf_default = text(d, "gf")
     assert text(d, "epsans") == "0.050" and text(d, "netsize") == "full size"
+    # the per-class table: every predicted class, shares adding up to the image
+    rows = d.execute_script(CLASS_ROWS)
+    assert rows and {name for name, *_ in rows} <= {"road", "car", "sky", "tree"}
+    assert abs(sum(share for _, share, _, _ in rows) - 100) < 0.5
+    assert all(0 <= cert <= 100 and 0 <= kept <= 100 for _, _, cert, kept in rows)
 
     # layers and colour scale
     d.execute_script(
@@ -178,6 +188,10 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
     gf_large = text(d, "gf")
     assert float(gf_large[:-1]) < float(gf_default[:-1]), (gf_default, gf_large)
+    kept_at = {name: kept for name, _, _, kept in rows}
+    wider = d.execute_script(CLASS_ROWS)  # a larger eps keeps no more of any class
+    assert all(kept <= kept_at[name] for name, _, _, kept in wider)
+    assert any(kept < kept_at[name] for name, _, _, kept in wider)
     d.save_screenshot(str(tmp_path / "viewer-image.png"))
     if os.environ.get("CERTSEG_VIEWER_SCREENSHOT"):
         shutil.copy(tmp_path / "viewer-layers.png", os.environ["CERTSEG_VIEWER_SCREENSHOT"])
@@ -201,6 +215,7 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     fps = wait_for(d, "parseFloat(document.getElementById('fps').textContent)")
     assert fps > 0
     assert text(d, "latency").endswith("ms") and text(d, "gf").endswith("%")
+    assert d.execute_script(CLASS_ROWS)  # streamed frames carry the per-class table too
     # the viewer keeps the stream's depth of frames unanswered (the server works on both
     # at once, none waits), so a model slower than the video loses no frame
     engine.delay_s = 0.0
