@@ -9,6 +9,7 @@ process, same input, same result checked):
     stage     now                                   baseline
     decode    transpose, then divide                (rgb8 / 255).transpose
     certify   margin pre-filter + cost buckets      costs of all pixels + selection
+    classes   max_flips_by_class (one or two passes) max_flips per class (K passes)
     overlay   indexed PNG (server.png)              RGB render + RGB PNG (Pillow)
     mask      8-bit PNG, unfiltered (server.png)    8-bit PNG, Pillow (all filters tried)
 
@@ -25,7 +26,7 @@ from _common import median_ms, print_table, write_result
 from PIL import Image
 
 from certseg.certify import budget as budget_mod
-from certseg.certify import max_flips
+from certseg.certify import max_flips, max_flips_by_class
 from certseg.certify.budget import flip_costs
 from certseg.data.synthetic import render_scene
 from server.backends import ModelSpec, create_engine
@@ -60,6 +61,7 @@ def main() -> None:
     engine.load()
     info = engine.metadata()
     L, palette = info.lipschitz, info.card.palette
+    K = len(palette)
     rows, payload = [], []
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.split("x"))
@@ -87,6 +89,10 @@ def main() -> None:
         def new_overlay(mask=mask, radius=radius):
             return overlay_png(mask, radius, args.eps, palette, None, "hatch")
 
+        def flips_per_class_calls(m=margin, labels=mask):
+            return [int(max_flips(m, args.eps, L, valid=labels == c)) for c in range(K)]
+
+        assert max_flips_by_class(margin, mask, K, args.eps, L).tolist() == flips_per_class_calls()
         assert np.array_equal(old_convert(), new_convert())
         exact = flips_by_sort(margin, args.eps, L)
         assert max_flips(margin, args.eps, L) == flips_by_selection(margin, args.eps, L) == exact
@@ -107,6 +113,13 @@ def main() -> None:
                 median_ms(lambda m=margin: max_flips(m, args.eps, L), args.repeats),
                 median_ms(lambda m=margin: flips_by_selection(m, args.eps, L), args.repeats),
             ),
+            "classes (per-class max_flips)": (
+                median_ms(
+                    lambda m=margin, lab=mask: max_flips_by_class(m, lab, K, args.eps, L),
+                    args.repeats,
+                ),
+                median_ms(flips_per_class_calls, args.repeats),
+            ),
             "overlay PNG": (
                 median_ms(new_overlay, args.repeats),
                 median_ms(old_overlay, args.repeats),
@@ -116,9 +129,12 @@ def main() -> None:
                 median_ms(lambda m=mask: encode_png(m.astype(np.uint8)), args.repeats),
             ),
         }
+        # decode includes the conversion; classes are asked for (REST default, stream option)
         total = sum(
-            v[0] for k, v in stages.items() if k not in ("float conversion",)
-        )  # decode includes the conversion
+            v[0]
+            for k, v in stages.items()
+            if k not in ("float conversion", "classes (per-class max_flips)")
+        )
         for stage, (now, before) in stages.items():
             ratio = before / now if before else float("nan")
             rows.append([size, stage, now, before if before else "-", ratio])

@@ -284,8 +284,9 @@ def _class_groups(
     else:  # a threshold per class, gathered per pixel (outside labels: below every margin)
         per = [_margin_threshold(x, ftype) if x >= 0 else ftype(-1) for x in limit.tolist()]
         thr = np.asarray([*per, ftype(-1)], dtype=ftype)
-        slot = np.where((lab_all >= 0) & (lab_all < num_classes), lab_all, num_classes)
-        idx = np.flatnonzero(np.abs(flat) <= thr[slot])
+        if lab_all.size and (lab_all.min() < 0 or lab_all.max() >= num_classes):
+            lab_all = np.where((lab_all >= 0) & (lab_all < num_classes), lab_all, num_classes)
+        idx = np.flatnonzero(np.abs(flat) <= thr[lab_all])  # a model's mask: in range
     lab = lab_all[idx]
     inside = (lab >= 0) & (lab < num_classes)
     idx, lab = idx[inside], lab[inside].astype(np.min_scalar_type(max(num_classes - 1, 0)))
