@@ -295,3 +295,11 @@ def test_worst_case_iou_with_identity_resize_stays_below_the_exact_frontier():
         exact = worst_case_iou(logits, target, plan.network_eps(eps), 2.0)
         assert (worst <= exact + 1e-12).all()
         np.testing.assert_allclose(worst, exact, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 500, 1000])
+def test_largest_sum_counts_what_a_sort_gives(k):
+    from certseg.certify.resize import _largest_sum
+
+    values = np.random.default_rng(k).integers(0, 6, 1000)
+    assert _largest_sum(values, k) == int(np.sort(values)[::-1][:k].sum())

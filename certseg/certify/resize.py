@@ -65,6 +65,19 @@ def area_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
+def _largest_sum(values: np.ndarray, k: int) -> int:
+    """Sum of the k largest of small non-negative integers (block sizes: a few distinct
+    values), by counting: one pass, where a partition of 10^6 of them took 20 ms."""
+    counts = np.bincount(values)
+    total, left = 0, k
+    for value in np.flatnonzero(counts)[::-1].tolist():
+        take = min(left, int(counts[value]))
+        total, left = total + take * value, left - take
+        if not left:
+            break
+    return total
+
+
 def _run_sums(x: np.ndarray, starts: np.ndarray, counts: np.ndarray, axis: int) -> np.ndarray:
     """Sums of runs of `counts` consecutive slices from `starts` along `axis` (0 or 1
     of a 2-D array), int32: the r-th slice of every run at once, for r < max count."""
@@ -194,9 +207,8 @@ class AreaResize:
             k = min(int(flips[c]), idx.size)  # each flipped pixel is one of the candidates
             if k:
                 w = worth[idx]
-                top = int(np.partition(w, w.size - k)[w.size - k :].sum())
                 most = float(Knapsack.of(costs, w, budget).most(budget))
-                out[c] = min(top, math.floor(most))
+                out[c] = min(_largest_sum(w, k), math.floor(most))
         return out
 
     def attack_budget(self, eps: float, lipschitz: float, margin: np.ndarray) -> float:
