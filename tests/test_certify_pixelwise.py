@@ -86,7 +86,8 @@ def test_float16_down_never_rounds_a_radius_up() -> None:
             np.float32([0.0, 0.05, 65504.0, 65519.0, 70000.0, 3e38, np.inf]),
         ]
     )
-    nearest = r.astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore"):
+        nearest = r.astype(np.float16).astype(np.float32)
     assert np.mean(nearest > r) > 0.3  # the fault is real: nearest often rounds up
     down = float16_down(r)
     assert down.dtype == np.float16
