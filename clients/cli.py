@@ -195,7 +195,7 @@ def segment(
 def _class_table(name: str, r: SegmentResult) -> Table:
     """One image's per-class certificate at its eps."""
     table = Table(title=f"{name} per class @ eps {r.eps:g}")
-    for col in ("class", "pixels", "certified", "max flips", "kept ≥"):
+    for col in ("class", "pixels", "certified", "max flips", "kept ≥", "max gains"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for c in r.classes or []:
         table.add_row(
@@ -204,6 +204,7 @@ def _class_table(name: str, r: SegmentResult) -> Table:
             f"{100 * c.guaranteed_fraction:.1f}%",
             str(c.max_flips),
             f"{100 * c.min_kept / c.pixels:.1f}%",
+            "-" if c.max_gains is None else str(c.max_gains),
         )
     return table
 

@@ -133,11 +133,19 @@ class ClassCertificate:
     pixels: int  # pixels predicted as this class
     guaranteed_fraction: float  # of them, the fraction with radius > eps
     max_flips: int  # the most of them one eps-perturbation can flip
+    #: The most pixels predicted otherwise one eps-perturbation can turn into this class
+    #: (None for a model exported without logits).
+    max_gains: int | None = None
 
     @property
     def min_kept(self) -> int:
         """Pixels that keep this class under every perturbation of norm <= eps."""
         return self.pixels - self.max_flips
+
+    @property
+    def max_area(self) -> int | None:
+        """The most pixels this class can cover under one perturbation of norm <= eps."""
+        return None if self.max_gains is None else self.pixels + self.max_gains
 
     @classmethod
     def parse(cls, rows: list[dict[str, Any]] | None) -> list[ClassCertificate] | None:
@@ -151,6 +159,7 @@ class ClassCertificate:
                 int(r["pixels"]),
                 float(r["guaranteed_fraction"]),
                 int(r["max_flips"]),
+                None if r.get("max_gains") is None else int(r["max_gains"]),
             )
             for r in rows
         ]

@@ -7,8 +7,9 @@ graph's own fp32 margins and radii, with the model's audited L:
 - max_flips: the most pixels one perturbation of norm <= eps can flip (the joint
   budget: the longest prefix of sorted margin^2/2 costs within (L eps)^2);
 - per predicted class (output `classes`): its pixels, the fraction of them certified,
-  and the most of them one eps-attack can flip (`max_flips_by_class`): at least
-  pixels - max_flips of them keep their class under every such attack;
+  the most of them one eps-attack can flip (`max_flips_by_class`: at least
+  pixels - max_flips keep the class under every such attack) and, from the logits, the
+  most pixels predicted otherwise one can turn into it (`max_gains_by_class`);
 - with a ground-truth mask: worst-case pixel accuracy and mIoU at eps.
 
 A resized image (`certseg.certify.resize`) is certified at the network-input budget
@@ -31,6 +32,7 @@ from certseg.certify import (
     guaranteed_region,
     max_flips,
     max_flips_by_class,
+    max_gains_by_class,
     worst_case_miou,
     worst_case_pixel_accuracy,
 )
@@ -162,26 +164,33 @@ class Certified:
 
 def class_figures(
     info: ModelInfo,
-    mask: np.ndarray,
-    margin: np.ndarray,
+    outputs: dict[str, np.ndarray],
     region: np.ndarray,
     eps: float,
     resize: AreaResize | None = None,
 ) -> list[dict]:
-    """Per class the network predicted (on its own grid): its pixels, the fraction of
-    them certified at eps (`region`), and the most of them one eps-attack can flip; a
-    shrunk image's figures count source pixels. Classes with no pixel are left out."""
-    card, L = info.card, info.lipschitz
+    """Per class the network predicted (graph outputs on its own grid): its pixels, the
+    fraction of them certified at eps (`region`), the most of them one eps-attack can
+    flip, and, from the logits (null without them), the most pixels predicted otherwise
+    it can turn into the class; a shrunk image's figures count source pixels. Classes
+    with no pixel are left out."""
+    card, L, e = info.card, info.lipschitz, info.margin_error
     K = card.num_classes
+    mask, margin, logits = outputs["mask"], outputs["margin"], outputs.get("logits")
+    gains = None
     if resize is None:
         labels = np.clip(mask, 0, K - 1)
         pixels = np.bincount(labels.reshape(-1), minlength=K)
         certified = np.bincount(labels[region], minlength=K)
         flips = max_flips_by_class(margin, mask, K, eps, L)
+        if logits is not None:
+            gains = max_gains_by_class(logits, mask, eps, L, margin_error=e)
     else:
         pixels = resize.source_counts_by_class(mask, K)
         certified = resize.source_counts_by_class(mask, K, region)
         flips = resize.max_source_flips_by_class(margin, mask, K, eps, L)
+        if logits is not None:
+            gains = resize.max_source_gains_by_class(logits, mask, eps, L, margin_error=e)
     return [
         {
             "id": c,
@@ -189,6 +198,7 @@ def class_figures(
             "pixels": int(pixels[c]),
             "guaranteed_fraction": float(certified[c]) / float(pixels[c]),
             "max_flips": int(flips[c]),
+            "max_gains": None if gains is None else int(gains[c]),
         }
         for c in range(K)
         if pixels[c]
@@ -263,7 +273,7 @@ def certify(
         max_flips=flips,
         batch_size=batch_size,
         metrics=metrics,
-        classes=class_figures(info, outputs["mask"], margin, region, eps) if per_class else None,
+        classes=class_figures(info, outputs, region, eps) if per_class else None,
     )
 
 
@@ -279,7 +289,9 @@ async def segment_image(
     """Queue the image, wait for its batch, certify it; records queue/infer/certify."""
     info = state.info(model)
     batcher = state.batcher_for(info.name)
-    need_logits = "logits" in outputs or (target is not None and info.has_logits)
+    # targets and per-class gains read the logits when the model gives them
+    wants_logits = target is not None or "classes" in outputs
+    need_logits = "logits" in outputs or (wants_logits and info.has_logits)
     if "logits" in outputs and not info.has_logits:
         raise InvalidParameter(f"model '{info.name}' was exported without a logits output")
     if image.resize is not None and "logits" in outputs:
@@ -297,6 +309,8 @@ async def segment_image(
         certify, info, result.outputs, eps, target, result.batch_size, image.resize, per_class
     )
     timings.since("certify", t0)
+    if "logits" not in outputs:
+        cert.logits = None  # read for the figures only: K x H x W floats not held longer
     state.metrics.guaranteed_fraction.labels(info.name).observe(cert.guaranteed_fraction)
     return cert
 
@@ -351,9 +365,5 @@ def _certify_resized(
         batch_size=batch_size,
         metrics=metrics,
         resize=resize,
-        classes=(
-            class_figures(info, outputs["mask"], outputs["margin"], region, eps, resize)
-            if per_class
-            else None
-        ),
+        classes=class_figures(info, outputs, region, eps, resize) if per_class else None,
     )

@@ -275,3 +275,32 @@ def test_max_flips_by_class_equals_one_max_flips_per_class(shape):
                 assert got[5] == 0 and got.sum() >= max_flips(margin, eps, 3.0, valid=labels >= 0)
     with pytest.raises(ValueError, match="shape"):
         max_flips_by_class(np.zeros((2, 3)), np.zeros((3, 2), int), 2, 0.1, 1.0)
+
+
+def test_max_gains_by_class_is_the_prefix_of_the_gaps_into_each_class():
+    """By definition: the longest prefix of sorted max(z_top - z_c - e, 0)^2 / 2 over the
+    pixels predicted otherwise that fits (L eps)^2; ties give gap 0 (flippable at any
+    eps > 0, never at 0); the margin error only ever adds gains."""
+    from certseg.certify import max_gains_by_class
+
+    rng = np.random.default_rng(4)
+    K, H, W = 5, 9, 11
+    logits = np.round(rng.normal(0, 1, (K, H, W)), 1).astype(np.float32)  # ties
+    mask = logits.argmax(0)
+    top = logits.max(0).astype(np.float64)
+    for e in (0.0, 0.05):
+        for eps in (0.0, 0.01, 0.1, 0.5, 5.0):
+            got = max_gains_by_class(logits, mask, eps, 2.0, margin_error=e)
+            for c in range(K):
+                gap = (top - logits[c].astype(np.float64))[mask != c]
+                costs = np.sort(np.maximum(gap - e, 0) ** 2 / 2)
+                budget = (2.0 * eps) ** 2
+                want = 0 if eps == 0 else int(np.sum(np.cumsum(costs) <= budget))
+                # a prefix that fits only within the selection's 1e-9 slack (sums of tenths
+                # hit the budget exactly) counts as flippable: the sound side
+                most = 0 if eps == 0 else int(np.sum(np.cumsum(costs) <= budget * (1 + 1e-9)))
+                assert want <= got[c] <= most, (e, eps, c)
+            if e and eps:
+                assert (got >= max_gains_by_class(logits, mask, eps, 2.0)).all()
+    with pytest.raises(ValueError, match="shape"):
+        max_gains_by_class(logits, mask[:, :5], 0.1, 1.0)

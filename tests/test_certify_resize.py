@@ -128,10 +128,13 @@ def test_source_counts_by_class_count_the_upsampled_mask():
 def test_max_source_flips_bounds_every_affordable_set(seed):
     """Never below the exhaustive most source pixels of an affordable set of network
     pixels, never above the top-k blocks; exact for equal blocks. The same per class,
-    over the affordable sets inside the class, never above the whole image's."""
+    over the affordable sets inside the class, never above the whole image's; and for
+    the pixels one attack can turn into each class (from logits)."""
     rng = np.random.default_rng(seed)
     margin = rng.random((3, 4)).astype(np.float32)
     labels = rng.integers(0, 3, (3, 4))
+    logits = rng.normal(0, 0.5, (3, 3, 4)).astype(np.float32)
+    pred = logits.argmax(0)
     cost = margin.ravel().astype(np.float64) ** 2 / 2
     subsets = np.array(list(itertools.product((0, 1), repeat=12)), bool)
     for plan in (AreaResize((7, 9), (3, 4)), AreaResize((6, 8), (3, 4))):
@@ -145,6 +148,15 @@ def test_max_source_flips_bounds_every_affordable_set(seed):
             assert exact <= got <= _largest_blocks(plan, k)
             if worth.min() == worth.max():
                 assert got == exact
+            gains = plan.max_source_gains_by_class(logits, pred, eps, 2.0)
+            for c in range(3):
+                gap = (logits.max(0) - logits[c]).ravel().astype(np.float64)
+                into = subsets[:, pred.ravel() == c].sum(1) == 0  # sets predicted otherwise
+                ok = into & ((subsets * (gap * gap / 2)).sum(1) <= budget)
+                exact_c = int((subsets[ok] @ worth).max(initial=0))
+                assert exact_c <= gains[c]
+                if worth.min() == worth.max():
+                    assert gains[c] == exact_c
             by_class = plan.max_source_flips_by_class(margin, labels, 3, eps, 2.0)
             for c in range(3):
                 mine = subsets[:, labels.ravel() != c].sum(1) == 0  # sets inside class c

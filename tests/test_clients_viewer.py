@@ -105,7 +105,7 @@ def upload(driver, path: Path) -> None:
     driver.execute_script("arguments[0].hidden = true", field)
 
 
-# The per-class table as [name, share %, certified %, kept %] rows.
+# The per-class table as [name, share %, certified %, kept %, new %] rows.
 CLASS_ROWS = (
     "return [...document.querySelectorAll('#perclass tr[data-cls]')].map(r =>"
     " [r.dataset.cls, ...[...r.children].slice(2).map(c => parseFloat(c.textContent))])"
@@ -161,8 +161,9 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     # the per-class table: every predicted class, shares adding up to the image
     rows = d.execute_script(CLASS_ROWS)
     assert rows and {name for name, *_ in rows} <= {"road", "car", "sky", "tree"}
-    assert abs(sum(share for _, share, _, _ in rows) - 100) < 0.5
-    assert all(0 <= cert <= 100 and 0 <= kept <= 100 for _, _, cert, kept in rows)
+    assert abs(sum(row[1] for row in rows) - 100) < 0.5
+    assert all(0 <= cert <= 100 and 0 <= kept <= 100 for _, _, cert, kept, _ in rows)
+    assert all(0 <= new <= 100 for *_, new in rows)  # the tiny model has logits
 
     # layers and colour scale
     d.execute_script(
@@ -188,10 +189,12 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
     gf_large = text(d, "gf")
     assert float(gf_large[:-1]) < float(gf_default[:-1]), (gf_default, gf_large)
-    kept_at = {name: kept for name, _, _, kept in rows}
-    wider = d.execute_script(CLASS_ROWS)  # a larger eps keeps no more of any class
-    assert all(kept <= kept_at[name] for name, _, _, kept in wider)
-    assert any(kept < kept_at[name] for name, _, _, kept in wider)
+    kept_at = {name: kept for name, _, _, kept, _ in rows}
+    new_at = {name: new for name, *_, new in rows}
+    wider = d.execute_script(CLASS_ROWS)  # a larger eps keeps no more, adds no fewer
+    assert all(kept <= kept_at[name] for name, _, _, kept, _ in wider)
+    assert any(kept < kept_at[name] for name, _, _, kept, _ in wider)
+    assert all(new >= new_at[name] for name, *_, new in wider if name in new_at)
     d.save_screenshot(str(tmp_path / "viewer-image.png"))
     if os.environ.get("CERTSEG_VIEWER_SCREENSHOT"):
         shutil.copy(tmp_path / "viewer-layers.png", os.environ["CERTSEG_VIEWER_SCREENSHOT"])

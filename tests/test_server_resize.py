@@ -89,6 +89,8 @@ def test_fit_answers_on_the_source_grid_with_the_folded_certificate(client, sess
     # per class, in source pixels: the upsampled mask's counts, never above the image's
     src_mask = plan.upsample(mask[0])
     flips = plan.max_source_flips_by_class(margin[0], mask[0], 4, eps, ans["lipschitz"])
+    (logits,) = session.run(["logits"], {"image": plan.apply(pixels)[None]})
+    gains = plan.max_source_gains_by_class(logits[0], mask[0], eps, ans["lipschitz"])
     assert [row["id"] for row in ans["classes"]] == [int(c) for c in np.unique(src_mask)]
     for row in ans["classes"]:
         mine = src_mask == row["id"]
@@ -96,6 +98,9 @@ def test_fit_answers_on_the_source_grid_with_the_folded_certificate(client, sess
         src_ok = np.ones_like(mine) if eps == 0 else src_radius > eps
         assert row["guaranteed_fraction"] == pytest.approx(float(src_ok[mine].mean()))
         assert row["max_flips"] == flips[row["id"]] <= min(ans["max_flips"], row["pixels"])
+        assert row["max_gains"] == gains[row["id"]] <= h * w - row["pixels"]
+        if eps == 0:
+            assert row["max_flips"] == row["max_gains"] == 0
 
 
 def test_16_bit_images_shrink_from_their_exact_values(client, session):

@@ -31,7 +31,13 @@ from server_support import (
     to_input,
 )
 
-from certseg.certify import float16_down, guaranteed_region, max_flips, worst_case_miou
+from certseg.certify import (
+    float16_down,
+    guaranteed_region,
+    max_flips,
+    max_gains_by_class,
+    worst_case_miou,
+)
 from certseg.certify import worst_case_pixel_accuracy as wc_acc
 from server import Settings, create_app
 
@@ -68,7 +74,7 @@ def test_segment_matches_direct_onnxruntime(client, session, h, w):
     r = client.post("/v1/segment", content=body, headers={"Content-Type": "image/png"})
     assert r.status_code == 200, r.text
     ans = r.json()
-    mask, margin, radius, _ = session.run(None, {"image": to_input(body)})
+    mask, margin, radius, logits = session.run(None, {"image": to_input(body)})
     assert (ans["width"], ans["height"]) == (w, h)
     got_mask = answer_png(ans["mask"])
     assert ans["mask"]["dtype"] == "uint8"
@@ -88,6 +94,7 @@ def test_segment_matches_direct_onnxruntime(client, session, h, w):
     assert ans["max_flips_fraction"] == pytest.approx(ans["max_flips"] / (h * w))
     # Per predicted class: its pixels, their certified fraction, the most one attack flips.
     region = guaranteed_region(radius[0], eps)
+    gains = max_gains_by_class(logits[0], mask[0], eps, L).tolist()
     present = [int(c) for c in np.unique(mask[0])]
     assert [row["id"] for row in ans["classes"]] == present
     for row in ans["classes"]:
@@ -96,6 +103,7 @@ def test_segment_matches_direct_onnxruntime(client, session, h, w):
         assert row["pixels"] == int(mine.sum())
         assert row["guaranteed_fraction"] == pytest.approx(float(region[mine].mean()))
         assert row["max_flips"] == int(max_flips(margin[0], eps, L, valid=mine))
+        assert row["max_gains"] == gains[row["id"]]
     assert sum(row["pixels"] for row in ans["classes"]) == h * w
     assert max(row["max_flips"] for row in ans["classes"]) <= ans["max_flips"]
     overlay = answer_png(ans["overlay"])

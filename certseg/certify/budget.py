@@ -27,9 +27,11 @@ __all__ = [
     "attack_budget",
     "flip_costs",
     "frontier_min_ratio",
+    "gain_candidates_by_class",
     "margin_rounding_slack",
     "max_flips",
     "max_flips_by_class",
+    "max_gains_by_class",
     "split_frontier",
     "stability",
     "worst_ratio",
@@ -364,6 +366,55 @@ def max_flips_by_class(
     if (again >= 0).any():
         for c, costs, _ in _class_groups(margin, labels, num_classes, again):
             out[c] = _max_flips_select(costs, budget)
+    return out
+
+
+def gain_candidates_by_class(
+    logits: np.ndarray, mask: np.ndarray, budget: float, margin_error: float = 0.0
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(class c, float64 costs, flat pixel indices): a superset of the pixels predicted
+    otherwise that one attack within `budget` could turn into c, for one image's logits
+    (K, H, W) and mask (H, W).
+
+    Turning pixel q into c needs its logits to move by at least (z_top - z_c) / sqrt(2)
+    in l2 (the step that puts z_c level with the top), so it costs
+    max(z_top - z_c - margin_error, 0)^2 / 2, the gap shrunk by the engine's error
+    bound as margins are. The float32 gaps only preselect (rounding is monotone, so a
+    gap within the limit stays within it, the limit rounded up); the costs are formed
+    in float64.
+    """
+    if budget < 0:
+        return []
+    K = logits.shape[0]
+    if logits.shape[1:] != mask.shape:
+        raise ValueError(f"logits {logits.shape} and mask {mask.shape} differ in shape")
+    limit = _margin_threshold(_affordable_limit(budget) + margin_error, _float_type(logits))
+    top = logits.max(axis=0).reshape(-1)
+    labels = mask.reshape(-1)
+    groups = []
+    for c in range(K):
+        z = logits[c].reshape(-1)
+        idx = np.flatnonzero((top - z <= limit) & (labels != c))
+        if idx.size:
+            gap = top[idx].astype(np.float64) - z[idx].astype(np.float64)
+            groups.append((c, flip_costs(np.maximum(gap - margin_error, 0.0)), idx))
+    return groups
+
+
+def max_gains_by_class(
+    logits: np.ndarray, mask: np.ndarray, eps: float, L: float, margin_error: float = 0.0
+) -> np.ndarray:
+    """Per class c of one image: the most pixels predicted otherwise that one
+    perturbation of norm <= eps can turn into c, int64 (K,). With `max_flips_by_class`
+    it brackets c's area under every such attack: at least pixels_c - max_flips_c, at
+    most pixels_c + max_gains_c (each bound with its own worst attack)."""
+    L = _check_lipschitz(L)
+    eps_row = _eps_rows(eps, (), np, None)
+    # float64 costs of float32 gaps: the slack of a float64 margin covers their rounding
+    budget = float(_effective_budget(eps_row, L, margin_rounding_slack(np.zeros(1)))[0])
+    out = np.zeros(logits.shape[0], dtype=np.int64)
+    for c, costs, _ in gain_candidates_by_class(logits, mask, budget, margin_error):
+        out[c] = _max_flips_select(costs, budget)
     return out
 
 

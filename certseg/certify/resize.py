@@ -31,7 +31,13 @@ from functools import cached_property
 
 import numpy as np
 
-from .budget import affordable_by_class, flip_costs, margin_rounding_slack, max_flips_by_class
+from .budget import (
+    _max_flips_select,
+    affordable_by_class,
+    flip_costs,
+    gain_candidates_by_class,
+    margin_rounding_slack,
+)
 from .knapsack import Knapsack, worst_split_ratio
 
 __all__ = ["AreaResize", "area_weights"]
@@ -190,21 +196,40 @@ class AreaResize:
         self, margin: np.ndarray, mask: np.ndarray, num_classes: int, eps: float, lipschitz: float
     ) -> np.ndarray:
         """Per class c of the network-grid mask: the most source pixels of class c one
-        source attack of norm <= eps can flip, int64 (num_classes,).
-
-        Two upper bounds, the smaller taken: the k network pixels of c the joint budget
-        allows (`max_flips_by_class` at network_eps) covering the k largest of their
-        blocks; and the fractional knapsack over c's affordable network pixels, each
-        worth the source pixels mapped to it (cheap pixels seldom all sit in the
-        largest blocks)."""
-        out = np.zeros(num_classes, dtype=np.int64)
-        flips = max_flips_by_class(margin, mask, num_classes, self.network_eps(eps), lipschitz)
-        if not flips.any():
-            return out
+        source attack of norm <= eps can flip, int64 (num_classes,) (`_source_bounds`
+        over c's affordable network pixels)."""
         budget = self.attack_budget(eps, lipschitz, margin)
+        groups = affordable_by_class(margin, mask, num_classes, budget) if eps else []
+        return self._source_bounds(groups, budget, num_classes)
+
+    def max_source_gains_by_class(
+        self,
+        logits: np.ndarray,
+        mask: np.ndarray,
+        eps: float,
+        lipschitz: float,
+        margin_error: float = 0.0,
+    ) -> np.ndarray:
+        """Per class c: the most source pixels predicted otherwise that one source attack
+        of norm <= eps can turn into c, int64 (K,), from the network's logits (K, h, w)
+        (`_source_bounds` over `gain_candidates_by_class`)."""
+        budget = self.attack_budget(eps, lipschitz, logits)
+        groups = gain_candidates_by_class(logits, mask, budget, margin_error) if eps else []
+        return self._source_bounds(groups, budget, logits.shape[0])
+
+    def _source_bounds(
+        self, groups: list[tuple[int, np.ndarray, np.ndarray]], budget: float, num_classes: int
+    ) -> np.ndarray:
+        """Per class, the most source pixels one attack within `budget` can change, from
+        (class, costs, flat network indices) of a superset of its affordable network
+        pixels. Two upper bounds, the smaller taken: the k network pixels the budget
+        allows covering the k largest of their blocks; and the fractional knapsack of
+        their costs, each worth its block's source pixels (cheap pixels seldom all sit
+        in the largest blocks)."""
+        out = np.zeros(num_classes, dtype=np.int64)
         worth = self._worth.reshape(-1)
-        for c, costs, idx in affordable_by_class(margin, mask, num_classes, budget):
-            k = min(int(flips[c]), idx.size)  # each flipped pixel is one of the candidates
+        for c, costs, idx in groups:
+            k = _max_flips_select(costs, budget)
             if k:
                 w = worth[idx]
                 most = float(Knapsack.of(costs, w, budget).most(budget))

@@ -71,6 +71,10 @@ class ClassCertificate(BaseModel):
         description="Most of them one eps-perturbation can flip: at least pixels - max_flips "
         "keep this class under every such attack."
     )
+    max_gains: int | None = Field(
+        description="Most pixels predicted otherwise one eps-perturbation can turn into this "
+        "class (null for a model exported without logits)."
+    )
 
 
 class ResizeInfo(BaseModel):
@@ -290,8 +294,10 @@ def _npz(cert: Certified, image: DecodedImage, outputs: frozenset[str], style, b
     if cert.logits is not None and "logits" in outputs:
         arrays["logits"] = cert.logits.astype(np.float32)
     if cert.classes is not None:  # one entry per predicted class, as in the JSON
-        for key, dtype in (("id", np.int64), ("pixels", np.int64), ("max_flips", np.int64)):
-            arrays[f"class_{key}"] = np.asarray([c[key] for c in cert.classes], dtype)
+        for key in ("id", "pixels", "max_flips"):
+            arrays[f"class_{key}"] = np.asarray([c[key] for c in cert.classes], np.int64)
+        if cert.classes and cert.classes[0]["max_gains"] is not None:
+            arrays["class_max_gains"] = np.asarray([c["max_gains"] for c in cert.classes])
         fractions = [c["guaranteed_fraction"] for c in cert.classes]
         arrays["class_guaranteed_fraction"] = np.asarray(fractions, np.float64)
     buf = io.BytesIO()
