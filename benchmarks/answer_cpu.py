@@ -10,6 +10,7 @@ process, same input, same result checked):
     decode    transpose, then divide                (rgb8 / 255).transpose
     certify   margin pre-filter + cost buckets      costs of all pixels + selection
     classes   max_flips_by_class (one or two passes) max_flips per class (K passes)
+    gains     max_gains_by_class (sampled guess)      float64 gaps of every pixel, sorted
     overlay   indexed PNG (server.png)              RGB render + RGB PNG (Pillow)
     mask      8-bit PNG, unfiltered (server.png)    8-bit PNG, Pillow (all filters tried)
 
@@ -26,7 +27,7 @@ from _common import median_ms, print_table, write_result
 from PIL import Image
 
 from certseg.certify import budget as budget_mod
-from certseg.certify import max_flips, max_flips_by_class
+from certseg.certify import max_flips, max_flips_by_class, max_gains_by_class
 from certseg.certify.budget import flip_costs
 from certseg.data.synthetic import render_scene
 from server.backends import ModelSpec, create_engine
@@ -69,8 +70,9 @@ def main() -> None:
         rgb8 = np.ascontiguousarray((img.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8))
         jpeg = io.BytesIO()
         Image.fromarray(rgb8).save(jpeg, format="JPEG", quality=90)
-        out = engine.infer(img[None], ["mask"])
+        out = engine.infer(img[None], ["mask", "logits"])
         mask, margin, radius = out["mask"][0], out["margin"][0], out["radius"][0]
+        logits = out["logits"][0]
         limits = Limits(max_bytes=1 << 28, max_pixels=1 << 26)
         body = jpeg.getvalue()
         decoded = decode_image(body, limits)
@@ -93,6 +95,21 @@ def main() -> None:
             return [int(max_flips(m, args.eps, L, valid=labels == c)) for c in range(K)]
 
         assert max_flips_by_class(margin, mask, K, args.eps, L).tolist() == flips_per_class_calls()
+
+        def gains_by_sort(z=logits, labels=mask):
+            top = z.max(axis=0).astype(np.float64)
+            budget = (L * args.eps) ** 2
+            out = []
+            for c in range(K):
+                gap = (top - z[c].astype(np.float64))[labels != c]
+                out.append(int(np.sum(np.cumsum(np.sort(gap * gap / 2)) <= budget)))
+            return out
+
+        def gains_now(z=logits, labels=mask):
+            return max_gains_by_class(z, labels, args.eps, L)
+
+        fast, exact = gains_now().tolist(), gains_by_sort()
+        assert all(e <= f <= e + 1 for f, e in zip(fast, exact, strict=True)), (fast, exact)
         assert np.array_equal(old_convert(), new_convert())
         exact = flips_by_sort(margin, args.eps, L)
         assert max_flips(margin, args.eps, L) == flips_by_selection(margin, args.eps, L) == exact
@@ -120,6 +137,10 @@ def main() -> None:
                 ),
                 median_ms(flips_per_class_calls, args.repeats),
             ),
+            "gains (output gains, logits)": (
+                median_ms(gains_now, args.repeats),
+                median_ms(gains_by_sort, args.repeats),
+            ),
             "overlay PNG": (
                 median_ms(new_overlay, args.repeats),
                 median_ms(old_overlay, args.repeats),
@@ -134,6 +155,7 @@ def main() -> None:
             v[0]
             for k, v in stages.items()
             if k not in ("float conversion", "classes (per-class max_flips)")
+            and not k.startswith("gains")
         )
         for stage, (now, before) in stages.items():
             ratio = before / now if before else float("nan")

@@ -134,8 +134,9 @@ def segment(
     from rich.progress import Progress
 
     from clients.models import CertSegClientError
-    from clients.sdk import CertSegClient
+    from clients.sdk import DEFAULT_OUTPUTS, CertSegClient
 
+    outputs = (*DEFAULT_OUTPUTS, "gains") if classes else DEFAULT_OUTPUTS
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="IMAGES")
@@ -156,7 +157,7 @@ def segment(
         for path in images:
             try:
                 result = client.segment(
-                    path, eps=eps, model=model, resize=resize, target=targets[path]
+                    path, eps=eps, outputs=outputs, model=model, resize=resize, target=targets[path]
                 )
             except CertSegClientError as exc:
                 console.print(f"[red]{path}: {exc}[/red]")

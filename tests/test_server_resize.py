@@ -63,7 +63,7 @@ def test_over_the_limit_is_413_naming_resize(client):
 def test_fit_answers_on_the_source_grid_with_the_folded_certificate(client, session, eps):
     h, w = 70, 110
     pixels = random_image(h, w, seed=3)
-    r = _post(client, encode(pixels), resize="fit", eps=eps)
+    r = _post(client, encode(pixels), resize="fit", eps=eps, outputs="mask,radius,overlay,gains")
     assert r.status_code == 200, r.text
     ans = r.json()
     plan = AreaResize.to_fit(h, w, MAX_PIXELS)

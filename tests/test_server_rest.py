@@ -103,8 +103,11 @@ def test_segment_matches_direct_onnxruntime(client, session, h, w):
         assert row["pixels"] == int(mine.sum())
         assert row["guaranteed_fraction"] == pytest.approx(float(region[mine].mean()))
         assert row["max_flips"] == int(max_flips(margin[0], eps, L, valid=mine))
-        assert row["max_gains"] == gains[row["id"]]
+        assert row["max_gains"] is None  # output gains not asked for
     assert sum(row["pixels"] for row in ans["classes"]) == h * w
+    with_gains = client.post("/v1/segment?outputs=gains", content=body).json()
+    assert set(with_gains) >= {"classes"} and "mask" not in with_gains  # gains imply rows
+    assert [row["max_gains"] for row in with_gains["classes"]] == [gains[c] for c in present]
     assert max(row["max_flips"] for row in ans["classes"]) <= ans["max_flips"]
     overlay = answer_png(ans["overlay"])
     assert overlay.shape == (h, w, 3)

@@ -260,6 +260,12 @@ def test_control_overlay_ping_and_errors(server):
             assert [row["id"] for row in res["classes"]] == [int(c) for c in np.unique(mask)]
             assert sum(row["pixels"] for row in res["classes"]) == 24 * 32
             assert all(0 <= row["max_flips"] <= res["max_flips"] for row in res["classes"])
+            assert all(row["max_gains"] is None for row in res["classes"])
+            await ws.send(json.dumps({"outputs": ["gains"]}))  # gains come in the rows
+            await _recv_json(ws)
+            await ws.send(frame)
+            res = await _recv_json(ws)
+            assert res["binary"] == [] and all(row["max_gains"] >= 0 for row in res["classes"])
             await ws.close()
             assert ws.close_code == 1000
 

@@ -506,3 +506,32 @@ def test_overlay_of_many_classes_keeps_their_colours():
     out = render_overlay(mask, radius, 0.1, palette, style="dim")
     np.testing.assert_array_equal(out[0, 1], palette[150])
     np.testing.assert_array_equal(out[0, 0], np.round(np.array(palette[299]) * DIM))
+
+
+def test_class_figures_gains_take_the_engine_margin_error():
+    """The per-class rows: flips from the (already shrunk) margins, gains from the raw
+    logits with the engine's margin error subtracted, so an error bound only adds
+    gains; without `gains` they are null."""
+    from certseg.certify import max_gains_by_class
+    from server.pipeline import class_figures
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(4, 16, 20)).astype(np.float32)
+    top2 = np.sort(logits, axis=0)[-2:]
+    outputs = {
+        "mask": logits.argmax(0).astype(np.int32),
+        "margin": (top2[1] - top2[0]).astype(np.float32),
+        "logits": logits,
+    }
+    region = np.zeros((16, 20), bool)
+    info = ort_engine(tiny_model_dir()).metadata()
+    info.lipschitz = 1.5
+    plain = class_figures(info, outputs, region, 0.3)
+    assert all(row["max_gains"] is None for row in plain)
+    exact = class_figures(info, outputs, region, 0.3, with_gains=True)
+    want = max_gains_by_class(logits, outputs["mask"], 0.3, 1.5)
+    assert [row["max_gains"] for row in exact] == [int(want[row["id"]]) for row in exact]
+    info.margin_error = 0.2
+    loose = class_figures(info, outputs, region, 0.3, with_gains=True)
+    assert all(a["max_gains"] >= b["max_gains"] for a, b in zip(loose, exact, strict=True))
+    assert sum(r["max_gains"] for r in loose) > sum(r["max_gains"] for r in exact)

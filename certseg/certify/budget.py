@@ -412,9 +412,29 @@ def max_gains_by_class(
     eps_row = _eps_rows(eps, (), np, None)
     # float64 costs of float32 gaps: the slack of a float64 margin covers their rounding
     budget = float(_effective_budget(eps_row, L, margin_rounding_slack(np.zeros(1)))[0])
-    out = np.zeros(logits.shape[0], dtype=np.int64)
-    for c, costs, _ in gain_candidates_by_class(logits, mask, budget, margin_error):
-        out[c] = _max_flips_select(costs, budget)
+    K = logits.shape[0]
+    out = np.zeros(K, dtype=np.int64)
+    if budget < 0:
+        return out
+    if logits.shape[1:] != mask.shape:
+        raise ValueError(f"logits {logits.shape} and mask {mask.shape} differ in shape")
+    ftype = _float_type(logits)
+    limit = _affordable_limit(budget) + margin_error
+    top = logits.max(axis=0).reshape(-1)
+    labels = mask.reshape(-1)
+    for c in range(K):
+        z = logits[c].reshape(-1)
+        gap32, others = top - z, labels != c
+        # As in max_flips: the pixels below a sampled guess first; exact when they cost
+        # more than the budget (the cheapest prefix lies among them), else all within reach.
+        guess = _sampled_limit(gap32, others, budget)
+        for bound in ([guess] if guess is not None and guess < limit else []) + [limit]:
+            idx = np.flatnonzero((gap32 <= _margin_threshold(bound, ftype)) & others)
+            gap = top[idx].astype(np.float64) - z[idx].astype(np.float64)
+            costs = flip_costs(np.maximum(gap - margin_error, 0.0))
+            if bound == limit or float(costs.sum()) > budget * (1.0 + 1e-9) * (1.0 + 1e-10):
+                out[c] = _max_flips_select(costs, budget)
+                break
     return out
 
 

@@ -73,7 +73,7 @@ class ClassCertificate(BaseModel):
     )
     max_gains: int | None = Field(
         description="Most pixels predicted otherwise one eps-perturbation can turn into this "
-        "class (null for a model exported without logits)."
+        "class (output `gains`, from the logits; else null)."
     )
 
 
@@ -348,7 +348,7 @@ async def segment(
     ] = None,
     outputs: Annotated[
         str | None,
-        Query(description="Comma list of mask, radius, overlay, classes, logits."),
+        Query(description="Comma list of mask, radius, overlay, classes, gains, logits."),
     ] = None,
     format: Annotated[Literal["json", "png", "npz"], Query()] = "json",
     overlay_style: Annotated[Literal["hatch", "dim", "heat"], Query()] = "hatch",
