@@ -177,8 +177,8 @@ def class_figures(
     otherwise it can turn into the class; a shrunk image's figures count source pixels.
     Classes with no pixel are left out.
 
-    Gains cost K passes over the logits (1024x2048, 7 classes: ~55 ms on one core
-    against ~14 ms for the rest), hence their own output name."""
+    Gains cost K passes over the logits (1024x2048, 7 classes: 41 ms on one core
+    against 12 ms for the rest; benchmarks/answer_cpu.py), hence their own output."""
     card, L, e = info.card, info.lipschitz, info.margin_error
     K = card.num_classes
     mask, margin = outputs["mask"], outputs["margin"]
