@@ -81,7 +81,7 @@ def setting(trained_tiny):
 def _cert(setting, i: int, eps: float):
     _, _, plan, _, certs, _ = setting
     logits, outputs = certs[i]
-    return certify(_Info(setting[1], logits.shape[0]), outputs, eps, None, 1, plan, True)
+    return certify(_Info(setting[1], logits.shape[0]), outputs, eps, None, 1, plan, True, True)
 
 
 def test_pixel_attacks_on_the_source_never_beat_its_radius(setting):
