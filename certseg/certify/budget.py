@@ -28,6 +28,7 @@ __all__ = [
     "flip_costs",
     "frontier_min_ratio",
     "gain_candidates_by_class",
+    "gains_within",
     "margin_rounding_slack",
     "max_flips",
     "max_flips_by_class",
@@ -230,7 +231,7 @@ def _max_flips_numpy(
             # Exact: these are every kept pixel of cost <= some threshold, a prefix of the
             # sorted costs; when their total is past the budget (with the selection's
             # slack, and room for its rounding) the longest affordable prefix lies inside.
-            if not float(costs.sum()) > b * (1.0 + 1e-9) * (1.0 + 1e-10):
+            if not _settles(costs, b):
                 costs = None  # a guess too low: take every affordable pixel
         if costs is None:
             costs = _costs_below(rows[r], size, kept, affordable, ftype)
@@ -253,6 +254,13 @@ def _costs_below(row: np.ndarray, size: np.ndarray, kept, limit: float, ftype) -
     if kept is not None:
         cand &= kept
     return flip_costs(row[cand])
+
+
+def _settles(costs: np.ndarray, budget: float) -> bool:
+    """Whether candidates below a guessed threshold cost more than the budget (with the
+    selection's slack, and room for its rounding): the longest affordable prefix of
+    the sorted costs then lies among them, and the guess gave the exact answer."""
+    return float(costs.sum()) > budget * (1.0 + 1e-9) * (1.0 + 1e-10)
 
 
 def _float_type(margin: np.ndarray) -> Any:
@@ -360,8 +368,7 @@ def max_flips_by_class(
     again = np.full(num_classes, -1.0)  # the classes the guess did not settle
     for c, costs, _ in _class_groups(margin, labels, num_classes, guesses):
         out[c] = _max_flips_select(costs, budget)
-        exact = guesses[c] >= limit or float(costs.sum()) > budget * (1.0 + 1e-9) * (1 + 1e-10)
-        if not exact:
+        if guesses[c] < limit and not _settles(costs, budget):
             again[c] = limit
     if (again >= 0).any():
         for c, costs, _ in _class_groups(margin, labels, num_classes, again):
@@ -379,26 +386,46 @@ def gain_candidates_by_class(
     Turning pixel q into c needs its logits to move by at least (z_top - z_c) / sqrt(2)
     in l2 (the step that puts z_c level with the top), so it costs
     max(z_top - z_c - margin_error, 0)^2 / 2, the gap shrunk by the engine's error
-    bound as margins are. The float32 gaps only preselect (rounding is monotone, so a
-    gap within the limit stays within it, the limit rounded up); the costs are formed
-    in float64.
+    bound as margins are (`gains_within`).
     """
     if budget < 0:
         return []
-    K = logits.shape[0]
-    if logits.shape[1:] != mask.shape:
-        raise ValueError(f"logits {logits.shape} and mask {mask.shape} differ in shape")
-    limit = _margin_threshold(_affordable_limit(budget) + margin_error, _float_type(logits))
+    _check_logits(logits, mask)
     top = logits.max(axis=0).reshape(-1)
     labels = mask.reshape(-1)
+    limit = _affordable_limit(budget)
     groups = []
-    for c in range(K):
-        z = logits[c].reshape(-1)
-        idx = np.flatnonzero((top - z <= limit) & (labels != c))
+    for c in range(logits.shape[0]):
+        idx, costs = gains_within(top, logits[c].reshape(-1), labels != c, limit, margin_error)
         if idx.size:
-            gap = top[idx].astype(np.float64) - z[idx].astype(np.float64)
-            groups.append((c, flip_costs(np.maximum(gap - margin_error, 0.0)), idx))
+            groups.append((c, costs, idx))
     return groups
+
+
+def gains_within(
+    top: np.ndarray,
+    z: np.ndarray,
+    others: np.ndarray,
+    limit: float,
+    margin_error: float,
+    gap: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, float64 costs max(top - z - margin_error, 0)^2 / 2) of the `others`
+    pixels (flat arrays) whose gap top - z, shrunk by the error, may be <= `limit`.
+
+    The gaps in the logits' own precision (`gap`, if the caller has them) only
+    preselect: rounding is monotone, so a gap within the limit stays within it, the
+    limit rounded up; the costs are formed in float64."""
+    bound = _margin_threshold(limit + margin_error, _float_type(z))
+    gap = top - z if gap is None else gap
+    idx = np.flatnonzero((gap <= bound) & others)
+    exact = top[idx].astype(np.float64) - z[idx].astype(np.float64)
+    return idx, flip_costs(np.maximum(exact - margin_error, 0.0))
+
+
+def _check_logits(logits: np.ndarray, mask: np.ndarray) -> None:
+    if logits.shape[1:] != mask.shape:
+        raise ValueError(f"logits {logits.shape} and mask {mask.shape} differ in shape")
 
 
 def max_gains_by_class(
@@ -416,25 +443,23 @@ def max_gains_by_class(
     out = np.zeros(K, dtype=np.int64)
     if budget < 0:
         return out
-    if logits.shape[1:] != mask.shape:
-        raise ValueError(f"logits {logits.shape} and mask {mask.shape} differ in shape")
-    ftype = _float_type(logits)
-    limit = _affordable_limit(budget) + margin_error
+    _check_logits(logits, mask)
+    limit = _affordable_limit(budget)
     top = logits.max(axis=0).reshape(-1)
     labels = mask.reshape(-1)
     for c in range(K):
-        z = logits[c].reshape(-1)
-        gap32, others = top - z, labels != c
-        # As in max_flips: the pixels below a sampled guess first; exact when they cost
-        # more than the budget (the cheapest prefix lies among them), else all within reach.
-        guess = _sampled_limit(gap32, others, budget)
-        for bound in ([guess] if guess is not None and guess < limit else []) + [limit]:
-            idx = np.flatnonzero((gap32 <= _margin_threshold(bound, ftype)) & others)
-            gap = top[idx].astype(np.float64) - z[idx].astype(np.float64)
-            costs = flip_costs(np.maximum(gap - margin_error, 0.0))
-            if bound == limit or float(costs.sum()) > budget * (1.0 + 1e-9) * (1.0 + 1e-10):
+        z, others = logits[c].reshape(-1), labels != c
+        gap = top - z
+        # As in max_flips: the pixels below a sampled guess of the gap first; exact when
+        # they cost more than the budget, else every pixel within reach.
+        guess = _sampled_limit(gap, others, budget)
+        if guess is not None and guess < limit:
+            _, costs = gains_within(top, z, others, guess, margin_error, gap)
+            if _settles(costs, budget):
                 out[c] = _max_flips_select(costs, budget)
-                break
+                continue
+        _, costs = gains_within(top, z, others, limit, margin_error, gap)
+        out[c] = _max_flips_select(costs, budget)
     return out
 
 

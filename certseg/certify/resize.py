@@ -36,6 +36,7 @@ from .budget import (
     affordable_by_class,
     flip_costs,
     gain_candidates_by_class,
+    gains_within,
     margin_rounding_slack,
 )
 from .knapsack import Knapsack, worst_split_ratio
@@ -318,11 +319,10 @@ class AreaResize:
             clean[c] = tp / (gt + fp)
             out = is_c & (margin <= reach)
             remove = Knapsack.of(flip_costs(margin[out]), g[out], budget)
-            into = ~is_c & (top - logits[c] <= reach + margin_error)
-            gap = top[into].astype(np.float64) - logits[c][into].astype(np.float64)
-            add = Knapsack.of(
-                flip_costs(np.maximum(gap - margin_error, 0.0)), (n_valid - g)[into], budget
+            into, costs = gains_within(
+                top.reshape(-1), logits[c].reshape(-1), ~is_c.reshape(-1), reach, margin_error
             )
+            add = Knapsack.of(costs, (n_valid - g).reshape(-1)[into], budget)
             worst[c] = worst_split_ratio(remove, add, budget, tp, gt + fp)
         return worst, clean
 
