@@ -24,7 +24,6 @@ import torch
 __all__ = ["EvalConfig", "evaluate", "markdown_table"]
 
 DEFAULT_EPS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
-STABILITY_ALPHAS = (0.01, 0.05, 0.1)
 
 
 @dataclass
@@ -60,7 +59,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation, write result.json, table.md and plots; return the result."""
     from tqdm.auto import tqdm
 
-    from certseg.certify import DatasetCertifier, margins, stability
+    from certseg.certify import STABILITY_FRACTIONS, DatasetCertifier, margins, stability
     from certseg.inference import predict_logits
     from certseg.models import load_checkpoint
 
@@ -102,7 +101,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 cert.update(logits, labels, e)
             pred, margin = margins(logits)
             valid = labels != card.ignore_index
-            stab.append(np.stack([stability(margin, a, lip, valid) for a in STABILITY_ALPHAS], 1))
+            stab.append(np.asarray(stability(margin, STABILITY_FRACTIONS, lip, valid)))
             if not example:
                 example = {"image": images[0], "pred": pred[0], "margin": margin[0]}
         seconds += time.perf_counter() - t0
@@ -143,7 +142,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         result["rows"] = rows
         all_stab = np.concatenate(stab)
         result["stability"] = {
-            f"{a:g}": float(np.median(all_stab[:, i])) for i, a in enumerate(STABILITY_ALPHAS)
+            f"{a:g}": float(np.median(all_stab[:, i])) for i, a in enumerate(STABILITY_FRACTIONS)
         }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     (out / "table.md").write_text(markdown_table(result))

@@ -10,6 +10,7 @@ __all__ = ["Metrics"]
 _MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 _FRACTION_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+_EPS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class Metrics:
@@ -64,6 +65,14 @@ class Metrics:
             "Fraction of pixels certified at the request's eps.",
             ["model"],
             buckets=_FRACTION_BUCKETS,
+            registry=r,
+        )
+        self.stability_eps = Histogram(
+            "certseg_stability_eps",
+            "Least l2 norm that may flip this fraction of an image's pixels (answers that "
+            "asked for stability): its drift flags inputs the model is less sure of.",
+            ["model", "fraction"],
+            buckets=_EPS_BUCKETS,
             registry=r,
         )
         self.backend_errors = Counter(

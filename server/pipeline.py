@@ -11,6 +11,9 @@ graph's own fp32 margins and radii, with the model's audited L:
   pixels - max_flips keep the class under every such attack); with output `gains`,
   from the logits, the most pixels predicted otherwise one can turn into it
   (`max_gains_by_class`);
+- stability (output `stability`): per share a of the pixels (1%, 5%, 10%), the least
+  norm of a perturbation that may flip that many (none of smaller norm can): one
+  figure of how robust the frame is, whatever eps was asked;
 - with a ground-truth mask: worst-case pixel accuracy and mIoU at eps.
 
 A resized image (`certseg.certify.resize`) is certified at the network-input budget
@@ -30,10 +33,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from certseg.certify import (
+    STABILITY_FRACTIONS,
     guaranteed_region,
     max_flips,
     max_flips_by_class,
     max_gains_by_class,
+    stability,
     worst_case_miou,
     worst_case_pixel_accuracy,
 )
@@ -46,6 +51,7 @@ from server.state import ServerState
 
 __all__ = [
     "DEFAULT_OUTPUTS",
+    "FIGURES",
     "OUTPUTS",
     "Certified",
     "Timings",
@@ -53,10 +59,13 @@ __all__ = [
     "class_figures",
     "parse_outputs",
     "segment_image",
+    "stability_figures",
 ]
 
-OUTPUTS = ("mask", "radius", "overlay", "classes", "gains", "logits")
-DEFAULT_OUTPUTS = frozenset({"mask", "radius", "overlay", "classes"})
+OUTPUTS = ("mask", "radius", "overlay", "classes", "gains", "stability", "logits")
+DEFAULT_OUTPUTS = frozenset({"mask", "radius", "overlay", "classes", "stability"})
+#: The outputs that are figures of the certificate (the rest are arrays and images).
+FIGURES = frozenset({"classes", "gains", "stability"})
 
 
 @dataclass
@@ -128,6 +137,7 @@ class Certified:
     metrics: dict[str, float | None] | None = None
     resize: AreaResize | None = None  # the shrink the network saw, if any
     classes: list[dict] | None = None  # per predicted class (`class_figures`), if asked
+    stability: list[dict] | None = None  # per share of pixels (`stability_figures`), if asked
 
     @property
     def pixels(self) -> int:
@@ -160,6 +170,7 @@ class Certified:
             "batch_size": self.batch_size,
             **resized,
             **({"classes": self.classes} if self.classes is not None else {}),
+            **({"stability": self.stability} if self.stability is not None else {}),
         }
 
 
@@ -211,6 +222,29 @@ def class_figures(
     ]
 
 
+def stability_figures(
+    info: ModelInfo, margin: np.ndarray, resize: AreaResize | None = None
+) -> list[dict]:
+    """Per share a of `STABILITY_FRACTIONS`: the pixels it is (k = ceil(a n), n the
+    image's pixels, source pixels for a shrunk image) and the least norm of a
+    perturbation that may flip k of them (null: none can, e.g. a single class).
+    `margin`: the network's, on its own grid."""
+    if resize is None:
+        n = margin.size
+        eps = stability(margin, STABILITY_FRACTIONS, info.lipschitz).tolist()
+    else:
+        n = resize.source[0] * resize.source[1]
+        eps = resize.source_stability(margin, STABILITY_FRACTIONS, info.lipschitz).tolist()
+    return [
+        {"fraction": a, "pixels": math.ceil(a * n * (1 - 1e-9)), "eps": _finite_or_none(e)}
+        for a, e in zip(STABILITY_FRACTIONS, eps, strict=True)
+    ]
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
@@ -238,13 +272,12 @@ def certify(
     target: np.ndarray | None,
     batch_size: int,
     resize: AreaResize | None = None,
-    per_class: bool = False,
-    gains: bool = False,
+    figures: frozenset[str] = frozenset(),
 ) -> Certified:
-    """The certificate figures of one image's graph outputs (blocking; run in a thread);
-    `per_class`: with `class_figures` (`gains`: theirs too, from the logits)."""
+    """The certificate figures of one image's graph outputs (blocking; run in a thread),
+    with those of `FIGURES` asked in `figures` (gains come in the per-class rows)."""
     if resize is not None:
-        return _certify_resized(info, outputs, eps, target, batch_size, resize, per_class, gains)
+        return _certify_resized(info, outputs, eps, target, batch_size, resize, figures)
     L = info.lipschitz
     margin, radius = outputs["margin"], outputs["radius"]
     region = guaranteed_region(radius, eps)
@@ -280,7 +313,7 @@ def certify(
         max_flips=flips,
         batch_size=batch_size,
         metrics=metrics,
-        classes=class_figures(info, outputs, region, eps, None, gains) if per_class else None,
+        **_optional_figures(info, outputs, region, eps, None, figures),
     )
 
 
@@ -313,7 +346,6 @@ async def segment_image(
     timings.add("queue", result.queue_ms)
     timings.add("infer", result.infer_ms)
     t0 = time.perf_counter()
-    per_class = gains or "classes" in outputs  # gains come in the per-class rows
     cert = await asyncio.to_thread(
         certify,
         info,
@@ -322,13 +354,16 @@ async def segment_image(
         target,
         result.batch_size,
         image.resize,
-        per_class,
-        gains,
+        outputs & FIGURES,
     )
     timings.since("certify", t0)
     if "logits" not in outputs:
         cert.logits = None  # read for the figures only: K x H x W floats not held longer
     state.metrics.guaranteed_fraction.labels(info.name).observe(cert.guaranteed_fraction)
+    for row in cert.stability or ():
+        if row["eps"] is not None:
+            histogram = state.metrics.stability_eps.labels(info.name, f"{row['fraction']:g}")
+            histogram.observe(row["eps"])
     return cert
 
 
@@ -339,8 +374,7 @@ def _certify_resized(
     target: np.ndarray | None,
     batch_size: int,
     resize: AreaResize,
-    per_class: bool,
-    gains: bool,
+    figures: frozenset[str],
 ) -> Certified:
     """A shrunk image's certificate, on the source grid. With a source-size target:
     worst-case pixel accuracy, and mIoU from the network's logits (null for a model
@@ -383,5 +417,25 @@ def _certify_resized(
         batch_size=batch_size,
         metrics=metrics,
         resize=resize,
-        classes=class_figures(info, outputs, region, eps, resize, gains) if per_class else None,
+        **_optional_figures(info, outputs, region, eps, resize, figures),
     )
+
+
+def _optional_figures(
+    info: ModelInfo,
+    outputs: dict[str, np.ndarray],
+    region: np.ndarray,
+    eps: float,
+    resize: AreaResize | None,
+    figures: frozenset[str],
+) -> dict[str, list[dict] | None]:
+    """The `Certified` fields of the figures asked: classes (with gains, if asked; gains
+    imply classes) and stability, None for those not asked."""
+    gains = "gains" in figures
+    per_class = gains or "classes" in figures
+    return {
+        "classes": class_figures(info, outputs, region, eps, resize, gains) if per_class else None,
+        "stability": (
+            stability_figures(info, outputs["margin"], resize) if "stability" in figures else None
+        ),
+    }

@@ -64,6 +64,8 @@ def test_numpy_and_torch_agree(quantized: bool) -> None:
     same(max_flips(mn, eps, L, valid=valid_n), max_flips(mt, et, L, valid=valid_t))
     same(max_flips(mn, 0.3, L), max_flips(mt, 0.3, L))
     same(stability(mn, 0.3, L, valid=valid_n), stability(mt, 0.3, L, valid=valid_t))
+    several = (0.01, 0.3, 1.0)
+    same(stability(mn, several, L, valid=valid_n), stability(mt, several, L, valid=valid_t))
     for f in (
         worst_case_pixel_accuracy,
         certified_pixel_accuracy,

@@ -16,7 +16,7 @@ from certseg.certify import (
     stability,
     worst_ratio,
 )
-from certseg.certify.budget import _count_le, _keep_sorted
+from certseg.certify.budget import _count_le, _keep_sorted, cheapest_flips, least_cover_cost
 
 MARGIN = np.array([[0.0, 0.0, 1.0, 1.0, 2.0]])  # costs 0, 0, .5, .5, 2
 
@@ -91,6 +91,60 @@ def test_stability_inverts_max_flips() -> None:
         k = math.ceil(alpha * 42 - 1e-9)
         assert np.all(max_flips(m, s * (1 + 1e-9), 1.5) >= k)
         assert np.all(max_flips(m, s * (1 - 1e-6), 1.5) < k)
+
+
+def test_least_cover_cost_never_above_the_cheapest_cover() -> None:
+    """Against every subset of up to 7 items: a lower bound of the cheapest 0/1 cover of
+    each need, exact with unit values; 0 for no need, inf past what the items hold."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 8))
+        costs = rng.exponential(1.0, n) * (rng.random(n) > 0.1)  # some free items
+        values = rng.integers(0, 4, n).astype(float)
+        needs = np.arange(-1, values.sum() + 2)
+        for vals in (values, None):
+            worth = np.ones(n) if vals is None else vals
+            got = least_cover_cost(costs, needs, vals)
+            for k, bound in zip(needs, got, strict=True):
+                best = min(
+                    (
+                        costs[list(s)].sum()
+                        for r in range(n + 1)
+                        for s in itertools.combinations(range(n), r)
+                        if worth[list(s)].sum() >= k
+                    ),
+                    default=math.inf,
+                )
+                assert bound <= best * (1 + 1e-12)
+                if vals is None or k <= 0 or best == math.inf:
+                    assert bound == pytest.approx(best, rel=1e-8, abs=0)
+    assert least_cover_cost(np.array([np.inf, 1.0]), [1, 2]).tolist() == [1 - 1e-9, math.inf]
+    assert least_cover_cost(np.zeros(0), [0, 1]).tolist() == [0.0, math.inf]
+
+
+def test_stability_of_several_fractions_at_once() -> None:
+    """A large image (the selection path) against the sorted definition, each fraction
+    as asked alone, batched and with a valid mask."""
+    rng = np.random.default_rng(4)
+    m = rng.normal(0, 1, (2, 300, 400)).astype(np.float32)
+    fractions = (0.001, 0.01, 0.3, 1.0)
+    got = stability(m, fractions, 2.0)
+    assert got.shape == (2, 4)
+    for i in range(2):
+        costs = np.sort(flip_costs(m[i]).ravel())
+        for j, a in enumerate(fractions):
+            k = math.ceil(a * m[i].size - 1e-9)
+            exact = math.sqrt(costs[:k].sum()) / 2.0  # less the float32 margins' rounding:
+            assert exact * (1 - 2e-7) <= got[i, j] <= exact
+            assert got[i, j] == stability(m[i], a, 2.0)
+    valid = rng.random(m.shape) > 0.5
+    got = stability(m, fractions, 2.0, valid=valid)
+    for i in range(2):
+        n = int(valid[i].sum())
+        want = [cheapest_flips(m[i][valid[i]], [math.ceil(a * n - 1e-9)]) for a in fractions]
+        np.testing.assert_allclose(got[i], np.sqrt(np.ravel(want)) / 2.0, rtol=1e-6)
 
 
 def test_count_le_matches_searchsorted() -> None:

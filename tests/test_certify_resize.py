@@ -167,6 +167,42 @@ def test_max_source_flips_bounds_every_affordable_set(seed):
                     assert by_class[c] == exact_c
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_source_stability_inverts_max_source_flips(seed):
+    """Below the stability norm of k source pixels no affordable set of network pixels
+    covers k of them (every subset of a 12-pixel net), and max_source_flips says fewer
+    than k. Just above it max_source_flips reaches k for equal blocks and on a real
+    shrink: there the two are one bound (on a 12-pixel net with unequal blocks the
+    affordable pixels' own largest blocks, which max_source_flips uses, can make it
+    the tighter one)."""
+    rng = np.random.default_rng(seed)
+    margin = rng.random((3, 4)).astype(np.float32)
+    cost = margin.ravel().astype(np.float64) ** 2 / 2
+    subsets = np.array(list(itertools.product((0, 1), repeat=12)), bool)
+    fractions = (0.01, 0.1, 0.3, 0.6, 1.0)
+    for plan in (AreaResize((7, 9), (3, 4)), AreaResize((6, 8), (3, 4))):
+        worth = np.bincount(plan.upsample(np.arange(12).reshape(3, 4)).ravel(), minlength=12)
+        norms = plan.source_stability(margin, fractions, 2.0)
+        for a, s in zip(fractions, norms, strict=True):
+            k = math.ceil(a * plan.source[0] * plan.source[1] - 1e-9)
+            below = s * (1 - 1e-6)
+            budget = (2.0 * plan.network_eps(below)) ** 2
+            reach = int((subsets[(subsets * cost).sum(1) <= budget] @ worth).max(initial=0))
+            assert reach < k
+            assert plan.max_source_flips(margin, below, 2.0) < k
+            if worth.min() == worth.max():
+                assert plan.max_source_flips(margin, s * (1 + 1e-6), 2.0) >= k
+    # a real shrink, 4 block sizes: the same inverse, and 0 for no pixels
+    plan = AreaResize((45, 91), (32, 64))
+    margin = rng.random((32, 64)).astype(np.float32)
+    for a, s in zip(fractions, plan.source_stability(margin, fractions, 1.0), strict=True):
+        k = math.ceil(a * 45 * 91 - 1e-9)
+        assert plan.max_source_flips(margin, s * (1 - 1e-6), 1.0) < k
+        assert plan.max_source_flips(margin, s * (1 + 1e-6), 1.0) >= k
+    assert plan.source_stability(margin, (0.0,), 1.0).tolist() == [0.0]
+    assert plan.source_stability(np.full((32, 64), np.inf, np.float32), (0.1,), 1.0)[0] == math.inf
+
+
 def test_max_source_flips_is_tighter_than_the_largest_blocks():
     """Cheap pixels do not all sit in the largest blocks: the knapsack gains on a real
     shrink (4 block sizes)."""

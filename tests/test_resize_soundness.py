@@ -18,7 +18,7 @@ import torch
 from certseg.attacks import min_norm_pixel, pgd_image_sweep, pgd_pixel
 from certseg.certify import certified_radius, margins
 from certseg.certify.resize import AreaResize
-from server.pipeline import certify
+from server.pipeline import FIGURES, certify
 
 SOURCE, NETWORK = (45, 90), (32, 64)
 N_IMAGES = 12
@@ -81,7 +81,7 @@ def setting(trained_tiny):
 def _cert(setting, i: int, eps: float):
     _, _, plan, _, certs, _ = setting
     logits, outputs = certs[i]
-    return certify(_Info(setting[1], logits.shape[0]), outputs, eps, None, 1, plan, True, True)
+    return certify(_Info(setting[1], logits.shape[0]), outputs, eps, None, 1, plan, FIGURES)
 
 
 def test_pixel_attacks_on_the_source_never_beat_its_radius(setting):
@@ -123,7 +123,7 @@ def test_image_attacks_on_the_source_never_beat_the_budget(setting):
     rows = np.minimum((np.arange(SOURCE[0]) * NETWORK[0]) // SOURCE[0], NETWORK[0] - 1)
     cols = np.minimum((np.arange(SOURCE[1]) * NETWORK[1]) // SOURCE[1], NETWORK[1] - 1)
     targets = labels.numpy()[:, rows][:, :, cols]
-    total_flips, lost = 0, 0.0
+    total_flips, lost, below_stability, closest = 0, 0.0, 0, 0.0
     for eps, res in zip(eps_values, attacks, strict=True):
         with torch.no_grad():
             adv = shrunk(res.adv).argmax(1).numpy()
@@ -138,6 +138,11 @@ def test_image_attacks_on_the_source_never_beat_the_budget(setting):
                 assert int((changed & (preds[i] == c)).sum()) <= row["max_flips"]
                 assert int((changed & (adv[i] == c)).sum()) <= row["max_gains"]
             assert cert.guaranteed_fraction == float(np.mean(cert.radius > eps))
+            for row in cert.stability:  # below its norm no attack flips that many pixels
+                if row["eps"] > eps:
+                    assert int(changed.sum()) < row["pixels"]
+                    below_stability += int(changed.sum()) > 0
+                    closest = max(closest, int(changed.sum()) / row["pixels"])
             total_flips += int(changed.sum())
             # the attacked accuracy on the source grid never goes below the bound
             outputs = certs[i][1]
@@ -157,3 +162,5 @@ def test_image_attacks_on_the_source_never_beat_the_budget(setting):
                 assert (hit & truth).sum() / (truth | hit).sum() >= iou_worst[c] - 1e-12
     print(f"source pixels flipped over {len(eps_values)} eps: {total_flips}")
     assert total_flips > 0 and lost > 0, "the attacks must do harm for this to test anything"
+    print(f"attacks below a stability norm: {below_stability}, reaching {closest:.0%} of k")
+    assert below_stability > 0, "some attack below a stability norm must flip pixels"

@@ -7,7 +7,8 @@ On a trained tiny 1-Lipschitz net (conftest.trained_tiny):
   eps, never flip more pixels than the joint budget allows, and never push accuracy
   or any class IoU below its worst-case bound; attacks on one predicted class never
   flip more of it than that class's joint-budget figure, nor attacks into a class
-  turn more pixels into it than its gain bound;
+  turn more pixels into it than its gain bound, nor any attack below a stability
+  norm flip the share of pixels it speaks of;
 - the same attacks do flip uncertified pixels and do break an unconstrained twin.
 """
 
@@ -24,6 +25,7 @@ from certseg.certify import (
     max_flips,
     max_flips_by_class,
     max_gains_by_class,
+    stability,
     worst_case_iou,
     worst_case_pixel_accuracy,
 )
@@ -108,6 +110,7 @@ def test_image_attacks_never_beat_worst_case_bounds(trained_tiny, clean, eps_val
     logits, pred, margin, radius = (a[:N_IMAGES] for a in clean)
     y = labels[:N_IMAGES].numpy()
     valid = y != 255
+    bites = 0  # attacks below a stability norm that flipped pixels: the check is live
     for eps, res in zip(eps_values, image_attacks, strict=True):
         _adv_logits, adv_pred, _ = _clean(model, res.adv)
         changed = adv_pred != pred
@@ -120,6 +123,14 @@ def test_image_attacks_never_beat_worst_case_bounds(trained_tiny, clean, eps_val
             per_class = max_flips_by_class(margin[i], pred[i], K, eps, lip)
             lost = np.bincount(pred[i][changed[i]], minlength=K)
             assert (lost <= per_class).all()
+        # Below the stability norm of a share of the pixels, fewer than that many flip.
+        fractions = (0.001, 0.01, 0.05, 0.1)
+        norms = stability(margin, fractions, lip)  # (N_IMAGES, 4)
+        flipped = changed.reshape(N_IMAGES, -1).sum(1)
+        for j, a in enumerate(fractions):
+            below = norms[:, j] > eps
+            assert (flipped[below] < np.ceil(a * changed[0].size)).all()
+            bites += int((below & (flipped > 0)).sum())
         # Attacked accuracy and IoU never below the bound.
         attacked_acc = ((adv_pred == y) & valid).reshape(N_IMAGES, -1).sum(1) / valid.reshape(
             N_IMAGES, -1
@@ -134,6 +145,7 @@ def test_image_attacks_never_beat_worst_case_bounds(trained_tiny, clean, eps_val
             has = gt.reshape(N_IMAGES, -1).any(1)
             iou = inter[has] / union[has]
             assert (iou >= bound_iou[has, c] - 1e-12).all()
+    assert bites > 0
 
 
 def test_image_attacks_are_real(trained_tiny, clean, eps_values, image_attacks):

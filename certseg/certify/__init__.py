@@ -9,6 +9,7 @@ torch is never imported here (the server runs without it).
 """
 
 from .budget import (
+    STABILITY_FRACTIONS,
     attack_budget,
     flip_costs,
     frontier_min_ratio,
@@ -33,6 +34,7 @@ from .numerics import certified_margins, float16_down, radius_scale_for
 from .pixelwise import certified_radius, guaranteed_region, margins
 
 __all__ = [
+    "STABILITY_FRACTIONS",
     "DatasetCertificate",
     "DatasetCertifier",
     "attack_budget",

@@ -26,17 +26,21 @@ still speaks of the image the user sent, and say so in the answer."
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from .budget import (
+    _counts_for,
     _max_flips_select,
     affordable_by_class,
+    cheapest_flips,
     flip_costs,
     gain_candidates_by_class,
     gains_within,
+    least_cover_cost,
     margin_rounding_slack,
 )
 from .knapsack import Knapsack, worst_split_ratio
@@ -237,6 +241,27 @@ class AreaResize:
                 out[c] = min(_largest_sum(w, k), math.floor(most))
         return out
 
+    def source_stability(
+        self, margin: np.ndarray, fractions: Sequence[float], lipschitz: float
+    ) -> np.ndarray:
+        """Per fraction a: the least norm of a source perturbation that may flip a share a
+        of the source pixels (k = ceil(a H W)), float64 (A,); none of smaller norm can.
+
+        The inverse of `max_source_flips`, bound by bound: flipping k source pixels
+        costs at least the fractional cover of k by blocks (`least_cover_cost`, each
+        network pixel worth its block), and at least the m cheapest network pixels, m
+        the fewest of the largest blocks that hold k. That squared logit norm, over the
+        margins' rounding, is the network budget (L network_eps)^2 it takes; the source
+        norm follows from network_eps = (||D|| eps + rounding)(1 + 1e-9), taken down."""
+        (H, W) = self.source
+        ks = np.asarray(_counts_for([float(a) for a in fractions], H * W), np.float64)
+        by_value = least_cover_cost(flip_costs(margin), ks, self._worth)
+        by_count = cheapest_flips(margin, [self._fewest_blocks(int(k)) for k in ks])
+        least = np.maximum(by_value, by_count) / margin_rounding_slack(margin)
+        network = np.sqrt(least) / lipschitz / (1 + 1e-9)
+        eps = (network - self.rounding()) / self.operator_norm * (1 - 1e-9)
+        return np.where(ks > 0, np.maximum(eps, 0.0), 0.0)
+
     def attack_budget(self, eps: float, lipschitz: float, margin: np.ndarray) -> float:
         """Squared logit budget of an eps-attack on the source: (L network_eps)^2, taken
         up by the rounding of the stored margins; 0 at eps == 0 (nothing flips)."""
@@ -384,6 +409,22 @@ class AreaResize:
     def _worth(self) -> np.ndarray:
         """(h, w) int64: the source pixels mapped to each network pixel."""
         return np.multiply.outer(self._row_counts, self._col_counts)
+
+    @cached_property
+    def _worth_counts(self) -> np.ndarray:
+        """How many network pixels have each block size (a few distinct ones)."""
+        return np.bincount(self._worth.reshape(-1))
+
+    def _fewest_blocks(self, k: int) -> float:
+        """The fewest network pixels whose blocks hold k source pixels: the largest
+        blocks first (inf past the image)."""
+        taken, left = 0, k
+        for value in np.flatnonzero(self._worth_counts)[::-1].tolist():
+            if left <= 0:
+                break
+            take = min(int(self._worth_counts[value]), -(-left // value))
+            taken, left = taken + take, left - take * value
+        return float(taken) if left <= 0 else math.inf
 
     @staticmethod
     def _starts(index_map: np.ndarray) -> np.ndarray:

@@ -10,7 +10,8 @@ Server -> client, per frame, in frame order:
   {"type": "result", "frame": n, "dropped": d, "guaranteed_fraction": ..., ...,
    "binary": ["overlay"]}  followed by one binary PNG per name in "binary"
                       (outputs "overlay", "mask"; "classes" adds the per-class
-                      certificate to the result, "gains" its max_gains, as in REST);
+                      certificate to the result, "gains" its max_gains, "stability"
+                      the least attack norms that may flip 1/5/10%, as in REST);
   {"type": "error", "frame": n, "status": 422, "detail": ...} for a bad frame.
 
 A stream works on up to `depth` frames at once (Settings.stream_depth, its default
@@ -61,8 +62,8 @@ __all__ = ["router"]
 router = APIRouter(tags=["stream"])
 log = logging.getLogger("certseg.server")
 
-STREAM_OUTPUTS = ("overlay", "mask", "classes", "gains")
-BINARY_OUTPUTS = ("overlay", "mask")  # sent as PNG messages; classes/gains: result fields
+STREAM_OUTPUTS = ("overlay", "mask", "classes", "gains", "stability")
+BINARY_OUTPUTS = ("overlay", "mask")  # sent as PNG messages; the others: result fields
 STYLES = ("hatch", "dim", "heat")
 
 
@@ -288,7 +289,7 @@ class StreamSession:
         self.state.batcher_for(cfg.model).check_capacity()
         image = await asyncio.to_thread(decode_image, p.data, self.state.limits, cfg.resize)
         timings.since("decode", t0)
-        wanted = frozenset(cfg.outputs) - set(BINARY_OUTPUTS)  # "classes", "gains", if asked
+        wanted = frozenset(cfg.outputs) - set(BINARY_OUTPUTS)  # the figures asked
         cert = await segment_image(self.state, cfg.model, image, cfg.eps, wanted, timings)
         t0 = time.perf_counter()
         binary = [name for name in cfg.outputs if name in BINARY_OUTPUTS]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import math
 import time
 from typing import Annotated, Literal
 
@@ -77,6 +78,17 @@ class ClassCertificate(BaseModel):
     )
 
 
+class StabilityFigure(BaseModel):
+    """How strong an attack must be to flip a share of the image (output `stability`)."""
+
+    fraction: float = Field(description="Share of the image's pixels.")
+    pixels: int = Field(description="ceil(fraction x pixels): the count that share is.")
+    eps: float | None = Field(
+        description="Least l2 norm of a perturbation that may flip that many pixels: none of "
+        "smaller norm can (null: no perturbation can)."
+    )
+
+
 class ResizeInfo(BaseModel):
     """The area shrink the network saw (asked by `resize`): mask and radius are on the
     source grid, and radii speak of perturbations of the image sent."""
@@ -111,6 +123,7 @@ class SegmentResponse(BaseModel):
     logits: EncodedArray | None = None
     metrics: WorstCaseMetrics | None = None
     classes: list[ClassCertificate] | None = None
+    stability: list[StabilityFigure] | None = None
     resize: ResizeInfo | None = None
     timings_ms: dict[str, float]
 
@@ -300,6 +313,10 @@ def _npz(cert: Certified, image: DecodedImage, outputs: frozenset[str], style, b
             arrays["class_max_gains"] = np.asarray([c["max_gains"] for c in cert.classes])
         fractions = [c["guaranteed_fraction"] for c in cert.classes]
         arrays["class_guaranteed_fraction"] = np.asarray(fractions, np.float64)
+    if cert.stability is not None:  # eps NaN where no perturbation can flip that many
+        for key in ("fraction", "pixels", "eps"):
+            values = [math.nan if r[key] is None else r[key] for r in cert.stability]
+            arrays[f"stability_{key}"] = np.asarray(values, np.int64 if key == "pixels" else None)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -348,7 +365,10 @@ async def segment(
     ] = None,
     outputs: Annotated[
         str | None,
-        Query(description="Comma list of mask, radius, overlay, classes, gains, logits."),
+        Query(
+            description="Comma list of mask, radius, overlay, classes, gains, stability, "
+            "logits (default: mask, radius, overlay, classes, stability)."
+        ),
     ] = None,
     format: Annotated[Literal["json", "png", "npz"], Query()] = "json",
     overlay_style: Annotated[Literal["hatch", "dim", "heat"], Query()] = "hatch",
