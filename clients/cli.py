@@ -167,9 +167,10 @@ def segment(
                 rows.append((path, result))
             progress.advance(task)
     table = Table(title=f"certseg @ {url}")
-    cols = ["image", "size", "eps", "guaranteed", "max flips", "server ms", "latency ms"]
+    cols = ["image", "size", "eps", "guaranteed", "max flips", "1% flips at", "server ms"]
+    cols.append("latency ms")
     if labels is not None:
-        cols[5:5] = ["worst acc (clean)", "worst mIoU (clean)"]
+        cols[6:6] = ["worst acc (clean)", "worst mIoU (clean)"]
     for col in cols:
         table.add_column(col, justify="left" if col == "image" else "right")
     for path, r in rows:
@@ -180,6 +181,7 @@ def segment(
             f"{r.eps:g}",
             f"{100 * r.guaranteed_fraction:.1f}%",
             f"{r.max_flips} ({100 * r.max_flips_fraction:.1f}%)",
+            _stability_cell(r),
             *scored,
             f"{r.timings.get('total', float('nan')):.1f}",
             f"{r.latency_ms or 0.0:.1f}",
@@ -191,6 +193,14 @@ def segment(
     console.print(f"wrote {len(rows) * 3} files to {out}")
     if failed:
         raise typer.Exit(1)
+
+
+def _stability_cell(r: SegmentResult) -> str:
+    """The least attack norm that may flip 1% of the image ("never": none can)."""
+    first = next((x for x in r.stability or [] if x.fraction == 0.01), None)
+    if first is None:
+        return "-"
+    return "never" if first.eps is None else f"eps {first.eps:.4g}"
 
 
 def _class_table(name: str, r: SegmentResult) -> Table:

@@ -34,6 +34,7 @@ __all__ = [
     "SegmentResult",
     "ServerError",
     "ServiceUnavailable",
+    "Stability",
     "StreamResult",
     "StreamSummary",
     "TransportError",
@@ -165,6 +166,30 @@ class ClassCertificate:
         ]
 
 
+@dataclass(frozen=True)
+class Stability:
+    """How strong an attack must be to flip a share of the image: no perturbation of
+    l2 norm below `eps` flips `pixels` (that share) of its pixels, whatever eps was asked."""
+
+    fraction: float  # share of the image's pixels
+    pixels: int  # ceil(fraction x pixels)
+    eps: float | None  # the least norm that may flip that many (None: none can)
+
+    @classmethod
+    def parse(cls, rows: list[dict[str, Any]] | None) -> list[Stability] | None:
+        """The answer's `stability` field (None when it was not asked for)."""
+        if rows is None:
+            return None
+        return [
+            cls(
+                float(r["fraction"]),
+                int(r["pixels"]),
+                None if r["eps"] is None else float(r["eps"]),
+            )
+            for r in rows
+        ]
+
+
 @dataclass
 class SegmentResult:
     """One image's segmentation and certificate at `eps` (l2, pixel values in [0, 1]).
@@ -190,6 +215,8 @@ class SegmentResult:
     metrics: dict[str, float | None] | None = None
     #: Per predicted class: pixels, fraction certified, most one attack can flip.
     classes: list[ClassCertificate] | None = None
+    #: Per share of the pixels (1%, 5%, 10%): the least attack norm that may flip it.
+    stability: list[Stability] | None = None
     #: The server's area shrink, when asked (resize=): source and network sizes, the
     #: operator norm folded into the radii, the network-input budget of eps.
     resize: dict[str, Any] | None = None
@@ -228,6 +255,7 @@ class StreamResult:
     lipschitz: float | None = None
     resize: dict[str, Any] | None = None  # as SegmentResult.resize
     classes: list[ClassCertificate] | None = None  # as SegmentResult.classes (if asked)
+    stability: list[Stability] | None = None  # as SegmentResult.stability (if asked)
     timings: dict[str, float] = field(default_factory=dict)
     overlay: Image.Image | None = None
     mask: np.ndarray | None = None
@@ -266,3 +294,7 @@ class StreamSummary:
             self.errors += 1
         if r.latency_ms is not None:
             self.latencies_ms.append(r.latency_ms)
+
+
+def _float_or_none(x: Any) -> float | None:
+    return None if x is None else float(x)

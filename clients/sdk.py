@@ -38,6 +38,7 @@ from clients.models import (
     CertSegClientError,
     ClassCertificate,
     SegmentResult,
+    Stability,
     StreamResult,
     StreamSummary,
     TransportError,
@@ -61,7 +62,7 @@ TargetInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | Image.Ima
 #: None (the server refuses images over its pixel limit), "fit", or a scale in (0, 1].
 Resize: TypeAlias = "Literal['fit'] | float | None"
 #: What `segment` asks for by default (logits are off: they are C x H x W floats).
-DEFAULT_OUTPUTS: tuple[str, ...] = ("mask", "radius", "overlay", "classes")
+DEFAULT_OUTPUTS: tuple[str, ...] = ("mask", "radius", "overlay", "classes", "stability")
 #: What `stream` asks for by default: the server renders the overlay PNG per frame.
 DEFAULT_STREAM_OUTPUTS: tuple[str, ...] = ("overlay",)
 RETRY_STATUSES = frozenset({503})
@@ -296,6 +297,7 @@ class _Core:
             logits=logits,
             metrics=d.get("metrics"),
             classes=ClassCertificate.parse(d.get("classes")),
+            stability=Stability.parse(d.get("stability")),
             resize=d.get("resize"),
             batch_size=int(d.get("batch_size", 1)),
             request_id=d.get("request_id"),
@@ -382,6 +384,7 @@ class _StreamReader:
             lipschitz=d.get("lipschitz"),
             resize=d.get("resize"),
             classes=ClassCertificate.parse(d.get("classes")),
+            stability=Stability.parse(d.get("stability")),
             timings=dict(d.get("timings_ms", {})),
             overlay=_png(overlay).convert("RGB") if overlay is not None else None,
             mask=np.asarray(_png(mask)) if mask is not None else None,

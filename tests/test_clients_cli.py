@@ -70,6 +70,7 @@ def test_segment_writes_three_pngs_per_image(server, tmp_path):
                 assert img.size == (56, 40)
     assert "guaranteed" in res.output and "img1.png" in res.output
     assert re.search(r"\d+\.\d%", res.output)
+    assert len(re.findall(r"│\s+eps (\d\.\d+(e-\d+)?)\s+│", res.output)) == 2  # 1% flips at
 
 
 def test_segment_classes_prints_the_per_class_certificate(server, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import subprocess
 import sys
 import threading
@@ -81,6 +82,12 @@ def _check(r: SegmentResult, h: int, w: int) -> None:
     for c in r.classes:
         assert c.name in ("road", "car", "sky", "tree") and 0 <= c.max_flips <= r.max_flips
         assert c.min_kept == c.pixels - c.max_flips >= 0
+    # stability (a default output): the least norms that may flip 1/5/10% of the pixels
+    assert [(x.fraction, x.pixels) for x in r.stability] == [
+        (a, math.ceil(a * h * w)) for a in (0.01, 0.05, 0.1)
+    ]
+    assert all(isinstance(x.eps, float) and x.eps >= 0 for x in r.stability)
+    assert [x.eps for x in r.stability] == sorted(x.eps for x in r.stability)
     assert r.lipschitz > 0 and r.model == "tiny"
     assert r.timings["total"] > 0 and r.latency_ms is not None
 
@@ -259,8 +266,9 @@ def test_stream_sync_in_order_without_drops(client):
         assert r.eps == 0.05 and r.latency_ms is not None and r.latency_ms > 0
         assert r.classes is None  # not asked for
     assert summary.fps > 0 and summary.percentile(50) is not None
-    (r,) = client.stream(frames[:1], outputs=("overlay", "classes"))
+    (r,) = client.stream(frames[:1], outputs=("overlay", "classes", "stability"))
     assert r.overlay is not None and sum(c.pixels for c in r.classes) == 32 * 48
+    assert [x.pixels for x in r.stability] == [16, 77, 154]  # of 32 x 48
 
 
 def test_stream_lossless_window_is_the_servers_depth_plus_one(client, server, engine):

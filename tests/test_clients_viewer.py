@@ -164,6 +164,9 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     assert abs(sum(row[1] for row in rows) - 100) < 0.5
     assert all(0 <= cert <= 100 and 0 <= kept <= 100 for _, _, cert, kept, _ in rows)
     assert all(0 <= new <= 100 for *_, new in rows)  # the tiny model has logits
+    # the least attack norm that may flip 1% of the pixels, whatever eps is set
+    stab = text(d, "stab")
+    assert stab.startswith("eps ") and float(stab[4:]) > 0, stab
 
     # layers and colour scale
     d.execute_script(
@@ -189,6 +192,7 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
     gf_large = text(d, "gf")
     assert float(gf_large[:-1]) < float(gf_default[:-1]), (gf_default, gf_large)
+    assert text(d, "stab") == stab  # eps-free: the same image, the same figure
     kept_at = {name: kept for name, _, _, kept, _ in rows}
     new_at = {name: new for name, *_, new in rows}
     wider = d.execute_script(CLASS_ROWS)  # a larger eps keeps no more, adds no fewer
@@ -219,6 +223,7 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     assert fps > 0
     assert text(d, "latency").endswith("ms") and text(d, "gf").endswith("%")
     assert d.execute_script(CLASS_ROWS)  # streamed frames carry the per-class table too
+    assert text(d, "stab").startswith("eps ")  # and the stability
     # the viewer keeps the stream's depth of frames unanswered (the server works on both
     # at once, none waits), so a model slower than the video loses no frame
     engine.delay_s = 0.0

@@ -63,7 +63,8 @@ def test_over_the_limit_is_413_naming_resize(client):
 def test_fit_answers_on_the_source_grid_with_the_folded_certificate(client, session, eps):
     h, w = 70, 110
     pixels = random_image(h, w, seed=3)
-    r = _post(client, encode(pixels), resize="fit", eps=eps, outputs="mask,radius,overlay,gains")
+    asked = "mask,radius,overlay,gains,stability"
+    r = _post(client, encode(pixels), resize="fit", eps=eps, outputs=asked)
     assert r.status_code == 200, r.text
     ans = r.json()
     plan = AreaResize.to_fit(h, w, MAX_PIXELS)
@@ -101,6 +102,10 @@ def test_fit_answers_on_the_source_grid_with_the_folded_certificate(client, sess
         assert row["max_gains"] == gains[row["id"]] <= h * w - row["pixels"]
         if eps == 0:
             assert row["max_flips"] == row["max_gains"] == 0
+    # stability speaks of source pixels and source norms, whatever eps was asked
+    norms = plan.source_stability(margin[0], (0.01, 0.05, 0.1), ans["lipschitz"]).tolist()
+    assert [r["pixels"] for r in ans["stability"]] == [77, 385, 770]  # of 70 x 110
+    assert [r["eps"] for r in ans["stability"]] == norms
 
 
 def test_16_bit_images_shrink_from_their_exact_values(client, session):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ from certseg.certify import (
     guaranteed_region,
     max_flips,
     max_gains_by_class,
+    stability,
     worst_case_miou,
 )
 from certseg.certify import worst_case_pixel_accuracy as wc_acc
@@ -109,6 +111,13 @@ def test_segment_matches_direct_onnxruntime(client, session, h, w):
     assert set(with_gains) >= {"classes"} and "mask" not in with_gains  # gains imply rows
     assert [row["max_gains"] for row in with_gains["classes"]] == [gains[c] for c in present]
     assert max(row["max_flips"] for row in ans["classes"]) <= ans["max_flips"]
+    # Stability: the least norm that may flip 1/5/10% of the pixels, from the margins.
+    norms = stability(margin[0], (0.01, 0.05, 0.1), L).tolist()
+    assert ans["stability"] == [
+        {"fraction": a, "pixels": math.ceil(a * h * w), "eps": e}
+        for a, e in zip((0.01, 0.05, 0.1), norms, strict=True)
+    ]
+    assert "stability" not in with_gains  # only with the default outputs, or when asked
     overlay = answer_png(ans["overlay"])
     assert overlay.shape == (h, w, 3)
     assert set(ans["timings_ms"]) == {"decode", "queue", "infer", "certify", "encode", "total"}
@@ -195,6 +204,8 @@ def test_format_png_and_npz(client, session):
     np.testing.assert_array_equal(arrays["class_id"], ids)
     np.testing.assert_array_equal(arrays["class_pixels"], [(mask[0] == c).sum() for c in ids])
     assert arrays["class_max_flips"].shape == arrays["class_guaranteed_fraction"].shape == ids.shape
+    np.testing.assert_array_equal(arrays["stability_fraction"], [0.01, 0.05, 0.1])
+    assert arrays["stability_pixels"].dtype == np.int64 and arrays["stability_eps"].shape == (3,)
 
 
 def test_request_id_echoed(client):
@@ -237,6 +248,9 @@ def test_docs_metrics_health_and_index(client):
     ):
         assert name in text, name
     assert 'route="/v1/segment"' in text and 'stage="infer"' in text
+    # one observation per share of the pixels, labelled by it (default outputs ask it)
+    for share in ("0.01", "0.05", "0.1"):
+        assert f'certseg_stability_eps_count{{fraction="{share}",model="tiny"}} 1.0' in text
     for invented in ("PROPFIND", "MKCOL"):  # methods the client picks share one label
         assert client.request(invented, "/v1/models").status_code == 405
     text = client.get("/metrics").text

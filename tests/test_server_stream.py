@@ -266,6 +266,14 @@ def test_control_overlay_ping_and_errors(server):
             await ws.send(frame)
             res = await _recv_json(ws)
             assert res["binary"] == [] and all(row["max_gains"] >= 0 for row in res["classes"])
+            assert "stability" not in res
+            await ws.send(json.dumps({"outputs": ["stability"]}))  # a field, as in REST
+            await _recv_json(ws)
+            await ws.send(frame)
+            res = await _recv_json(ws)
+            assert [r["pixels"] for r in res["stability"]] == [8, 39, 77]  # of 24 x 32
+            norms = [r["eps"] for r in res["stability"]]
+            assert 0 < norms[0] <= norms[1] <= norms[2] and "classes" not in res
             await ws.close()
             assert ws.close_code == 1000
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import time
 from pathlib import Path
 
@@ -351,7 +352,7 @@ def test_check_eps_and_outputs():
     for bad in (float("nan"), -1.0, float("inf"), "x", True, [1]):
         with pytest.raises(InvalidParameter):
             check_eps(bad, 0.1)
-    assert parse_outputs(None) == {"mask", "radius", "overlay", "classes"}
+    assert parse_outputs(None) == {"mask", "radius", "overlay", "classes", "stability"}
     assert parse_outputs(" Mask ,logits") == {"mask", "logits"}
     with pytest.raises(InvalidParameter):
         parse_outputs("mask,foo")
@@ -535,3 +536,35 @@ def test_class_figures_gains_take_the_engine_margin_error():
     loose = class_figures(info, outputs, region, 0.3, with_gains=True)
     assert all(a["max_gains"] >= b["max_gains"] for a, b in zip(loose, exact, strict=True))
     assert sum(r["max_gains"] for r in loose) > sum(r["max_gains"] for r in exact)
+
+
+def test_stability_figures_count_pixels_and_invert_the_answer_max_flips():
+    """Each row: ceil(fraction x pixels) (source pixels for a shrunk image) and a norm
+    just below which the answer's own max_flips stays under that count; null where no
+    perturbation can flip that many (a single class: infinite margins)."""
+    from certseg.certify.resize import AreaResize
+    from server.pipeline import stability_figures
+
+    rng = np.random.default_rng(5)
+    margin = rng.random((24, 32)).astype(np.float32)
+    outputs = {
+        "mask": np.zeros((24, 32), np.int32),
+        "margin": margin,
+        "radius": (margin / (np.sqrt(2) * 1.5)).astype(np.float32),
+    }
+    info = ort_engine(tiny_model_dir()).metadata()
+    info.lipschitz = 1.5
+    for plan in (None, AreaResize((45, 61), (24, 32))):
+        n = 24 * 32 if plan is None else 45 * 61
+        rows = stability_figures(info, margin, plan)
+        assert [r["fraction"] for r in rows] == [0.01, 0.05, 0.1]
+        assert [r["pixels"] for r in rows] == [math.ceil(a * n) for a in (0.01, 0.05, 0.1)]
+        for r in rows:
+            asked = frozenset({"stability"})
+            below = certify(info, outputs, r["eps"] * (1 - 1e-6), None, 1, plan, asked)
+            above = certify(info, outputs, r["eps"] * (1 + 1e-6), None, 1, plan, asked)
+            assert below.max_flips < r["pixels"] <= above.max_flips
+            assert below.stability == rows
+    never = stability_figures(info, np.full((4, 4), np.inf, np.float32))
+    assert [r["eps"] for r in never] == [None, None, None]
+    assert certify(info, outputs, 0.1, None, 1).stability is None  # not asked
