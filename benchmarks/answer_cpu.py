@@ -11,6 +11,7 @@ process, same input, same result checked):
     certify   margin pre-filter + cost buckets      costs of all pixels + selection
     classes   max_flips_by_class (one or two passes) max_flips per class (K passes)
     gains     max_gains_by_class (sampled guess)      float64 gaps of every pixel, sorted
+    stability margins selected, k smallest costed       float64 costs of every pixel, sorted
     overlay   indexed PNG (server.png)              RGB render + RGB PNG (Pillow)
     mask      8-bit PNG, unfiltered (server.png)    8-bit PNG, Pillow (all filters tried)
 
@@ -26,8 +27,14 @@ import numpy as np
 from _common import median_ms, print_table, write_result
 from PIL import Image
 
+from certseg.certify import (
+    STABILITY_FRACTIONS,
+    max_flips,
+    max_flips_by_class,
+    max_gains_by_class,
+    stability,
+)
 from certseg.certify import budget as budget_mod
-from certseg.certify import max_flips, max_flips_by_class, max_gains_by_class
 from certseg.certify.budget import flip_costs
 from certseg.data.synthetic import render_scene
 from server.backends import ModelSpec, create_engine
@@ -108,6 +115,16 @@ def main() -> None:
         def gains_now(z=logits, labels=mask):
             return max_gains_by_class(z, labels, args.eps, L)
 
+        def stability_by_sort(m=margin):
+            costs = np.cumsum(np.sort(flip_costs(m).ravel()))
+            ks = [int(np.ceil(a * m.size)) for a in STABILITY_FRACTIONS]
+            return np.sqrt(costs[np.asarray(ks) - 1]) / L
+
+        def stability_now(m=margin):
+            return stability(m, STABILITY_FRACTIONS, L)
+
+        assert np.allclose(stability_now(), stability_by_sort(), rtol=3e-7, atol=0)
+        assert (stability_now() <= stability_by_sort()).all()
         fast, exact = gains_now().tolist(), gains_by_sort()
         assert all(e <= f <= e + 1 for f, e in zip(fast, exact, strict=True)), (fast, exact)
         assert np.array_equal(old_convert(), new_convert())
@@ -141,6 +158,10 @@ def main() -> None:
                 median_ms(gains_now, args.repeats),
                 median_ms(gains_by_sort, args.repeats),
             ),
+            "stability (1/5/10%)": (
+                median_ms(stability_now, args.repeats),
+                median_ms(stability_by_sort, args.repeats),
+            ),
             "overlay PNG": (
                 median_ms(new_overlay, args.repeats),
                 median_ms(old_overlay, args.repeats),
@@ -150,12 +171,11 @@ def main() -> None:
                 median_ms(lambda m=mask: encode_png(m.astype(np.uint8)), args.repeats),
             ),
         }
-        # decode includes the conversion; classes are asked for (REST default, stream option)
+        # decode includes the conversion; classes, gains and stability are their own
+        # outputs (classes and stability REST defaults, stream options): rows of their own
+        optional = ("float conversion", "classes (per-class max_flips)", "stability (1/5/10%)")
         total = sum(
-            v[0]
-            for k, v in stages.items()
-            if k not in ("float conversion", "classes (per-class max_flips)")
-            and not k.startswith("gains")
+            v[0] for k, v in stages.items() if k not in optional and not k.startswith("gains")
         )
         for stage, (now, before) in stages.items():
             ratio = before / now if before else float("nan")
