@@ -29,7 +29,7 @@ from certseg.certify.resize import AreaResize
 from certseg.data.synthetic import render_scene
 from server.backends import ModelSpec, create_engine
 from server.decode import Limits, decode_image
-from server.pipeline import certify
+from server.pipeline import certify, stability_figures
 from server.settings import Settings, default_model_path
 
 
@@ -96,6 +96,9 @@ def main() -> None:
             "certificate with a target (accuracy + mIoU)": median_ms(
                 lambda o=outputs, p=plan: certify(info, o, args.eps, target, 1, p), args.repeats
             ),
+            "stability (1/5/10% of the source pixels)": median_ms(
+                lambda m=outputs["margin"], p=plan: stability_figures(info, m, p), args.repeats
+            ),
             "overlay PNG at source size": median_ms(
                 lambda c=cert, x=src: c.overlay_png(x, "hatch"), args.repeats
             ),
@@ -113,6 +116,7 @@ def main() -> None:
             "guaranteed_fraction_network_radius_only": net_only,
             "max_flips": cert.max_flips,
             "max_flips_fraction": cert.max_flips / (H * W),
+            "stability": stability_figures(info, outputs["margin"], plan),
             "metrics_with_target": scored,
             "shrink_vs_pillow_max_abs_diff": float(np.abs(shrunk - box).max()),
             "stages_ms": stages,
