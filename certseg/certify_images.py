@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from certseg.certify import certified_radius, guaranteed_region, margins, max_flips
+from certseg.certify import (
+    STABILITY_FRACTIONS,
+    certified_radius,
+    guaranteed_region,
+    margins,
+    max_flips,
+    stability,
+)
 from certseg.data import load_image
 
 __all__ = ["ImageReport", "certify_files", "render_table"]
@@ -26,6 +33,8 @@ class ImageReport:
     guaranteed_fraction: list[float]
     max_flipped_fraction: list[float]
     radius_quantiles: dict[str, float]
+    #: per share of the pixels ("0.01", ...): the least l2 norm that may flip that many
+    stability: dict[str, float | None]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,6 +46,7 @@ def summarize(name: str, logits: np.ndarray, lipschitz: float, eps: Sequence[flo
     radius = certified_radius(margin, lipschitz)
     n = radius.size
     qs = {"min": 0.0, "p10": 0.1, "median": 0.5, "p90": 0.9, "max": 1.0}
+    norms = stability(margin, STABILITY_FRACTIONS, lipschitz)
     return ImageReport(
         image=name,
         height=int(radius.shape[0]),
@@ -46,6 +56,10 @@ def summarize(name: str, logits: np.ndarray, lipschitz: float, eps: Sequence[flo
         guaranteed_fraction=[float(guaranteed_region(radius, e).mean()) for e in eps],
         max_flipped_fraction=[float(max_flips(margin, e, lipschitz)) / n for e in eps],
         radius_quantiles={k: float(np.quantile(radius, q)) for k, q in qs.items()},
+        stability={
+            f"{a:g}": float(e) if np.isfinite(e) else None
+            for a, e in zip(STABILITY_FRACTIONS, norms, strict=True)
+        },
     )
 
 
@@ -69,7 +83,8 @@ def render_table(reports: Sequence[ImageReport]) -> None:
     from rich.table import Table
 
     table = Table(title="certseg certificates (l2, image in [0,1])")
-    for col in ("image", "size", "L", "eps", "guaranteed", "max flipped", "radius p10/med/p90"):
+    cols = ("image", "size", "L", "eps", "guaranteed", "max flipped", "radius p10/med/p90")
+    for col in (*cols, "1% flips at"):
         table.add_column(col)
     for r in reports:
         q = r.radius_quantiles
@@ -82,5 +97,10 @@ def render_table(reports: Sequence[ImageReport]) -> None:
                 f"{r.guaranteed_fraction[i]:.2%}",
                 f"{r.max_flipped_fraction[i]:.2%}",
                 f"{q['p10']:.3f}/{q['median']:.3f}/{q['p90']:.3f}" if i == 0 else "",
+                _stability_cell(r.stability.get("0.01")) if i == 0 else "",
             )
     Console().print(table)
+
+
+def _stability_cell(eps: float | None) -> str:
+    return "never" if eps is None else f"eps {eps:.4g}"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from certseg.certify import certified_radius, margins
+from certseg.certify import certified_radius, margins, stability
 from certseg.inference import predict_logits
 from certseg.models import ModelCard, create_model, load_checkpoint, save_checkpoint
 
@@ -71,6 +71,9 @@ def test_certify_command_reports_radii(tmp_path):
     radius = certified_radius(margins(logits)[1], card.certified_lipschitz)
     assert report["guaranteed_fraction"][1] == float((radius > 0.05).mean())
     assert report["radius_quantiles"]["median"] == float(np.quantile(radius, 0.5))
+    margin = margins(logits)[1]
+    want = stability(margin, (0.01, 0.05, 0.1), card.certified_lipschitz).tolist()
+    assert report["stability"] == dict(zip(("0.01", "0.05", "0.1"), want, strict=True))
 
     table = subprocess.run(
         [str(exe), "certify", str(img_path), "--checkpoint", str(ckpt)],
@@ -80,6 +83,7 @@ def test_certify_command_reports_radii(tmp_path):
         check=True,
     )
     assert "guaranteed" in table.stdout and "odd.png" in table.stdout
+    assert "1% flips at" in table.stdout
 
 
 def test_certify_command_fails_clearly_on_missing_file(tmp_path):
