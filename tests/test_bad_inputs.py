@@ -252,7 +252,7 @@ CORPUS: list[Case] = [
     _v2("v2-shape-bool", _tensor([True, 3, 1, 2], [0.5] * 6), 422, "shape"),
     _v2("v2-batch-0", _tensor([0, 3, 1, 2], []), 422, "no images"),
     _v2("v2-height-0", _tensor([1, 3, 0, 2], []), 422, "empty size"),
-    _v2("v2-shape-overflows-int64", _tensor([2**62, 3, 2, 2], []), 422, "fit"),
+    _v2("v2-shape-overflows-int64", _tensor([2**62, 3, 2, 2], []), 413, "pixels"),
     _v2("v2-pixels-over-limit", _tensor([1, 3, 301, 300], []), 413, "pixels"),
     _v2("v2-data-too-short", _tensor([1, 3, 2, 2], [0]), 422, "fit"),
     _v2("v2-data-too-long", _tensor([1, 3, 1, 2], [0.5] * 7), 422, "fit"),
@@ -305,7 +305,44 @@ CORPUS: list[Case] = [
         422,
         "parameters",
     ),
+    _v2("v2-json-nested-past-the-parser", b"[" * 20_000 + b"]" * 20_000, 422, "JSON"),
+    _v2("v2-datatype-uint8", _tensor([1, 3, 1, 2], [255] * 6, "UINT8"), 422, "FP32"),
+    _v2("v2-values-over-1", _tensor([1, 3, 1, 2], [255.0] * 6), 422, "[0, 1]"),
+    _v2("v2-values-negative", _tensor([1, 3, 1, 2], [-0.5] * 6), 422, "[0, 1]"),
+    _v2("v2-id-not-a-string", {**_GOOD, "id": 5}, 422, "id"),
+    _v2("v2-output-a-string", {**_GOOD, "outputs": ["mask"]}, 422, "object"),
+    _v2(
+        "v2-binary-flag-a-string",
+        {**_GOOD, "parameters": {"binary_data_output": "no"}},
+        422,
+        "true or false",
+    ),
+    # 3 images of 200x200: each under the pixel limit, together over one pass
+    _v2(
+        "v2-bytes-over-one-pass",
+        _tensor(
+            [3], [base64.b64encode(encode(np.zeros((200, 200, 3), np.uint8))).decode()] * 3, "BYTES"
+        ),
+        413,
+        "per request",
+    ),
+    # 65 elements: refused by count, before any of them is decoded
+    _v2(
+        "v2-bytes-over-max-queue",
+        _tensor([65], [base64.b64encode(encode(random_image(1, 1))).decode()] * 65, "BYTES"),
+        413,
+        "max_queue",
+    ),
     # ---- V2 binary extension
+    # 32x48: 1536 pixels x 7 numbers as JSON (mask, margin, radius, 4 logits), over
+    # max_json_bytes / 8; refused before inference, binary outputs are fine
+    _binary_case(
+        "v2-json-outputs-over-limit",
+        _tensor([1, 3, 32, 48], parameters={"binary_data_size": 4 * 3 * 32 * 48}),
+        np.full(3 * 32 * 48, 0.5, "<f4").tobytes(),
+        "binary_data_output",
+        status=413,
+    ),
     _binary_case("v2-bin-header-past-body", {"inputs": []}, b"xxxx", "outside", length=999),
     _binary_case("v2-bin-header-negative", {"inputs": []}, b"", "outside", length=-1),
     _binary_case("v2-bin-header-not-int", {"inputs": []}, b"", "integer", length="12a"),
@@ -353,6 +390,13 @@ CORPUS: list[Case] = [
         gzip.compress(b" " * (2 * MAX_TENSOR_BYTES)),
         413,
         "inflated",
+        headers={"Content-Encoding": "gzip"},
+    ),
+    _v2(
+        "v2-gzip-truncated",
+        gzip.compress(json.dumps(_GOOD).encode())[:-12],
+        422,
+        "truncated",
         headers={"Content-Encoding": "gzip"},
     ),
     _v2("v2-body-over-limit", b" " * (MAX_TENSOR_BYTES + 1), 413, "limit"),

@@ -39,13 +39,12 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
 HEADER = "Inference-Header-Content-Length"
+#: Input datatypes: floats with pixel values in [0, 1] (cast to the model's FP32). No
+#: integer types: 0..255 taken as pixel values would certify a different image.
 DTYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP16": np.dtype("<f2"),
     "FP64": np.dtype("<f8"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "UINT8": np.dtype("u1"),
 }
 NP_TO_V2 = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
 
@@ -333,6 +332,8 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise InvalidParameter(f"body does not inflate ({exc})") from exc
     if len(out) > limit:
         raise PayloadTooLarge(f"inflated body exceeds the limit of {limit} bytes")
+    if not d.eof:
+        raise InvalidParameter(f"body does not inflate (the {encoding} stream is truncated)")
     return out
 
 
@@ -358,7 +359,7 @@ def _split_body(
         )
     try:
         req = json.loads(head)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nested past the parser's depth: too
         raise InvalidParameter("request header is not valid JSON") from exc
     if not isinstance(req, dict):
         raise InvalidParameter("request header must be a JSON object")
@@ -391,7 +392,7 @@ def _parse_bytes_elements(raw: bytes) -> list[bytes]:
 
 
 def _input_tensor(
-    spec: dict[str, Any], tail: bytes, offset: int, state: ServerState
+    spec: dict[str, Any], tail: bytes, offset: int, state: ServerState, budget: int
 ) -> tuple[np.ndarray | list[bytes], int]:
     """One input as an FP32 array, or a list of encoded images for BYTES; new offset."""
     if not isinstance(spec, dict):
@@ -428,7 +429,10 @@ def _input_tensor(
             raise InvalidParameter(f"shape {shape} does not match {len(items)} BYTES elements")
         return items, offset
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise InvalidParameter(f"input 'image' must be FP32 (or BYTES), got {dtype!r}")
+        raise InvalidParameter(
+            f"input 'image' must be FP32 (FP16, FP64) with values in [0, 1], or BYTES "
+            f"(encoded images), got {dtype!r}"
+        )
     if len(shape) != 4 or shape[1] != 3:
         raise InvalidParameter(f"input 'image' must have shape [N, 3, H, W], got {shape}")
     h, w = shape[2], shape[3]
@@ -436,6 +440,7 @@ def _input_tensor(
         raise InvalidParameter(f"input 'image' has an empty size {h}x{w}")
     if h * w > state.limits.max_pixels:
         raise PayloadTooLarge(f"{h}x{w} exceeds the limit of {state.limits.max_pixels} pixels")
+    _check_request_pixels(shape[0] * h * w, budget)
     count = math.prod(shape)  # exact: np.prod wraps around in int64
     try:
         if raw is not None:
@@ -451,12 +456,42 @@ def _input_tensor(
     arr = arr.astype(np.float32).reshape(shape)
     if not np.isfinite(arr).all():
         raise InvalidParameter("input 'image' has NaN or infinite values")
+    if arr.size and (arr.min() < 0 or arr.max() > 1):
+        raise InvalidParameter(
+            f"input 'image' values must lie in [0, 1] (pixel / 255), got "
+            f"{float(arr.min()):g}..{float(arr.max()):g}"
+        )
     return arr, offset
+
+
+def _pixel_budget(state: ServerState, model: str) -> int:
+    """Most pixels (images x height x width) one V2 request may hold: one forward pass
+    of the model's batcher (the largest image at least), so that its inputs and the
+    outputs it waits for stay one pass's worth."""
+    per_pass = state.batcher_for(model).max_pass_pixels or state.limits.max_pixels
+    return max(per_pass, state.limits.max_pixels)
+
+
+def _check_request_pixels(pixels: int, budget: int) -> None:
+    if pixels > budget:
+        raise PayloadTooLarge(
+            f"the request holds {pixels} pixels, over the limit of {budget} per request "
+            "(one forward pass): send fewer images per request"
+        )
+
+
+def _flag(params: dict[str, Any], key: str, default: bool) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidParameter(f"parameter {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def _requested_outputs(req: dict[str, Any], available: list[str]) -> list[tuple[str, bool]]:
     """[(name, binary)] in the order asked (all outputs if none named)."""
-    all_binary = bool(_params(req, "request").get("binary_data_output", False))
+    all_binary = _flag(_params(req, "request"), "binary_data_output", False)
+    if "id" in req and not isinstance(req["id"], str):
+        raise InvalidParameter("the request 'id' must be a string")
     outs = req.get("outputs")
     if outs is not None and not isinstance(outs, list):
         raise InvalidParameter("'outputs' must be a list")
@@ -464,23 +499,46 @@ def _requested_outputs(req: dict[str, Any], available: list[str]) -> list[tuple[
         return [(n, all_binary) for n in available]
     result = []
     for o in outs:
-        name = o.get("name") if isinstance(o, dict) else None
+        if not isinstance(o, dict):
+            raise InvalidParameter('each output must be a JSON object, {"name": ...}')
+        name = o.get("name")
         if name not in available:
             raise InvalidParameter(f"unknown output {name!r}; available: {available}")
-        binary = _params(o, "output").get("binary_data", all_binary)
-        result.append((name, bool(binary)))
+        result.append((name, _flag(_params(o, "output"), "binary_data", all_binary)))
     return result
 
 
+def _check_json_outputs(
+    wanted: list[tuple[str, bool]], images: int, pixels: int, num_classes: int, limit: int
+) -> None:
+    """Refuse, before any inference, outputs asked as JSON that would hold more than
+    `limit` numbers (text of ~10-20 bytes each, built in memory at once)."""
+    values = sum(
+        pixels * (num_classes if name == "logits" else 1) for name, binary in wanted if not binary
+    )
+    if values > limit:
+        raise PayloadTooLarge(
+            f"the outputs asked as JSON would hold {values} numbers for {images} image(s), "
+            f"over the limit of {limit}: ask them as binary data (binary_data_output)"
+        )
+
+
 async def _images(
-    tensor: np.ndarray | list[bytes], state: ServerState, accepts_uint8: bool
+    tensor: np.ndarray | list[bytes], state: ServerState, accepts_uint8: bool, budget: int
 ) -> list[np.ndarray]:
+    """The request's images as network inputs; BYTES ones decoded one by one, the
+    request's pixels counted as they come (refused once over budget, not after)."""
     if isinstance(tensor, np.ndarray):
         return list(tensor)
-    decoded = [await asyncio.to_thread(decode_image, b, state.limits) for b in tensor]
-    if len({(d.height, d.width) for d in decoded}) > 1:
-        raise InvalidParameter("all BYTES images of one request must have the same size")
-    return [await asyncio.to_thread(d.network_input, accepts_uint8) for d in decoded]
+    images, size, pixels = [], None, 0
+    for data in tensor:
+        d = await asyncio.to_thread(decode_image, data, state.limits)
+        if size is not None and (d.height, d.width) != size:
+            raise InvalidParameter("all BYTES images of one request must have the same size")
+        size, pixels = (d.height, d.width), pixels + d.height * d.width
+        _check_request_pixels(pixels, budget)
+        images.append(await asyncio.to_thread(d.network_input, accepts_uint8))
+    return images
 
 
 @router.post("/models/{model}/infer", responses=_INFER_RESPONSES, openapi_extra=_INFER_DOC)
@@ -500,7 +558,7 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
 
 
 def _parse(
-    body: bytes, encoding: str, header_length: str | None, state: ServerState
+    body: bytes, encoding: str, header_length: str | None, state: ServerState, budget: int
 ) -> tuple[dict[str, Any], np.ndarray | list[bytes]]:
     """The request header and its one input tensor, from the raw body."""
     body = _decompress(body, encoding, state.settings.max_tensor_bytes)
@@ -508,7 +566,7 @@ def _parse(
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise InvalidParameter("exactly one input, 'image', is expected")
-    tensor, _ = _input_tensor(inputs[0], tail, 0, state)
+    tensor, _ = _input_tensor(inputs[0], tail, 0, state, budget)
     return req, tensor
 
 
@@ -520,34 +578,45 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     body = await read_body(request, state.settings.max_tensor_bytes)
     encoding = request.headers.get("content-encoding", "").lower()
     # Off the event loop: inflating, parsing and converting up to max_tensor_bytes.
+    budget = _pixel_budget(state, info.name)
     req, tensor = await asyncio.to_thread(
-        _parse, body, encoding, request.headers.get(HEADER), state
+        _parse, body, encoding, request.headers.get(HEADER), state, budget
     )
     wanted = _requested_outputs(req, info.output_names)
-    images = await _images(tensor, state, info.accepts_uint8)
-    if not images:
+    count = len(tensor)  # images: the batch dimension, or the BYTES elements
+    if count == 0:
         raise InvalidParameter("the input holds no images (batch of 0)")
-    if len(images) > state.settings.max_queue:
-        raise PayloadTooLarge(f"batch of {len(images)} exceeds max_queue")
-    if batcher.depth + len(images) > batcher.max_queue:
+    # Both before decoding or queueing anything: a request refused is refused for free.
+    if count > state.settings.max_queue:
+        raise PayloadTooLarge(f"batch of {count} exceeds max_queue")
+    if batcher.depth + count > batcher.max_queue:
         # all or nothing: a half-queued request would compute images nobody reads
         raise Overloaded("inference queue full", retry_after=batcher.retry_after())
+    limit = state.settings.max_json_bytes // 8
+    if isinstance(tensor, np.ndarray):
+        pixels = count * tensor.shape[2] * tensor.shape[3]
+        _check_json_outputs(wanted, count, pixels, info.card.num_classes, limit)
+    images = await _images(tensor, state, info.accepts_uint8, budget)
+    pixels = sum(im.shape[-2] * im.shape[-1] for im in images)
+    _check_json_outputs(wanted, count, pixels, info.card.num_classes, limit)
     extra = ("logits",) if any(n == "logits" for n, _ in wanted) else ()
     results = await asyncio.gather(*(batcher.submit(info.name, im, extra) for im in images))
-    stacked = {n: np.stack([r.outputs[n] for r in results]) for n, _ in wanted}
-    return _respond(req, info.name, info.version, stacked, wanted)
+    # Off the event loop: stacking and encoding up to one pass's outputs.
+    return await asyncio.to_thread(_respond, req, info.name, info.version, results, wanted)
 
 
 def _respond(
     req: dict[str, Any],
     name: str,
     version: str,
-    arrays: dict[str, np.ndarray],
+    results: list[Any],
     wanted: list[tuple[str, bool]],
 ) -> Response:
+    """The answer (blocking): each output stacked over the request's images, as JSON
+    numbers or, asked binary, raw little-endian bytes after the JSON header."""
     outputs, blobs = [], []
     for out_name, binary in wanted:
-        arr = arrays[out_name]
+        arr = np.stack([r.outputs[out_name] for r in results])
         dtype = NP_TO_V2.get(arr.dtype)
         if dtype is None:
             arr = arr.astype(np.float32)
