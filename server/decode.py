@@ -28,7 +28,13 @@ import numpy as np
 from PIL import Image
 
 from certseg.certify.resize import AreaResize
-from server.errors import CorruptImage, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+from server.errors import (
+    CorruptImage,
+    InvalidParameter,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    client_value,
+)
 
 __all__ = [
     "DecodedImage",
@@ -71,10 +77,12 @@ def parse_resize(value: object) -> ResizeRequest:
         return "fit"
     try:
         scale = float(text) if not isinstance(text, bool) else math.nan  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a huge int
         scale = math.nan
     if not 0.0 < scale <= 1.0:
-        raise InvalidParameter(f"resize must be none, fit or a scale in (0, 1], got {value!r}")
+        raise InvalidParameter(
+            f"resize must be none, fit or a scale in (0, 1], got {client_value(value)}"
+        )
     return scale
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "Problem",
     "Unauthorized",
     "UnsupportedMediaType",
+    "client_value",
     "install_error_handlers",
     "problem_for",
     "problem_response",
@@ -90,6 +91,17 @@ class CorruptImage(InputError):
 
 class InvalidParameter(InputError):
     """A query/control parameter out of its domain (eps NaN, negative, ...)."""
+
+
+def client_value(value: object, limit: int = 40) -> str:
+    """A client's value as an error detail shows it: its repr, cut to `limit`
+    characters (a 5000-digit eps does not come back whole; nor, past Python's
+    int-to-string limit, does its repr fail)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        return "<an integer too long to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Unauthorized(CertSegError):

@@ -45,7 +45,7 @@ from certseg.certify import (
 from certseg.certify.resize import AreaResize
 from server.decode import DecodedImage
 from server.engine import ModelInfo
-from server.errors import InvalidParameter
+from server.errors import InvalidParameter, client_value
 from server.overlay import OverlayStyle, encode_mask_png, overlay_png
 from server.state import ServerState
 
@@ -114,11 +114,11 @@ def check_eps(value: object, default: float) -> float:
         return float(default)
     try:
         eps = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise InvalidParameter(f"eps must be a number, got {value!r}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a huge int
+        raise InvalidParameter(f"eps must be a number, got {client_value(value)}") from exc
     if isinstance(value, bool) or not math.isfinite(eps) or eps < 0:
-        raise InvalidParameter(f"eps must be a finite number >= 0, got {value!r}")
-    return eps
+        raise InvalidParameter(f"eps must be a finite number >= 0, got {client_value(value)}")
+    return eps + 0.0  # -0.0 -> 0.0
 
 
 @dataclass

@@ -228,11 +228,18 @@ def test_control_overlay_ping_and_errors(server):
                 {"depth": 3},  # over the server's stream_depth
                 {"depth": True},
                 {"depth": 1.5},
+                {"depth": "²"},  # a digit to str.isdigit, not to int()
+                {"eps": 10**400},  # past float's range
+                {"resize": 10**400},
+                {"eps": 10**4000},  # past the int-to-str limit: not echoed whole
             )
             for bad in bad_messages:
                 await ws.send(json.dumps(bad))
                 err = await _recv_json(ws)
                 assert err["type"] == "error" and err["status"] == 422 and err["frame"] is None
+                assert len(err["detail"]) < 200
+            await ws.send("[" * 20_000 + "]" * 20_000)  # nested past the JSON parser
+            assert (await _recv_json(ws))["status"] == 422
             await ws.send(json.dumps({"depth": 1}))  # fewer in flight: lowest latency
             assert (await _recv_json(ws))["depth"] == 1
             await ws.send("not json")
@@ -295,13 +302,15 @@ def test_stream_auth_and_unknown_model(server):
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
             assert ws.close_code == 1008
-        async with websockets.connect(
-            f"{server.ws_base}/v1/stream?depth=9", additional_headers=headers
-        ) as ws:  # over the server's stream_depth (2)
-            err = await _recv_json(ws)
-            assert err["type"] == "error" and err["status"] == 422 and "depth" in err["detail"]
-            with pytest.raises(websockets.ConnectionClosed):
-                await ws.recv()
-            assert ws.close_code == 1008
+        for query in ("depth=9", "depth=%C2%B2", "eps=" + "9" * 5000):  # 9: over stream_depth
+            async with websockets.connect(
+                f"{server.ws_base}/v1/stream?{query}", additional_headers=headers
+            ) as ws:
+                err = await _recv_json(ws)
+                assert err["type"] == "error" and err["status"] == 422
+                assert query[:3] in err["detail"] and len(err["detail"]) < 200
+                with pytest.raises(websockets.ConnectionClosed):
+                    await ws.recv()
+                assert ws.close_code == 1008
 
     asyncio.run(run())

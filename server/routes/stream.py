@@ -51,6 +51,7 @@ from server.errors import (
     CertSegError,
     InvalidParameter,
     Overloaded,
+    client_value,
     problem_for,
     problem_response,
 )
@@ -114,11 +115,13 @@ class StreamConfig:
 
 def _check_depth(value: object, limit: int) -> int:
     """A stream's depth: an integer from 1 to the server's stream_depth (else a 422)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None and text.isascii() and text.isdigit() and len(text) <= 6:
+        value = int(text)  # ASCII digits only: "²".isdigit() is True, int("²") fails
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
         raise InvalidParameter(
-            f"depth must be an integer from 1 to {limit} (the server's stream_depth), got {value!r}"
+            f"depth must be an integer from 1 to {limit} (the server's stream_depth), "
+            f"got {client_value(value)}"
         )
     return value
 
@@ -236,7 +239,7 @@ class StreamSession:
             msg = json.loads(text)
             if not isinstance(msg, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past the parser's depth too
             await self._reject(InvalidParameter("control messages are JSON objects"))
             return None
         kind = msg.get("type", "config")
