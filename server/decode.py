@@ -8,7 +8,9 @@ with 413 at step 3 and never allocates its pixels.
 
 Pixels become float32 RGB in [0, 1], channels first, exactly like
 `certseg.data.to_chw_float` (alpha dropped, grey and palette expanded). EXIF
-orientation is not applied: the certificate speaks of the pixel grid as stored.
+orientation is applied (`certseg.data.upright`): answers are on the grid viewers show,
+as the browser viewer draws the photo; a rotation only permutes pixels, so the
+certificate is the same on either grid.
 
 An image over the pixel limit is refused (413) unless the client asks for a resize
 (`resize=fit` or a scale): then up to `max_source_pixels` are decoded and shrunk by
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from certseg.certify.resize import AreaResize
+from certseg.data.images import upright, upright_size
 from server.errors import (
     CorruptImage,
     InvalidParameter,
@@ -216,8 +219,10 @@ def decode_image(data: bytes, limits: Limits, resize: ResizeRequest = None) -> D
     """Decode a PNG/JPEG/WebP body into the network's input, limits first; with
     `resize`, shrunk by area averaging (only if it needs it, for "fit")."""
     img, fmt = _open_checked(data, limits, ("png", "jpeg", "webp"), resize)
-    plan = _plan_resize(img.height, img.width, resize, limits)
+    width, height = upright_size(img)
+    plan = _plan_resize(height, width, resize, limits)
     _load(img, fmt)
+    img = upright(img)
     exact = None
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         # 16-bit/float grey: scale to [0, 1] without going through 8 bits first.
@@ -244,14 +249,13 @@ def decode_target(
     """A ground-truth mask PNG (class ids; 8/16-bit grey or palette) as (H, W) int64;
     `resize` as the image's was asked (the target must have the image's size)."""
     img, fmt = _open_checked(data, limits, ("png",), resize)
-    if img.size != (width, height):
-        raise InvalidParameter(
-            f"target mask is {img.size[0]}x{img.size[1]}, the image {width}x{height}"
-        )
+    if upright_size(img) != (width, height):
+        shown = "x".join(map(str, upright_size(img)))
+        raise InvalidParameter(f"target mask is {shown}, the image {width}x{height}")
     if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise InvalidParameter(f"target mask must be a single-channel PNG, got mode {img.mode}")
     _load(img, fmt)
-    target = np.asarray(img).astype(np.int64)
+    target = np.asarray(upright(img)).astype(np.int64)
     bad = (target >= num_classes) & (target != ignore_index) | (target < 0)
     if bad.any():
         raise InvalidParameter(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from server.launch import free_port
 
@@ -158,10 +158,11 @@ def answer_png(field: dict) -> np.ndarray:
 
 
 def to_input(pixels_or_bytes) -> np.ndarray:
-    """What the server feeds the model: PIL decode -> RGB float32 /255 -> (1, 3, H, W)."""
+    """What the server feeds the model: PIL decode, upright (EXIF orientation applied)
+    -> RGB float32 /255 -> (1, 3, H, W)."""
     if isinstance(pixels_or_bytes, bytes | bytearray):
         with Image.open(io.BytesIO(pixels_or_bytes)) as img:
-            pixels = np.asarray(img.convert("RGB"))
+            pixels = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
     else:
         pixels = pixels_or_bytes
     return (pixels.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()

@@ -208,6 +208,32 @@ def test_format_png_and_npz(client, session):
     assert arrays["stability_pixels"].dtype == np.int64 and arrays["stability_eps"].shape == (3,)
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_as_viewers_show_the_photo(client, session, orientation):
+    """A photo stored sideways with an EXIF orientation is answered upright: mask and
+    radius on the grid the browser draws (90-degree turns swap width and height), a
+    label map of that grid is taken and one of the stored grid refused."""
+    stored = random_image(24, 40, seed=orientation)
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", exif=exif.tobytes())
+    body = buf.getvalue()
+    ans = client.post("/v1/segment?outputs=mask,radius", content=body).json()
+    (h, w) = (40, 24) if orientation in (6, 8) else (24, 40)
+    assert (ans["height"], ans["width"]) == (h, w)
+    mask, _, radius, _ = session.run(None, {"image": to_input(body)})
+    assert to_input(body).shape == (1, 3, h, w)
+    np.testing.assert_array_equal(answer_png(ans["mask"]), mask[0])
+    np.testing.assert_array_equal(answer_radius(ans["radius"]), float16_down(radius[0]))
+    for size, status in (((h, w), 200), ((24, 40), 200 if (h, w) == (24, 40) else 422)):
+        target = encode(np.zeros(size, np.uint8))
+        files = {"image": ("x.png", body, "image/png"), "target": ("t.png", target, "image/png")}
+        r = client.post("/v1/segment?outputs=mask", files=files)
+        assert r.status_code == status, r.text
+
+
 def test_request_id_echoed(client):
     r = client.post(
         "/v1/segment", content=encode(random_image(32, 48)), headers={"X-Request-ID": "abc-123"}

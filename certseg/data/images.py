@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-__all__ = ["checked_index", "load_image", "to_chw_float"]
+#: EXIF orientations that swap width and height (rotations by 90 degrees, transposes).
+_SWAPS_SIDES = (5, 6, 7, 8)
+
+__all__ = ["checked_index", "load_image", "to_chw_float", "upright", "upright_size"]
 
 
 def to_chw_float(image: Image.Image) -> np.ndarray:
@@ -16,9 +19,34 @@ def to_chw_float(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1, upright, when there is none or it is invalid)."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # a garbled EXIF block: taken as no rotation
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is shown: swapped by a 90-degree EXIF orientation."""
+    w, h = image.size
+    return (h, w) if _orientation(image) in _SWAPS_SIDES else (w, h)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as viewers show it: its EXIF orientation applied (a phone photo stored
+    sideways comes upright), the image itself when it has none. A rotation or flip only
+    permutes pixels, so l2 norms, and certificates, are the same on either grid."""
+    if _orientation(image) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def load_image(path: str | Path) -> np.ndarray:
+    """An image file as (3, H, W) float32 in [0, 1], upright as viewers show it."""
     with Image.open(path) as img:
-        return to_chw_float(img)
+        return to_chw_float(upright(img))
 
 
 def checked_index(index: int, length: int, noun: str) -> int:
