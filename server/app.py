@@ -44,7 +44,7 @@ from server.routes import ops, stream, v1, v2
 from server.settings import Settings
 from server.state import ServerState
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "uvicorn_config"]
 
 log = logging.getLogger("certseg.server")
 
@@ -249,3 +249,23 @@ def create_app(
             expose_headers=["x-request-id", "retry-after"],
         )
     return app
+
+
+def uvicorn_config(application: FastAPI, host: str, port: int, **overrides: Any) -> Any:
+    """How uvicorn runs the app, from its Settings: the one place `certseg serve` and
+    the tests' live servers take it from (connection cap, WebSocket message cap,
+    graceful shutdown)."""
+    import uvicorn
+
+    settings = application.state.server.settings
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        "access_log": False,
+        "ws_max_size": settings.max_body_bytes,
+        "limit_concurrency": settings.max_connections,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+        "lifespan": "on",
+    }
+    return uvicorn.Config(application, **{**options, **overrides})

@@ -3,7 +3,8 @@
 Each body is capped (`max_body_bytes`, `max_tensor_bytes`), but the number of
 connections is not: 1000 slow uploads of 32 MiB each would hold 32 GB. Bytes are
 counted as they arrive and given back when the request ends; a request whose next
-chunk would pass the budget is refused with 503 + Retry-After, like a full queue.
+chunk would pass the budget is refused with 503 + Retry-After, like a full queue,
+unless it holds the whole budget alone.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class BodyCharge:
             n = len(message.get("body", b"")) if message["type"] == "http.request" else 0
             if n:
                 budget = self.budget
-                if budget.used + n > budget.limit:
+                # A request alone in the budget always goes on (its own cap bounds it):
+                # a budget below one multipart body would otherwise refuse it for ever.
+                if budget.used + n > budget.limit and budget.used > self.held:
                     raise Overloaded(
                         f"request bodies in flight exceed {budget.limit} bytes", retry_after=1
                     )

@@ -154,7 +154,7 @@ def serve(
     """Serve certified segmentation over REST, WebSocket and the Open Inference Protocol."""
     import uvicorn
 
-    from server.app import create_app
+    from server.app import create_app, uvicorn_config
     from server.backends import create_engine, resolve_model_specs
     from server.errors import CertSegError
     from server.logs import configure_logging
@@ -200,17 +200,7 @@ def serve(
         _fail(exc.detail)
         raise typer.Exit(2) from None
     application = create_app(settings, engines=engines)
-    config = uvicorn.Config(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        ws_max_size=settings.max_body_bytes,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(application, settings.host, settings.port))
     state = application.state.server
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()

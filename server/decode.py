@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from certseg.certify.resize import AreaResize
-from certseg.data.images import upright, upright_size
+from certseg.data.images import upright
 from server.errors import (
     CorruptImage,
     InvalidParameter,
@@ -219,10 +219,11 @@ def decode_image(data: bytes, limits: Limits, resize: ResizeRequest = None) -> D
     """Decode a PNG/JPEG/WebP body into the network's input, limits first; with
     `resize`, shrunk by area averaging (only if it needs it, for "fit")."""
     img, fmt = _open_checked(data, limits, ("png", "jpeg", "webp"), resize)
-    width, height = upright_size(img)
-    plan = _plan_resize(height, width, resize, limits)
+    _plan_resize(img.height, img.width, resize, limits)  # a scale that cannot fit: 413 now
     _load(img, fmt)
+    # EXIF only once decoded: a PNG's may follow its pixels, and reading it loads them
     img = upright(img)
+    plan = _plan_resize(img.height, img.width, resize, limits)  # a turn swaps the sides
     exact = None
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         # 16-bit/float grey: scale to [0, 1] without going through 8 bits first.
@@ -249,13 +250,15 @@ def decode_target(
     """A ground-truth mask PNG (class ids; 8/16-bit grey or palette) as (H, W) int64;
     `resize` as the image's was asked (the target must have the image's size)."""
     img, fmt = _open_checked(data, limits, ("png",), resize)
-    if upright_size(img) != (width, height):
-        shown = "x".join(map(str, upright_size(img)))
-        raise InvalidParameter(f"target mask is {shown}, the image {width}x{height}")
     if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise InvalidParameter(f"target mask must be a single-channel PNG, got mode {img.mode}")
     _load(img, fmt)
-    target = np.asarray(upright(img)).astype(np.int64)
+    img = upright(img)
+    if img.size != (width, height):
+        raise InvalidParameter(
+            f"target mask is {img.size[0]}x{img.size[1]}, the image {width}x{height}"
+        )
+    target = np.asarray(img).astype(np.int64)
     bad = (target >= num_classes) & (target != ignore_index) | (target < 0)
     if bad.any():
         raise InvalidParameter(

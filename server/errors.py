@@ -50,6 +50,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "Problem",
+    "RequestTimeout",
     "Unauthorized",
     "UnsupportedMediaType",
     "client_value",
@@ -91,6 +92,10 @@ class CorruptImage(InputError):
 
 class InvalidParameter(InputError):
     """A query/control parameter out of its domain (eps NaN, negative, ...)."""
+
+
+class RequestTimeout(InputError):
+    """The client stopped sending its request body (no byte for `body_idle_s`)."""
 
 
 def client_value(value: object, limit: int = 40) -> str:
@@ -149,6 +154,7 @@ PROBLEMS: dict[type[CertSegError], Problem] = {
     PayloadTooLarge: Problem(413, "Payload too large", "payload-too-large"),
     CorruptImage: Problem(422, "Corrupt image", "corrupt-image"),
     InvalidParameter: Problem(422, "Invalid parameter", "invalid-parameter"),
+    RequestTimeout: Problem(408, "Request timeout", "request-timeout"),
     Unauthorized: Problem(401, "Unauthorized", "unauthorized"),
     ModelNotFound: Problem(404, "Model not found", "model-not-found"),
     ModelError: Problem(500, "Model error", "model-error"),
@@ -164,6 +170,7 @@ _HTTP_TITLES = {
     401: "Unauthorized",
     404: "Not found",
     405: "Method not allowed",
+    408: "Request timeout",
     413: "Payload too large",
     415: "Unsupported media type",
     422: "Unprocessable input",

@@ -193,6 +193,18 @@ class Settings(BaseSettings):
         description="Request bodies held by all connections at once; a request that would "
         "pass it: 503 + Retry-After (each body has its own cap, the connections have none).",
     )
+    body_idle_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request whose body sends no byte for this long: 408 (a slow but "
+        "steady upload is fine; a stalled one does not hold its connection and bytes).",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description="Open connections (HTTP and WebSocket) uvicorn takes; past it new "
+        "requests get its 503. Bounds the sockets idle or half-sent requests hold.",
+    )
     max_json_bytes: int = Field(
         default=16 * 1024 * 1024,
         ge=1024,
@@ -211,7 +223,9 @@ class Settings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("max_delay_ms", "shutdown_grace_s", "stream_idle_s", "stream_send_timeout_s")
+    @field_validator(
+        "max_delay_ms", "shutdown_grace_s", "stream_idle_s", "stream_send_timeout_s", "body_idle_s"
+    )
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

@@ -78,18 +78,14 @@ class LiveServer:
     def __init__(self, app, ws_max_size: int = 16 * 1024 * 1024) -> None:
         import uvicorn
 
+        from server.app import uvicorn_config
+
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_base = f"ws://127.0.0.1:{self.port}"
         self.app = app
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            access_log=False,
-            ws_max_size=ws_max_size,
-            lifespan="on",
+        config = uvicorn_config(
+            app, "127.0.0.1", self.port, log_level="warning", ws_max_size=ws_max_size
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -135,7 +135,7 @@ class Case:
 
 
 def _img(id: str, content: bytes, size=(H, W), **kw) -> Case:
-    """A valid-but-unusual image: served, mask of the stored size."""
+    """A valid-but-unusual image: served, mask of `size` (H, W)."""
     return Case(id, content, 200, size=size, params={"outputs": "mask"}, **kw)
 
 
@@ -190,7 +190,7 @@ CORPUS: list[Case] = [
     _img("png-alpha-LA", _image("LA")),
     _img("jpeg-grey-L", _image("L", "JPEG")),
     _img("jpeg-CMYK", _image("CMYK", "JPEG")),
-    _img("jpeg-exif-rotated-not-applied", _exif_rotated_jpeg()),  # stored grid, not shown
+    _img("jpeg-exif-rotated", _exif_rotated_jpeg(), size=(W, H)),  # answered as shown
     # ---- the content type is not trusted: the magic bytes decide
     _img("ctype-json-png-body", _PNG, headers={"Content-Type": "application/json"}),
     _img("ctype-text-png-body", _PNG, headers={"Content-Type": "text/plain"}),

@@ -44,6 +44,7 @@ from certseg.certify import worst_case_pixel_accuracy as wc_acc
 from server import Settings, create_app
 
 MAX_BYTES = 512 * 1024
+SHARES = ("0.01", "0.05", "0.1")  # the stability fractions, as labels
 MAX_PIXELS = 300 * 300
 
 
@@ -274,9 +275,16 @@ def test_docs_metrics_health_and_index(client):
     ):
         assert name in text, name
     assert 'route="/v1/segment"' in text and 'stage="infer"' in text
+
     # one observation per share of the pixels, labelled by it (default outputs ask it)
-    for share in ("0.01", "0.05", "0.1"):
-        assert f'certseg_stability_eps_count{{fraction="{share}",model="tiny"}} 1.0' in text
+    def stability_counts(text: str) -> list[float]:
+        names = [f'certseg_stability_eps_count{{fraction="{a}",model="tiny"}} ' for a in SHARES]
+        return [float(text.split(name)[1].split()[0]) for name in names]
+
+    before = stability_counts(text)
+    client.post("/v1/segment", content=encode(random_image(32, 48)))
+    after = stability_counts(client.get("/metrics").text)
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1.0, 1.0, 1.0]
     for invented in ("PROPFIND", "MKCOL"):  # methods the client picks share one label
         assert client.request(invented, "/v1/models").status_code == 405
     text = client.get("/metrics").text
@@ -611,5 +619,60 @@ def test_bodies_in_flight_share_one_budget(model_dir):
         r = httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
         assert r.status_code == 200
         assert budget.used == 0
+        # a request alone may hold more than the budget (an image and its target)
+        target = encode(np.zeros((128, 160), np.uint8))
+        files = {"image": ("i.png", body, "image/png"), "target": ("t.png", target, "image/png")}
+        r = httpx.post(srv.base + "/v1/segment?outputs=mask", files=files, timeout=30)
+        assert r.status_code == 200, r.text
+        assert budget.used == 0
     finally:
+        srv.stop()
+
+
+def test_a_stalled_body_gets_408_and_gives_its_bytes_back(model_dir):
+    """A client that stops sending its body mid-way is answered 408 problem+json after
+    body_idle_s, its bytes leave the budget, and the server serves the next request."""
+    settings = Settings(intra_op_threads=1, body_idle_s=0.3)
+    srv = LiveServer(create_app(settings, engines=[ort_engine(model_dir)])).start()
+    try:
+        stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        stalled.sendall(
+            b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"\x89PNG\r\n\x1a\n"
+        )
+        answer = b""
+        while b"}" not in answer and (chunk := stalled.recv(65536)):
+            answer += chunk
+        stalled.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"application/problem+json" in answer and b"request-timeout" in answer
+        _wait_for(lambda: srv.app.state.server.bodies.used == 0, "the budget given back")
+        r = httpx.post(srv.base + "/v1/segment?outputs=mask", content=encode(random_image(8, 8)))
+        assert r.status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_connections_past_max_connections_get_503_until_one_closes(model_dir):
+    """Half-sent requests hold sockets; past max_connections uvicorn answers 503 and
+    takes new ones again once they go."""
+    settings = Settings(intra_op_threads=1, max_connections=3)
+    srv = LiveServer(create_app(settings, engines=[ort_engine(model_dir)])).start()
+    held = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never end
+            held.append(sock)
+        time.sleep(0.2)
+        assert httpx.get(srv.base + "/healthz", timeout=10).status_code == 503
+        for sock in held:
+            sock.close()
+        _wait_for(
+            lambda: httpx.get(srv.base + "/healthz", timeout=10).status_code == 200,
+            "a connection slot free again",
+        )
+    finally:
+        for sock in held:
+            sock.close()
         srv.stop()

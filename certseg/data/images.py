@@ -7,10 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-#: EXIF orientations that swap width and height (rotations by 90 degrees, transposes).
-_SWAPS_SIDES = (5, 6, 7, 8)
-
-__all__ = ["checked_index", "load_image", "to_chw_float", "upright", "upright_size"]
+__all__ = ["checked_index", "load_image", "to_chw_float", "upright"]
 
 
 def to_chw_float(image: Image.Image) -> np.ndarray:
@@ -28,16 +25,11 @@ def _orientation(image: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def upright_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) as the image is shown: swapped by a 90-degree EXIF orientation."""
-    w, h = image.size
-    return (h, w) if _orientation(image) in _SWAPS_SIDES else (w, h)
-
-
 def upright(image: Image.Image) -> Image.Image:
     """The image as viewers show it: its EXIF orientation applied (a phone photo stored
     sideways comes upright), the image itself when it has none. A rotation or flip only
-    permutes pixels, so l2 norms, and certificates, are the same on either grid."""
+    permutes pixels, so l2 norms, and certificates, are the same on either grid. Call it
+    on a loaded image: reading a PNG's EXIF may load its pixels, errors unchecked."""
     if _orientation(image) == 1:
         return image
     return ImageOps.exif_transpose(image)
@@ -46,6 +38,7 @@ def upright(image: Image.Image) -> Image.Image:
 def load_image(path: str | Path) -> np.ndarray:
     """An image file as (3, H, W) float32 in [0, 1], upright as viewers show it."""
     with Image.open(path) as img:
+        img.load()  # decode errors surface here, before EXIF is read (a PNG's may follow)
         return to_chw_float(upright(img))
 
 

@@ -20,6 +20,7 @@ from server.errors import (
     PROBLEM_MEDIA_TYPE,
     InvalidParameter,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from server.overlay import OverlayStyle, render_overlay
@@ -215,12 +216,24 @@ def _problem(description: str, **extra: object) -> dict:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (declared or streamed)."""
+    """The body, refused with 413 as soon as it passes `limit` (declared or streamed),
+    and with 408 when no byte of it comes for `body_idle_s`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+    idle_s = get_state(request).settings.body_idle_s
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = aiter(request.stream())
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no byte of the body for {idle_s:g} s ({size} received); send it whole"
+            ) from None
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
