@@ -9,6 +9,7 @@ Needs only the SDK's dependencies, plus PyAV (`av`) for `stream`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from fractions import Fraction
@@ -125,7 +126,8 @@ def segment(
         typer.Option(
             "--classes",
             help="Also print each image's per-class certificate (pixels, certified, "
-            "most one attack flips, kept at least).",
+            "most one attack flips, kept at least; with a model exported with logits, "
+            "the most one attack turns into the class).",
         ),
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 60.0,
@@ -136,7 +138,6 @@ def segment(
     from clients.models import CertSegClientError
     from clients.sdk import DEFAULT_OUTPUTS, CertSegClient
 
-    outputs = (*DEFAULT_OUTPUTS, "gains") if classes else DEFAULT_OUTPUTS
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="IMAGES")
@@ -154,6 +155,9 @@ def segment(
         Progress(console=console, transient=True, disable=len(images) < 2) as progress,
     ):
         task = progress.add_task("segmenting", total=len(images))
+        outputs = DEFAULT_OUTPUTS
+        if classes and _has_logits(client, model):  # gains read the logits
+            outputs = (*DEFAULT_OUTPUTS, "gains")
         for path in images:
             try:
                 result = client.segment(
@@ -193,6 +197,18 @@ def segment(
     console.print(f"wrote {len(rows) * 3} files to {out}")
     if failed:
         raise typer.Exit(1)
+
+
+def _has_logits(client: Any, model: str | None) -> bool:
+    """Whether the model (the server's default if None) was exported with logits."""
+    from clients.models import CertSegClientError
+
+    try:
+        listing = client.models()
+    except CertSegClientError:
+        return False  # the segment calls will say what is wrong
+    name = model or listing.get("default")
+    return any(m.get("name") == name and m.get("has_logits") for m in listing.get("models", []))
 
 
 def _stability_cell(r: SegmentResult) -> str:
@@ -242,7 +258,14 @@ def _open_input(video: Path | None, camera: int | None) -> Any:
         raise typer.BadParameter("give a VIDEO file or --camera N")
     if not video.is_file():
         raise typer.BadParameter(f"no such file: {video}", param_hint="VIDEO")
-    return av.open(str(video))
+    try:
+        container = av.open(str(video))
+    except av.error.FFmpegError as exc:
+        raise typer.BadParameter(f"{video} is not a video FFmpeg reads ({exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise typer.BadParameter(f"{video} has no video stream", param_hint="VIDEO")
+    return container
 
 
 def _decoded(container: Any, limit: int | None) -> Iterator[np.ndarray]:
@@ -269,16 +292,40 @@ def _annotate(r: StreamResult) -> Image.Image:
     return img
 
 
+#: Video codecs tried in turn: the first the build has and the container takes.
+_CODECS = ("libx264", "mpeg4", "libvpx-vp9", "libvpx")
+
+
 class _Writer:
-    """Annotated frames into a video file (H.264 when PyAV has it, else MPEG-4)."""
+    """Annotated frames into a video file (H.264 when PyAV has it, else MPEG-4, else VP9
+    or VP8 for WebM). The codec is chosen when the file is opened, before any frame is
+    streamed: a container that takes none of them is a usage error, not a crash."""
 
     def __init__(self, path: Path, rate: Fraction) -> None:
         import av
 
         self.av = av
-        self.container = av.open(str(path), mode="w")
-        self.rate = rate
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.container = av.open(str(path), mode="w")
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise typer.BadParameter(f"cannot write {path} ({exc})", param_hint="--out") from None
         self.stream: Any = None
+        for codec in _CODECS:
+            try:
+                self.stream = self.container.add_stream(codec, rate=rate)
+                break
+            except (av.error.FFmpegError, ValueError):
+                continue
+        if self.stream is None:
+            self.container.close()
+            raise typer.BadParameter(
+                f"no video codec this PyAV has ({', '.join(_CODECS)}) fits {path.suffix} files; "
+                "write .mp4, .mkv or .webm",
+                param_hint="--out",
+            )
+        self.stream.pix_fmt = "yuv420p"
+        self.size: tuple[int, int] | None = None
         self.frames = 0
 
     def write(self, img: Image.Image) -> None:
@@ -289,22 +336,18 @@ class _Writer:
             padded = Image.new("RGB", (w, h))
             padded.paste(img)
             img = padded
-        if self.stream is None:
-            try:
-                self.stream = self.container.add_stream("libx264", rate=self.rate)
-            except Exception:
-                self.stream = self.container.add_stream("mpeg4", rate=self.rate)
+        if self.size is None:  # the first frame sets the video's size
+            self.size = (w, h)
             self.stream.width, self.stream.height = w, h
-            self.stream.pix_fmt = "yuv420p"
-        elif (w, h) != (self.stream.width, self.stream.height):
-            img = img.resize((self.stream.width, self.stream.height))
+        elif (w, h) != self.size:
+            img = img.resize(self.size)
         frame = self.av.VideoFrame.from_image(img)  # type: ignore[attr-defined]
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
         self.frames += 1
 
     def close(self) -> None:
-        if self.stream is not None:
+        if self.size is not None:
             for packet in self.stream.encode():
                 self.container.mux(packet)
         self.container.close()
@@ -342,6 +385,8 @@ def stream(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a result.")] = 60.0,
 ) -> None:
     """Stream a video (or a camera) through WS /v1/stream; write the annotated video."""
+    import av
+
     from clients.models import CertSegClientError, StreamSummary
     from clients.sdk import CertSegClient, InFlight
 
@@ -352,8 +397,13 @@ def stream(
     if camera is not None or (max_in_flight is not None and max_in_flight <= 0):
         in_flight = None
     summary = StreamSummary()
-    writer = _Writer(out, Fraction(rate))
+    try:
+        writer = _Writer(out, Fraction(rate))
+    except typer.BadParameter:
+        container.close()
+        raise
     t0 = time.perf_counter()
+    results = None
     try:
         with CertSegClient(url, api_key=api_key, timeout=timeout) as client:
             results = client.stream(
@@ -377,8 +427,14 @@ def stream(
     except CertSegClientError as exc:
         console.print(f"[red]stream failed: {exc}[/red]")
         raise typer.Exit(1) from exc
+    except av.error.FFmpegError as exc:  # the muxer refused a frame (e.g. one image file)
+        console.print(f"[red]cannot write {out}: {exc}[/red]")
+        raise typer.Exit(1) from exc
     finally:
-        writer.close()
+        if results is not None:
+            results.close()  # joins the SDK's sender, which decodes from `container`
+        with contextlib.suppress(av.error.FFmpegError):
+            writer.close()
         container.close()
     p50, p99 = summary.percentile(50), summary.percentile(99)
     table = Table(title=f"stream -> {out}")

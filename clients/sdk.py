@@ -109,8 +109,11 @@ def encode_image(image: ImageInput, fmt: str = "PNG", quality: int = 90) -> tupl
         media = _sniff(data)
         if media != "application/octet-stream":
             return data, media
-        with Image.open(io.BytesIO(data)) as img:  # e.g. BMP/TIFF: re-encode
-            return encode_image(img.convert("RGB"), fmt, quality)
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # e.g. BMP/TIFF: re-encode
+                return encode_image(img.convert("RGB"), fmt, quality)
+        except (OSError, ValueError, SyntaxError):  # not an image Pillow reads either:
+            return data, media  # sent as it is, the server's 415 says so (as for bytes)
     if isinstance(image, np.ndarray):
         image = _pixels(image)
     if isinstance(image, Image.Image):

@@ -56,6 +56,7 @@ __all__ = [
     "Certified",
     "Timings",
     "check_eps",
+    "check_outputs",
     "class_figures",
     "parse_outputs",
     "segment_image",
@@ -66,6 +67,8 @@ OUTPUTS = ("mask", "radius", "overlay", "classes", "gains", "stability", "logits
 DEFAULT_OUTPUTS = frozenset({"mask", "radius", "overlay", "classes", "stability"})
 #: The outputs that are figures of the certificate (the rest are arrays and images).
 FIGURES = frozenset({"classes", "gains", "stability"})
+#: The outputs that read the logits: a model exported without them cannot give these.
+LOGIT_OUTPUTS = frozenset({"gains", "logits"})
 
 
 @dataclass
@@ -106,6 +109,16 @@ def parse_outputs(value: str | Iterable[str] | None) -> frozenset[str]:
     if bad or (not isinstance(value, str) and any(not isinstance(s, str) for s in items)):
         raise InvalidParameter(f"unknown outputs {bad}; choose from {', '.join(OUTPUTS)}")
     return names
+
+
+def check_outputs(info: ModelInfo, outputs: Iterable[str]) -> None:
+    """Outputs that read the logits need a model exported with them (else a 422)."""
+    asked = sorted(LOGIT_OUTPUTS.intersection(outputs))
+    if asked and not info.has_logits:
+        raise InvalidParameter(
+            f"model '{info.name}' was exported without a logits output, which "
+            f"{' and '.join(asked)} need (export with --logits)"
+        )
 
 
 def check_eps(value: object, default: float) -> float:
@@ -329,13 +342,8 @@ async def segment_image(
     """Queue the image, wait for its batch, certify it; records queue/infer/certify."""
     info = state.info(model)
     batcher = state.batcher_for(info.name)
-    gains = "gains" in outputs
-    need_logits = "logits" in outputs or gains or (target is not None and info.has_logits)
-    if (gains or "logits" in outputs) and not info.has_logits:
-        raise InvalidParameter(
-            f"model '{info.name}' was exported without a logits output "
-            "(outputs logits and gains need it)"
-        )
+    check_outputs(info, outputs)
+    need_logits = bool(outputs & LOGIT_OUTPUTS) or (target is not None and info.has_logits)
     if image.resize is not None and "logits" in outputs:
         raise InvalidParameter(
             "a resized image has no logits at its own size (they are the network's); "

@@ -72,6 +72,18 @@ def tiny_checkpoint() -> Path:
     return _CACHE["tiny.pt"]
 
 
+def tiny_model_dir_without_logits() -> Path:
+    """The same tiny model exported without its logits output (as `certseg export`
+    does without --logits): outputs that read the logits are refused for it."""
+    if "tiny-no-logits" not in _CACHE:
+        from export.onnx_export import export_onnx
+
+        out = tiny_model_dir().parent / "tiny-no-logits"
+        export_onnx(tiny_checkpoint(), out, with_logits=False)
+        _CACHE["tiny-no-logits"] = out
+    return _CACHE["tiny-no-logits"]
+
+
 class LiveServer:
     """A real uvicorn server on 127.0.0.1:<free port> in a daemon thread."""
 

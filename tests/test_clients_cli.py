@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from server_support import LiveServer, ort_engine, random_image, tiny_model_dir
+from server_support import (
+    LiveServer,
+    ort_engine,
+    random_image,
+    tiny_model_dir,
+    tiny_model_dir_without_logits,
+)
 from typer.testing import CliRunner
 
 from clients.cli import app, radius_heatmap
@@ -88,6 +94,24 @@ def test_segment_classes_prints_the_per_class_certificate(server, tmp_path):
     assert rows and sum(int(row[1]) for row in rows) == 40 * 56
 
 
+def test_segment_classes_on_a_model_without_logits_leaves_gains_out(tmp_path):
+    """--classes asks for gains only when the model has logits (they read them): a
+    model exported without gets its per-class table, gains shown as "-"."""
+    settings = Settings(intra_op_threads=1, max_delay_ms=1, api_key=KEY)
+    engine = ort_engine(tiny_model_dir_without_logits())
+    srv = LiveServer(create_app(settings, engines=[engine])).start()
+    try:
+        img = tmp_path / "street.png"
+        Image.fromarray(random_image(40, 56, seed=3)).save(img)
+        args = ["segment", str(img), "--out", str(tmp_path / "o"), "--url", srv.base, "--classes"]
+        res = CliRunner().invoke(app, args, env={"CERTSEG_API_KEY": KEY, "COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        rows = re.findall(r"│ (road|car|sky|tree)\s+│\s+(\d+) │.*│\s+- │", res.output)
+        assert rows and sum(int(row[1]) for row in rows) == 40 * 56
+    finally:
+        srv.stop()
+
+
 def test_segment_with_labels_reports_the_worst_case_metrics(server, tmp_path):
     img, labels = tmp_path / "street.png", tmp_path / "labels"
     pixels = random_image(40, 56, seed=7)
@@ -158,6 +182,42 @@ def test_stream_refused_key_exits_nonzero(server, tmp_path):
         env={"CERTSEG_API_KEY": "nope"},
     )
     assert res.exit_code == 1 and "stream failed" in res.output
+
+
+@pytest.mark.timeout(120)
+def test_stream_out_formats_folders_and_bad_videos(server, tmp_path):
+    """The codec is picked when the file opens (WebM gets VP9/VP8); a muxer that refuses
+    frames ends the stream with exit 1 and a message, never a hang; --out's folder is
+    made; a file that is not a video is a usage error."""
+    video = make_video(tmp_path / "clip.mp4", frames=4)
+    env = {"CERTSEG_API_KEY": KEY, "COLUMNS": "160"}
+    for out in (tmp_path / "a.webm", tmp_path / "new" / "dir" / "a.mkv"):
+        res = CliRunner().invoke(
+            app, ["stream", str(video), "-o", str(out), "--url", server.base], env=env
+        )
+        assert res.exit_code == 0, res.output
+        assert count_frames(out)[0] == 4
+    res = CliRunner().invoke(
+        app, ["stream", str(video), "-o", str(tmp_path / "a.png"), "--url", server.base], env=env
+    )
+    assert res.exit_code == 1 and "cannot write" in res.output  # an image muxer: one frame
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all")
+    res = CliRunner().invoke(app, ["stream", str(junk), "--url", server.base], env=env)
+    assert res.exit_code == 2 and "not a video" in res.output
+
+
+def test_segment_reports_a_file_that_is_no_image_and_goes_on(server, tmp_path):
+    """A file that is no image is refused by the server (415), printed, and the next
+    image is still segmented; the exit status is 1."""
+    bad, good = tmp_path / "bad.png", tmp_path / "good.png"
+    bad.write_text("just text")
+    Image.fromarray(random_image(40, 56, seed=1)).save(good)
+    args = ["segment", str(bad), str(good), "--out", str(tmp_path / "o"), "--url", server.base]
+    res = CliRunner().invoke(app, args, env={"CERTSEG_API_KEY": KEY, "COLUMNS": "200"})
+    assert res.exit_code == 1, res.output
+    assert "bad.png" in res.output and "415" in res.output
+    assert (tmp_path / "o" / "good_overlay.png").is_file()
 
 
 def test_radius_heatmap_colours():

@@ -20,6 +20,7 @@ from server_support import (
     ort_session,
     random_image,
     tiny_model_dir,
+    tiny_model_dir_without_logits,
     to_input,
 )
 
@@ -314,3 +315,38 @@ def test_stream_auth_and_unknown_model(server):
                 assert ws.close_code == 1008
 
     asyncio.run(run())
+
+
+def test_outputs_that_read_logits_are_refused_up_front_for_a_model_without_them():
+    """gains on a model exported without logits: a 422 for the config message (the
+    stream goes on) and for the first settings (closed 1008), not an error per frame;
+    REST answers the same 422 naming the export option."""
+    import httpx
+
+    settings = Settings(intra_op_threads=1, max_delay_ms=1)
+    srv = LiveServer(create_app(settings, engines=[ort_engine(tiny_model_dir_without_logits())]))
+    srv.start()
+    frame = encode(random_image(24, 32, seed=1))
+
+    async def run() -> None:
+        async with websockets.connect(f"{srv.ws_base}/v1/stream?outputs=classes") as ws:
+            await _recv_json(ws)
+            await ws.send(json.dumps({"outputs": ["classes", "gains"]}))
+            err = await _recv_json(ws)
+            assert err["status"] == 422 and "--logits" in err["detail"]
+            await ws.send(frame)  # the stream keeps its settings, and answers
+            res = await _recv_json(ws)
+            assert res["type"] == "result" and "classes" in res
+        async with websockets.connect(f"{srv.ws_base}/v1/stream?outputs=gains") as ws:
+            err = await _recv_json(ws)
+            assert err["status"] == 422 and "gains" in err["detail"]
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
+
+    try:
+        asyncio.run(run())
+        r = httpx.post(srv.base + "/v1/segment?outputs=gains", content=frame)
+        assert r.status_code == 422 and "--logits" in r.json()["detail"]
+    finally:
+        srv.stop()

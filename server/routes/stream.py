@@ -55,7 +55,7 @@ from server.errors import (
     problem_for,
     problem_response,
 )
-from server.pipeline import Certified, Timings, check_eps, segment_image
+from server.pipeline import Certified, Timings, check_eps, check_outputs, segment_image
 from server.state import ServerState, get_state
 
 __all__ = ["router"]
@@ -93,6 +93,7 @@ class StreamConfig:
             outputs = [o.strip() for o in outputs.split(",") if o.strip()]
         if not isinstance(outputs, list | tuple) or any(o not in STREAM_OUTPUTS for o in outputs):
             raise InvalidParameter(f"stream outputs must be a list drawn from {STREAM_OUTPUTS}")
+        check_outputs(info, outputs)  # gains need the logits: refused here, not per frame
         style = msg.get("overlay_style", self.overlay_style)
         if style not in STYLES:
             raise InvalidParameter(f"overlay_style must be one of {STYLES}")
