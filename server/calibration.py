@@ -60,7 +60,10 @@ def reference_artifact(path: Path) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise ModelError(f"{path}: calibration needs the exported model.onnx (the fp32 reference)")
+    raise ModelError(
+        f"{path}: calibration needs the exported model.onnx (the fp32 reference) beside it; "
+        "name its export with --reference (e.g. runs/mine/onnx)"
+    )
 
 
 def reference_engine(artifact: Path) -> Engine:

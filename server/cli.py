@@ -158,6 +158,7 @@ def serve(
     from server.backends import create_engine, resolve_model_specs
     from server.errors import CertSegError
     from server.logs import configure_logging
+    from server.state import ServerState
 
     settings = build_settings(
         models=models,
@@ -196,6 +197,7 @@ def serve(
     configure_logging(settings.log_level, settings.log_json)
     try:  # a missing, corrupt or over-claiming model stops here, before the port opens
         engines = [create_engine(spec, settings) for spec in resolve_model_specs(settings)]
+        ServerState.check_names(engines)
     except CertSegError as exc:
         _fail(exc.detail)
         raise typer.Exit(2) from None
@@ -230,11 +232,19 @@ def calibrate(
     ] = None,
     safety: Annotated[float, typer.Option(help="Factor on the largest error seen.")] = 2.0,
     out: Annotated[Path | None, typer.Option(help="Write the bound's JSON here.")] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="The exported model (dir or .onnx) the fp32 reference runs; default: the "
+            "model.onnx beside MODEL (a .pt's export folder, e.g. runs/mine/onnx, needs it).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Measure an engine's margin error bound against fp32 ONNX Runtime (for --margin-error)."""
     from export.cli import parse_hw
     from server.backends import resolve_model_specs
-    from server.calibration import calibrate_engine, calibration_images
+    from server.calibration import calibrate_engine, calibration_images, reference_engine
     from server.errors import CertSegError
     from server.logs import configure_logging
 
@@ -250,10 +260,14 @@ def calibrate(
     )
     try:
         (spec,) = resolve_model_specs(settings)
-        hw = parse_hw(size) if size else _input_size(spec.path)
-        bound = calibrate_engine(
-            spec.path, settings, calibration_images(hw, count, images), safety=safety
-        )
+        fp32 = reference or spec.path
+        hw = parse_hw(size) if size else _input_size(fp32)
+        ref = reference_engine(fp32)
+        try:
+            frames = calibration_images(hw, count, images)
+            bound = calibrate_engine(spec.path, settings, frames, safety=safety, reference=ref)
+        finally:
+            ref.close()
     except CertSegError as exc:
         typer.echo("certseg calibrate: error: " + " ".join(exc.detail.split()), err=True)
         raise typer.Exit(2) from None

@@ -53,12 +53,21 @@ class ServerState:
         self.on_fatal: Callable[[], None] | None = None
 
     # setup ----------------------------------------------------------------------
+    @staticmethod
+    def check_names(engines: list[Engine]) -> None:
+        """Models are served by name: two of one name are a ModelError (before any load)."""
+        seen: set[str] = set()
+        for engine in engines:
+            name = engine.metadata().name
+            if name in seen:
+                raise ModelError(f"two models are named '{name}'; name them with NAME=PATH")
+            seen.add(name)
+
     def add_engines(self, engines: list[Engine]) -> None:
         """Register engines by their metadata name; names must be unique."""
+        self.check_names([*self.engines.values(), *engines])
         for engine in engines:
             info = engine.metadata()
-            if info.name in self.engines:
-                raise ModelError(f"two models are named '{info.name}'; name them with NAME=PATH")
             self.engines[info.name] = engine
             self.status[info.name] = "loading"
             self.metrics.model_ready.labels(info.name).set(0)

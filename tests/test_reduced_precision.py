@@ -230,3 +230,16 @@ def test_calibrate_command_gives_the_bound_serve_needs(tmp_path):
         [*cmd[:4], str(tmp_path / "missing.pt"), *cmd[5:]], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "certseg calibrate: error:" in bad.stderr
+    # a checkpoint away from its export (README's runs/mine/model.pt, runs/mine/onnx/):
+    # the error names --reference, which finds the fp32 model
+    import shutil
+
+    alone = tmp_path / "alone" / "model.pt"
+    alone.parent.mkdir()
+    shutil.copy(checkpoint, alone)
+    lost = subprocess.run([*cmd[:4], str(alone), *cmd[5:]], capture_output=True, text=True)
+    assert lost.returncode == 2 and "--reference" in lost.stderr
+    found = [*cmd[:4], str(alone), "--reference", str(default_model_path().parent), *cmd[5:]]
+    run = subprocess.run(found, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(out.read_text())["bound"] == pytest.approx(bound["bound"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import onnx
 import pytest
-from server_support import encode, random_image, tiny_model_dir
+from server_support import encode, random_image, tiny_model_dir, tiny_model_dir_without_logits
 
 from server.launch import ServeProcess
 
@@ -64,6 +64,14 @@ def test_bad_model_at_start_exits_non_zero_with_a_clear_error(tmp_path, make, co
     assert rc == code, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("certseg serve: error:") and says in last, last
+
+
+def test_two_models_of_one_name_exit_2_before_the_port_opens():
+    rc, err = _exit_of([str(tiny_model_dir()), str(tiny_model_dir_without_logits())])
+    assert rc == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("certseg serve: error:") and "two models are named 'tiny'" in last
+    assert "Traceback" not in err
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -67,6 +67,7 @@ def test_health_and_metadata(triton):
     assert triton.get_model_metadata("second")["name"] == "second"
     cfg = triton.get_model_config("tiny")
     assert cfg["name"] == "tiny" and cfg["input"][0]["name"] == "image"
+    assert cfg["dynamic_batching"]["preferred_batch_size"] == [1]  # CPU: one image a pass
 
 
 def _infer(tc, triton, x: np.ndarray, binary: bool, names=("mask", "margin", "radius")):
@@ -112,6 +113,11 @@ def test_bytes_input_of_encoded_images(tc, triton, session):
     res = triton.infer("tiny", [inp], outputs=[tc.InferRequestedOutput("mask")])
     want = session.run(["mask"], {"image": np.concatenate([to_input(p) for p in pngs])})[0]
     np.testing.assert_array_equal(res.as_numpy("mask"), want)
+
+
+def test_health_bodies_are_the_protocols(server):
+    assert httpx.get(server.base + "/v2/health/live").json() == {"live": True}
+    assert httpx.get(server.base + "/v2/health/ready").json() == {"ready": True}
 
 
 def test_models_by_name(server):

@@ -75,6 +75,10 @@ class Readiness(BaseModel):
     name: str | None = None
 
 
+class Liveness(BaseModel):
+    live: bool
+
+
 class V2Error(BaseModel):
     """The protocol's error body."""
 
@@ -215,10 +219,10 @@ async def server_metadata() -> ServerMetadata:
     )
 
 
-@router.get("/health/live", response_model=Readiness)
-async def live() -> JSONResponse:
-    """Live as soon as the process serves HTTP."""
-    return _health(True)
+@router.get("/health/live", response_model=Liveness)
+async def live() -> Liveness:
+    """Live as soon as the process serves HTTP (the protocol's body: {"live": true})."""
+    return Liveness(live=True)
 
 
 @router.get("/health/ready", response_model=Readiness, responses=_NOT_READY)
@@ -308,7 +312,7 @@ async def model_config(request: Request, model: str) -> dict[str, Any]:
         ],
         "dynamic_batching": {
             "max_queue_delay_microseconds": int(state.settings.max_delay_ms * 1000),
-            "preferred_batch_size": [state.settings.max_batch],
+            "preferred_batch_size": [state.settings.batch_limit(info.device)],
         },
     }
 
