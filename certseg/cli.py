@@ -57,6 +57,18 @@ def _kwargs(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _check_data(data: str, root: Path | None) -> None:
+    """A usage error, before any model is built, for a source we lack or a missing root."""
+    from certseg.data.sources import SOURCES
+
+    if data not in SOURCES:
+        raise typer.BadParameter(f"choose one of {', '.join(SOURCES)}", param_hint="--data")
+    if data != "synthetic" and root is None:
+        raise typer.BadParameter(
+            f"--data {data} reads its images from --root DIR", param_hint="--root"
+        )
+
+
 @app.command()
 def train(
     out: Annotated[
@@ -100,8 +112,15 @@ def train(
     name: Annotated[str | None, typer.Option(help="Model name for the card.")] = None,
 ) -> None:
     """Train a 1-Lipschitz segmenter (under torchrun for several GPUs or nodes)."""
+    from certseg.models import list_models
     from certseg.train import Recipe, TrainConfig
     from certseg.train import train as run
+
+    _check_data(data, root)
+    if arch not in list_models():
+        raise typer.BadParameter(
+            f"no model named {arch!r}; registered: {', '.join(list_models())}", param_hint="--arch"
+        )
 
     cfg = TrainConfig(
         out=str(out),
@@ -155,6 +174,8 @@ def evaluate(
     """Clean and certified metrics over an eps grid: result.json, table.md, plots."""
     from certseg.evaluate import DEFAULT_EPS, EvalConfig
     from certseg.evaluate import evaluate as run
+
+    _check_data(data, root)
 
     cfg = EvalConfig(
         checkpoint=str(checkpoint),

@@ -131,6 +131,11 @@ def audit_command(
     except AuditError as err:
         typer.secho(f"audit failed: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
+    except Exception as err:  # not ONNX at all (a .pt, a truncated file): protobuf's errors
+        typer.secho(
+            f"audit failed: {model} is not a readable ONNX model ({err})", fg="red", err=True
+        )
+        raise typer.Exit(1) from None
     if as_json:
         typer.echo(report.to_json(indent=2))
     else:

@@ -458,6 +458,8 @@ def check(case: Case, r: httpx.Response) -> None:
     assert body["instance"] == case.path
     if case.id == "model-unknown":
         assert "tiny" in body["detail"]  # says what is served
+    if case.id.startswith("eps-"):  # names the option and what it must be
+        assert "eps" in body["detail"] and ("number" in body["detail"]), body
 
 
 def assert_serving(client: httpx.Client) -> None:

@@ -94,3 +94,30 @@ def test_certify_command_fails_clearly_on_missing_file(tmp_path):
         text=True,
     )
     assert out.returncode != 0
+
+
+def test_usage_errors_are_one_line_not_tracebacks(tmp_path):
+    """Options the CLI can check up front are usage errors (exit 2) before any model is
+    built; a file that is no ONNX model fails the audit with a sentence (exit 1)."""
+    from typer.testing import CliRunner
+
+    from certseg.cli import app
+
+    runner = CliRunner()
+    cases = [
+        (["train", "-o", str(tmp_path / "r"), "--arch", "nope"], "registered"),
+        (["train", "-o", str(tmp_path / "r"), "--data", "folder"], "--root"),
+        (["train", "-o", str(tmp_path / "r"), "--data", "imagenet"], "synthetic"),
+        (
+            ["evaluate", str(tmp_path / "m.pt"), "-o", str(tmp_path / "e"), "--data", "cityscapes"],
+            "--root",
+        ),
+    ]
+    for args, says in cases:
+        res = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert res.exit_code == 2 and says in res.output, (args, res.output)
+        assert "Traceback" not in res.output
+    fake = tmp_path / "model.pt"
+    fake.write_bytes(b"\x80\x02 not onnx at all")
+    res = runner.invoke(app, ["audit", str(fake)])
+    assert res.exit_code == 1 and "not a readable ONNX model" in res.output

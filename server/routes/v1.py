@@ -374,7 +374,7 @@ async def segment(
     model: Annotated[str | None, Query(description="Model name (default: the first).")] = None,
     eps: Annotated[
         float | None,
-        Query(ge=0.0, description="l2 budget on [0,1] pixels (default: the card's)."),
+        Query(description="l2 budget on [0,1] pixels, finite and >= 0 (default: the card's)."),
     ] = None,
     outputs: Annotated[
         str | None,
