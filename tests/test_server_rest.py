@@ -177,9 +177,16 @@ def test_multipart_with_target_gives_worst_case_metrics(client, session):
 
 
 def test_multipart_image_only(client):
-    files = {"image": ("x.png", encode(random_image(32, 48)), "image/png")}
+    png = encode(random_image(32, 48))
+    files = {"image": ("x.png", png, "image/png")}
     r = client.post("/v1/segment", files=files)
     assert r.status_code == 200 and "metrics" not in r.json()
+    # two images, or none: which one to certify is not guessed (422)
+    two = [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))]
+    body = assert_problem(client.post("/v1/segment", files=two), 422)
+    assert "2 'image' parts" in body["detail"]
+    none = {"picture": ("x.png", png, "image/png")}
+    assert "named 'image'" in assert_problem(client.post("/v1/segment", files=none), 422)["detail"]
 
 
 def test_format_png_and_npz(client, session):

@@ -21,7 +21,6 @@ from server.errors import (
     InvalidParameter,
     PayloadTooLarge,
     RequestTimeout,
-    UnsupportedMediaType,
 )
 from server.overlay import OverlayStyle, render_overlay
 from server.pipeline import Certified, Timings, check_eps, parse_outputs, segment_image
@@ -254,16 +253,18 @@ async def _image_and_target(request: Request, state: ServerState) -> tuple[bytes
     try:
         parts = {}
         for key in ("image", "target"):
-            value = form.get(key)
-            if value is None:
+            values = form.getlist(key)
+            if not values:
                 continue
-            if isinstance(value, str):
+            if len(values) > 1:
+                raise InvalidParameter(f"multipart body has {len(values)} '{key}' parts; send one")
+            if isinstance(values[0], str):
                 raise InvalidParameter(f"multipart field '{key}' must be a file")
-            parts[key] = await value.read()
+            parts[key] = await values[0].read()
     finally:
         await form.close()
-    if "image" not in parts:
-        raise UnsupportedMediaType("multipart body needs a file field named 'image'")
+    if "image" not in parts:  # a multipart body, but not the one this route takes
+        raise InvalidParameter("multipart body needs a file field named 'image'")
     return parts["image"], parts.get("target")
 
 
