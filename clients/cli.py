@@ -190,11 +190,14 @@ def segment(
             f"{r.timings.get('total', float('nan')):.1f}",
             f"{r.latency_ms or 0.0:.1f}",
         )
-    console.print(table)
+    if rows:
+        console.print(table)
     if classes:
         for path, r in rows:
             console.print(_class_table(path.name, r))
-    console.print(f"wrote {len(rows) * 3} files to {out}")
+    console.print(
+        f"wrote {len(rows) * 3} files to {out}" + (f"; {failed} failed" if failed else "")
+    )
     if failed:
         raise typer.Exit(1)
 

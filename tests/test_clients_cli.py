@@ -218,6 +218,7 @@ def test_segment_reports_a_file_that_is_no_image_and_goes_on(server, tmp_path):
     assert res.exit_code == 1, res.output
     assert "bad.png" in res.output and "415" in res.output
     assert (tmp_path / "o" / "good_overlay.png").is_file()
+    assert "wrote 3 files" in res.output and "1 failed" in res.output
 
 
 def test_radius_heatmap_colours():

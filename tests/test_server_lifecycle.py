@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -112,17 +113,26 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_in_grace():
     ).wait_ready()
     try:
         body = encode(random_image(768, 1024, seed=5))
-        t = time.perf_counter()
         url = srv.base + "/v1/segment?outputs=mask"
         assert httpx.post(url, content=body, timeout=60).is_success
-        one = time.perf_counter() - t
 
         def post(_: int) -> int:
             return httpx.post(url, content=body, timeout=120).status_code
 
+        def received() -> int:
+            """Requests the server has taken whole: queued + answered + the one running
+            (one worker, batch 1). A request still uploading when SIGTERM comes is
+            closed unanswered, as uvicorn does, so the test waits for all eight."""
+            text = httpx.get(srv.base + "/metrics", timeout=10).text
+            depth = re.search(r'^certseg_queue_depth\{device="cpu"\} (\S+)$', text, re.M)
+            return int(float(depth.group(1))) + sum(f.done() for f in futures) + 1 if depth else 0
+
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(post, i) for i in range(8)]
-            time.sleep(min(1.0, 2 * one))  # all sent, the first ones running
+            deadline = time.monotonic() + 60
+            while received() < 8:  # all sent, the first ones running
+                assert time.monotonic() < deadline, "the eight requests never all arrived"
+                time.sleep(0.02)
             t_term = time.monotonic()
             srv.signal(signal.SIGTERM)
             in_flight = sum(not f.done() for f in futures)
