@@ -81,12 +81,13 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def _refused_within(url: str, seconds: float) -> bool:
-    """Whether new connections to `url` get refused within `seconds`."""
+    """Whether new connections to `url` go unserved within `seconds`: refused, or (one
+    the kernel took into the listen backlog as the socket closed) reset unanswered."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             httpx.get(url, timeout=5)
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
             return True
         time.sleep(0.05)
     return False
