@@ -103,4 +103,6 @@ def render_table(reports: Sequence[ImageReport]) -> None:
 
 
 def _stability_cell(eps: float | None) -> str:
-    return "never" if eps is None else f"eps {eps:.4g}"
+    from clients.cli import down3
+
+    return "never" if eps is None else f"eps {down3(eps)}"

@@ -10,6 +10,7 @@ Needs only the SDK's dependencies, plus PyAV (`av`) for `stream`.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from fractions import Fraction
@@ -219,7 +220,16 @@ def _stability_cell(r: SegmentResult) -> str:
     first = next((x for x in r.stability or [] if x.fraction == 0.01), None)
     if first is None:
         return "-"
-    return "never" if first.eps is None else f"eps {first.eps:.4g}"
+    return "never" if first.eps is None else f"eps {down3(first.eps)}"
+
+
+def down3(x: float) -> str:
+    """3 significant digits, rounded down: a lower bound shown never grows (the CLIs'
+    "1% flips at" columns)."""
+    if not x > 0:
+        return f"{x:g}"
+    step = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return f"{math.floor(x / step) * step:.3g}"
 
 
 def _class_table(name: str, r: SegmentResult) -> Table:

@@ -253,8 +253,7 @@ def create_app(
 
 def uvicorn_config(application: FastAPI, host: str, port: int, **overrides: Any) -> Any:
     """How uvicorn runs the app, from its Settings: the one place `certseg serve` and
-    the tests' live servers take it from (connection cap, WebSocket message cap,
-    graceful shutdown)."""
+    the tests' live servers take it from (WebSocket message cap, graceful shutdown)."""
     import uvicorn
 
     settings = application.state.server.settings
@@ -264,7 +263,6 @@ def uvicorn_config(application: FastAPI, host: str, port: int, **overrides: Any)
         "log_config": None,
         "access_log": False,
         "ws_max_size": settings.max_body_bytes,
-        "limit_concurrency": settings.max_connections,
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
         "lifespan": "on",
     }

@@ -143,18 +143,35 @@ class Batcher:
         self, model: str, image: np.ndarray, outputs: Sequence[str] = ()
     ) -> BatchResult:
         """Queue one (3, H, W) image; wait for its outputs (margin and radius always)."""
-        self.check_capacity()
+        (result,) = await self.submit_all(model, [image], outputs)
+        return result
+
+    async def submit_all(
+        self, model: str, images: Sequence[np.ndarray], outputs: Sequence[str] = ()
+    ) -> list[BatchResult]:
+        """Queue images all at once or none (Overloaded if they do not all fit: a request
+        half queued computes images nobody reads); wait for all their outputs. The check
+        and the queueing have no await between them, so two requests cannot both pass it."""
+        if self.depth + len(images) > self.max_queue:
+            raise Overloaded(
+                f"inference queue full ({self.depth} of {self.max_queue} images waiting; "
+                f"this request holds {len(images)})",
+                retry_after=self.retry_after(),
+            )
         names = tuple(sorted({*outputs, "mask", "margin", "radius"}))
-        fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(model, image, names, fut))
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[BatchResult]] = [loop.create_future() for _ in images]
+        for image, fut in zip(images, futures, strict=True):
+            self._pending.append(_Item(model, image, names, fut))
         self._report_depth()
         self._wakeup.set()
         try:
-            return await fut
+            return list(await asyncio.gather(*futures))
         finally:
-            # A client that left: its image is skipped if it has not run yet.
-            if not fut.done():
-                fut.cancel()
+            # A client that left, or a sibling that failed: images not yet run are skipped.
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
 
     def _report_depth(self) -> None:
         if self._on_queue is not None:

@@ -215,10 +215,23 @@ def _load(img: Image.Image, fmt: str) -> None:
         raise CorruptImage(f"the {fmt.upper()} data does not decode ({exc})") from exc
 
 
+def _refuse_cut_to_8_bits(img: Image.Image) -> None:
+    """16-bit colour PNGs (RGB, RGBA, grey + alpha): Pillow decodes them to 8 bits, so a
+    certificate would speak of another image than the one sent (two such PNGs 0.26 apart
+    in l2 got the same answer). Refused, naming what is taken; 16-bit grey stays exact."""
+    rawmode = img.tile[0].args if img.tile and isinstance(img.tile[0].args, str) else ""
+    if rawmode.endswith(";16B") and not rawmode.startswith("I"):
+        raise UnsupportedMediaType(
+            f"16-bit colour PNG ({rawmode.split(';')[0]}): it would be read as 8 bits, and "
+            "certified as another image; send 8-bit colour or 16-bit grey"
+        )
+
+
 def decode_image(data: bytes, limits: Limits, resize: ResizeRequest = None) -> DecodedImage:
     """Decode a PNG/JPEG/WebP body into the network's input, limits first; with
     `resize`, shrunk by area averaging (only if it needs it, for "fit")."""
     img, fmt = _open_checked(data, limits, ("png", "jpeg", "webp"), resize)
+    _refuse_cut_to_8_bits(img)
     _plan_resize(img.height, img.width, resize, limits)  # a scale that cannot fit: 413 now
     _load(img, fmt)
     # EXIF only once decoded: a PNG's may follow its pixels, and reading it loads them

@@ -40,6 +40,7 @@ __all__ = [
     "PROBLEMS",
     "BackendError",
     "BackendUnavailable",
+    "BodyTooLarge",
     "CertSegError",
     "CorruptImage",
     "InputError",
@@ -68,6 +69,9 @@ TYPE_BASE = "https://certseg.dev/problems/"
 class CertSegError(Exception):
     """Base of every error the server answers on purpose."""
 
+    #: Answered with `Connection: close` (a request body left unread).
+    closes_connection = False
+
     def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
@@ -86,6 +90,13 @@ class PayloadTooLarge(InputError):
     """Body bytes or declared image pixels over the configured limits."""
 
 
+class BodyTooLarge(PayloadTooLarge):
+    """A body over its cap, refused before it was read whole: the connection closes
+    (the rest of the body is never read, so it cannot carry another request)."""
+
+    closes_connection = True
+
+
 class CorruptImage(InputError):
     """A supported format whose header or data does not decode."""
 
@@ -95,7 +106,10 @@ class InvalidParameter(InputError):
 
 
 class RequestTimeout(InputError):
-    """The client stopped sending its request body (no byte for `body_idle_s`)."""
+    """The client stopped sending its request body (no byte for `body_idle_s`); the
+    connection closes, as for a body over its cap."""
+
+    closes_connection = True
 
 
 def client_value(value: object, limit: int = 40) -> str:
@@ -152,6 +166,7 @@ PROBLEMS: dict[type[CertSegError], Problem] = {
     InputError: Problem(422, "Unprocessable input", "invalid-input"),
     UnsupportedMediaType: Problem(415, "Unsupported media type", "unsupported-media-type"),
     PayloadTooLarge: Problem(413, "Payload too large", "payload-too-large"),
+    BodyTooLarge: Problem(413, "Payload too large", "payload-too-large"),
     CorruptImage: Problem(422, "Corrupt image", "corrupt-image"),
     InvalidParameter: Problem(422, "Invalid parameter", "invalid-parameter"),
     RequestTimeout: Problem(408, "Request timeout", "request-timeout"),
@@ -226,7 +241,10 @@ async def _certseg_error(request: Request, exc: Exception) -> JSONResponse:
     p = problem_for(exc)
     if p.status >= 500 and not isinstance(exc, ModelNotReady | Overloaded):
         log.warning("%s: %s", type(exc).__name__, exc.detail)
-    return problem_response(request, p.status, p.title, exc.detail, p.slug, exc.retry_after)
+    headers = {"Connection": "close"} if exc.closes_connection else None
+    return problem_response(
+        request, p.status, p.title, exc.detail, p.slug, exc.retry_after, headers=headers
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

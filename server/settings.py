@@ -199,12 +199,6 @@ class Settings(BaseSettings):
         description="A request whose body sends no byte for this long: 408 (a slow but "
         "steady upload is fine; a stalled one does not hold its connection and bytes).",
     )
-    max_connections: int = Field(
-        default=2048,
-        ge=1,
-        description="Open connections (HTTP and WebSocket) uvicorn takes; past it new "
-        "requests get its 503. Bounds the sockets idle or half-sent requests hold.",
-    )
     max_json_bytes: int = Field(
         default=16 * 1024 * 1024,
         ge=1024,

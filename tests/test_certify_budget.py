@@ -147,6 +147,31 @@ def test_stability_of_several_fractions_at_once() -> None:
         np.testing.assert_allclose(got[i], np.sqrt(np.ravel(want)) / 2.0, rtol=1e-6)
 
 
+def test_stability_never_overstates_at_the_edges_of_float64() -> None:
+    """NaN margins flip for free (numpy and torch alike); float64 margins whose cost
+    would be subnormal (rounded up by squaring) or overflow are taken lower, so the
+    answer stays below the exact bound and max_flips agrees just below it."""
+    import torch
+
+    m = np.array([[np.nan, 1.0, 5.0]], np.float32)
+    valid = np.array([[True, True, False]])
+    for arr, v in ((m, valid), (torch.from_numpy(m), torch.from_numpy(valid))):
+        got = np.asarray(stability(arr, [0.5, 1.0], 1.0, v))  # one image, two fractions
+        assert got[0] == 0.0 and got[1] <= math.sqrt(0.5)  # the NaN is free
+    tiny = np.array([[1.6 * 2.0**-537]])
+    s = float(stability(tiny, 1.0, 1.0))
+    assert s <= 1.6 * 2.0**-537 / math.sqrt(2.0)
+    huge = np.array([[1e155, 1.0]])
+    assert math.isfinite(float(stability(huge, 1.0, 1.0)))  # flippable, at some norm
+    assert stability(np.array([[1.1774154985086248e-11]]), 1.0, 1.2833541929668298e307) <= (
+        1.1774154985086248e-11 / math.sqrt(2.0) / 1.2833541929668298e307
+    )
+    with pytest.raises(ValueError):
+        least_cover_cost(np.ones(3), [math.inf])
+    # a value near 0 (its ratio overflows to inf) neither raises nor is taken: 3 of the 5
+    assert least_cover_cost(np.ones(2), [3], np.array([1e-320, 5.0]))[0] == pytest.approx(0.6)
+
+
 def test_count_le_matches_searchsorted() -> None:
     rng = np.random.default_rng(2)
     vals = np.sort(rng.integers(0, 6, size=(5, 9)).astype(float), axis=-1)

@@ -201,6 +201,17 @@ def test_source_stability_inverts_max_source_flips(seed):
         assert plan.max_source_flips(margin, s * (1 + 1e-6), 1.0) >= k
     assert plan.source_stability(margin, (0.0,), 1.0).tolist() == [0.0]
     assert plan.source_stability(np.full((32, 64), np.inf, np.float32), (0.1,), 1.0)[0] == math.inf
+    # margins nothing is known of (NaN logits) flip for free: 0, never "no attack can"
+    unknown = margin.copy()
+    unknown[0, :8] = np.nan
+    assert plan.source_stability(unknown, (0.001,), 1.0)[0] == 0.0
+    for bad in ((1.5,), (math.nan,)):
+        with pytest.raises(ValueError):
+            plan.source_stability(margin, bad, 1.0)
+    with pytest.raises(ValueError):
+        plan.source_stability(margin.T, (0.1,), 1.0)  # not the network grid
+    with pytest.raises(ValueError):
+        plan.source_stability(margin, (0.1,), 0.0)
 
 
 def test_max_source_flips_is_tighter_than_the_largest_blocks():

@@ -227,3 +227,14 @@ def test_radius_heatmap_colours():
     assert img.shape == (5, 10, 3)
     assert img[-1, -1].tolist() == [253, 231, 37]  # radius >= 2 eps: top of the scale
     assert img[0, 0].sum() < img[-1, -1].sum()
+
+
+def test_bounds_are_shown_rounded_down():
+    """A stability norm is a lower bound: shown to 3 digits, it never reads above it."""
+    from clients.cli import down3
+
+    rng = np.random.default_rng(0)
+    for x in [0.01636, 0.016399, 6e-6, 1.0, 0.999999, 123.456, *rng.lognormal(-3, 3, 500)]:
+        shown = float(down3(float(x)))
+        assert shown <= x and shown >= x * (1 - 1.1e-2), (x, down3(float(x)))
+    assert down3(0.0) == "0"

@@ -282,6 +282,9 @@ def test_compose_one_published_port_and_profiles():
     assert services["proxy"]["ports"] == ["${CERTSEG_HTTP_PORT:-8000}:8000"]
     nginx = doc["configs"]["nginx-conf"]["content"]
     assert "server certseg-gpu:8000;" in nginx and "listen 8000;" in nginx
+    # uvicorn does not time out idle or half-sent connections: the proxy must
+    for directive in ("client_header_timeout", "client_body_timeout", "keepalive_timeout"):
+        assert re.search(rf"^\s*{directive} \d+s;", nginx, re.M), directive
     # compose interpolates $VAR: nginx variables must be written $$var
     assert not re.search(r"(?<!\$)\$(?![\${])", nginx)
     assert services["proxy"]["configs"][0]["source"] == "nginx-conf"

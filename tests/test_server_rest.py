@@ -4,6 +4,7 @@ real uvicorn server on 127.0.0.1 serving the tiny exported model."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -648,38 +649,16 @@ def test_a_stalled_body_gets_408_and_gives_its_bytes_back(model_dir):
             b"Content-Length: 100000\r\n\r\n" + b"\x89PNG\r\n\x1a\n"
         )
         answer = b""
-        while b"}" not in answer and (chunk := stalled.recv(65536)):
-            answer += chunk
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            while chunk := stalled.recv(65536):  # the server closes after its answer
+                answer += chunk
+                stalled.sendall(b"x")  # a client that keeps trickling does not hold it
         stalled.close()
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"application/problem+json" in answer and b"request-timeout" in answer
+        assert b"connection: close" in answer.lower()
         _wait_for(lambda: srv.app.state.server.bodies.used == 0, "the budget given back")
         r = httpx.post(srv.base + "/v1/segment?outputs=mask", content=encode(random_image(8, 8)))
         assert r.status_code == 200
     finally:
-        srv.stop()
-
-
-def test_connections_past_max_connections_get_503_until_one_closes(model_dir):
-    """Half-sent requests hold sockets; past max_connections uvicorn answers 503 and
-    takes new ones again once they go."""
-    settings = Settings(intra_op_threads=1, max_connections=3)
-    srv = LiveServer(create_app(settings, engines=[ort_engine(model_dir)])).start()
-    held = []
-    try:
-        for _ in range(3):
-            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never end
-            held.append(sock)
-        time.sleep(0.2)
-        assert httpx.get(srv.base + "/healthz", timeout=10).status_code == 503
-        for sock in held:
-            sock.close()
-        _wait_for(
-            lambda: httpx.get(srv.base + "/healthz", timeout=10).status_code == 200,
-            "a connection slot free again",
-        )
-    finally:
-        for sock in held:
-            sock.close()
         srv.stop()

@@ -44,6 +44,7 @@ from .budget import (
     margin_rounding_slack,
 )
 from .knapsack import Knapsack, worst_split_ratio
+from .pixelwise import _check_lipschitz
 
 __all__ = ["AreaResize", "area_weights"]
 
@@ -254,7 +255,13 @@ class AreaResize:
         margins' rounding, is the network budget (L network_eps)^2 it takes; the source
         norm follows from network_eps = (||D|| eps + rounding)(1 + 1e-9), taken down."""
         (H, W) = self.source
-        ks = np.asarray(_counts_for([float(a) for a in fractions], H * W), np.float64)
+        alphas = [float(a) for a in fractions]
+        if any(not 0.0 <= a <= 1.0 for a in alphas):
+            raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
+        if margin.shape != self.network:
+            raise ValueError(f"margins {margin.shape} are not on the network grid {self.network}")
+        lipschitz = _check_lipschitz(lipschitz)
+        ks = np.asarray(_counts_for(alphas, H * W), np.float64)
         by_value = least_cover_cost(flip_costs(margin), ks, self._worth)
         by_count = cheapest_flips(margin, [self._fewest_blocks(int(k)) for k in ks])
         least = np.maximum(by_value, by_count) / margin_rounding_slack(margin)

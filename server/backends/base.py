@@ -11,7 +11,7 @@ from server.decode import chw8_to_float
 from server.engine import ModelInfo
 from server.errors import ModelError
 
-__all__ = ["BaseEngine", "apply_margin_error", "check_precision"]
+__all__ = ["BaseEngine", "apply_margin_error", "check_precision", "nan_margins_to_zero"]
 
 
 def apply_margin_error(
@@ -27,6 +27,22 @@ def apply_margin_error(
         return outputs
     margin, radius = certified_margins(outputs["margin"], margin_error, lipschitz)
     return {**outputs, "margin": margin, "radius": radius}
+
+
+def nan_margins_to_zero(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A NaN margin (the net gave NaN logits there) is a pixel nothing is known of: it
+    becomes margin 0 and radius 0, flippable for free and never certified, instead of a
+    NaN every comparison would silently skip. One pass over the margins when none is."""
+    margin = outputs["margin"]
+    if not np.isnan(margin).any():
+        return outputs
+    unknown = np.isnan(margin) | np.isnan(outputs["radius"])
+    zero = margin.dtype.type(0)
+    return {
+        **outputs,
+        "margin": np.where(unknown, zero, margin),
+        "radius": np.where(unknown, outputs["radius"].dtype.type(0), outputs["radius"]),
+    }
 
 
 def check_precision(
@@ -91,7 +107,7 @@ class BaseEngine:
         names = list(dict.fromkeys([*outputs, "margin", "radius"]))
         if images.dtype == np.uint8 and not self.converts_uint8:
             images = chw8_to_float(images)
-        got = self._run(images, names)
+        got = nan_margins_to_zero(self._run(images, names))
         if self.corrects_margins:
             return got
         return apply_margin_error(got, self.margin_error, self.info.lipschitz)

@@ -18,12 +18,19 @@ from certseg.certify.numerics import float16_down
 from server.decode import DecodedImage, decode_image, decode_target, parse_resize
 from server.errors import (
     PROBLEM_MEDIA_TYPE,
+    BodyTooLarge,
     InvalidParameter,
-    PayloadTooLarge,
     RequestTimeout,
 )
 from server.overlay import OverlayStyle, render_overlay
-from server.pipeline import Certified, Timings, check_eps, parse_outputs, segment_image
+from server.pipeline import (
+    FIGURES,
+    Certified,
+    Timings,
+    check_eps,
+    parse_outputs,
+    segment_image,
+)
 from server.state import ServerState, get_state
 
 __all__ = ["ModelSummary", "ModelsResponse", "SegmentResponse", "router"]
@@ -219,7 +226,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     and with 408 when no byte of it comes for `body_idle_s`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+        raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
     idle_s = get_state(request).settings.body_idle_s
     chunks, size = [], 0
     stream = aiter(request.stream())
@@ -235,7 +242,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             ) from None
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
     request._body = body  # Starlette re-reads a cached body for form parsing
@@ -249,7 +256,8 @@ async def _image_and_target(request: Request, state: ServerState) -> tuple[bytes
     if not ctype.startswith("multipart/form-data"):
         return await read_body(request, limit), None
     await read_body(request, 2 * limit + MULTIPART_SLACK)
-    form = await request.form(max_files=2, max_fields=4, max_part_size=limit)
+    # one file more than the route takes, so that a second image or target gets our 422
+    form = await request.form(max_files=3, max_fields=4, max_part_size=limit)
     try:
         parts = {}
         for key in ("image", "target"):
@@ -422,6 +430,8 @@ async def segment(
             shrink,
         )
     timings.since("decode", t0)
+    if format == "png":  # the overlay and headers only: no figure would be sent
+        wanted = wanted - FIGURES
     cert = await segment_image(state, info.name, image, eps_value, wanted, timings, target)
     t0 = time.perf_counter()
     headers = _certificate_headers(cert)

@@ -338,6 +338,8 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise PayloadTooLarge(f"inflated body exceeds the limit of {limit} bytes")
     if not d.eof:
         raise InvalidParameter(f"body does not inflate (the {encoding} stream is truncated)")
+    if d.unused_data:
+        raise InvalidParameter(f"body has data after its {encoding} stream (one stream only)")
     return out
 
 
@@ -349,10 +351,9 @@ def _split_body(
     if header_length is None:
         head, tail = body, b""
     else:
-        try:
-            n = int(header_length)
-        except ValueError as exc:
-            raise InvalidParameter(f"{HEADER} must be an integer") from exc
+        if not (header_length.isascii() and header_length.isdigit()):
+            raise InvalidParameter(f"{HEADER} must be an integer, got {header_length[:40]!r}")
+        n = int(header_length)
         if not 0 <= n <= len(body):
             raise InvalidParameter(f"{HEADER} {n} outside the body of {len(body)} bytes")
         head, tail = body[:n], body[n:]
@@ -412,7 +413,9 @@ def _input_tensor(
     params = _params(spec, "input")
     size = params.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(tail):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidParameter("binary_data_size must be a non-negative integer")
+        if offset + size > len(tail):
             raise InvalidParameter("binary_data_size runs past the end of the body")
         raw: bytes | None = tail[offset : offset + size]
         offset += size
@@ -421,6 +424,9 @@ def _input_tensor(
         if "data" not in spec:
             raise InvalidParameter("input has neither 'data' nor binary_data_size")
     if dtype == "BYTES":
+        declared = math.prod(shape)
+        if declared > state.settings.max_queue:  # before a single element is parsed
+            raise PayloadTooLarge(f"batch of {declared} exceeds max_queue")
         if raw is not None:
             items = _parse_bytes_elements(raw)
         else:
@@ -452,7 +458,10 @@ def _input_tensor(
                 raise InvalidParameter(f"binary data of {len(raw)} bytes does not fit {shape}")
             arr = np.frombuffer(raw, dtype=DTYPES[dtype])
         else:
-            arr = np.asarray(spec["data"], dtype=np.float64).reshape(-1)
+            arr = np.asarray(spec["data"])
+            if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:  # strings, booleans
+                raise InvalidParameter(f"input data must be JSON numbers for {dtype}")
+            arr = arr.astype(np.float64).reshape(-1)
             if arr.size != count:
                 raise InvalidParameter(f"{arr.size} values do not fit shape {shape}")
     except (TypeError, ValueError, OverflowError) as exc:
@@ -508,6 +517,8 @@ def _requested_outputs(req: dict[str, Any], available: list[str]) -> list[tuple[
         name = o.get("name")
         if name not in available:
             raise InvalidParameter(f"unknown output {name!r}; available: {available}")
+        if any(name == n for n, _ in result):
+            raise InvalidParameter(f"output {name!r} is asked twice")
         result.append((name, _flag(_params(o, "output"), "binary_data", all_binary)))
     return result
 
@@ -604,7 +615,8 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     pixels = sum(im.shape[-2] * im.shape[-1] for im in images)
     _check_json_outputs(wanted, count, pixels, info.card.num_classes, limit)
     extra = ("logits",) if any(n == "logits" for n, _ in wanted) else ()
-    results = await asyncio.gather(*(batcher.submit(info.name, im, extra) for im in images))
+    # all or none, checked again now the images are decoded (others queued meanwhile)
+    results = await batcher.submit_all(info.name, images, extra)
     # Off the event loop: stacking and encoding up to one pass's outputs.
     return await asyncio.to_thread(_respond, req, info.name, info.version, results, wanted)
 
