@@ -297,6 +297,27 @@ def test_batcher_without_delay_runs_what_is_queued():
     assert sum(b[0] for b in engine.batches) == 6 and engine.batches[0][0] >= 1
 
 
+def test_batcher_submit_all_queues_all_or_none():
+    """Two requests of 3 images racing for a queue of 4: one is queued whole, the other
+    refused whole (503), and only the queued one's 3 images reach the engine."""
+    engine = FakeEngine(delay=0.02)
+
+    async def main():
+        b = Batcher({"m": engine}, max_batch=1, max_queue=4, max_delay_ms=0)
+        b.start()
+        try:
+            images = [np.zeros((3, 4, 4), np.float32)] * 3
+            runs = [b.submit_all("m", images), b.submit_all("m", images)]
+            return await asyncio.gather(*runs, return_exceptions=True)
+        finally:
+            await b.stop()
+
+    first, second = asyncio.run(main())
+    outcomes = sorted([type(first).__name__, type(second).__name__])
+    assert outcomes == ["Overloaded", "list"]
+    assert sum(batch[0] for batch in engine.batches) == 3
+
+
 def test_batcher_overload_and_faults():
     results = _run_batcher(FakeEngine(delay=0.05), [(4, 4)] * 6, max_batch=1, max_queue=3)
     errors = [r for r in results if isinstance(r, Exception)]
@@ -568,3 +589,18 @@ def test_stability_figures_count_pixels_and_invert_the_answer_max_flips():
     never = stability_figures(info, np.full((4, 4), np.inf, np.float32))
     assert [r["eps"] for r in never] == [None, None, None]
     assert certify(info, outputs, 0.1, None, 1).stability is None  # not asked
+
+
+def test_nan_margins_become_unknown_pixels():
+    """An engine's NaN margins (NaN logits) become margin 0 and radius 0: never certified,
+    flippable for free; outputs without NaN are passed through untouched."""
+    from server.backends.base import nan_margins_to_zero
+
+    margin = np.array([[0.5, np.nan], [1.0, 2.0]], np.float32)
+    radius = margin / np.float32(2.0)
+    out = nan_margins_to_zero({"margin": margin, "radius": radius, "mask": np.zeros((2, 2))})
+    assert out["margin"].tolist() == [[0.5, 0.0], [1.0, 2.0]]
+    assert out["radius"].tolist() == [[0.25, 0.0], [0.5, 1.0]]
+    assert out["margin"].dtype == np.float32
+    clean = {"margin": radius, "radius": radius}
+    assert nan_margins_to_zero(clean) is clean
