@@ -602,5 +602,6 @@ def test_nan_margins_become_unknown_pixels():
     assert out["margin"].tolist() == [[0.5, 0.0], [1.0, 2.0]]
     assert out["radius"].tolist() == [[0.25, 0.0], [0.5, 1.0]]
     assert out["margin"].dtype == np.float32
-    clean = {"margin": radius, "radius": radius}
+    finite = np.ones((2, 2), np.float32)
+    clean = {"margin": finite, "radius": finite}
     assert nan_margins_to_zero(clean) is clean
