@@ -294,7 +294,3 @@ class StreamSummary:
             self.errors += 1
         if r.latency_ms is not None:
             self.latencies_ms.append(r.latency_ms)
-
-
-def _float_or_none(x: Any) -> float | None:
-    return None if x is None else float(x)

@@ -83,13 +83,15 @@ def calibrate_engine(
     safety: float = 2.0,
     slack: float = 1e-4,
     reference: Engine | None = None,
+    fp32: Path | None = None,
 ) -> ErrorBound:
     """Margin error bound of the engine `settings` describe, against fp32 ORT on the CPU
-    (`reference`, made here unless given: one can serve many calibrations)."""
+    (`reference`, made here unless given, from the export `fp32` or the one beside
+    `artifact`: one can serve many calibrations)."""
     engine = create_engine(ModelSpec(None, artifact), settings, calibrating=True)
     engine.load()
     own = reference is None
-    reference = reference or reference_engine(artifact)
+    reference = reference or reference_engine(fp32 or artifact)
     try:
         return calibrate(
             lambda x: engine.infer(x, ["mask"]),

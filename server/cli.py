@@ -244,7 +244,7 @@ def calibrate(
     """Measure an engine's margin error bound against fp32 ONNX Runtime (for --margin-error)."""
     from export.cli import parse_hw
     from server.backends import resolve_model_specs
-    from server.calibration import calibrate_engine, calibration_images, reference_engine
+    from server.calibration import calibrate_engine, calibration_images
     from server.errors import CertSegError
     from server.logs import configure_logging
 
@@ -260,14 +260,9 @@ def calibrate(
     )
     try:
         (spec,) = resolve_model_specs(settings)
-        fp32 = reference or spec.path
-        hw = parse_hw(size) if size else _input_size(fp32)
-        ref = reference_engine(fp32)
-        try:
-            frames = calibration_images(hw, count, images)
-            bound = calibrate_engine(spec.path, settings, frames, safety=safety, reference=ref)
-        finally:
-            ref.close()
+        hw = parse_hw(size) if size else _input_size(reference or spec.path)
+        frames = calibration_images(hw, count, images)
+        bound = calibrate_engine(spec.path, settings, frames, safety=safety, fp32=reference)
     except CertSegError as exc:
         typer.echo("certseg calibrate: error: " + " ".join(exc.detail.split()), err=True)
         raise typer.Exit(2) from None

@@ -34,6 +34,7 @@ import numpy as np
 
 from certseg.certify import (
     STABILITY_FRACTIONS,
+    fraction_counts,
     guaranteed_region,
     max_flips,
     max_flips_by_class,
@@ -248,18 +249,16 @@ def stability_figures(
     else:
         n = resize.source[0] * resize.source[1]
         eps = resize.source_stability(margin, STABILITY_FRACTIONS, info.lipschitz).tolist()
+    counts = fraction_counts(STABILITY_FRACTIONS, n)
     return [
-        {"fraction": a, "pixels": math.ceil(a * n * (1 - 1e-9)), "eps": _finite_or_none(e)}
-        for a, e in zip(STABILITY_FRACTIONS, eps, strict=True)
+        {"fraction": a, "pixels": k, "eps": _finite_or_none(e)}
+        for a, k, e in zip(STABILITY_FRACTIONS, counts, eps, strict=True)
     ]
 
 
 def _finite_or_none(x: float) -> float | None:
+    """A figure as JSON can carry it: NaN (none given) and inf (none can) become null."""
     return x if math.isfinite(x) else None
-
-
-def _nan_to_none(x: float) -> float | None:
-    return None if math.isnan(x) else x
 
 
 def _mean_present(per_class: np.ndarray) -> float:
@@ -271,10 +270,10 @@ def _mean_present(per_class: np.ndarray) -> float:
 def _metrics(acc: float, miou: float, clean_acc: float, clean_miou: float) -> dict:
     """The answer's worst-case metrics (NaN, what no bound is given for, as null)."""
     return {
-        "worst_case_pixel_accuracy": _nan_to_none(acc),
-        "worst_case_miou": _nan_to_none(miou),
-        "clean_pixel_accuracy": _nan_to_none(clean_acc),
-        "clean_miou": _nan_to_none(clean_miou),
+        "worst_case_pixel_accuracy": _finite_or_none(acc),
+        "worst_case_miou": _finite_or_none(miou),
+        "clean_pixel_accuracy": _finite_or_none(clean_acc),
+        "clean_miou": _finite_or_none(clean_miou),
     }
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "attack_budget",
     "cheapest_flips",
     "flip_costs",
+    "fraction_counts",
     "frontier_min_ratio",
     "gain_candidates_by_class",
     "gains_within",
@@ -585,9 +586,7 @@ def stability(
     """
     xp = array_namespace(margin)
     L = _check_lipschitz(L)
-    alphas = [float(a) for a in ([alpha] if np.ndim(alpha) == 0 else alpha)]
-    if any(not 0.0 <= a <= 1.0 for a in alphas):
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    alphas = _fractions(alpha)
     if isinstance(margin, np.ndarray):
         total, lead = _least_costs_numpy(margin, alphas, valid)
     else:
@@ -600,9 +599,18 @@ def stability(
     return xp.reshape(out, lead) if np.ndim(alpha) == 0 else xp.reshape(out, (*lead, len(alphas)))
 
 
-def _counts_for(alphas: list[float], n_valid: int) -> list[int]:
-    """k = ceil(alpha n) per fraction, ignoring a relative error of 1e-9 in alpha n."""
-    return [math.ceil(a * n_valid * (1.0 - 1e-9)) for a in alphas]
+def fraction_counts(alphas: Sequence[float], n: int) -> list[int]:
+    """k = ceil(alpha n) per fraction, ignoring a relative error of 1e-9 in alpha n (so
+    that 0.1 x 30 gives 3): the pixel counts stability speaks of."""
+    return [math.ceil(a * n * (1.0 - 1e-9)) for a in alphas]
+
+
+def _fractions(alpha: float | Sequence[float]) -> list[float]:
+    """One fraction or several, as floats, each in [0, 1] (else a ValueError)."""
+    alphas = [float(a) for a in ([alpha] if np.ndim(alpha) == 0 else alpha)]
+    if any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise ValueError(f"fractions must lie in [0, 1], got {alpha}")
+    return alphas
 
 
 def _least_costs(margin: Array, alphas: list[float], valid: Array | None) -> tuple[Array, tuple]:
@@ -637,7 +645,7 @@ def _least_costs_numpy(
     out = np.zeros((rows.shape[0], len(alphas)))
     for r in range(rows.shape[0]):
         row = rows[r] if keep is None else rows[r][keep[r]]
-        out[r] = cheapest_flips(row, _counts_for(alphas, row.size))
+        out[r] = cheapest_flips(row, fraction_counts(alphas, row.size))
     return out, lead
 
 

@@ -33,11 +33,12 @@ from functools import cached_property
 import numpy as np
 
 from .budget import (
-    _counts_for,
+    _fractions,
     _max_flips_select,
     affordable_by_class,
     cheapest_flips,
     flip_costs,
+    fraction_counts,
     gain_candidates_by_class,
     gains_within,
     least_cover_cost,
@@ -255,13 +256,11 @@ class AreaResize:
         margins' rounding, is the network budget (L network_eps)^2 it takes; the source
         norm follows from network_eps = (||D|| eps + rounding)(1 + 1e-9), taken down."""
         (H, W) = self.source
-        alphas = [float(a) for a in fractions]
-        if any(not 0.0 <= a <= 1.0 for a in alphas):
-            raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
+        alphas = _fractions(fractions)
         if margin.shape != self.network:
             raise ValueError(f"margins {margin.shape} are not on the network grid {self.network}")
         lipschitz = _check_lipschitz(lipschitz)
-        ks = np.asarray(_counts_for(alphas, H * W), np.float64)
+        ks = np.asarray(fraction_counts(alphas, H * W), np.float64)
         by_value = least_cover_cost(flip_costs(margin), ks, self._worth)
         by_count = cheapest_flips(margin, [self._fewest_blocks(int(k)) for k in ks])
         least = np.maximum(by_value, by_count) / margin_rounding_slack(margin)

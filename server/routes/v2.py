@@ -607,13 +607,10 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     if batcher.depth + count > batcher.max_queue:
         # all or nothing: a half-queued request would compute images nobody reads
         raise Overloaded("inference queue full", retry_after=batcher.retry_after())
-    limit = state.settings.max_json_bytes // 8
-    if isinstance(tensor, np.ndarray):
-        pixels = count * tensor.shape[2] * tensor.shape[3]
-        _check_json_outputs(wanted, count, pixels, info.card.num_classes, limit)
     images = await _images(tensor, state, info.accepts_uint8, budget)
     pixels = sum(im.shape[-2] * im.shape[-1] for im in images)
-    _check_json_outputs(wanted, count, pixels, info.card.num_classes, limit)
+    limit = state.settings.max_json_bytes // 8
+    _check_json_outputs(wanted, count, pixels, info.card.num_classes, limit)  # before inference
     extra = ("logits",) if any(n == "logits" for n, _ in wanted) else ()
     # all or none, checked again now the images are decoded (others queued meanwhile)
     results = await batcher.submit_all(info.name, images, extra)
