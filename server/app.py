@@ -86,6 +86,17 @@ def _problem_bytes(status: int, title: str, detail: str, slug: str, path: str, r
     ).encode()
 
 
+def _bodiless(send: Send) -> Send:
+    """`send` with every response body emptied; the headers (Content-Length) stay."""
+
+    async def bodiless(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return bodiless
+
+
 class RequestContextMiddleware:
     """Request id, auth, access log, request metrics, last-resort 500."""
 
@@ -116,6 +127,10 @@ class RequestContextMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        method = scope.get("method", "WS")
+        head = method == "HEAD"
+        if head:  # HEAD is GET without the body (RFC 9110 9.3.2): probes and caches use it
+            scope, send = {**scope, "method": "GET"}, _bodiless(send)
         headers = dict(scope.get("headers") or [])
         rid_in = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = rid_in if _REQUEST_ID.match(rid_in) else uuid.uuid4().hex
@@ -158,7 +173,7 @@ class RequestContextMiddleware:
                 await self._send_body(send, 500, body, scope["path"], rid)
         finally:
             charge.release()
-            self._record(scope, status["code"], start)
+            self._record(scope, method, status["code"], start)
             request_id_var.reset(token)
 
     async def _deny(self, scope: Scope, send: Send, rid: str) -> None:
@@ -186,10 +201,11 @@ class RequestContextMiddleware:
         await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
         await send({"type": f"{prefix}http.response.body", "body": body})
 
-    def _record(self, scope: Scope, status: int, start: float) -> None:
-        route = scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
-        method = scope.get("method", "WS")
+    def _record(self, scope: Scope, method: str, status: int, start: float) -> None:
+        route = scope.get("route")  # set by FastAPI's routes, not Starlette's (docs)
+        template = getattr(route, "path", None) or (
+            scope["path"] if scope["path"] in PUBLIC_PATHS else "unmatched"
+        )
         ms = (time.perf_counter() - start) * 1000.0
         label = method if method in _METHODS else "other"
         self.state.metrics.requests.labels(template, label, str(status)).inc()

@@ -297,6 +297,22 @@ def test_docs_metrics_health_and_index(client):
         assert client.request(invented, "/v1/models").status_code == 405
     text = client.get("/metrics").text
     assert 'method="other"' in text and "PROPFIND" not in text
+    # FastAPI's own pages are labelled by their path, not lumped with 404s
+    assert 'route="/openapi.json"' in text and 'route="/docs"' in text
+
+
+def test_head_is_get_without_the_body(client):
+    for path in ("/healthz", "/v1/models", "/v2/health/ready", "/metrics", "/"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+        if path != "/metrics":  # the scrape itself changes the counters
+            assert head.headers["content-length"] == str(len(got.content)), path
+    r = client.head("/v1/segment")  # a POST route: 405, naming what it takes
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
+    assert client.head("/v1/nothing").status_code == 404
+    text = client.get("/metrics").text
+    assert 'method="HEAD",route="/v1/models",status="200"' in text
 
 
 # ------------------------------------------------------------------------------ errors
@@ -354,6 +370,9 @@ def test_api_key(model_dir):
             assert c.get("/v2/models/tiny").json() == {"error": "missing or wrong API key"}
             for public in ("/healthz", "/v2/health/live", "/v2/health/ready", "/docs"):
                 assert c.get(public).status_code == 200, public
+                assert c.head(public).status_code == 200, public
+            r = c.head("/v1/models")  # refused before any route, still without a body
+            assert r.status_code == 401 and r.content == b"" and int(r.headers["content-length"])
     finally:
         srv.stop()
 
