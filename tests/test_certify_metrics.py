@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -132,3 +133,55 @@ def test_argument_checks() -> None:
         worst_case_iou(Z, T, 1.0, 0.0)
     with pytest.raises(ValueError):
         worst_case_fnr(Z, T, 1.0, 1.0, positive=3)
+
+
+#: Margins whose exact total cost rounds above the rounded budget (the audit's case;
+#: such draws are rare: 6 in 20 000 of those below).
+_ROUNDED_OUT = [
+    3.269559144973755,
+    1.497725248336792,
+    0.008360718376934528,
+    1.0205360651016235,
+    3.9322803020477295,
+]
+
+
+def _exactly_affordable(seed: int, draws: int = 300) -> list[tuple[np.ndarray, float]]:
+    """Margins and the least float64 eps whose square is >= the exact total cost: an
+    attack that moves both logits of each pixel to their midpoint (exact in float32)
+    spends exactly that cost, within eps, and flips every pixel (ties go to class 0)."""
+    rng = np.random.default_rng(seed)
+    drawn = [(rng.random(int(rng.integers(2, 6))) * 4) for _ in range(draws)]
+    out = []
+    for a in (np.float32(_ROUNDED_OUT), *(np.float32(d) for d in drawn)):
+        exact = sum(Fraction(float(v)) ** 2 / 2 for v in a)
+        eps = math.sqrt(float(exact))
+        while Fraction(eps) ** 2 < exact:
+            eps = math.nextafter(eps, math.inf)
+        out.append((a, eps))
+    return out
+
+
+def test_a_set_of_flips_that_exactly_fits_the_budget_is_affordable() -> None:
+    """Sums of costs are rounded: a set whose exact cost is the budget once counted as
+    unaffordable, and the worst case (0 correct) was reported as 0.2 (found by an
+    audit). max_flips and the metrics now share one slack."""
+    from certseg.certify import DatasetCertifier
+
+    for a, eps in _exactly_affordable(1):
+        logits = np.zeros((1, 2, 1, a.size), np.float32)
+        logits[0, 1, 0] = a
+        target = np.ones((1, 1, a.size), np.int64)
+        attacked = logits.copy()
+        attacked[0, :, 0] = a / 2  # both logits at the midpoint: exact
+        spent = sum(Fraction(float(d)) ** 2 for d in (attacked - logits).reshape(-1))
+        assert spent <= Fraction(eps) ** 2 and (attacked[0].argmax(0) == 1).sum() == 0
+        assert worst_case_pixel_accuracy(logits, target, eps, 1.0)[0] == 0.0
+        assert worst_case_iou(logits, target, eps, 1.0)[0, 1] == 0.0
+        assert worst_case_fnr(logits, target, eps, 1.0, positive=1)[0] == 1.0
+        _, m = margins(logits)
+        assert max_flips(m, eps, 1.0)[0] == a.size
+        certifier = DatasetCertifier(num_classes=2, L=1.0)
+        certifier.update(logits, target, eps)
+        got = certifier.compute()
+        assert got.worst_pixel_accuracy == 0.0 and got.worst_iou[1] == 0.0

@@ -40,6 +40,7 @@ __all__ = [
     "max_gains_by_class",
     "split_frontier",
     "stability",
+    "summed_budget_slack",
     "worst_ratio",
 ]
 
@@ -83,6 +84,18 @@ def _effective_budget(eps_rows: Array, L: float, slack: float = 1.0) -> Array:
     le = L * xp.minimum(eps_rows, xp.asarray(1e150 / L, dtype=xp.float64, device=dev))
     b = le * le * slack
     return xp.where(eps_rows > 0, b, xp.asarray(-1.0, dtype=xp.float64, device=dev))
+
+
+#: Relative rounding a sum of many float64 costs may carry (millions of terms: far less):
+#: budgets compared with such sums are taken that much up, bounds made of them down.
+_SUM_SLACK = 1e-9
+
+
+def summed_budget_slack(margin: Array) -> float:
+    """The slack of a budget compared with float64 sums of costs of these margins: the
+    margins' rounding (`margin_rounding_slack`) and the sums' (so a set of flips whose
+    exact cost just fits is never declared unaffordable)."""
+    return margin_rounding_slack(margin) * (1.0 + _SUM_SLACK)
 
 
 def margin_rounding_slack(margin: Array) -> float:
@@ -160,7 +173,7 @@ def _max_flips_select(costs: np.ndarray, budget: float) -> int:
     any image): a prefix that fits only within that slack counts as flippable, the
     conservative (sound) side; otherwise the answer equals sort + cumsum (tested).
     """
-    slack_budget = float(budget) * (1.0 + 1e-9)
+    slack_budget = float(budget) * (1.0 + _SUM_SLACK)
     arr = costs[costs <= slack_budget]
     count, remaining = 0, slack_budget
     if arr.size > _BUCKET_MIN and slack_budget > 0:
@@ -214,7 +227,7 @@ def max_flips(margin: Array, eps: float | Array, L: float, valid: Array | None =
     if valid is not None:
         keep, _ = _rows(xp.broadcast_to(xp.asarray(_detach(valid), dtype=xp.bool), margin.shape), 2)
     eps_rows = _eps_rows(eps, lead, xp, _device(costs))
-    budget = _effective_budget(eps_rows, L, margin_rounding_slack(margin))
+    budget = _effective_budget(eps_rows, L, summed_budget_slack(margin))  # cumsum below
     return xp.reshape(_max_flips_rows(costs, keep, budget), lead)
 
 
@@ -280,7 +293,7 @@ def _settles(costs: np.ndarray, budget: float) -> bool:
     """Whether candidates below a guessed threshold cost more than the budget (with the
     selection's slack, and room for its rounding): the longest affordable prefix of
     the sorted costs then lies among them, and the guess gave the exact answer."""
-    return float(costs.sum()) > budget * (1.0 + 1e-9) * (1.0 + 1e-10)
+    return float(costs.sum()) > budget * (1.0 + _SUM_SLACK) * (1.0 + 1e-10)
 
 
 def _float_type(margin: np.ndarray) -> Any:
@@ -289,7 +302,7 @@ def _float_type(margin: np.ndarray) -> Any:
 
 def _affordable_limit(budget: float) -> float:
     """The largest |margin| a single flip within `budget` may have (with the select's slack)."""
-    return math.sqrt(2.0 * budget * (1.0 + 1e-9))
+    return math.sqrt(2.0 * budget * (1.0 + _SUM_SLACK))
 
 
 def _class_groups(
@@ -512,8 +525,6 @@ def _sampled_limit(size: np.ndarray, kept: np.ndarray | None, budget: float) -> 
 
 #: Fractions of pixels `stability` is reported at by default (evaluation, the server).
 STABILITY_FRACTIONS = (0.01, 0.05, 0.1)
-#: Relative amount a sum of many float64 costs is taken down by (rounding of the sum).
-_SUM_SLACK = 1e-9
 
 
 def least_cover_cost(

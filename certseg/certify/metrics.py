@@ -27,7 +27,13 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
-from .budget import _effective_budget, _keep_sorted, _max_flips_rows, worst_ratio
+from .budget import (
+    _effective_budget,
+    _keep_sorted,
+    _max_flips_rows,
+    summed_budget_slack,
+    worst_ratio,
+)
 from .pixelwise import _check_lipschitz, _detach, _eps_rows, _margins64, guaranteed_region
 
 __all__ = [
@@ -116,7 +122,8 @@ def _prepare(
         top1=xp.reshape(top1, (R, N)),
         cost=margin * margin / 2.0,
         eps=eps_rows,
-        budget=_effective_budget(eps_rows, L),
+        # its costs are summed in float64: a set that just fits stays affordable
+        budget=_effective_budget(eps_rows, L, summed_budget_slack(margin)),
         error=float(margin_error),
     )
 
