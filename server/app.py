@@ -128,8 +128,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "WS")
-        head = method == "HEAD"
-        if head:  # HEAD is GET without the body (RFC 9110 9.3.2): probes and caches use it
+        if method == "HEAD":  # GET without the body (RFC 9110 9.3.2): probes and caches use it
             scope, send = {**scope, "method": "GET"}, _bodiless(send)
         headers = dict(scope.get("headers") or [])
         rid_in = headers.get(b"x-request-id", b"").decode("latin-1")

@@ -18,12 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .budget import _max_flips_select
+from .budget import _SUM_SLACK, _max_flips_select
 
 __all__ = ["Knapsack", "worst_split_ratio"]
 
-#: Relative slack over the float64 sums (millions of terms: < 1e-9 relative).
-_SLACK = 1e-9
 _FEW = 4096  # items sorted as they are; more are cut to those within reach first
 
 
@@ -67,7 +65,7 @@ class Knapsack:
         sums of the size of `limit`); the result is rounded up, never above what all
         the items hold."""
         asked = np.asarray(budget, np.float64)
-        x = np.where(asked < 0, -1.0, asked + _SLACK * (asked + self.limit))
+        x = np.where(asked < 0, -1.0, asked + _SUM_SLACK * (asked + self.limit))
         j = np.maximum(np.searchsorted(self.spent, x, side="right") - 1, 0)
         out = self.gained[j]
         if not self.equal:  # the next item, in part
@@ -75,7 +73,7 @@ class Knapsack:
             step = self.spent[nxt] - self.spent[j]  # > 0 unless j is the last
             part = (x - self.spent[j]) / np.where(step > 0, step, 1.0)
             out = out + np.clip(part, 0.0, 1.0) * (self.gained[nxt] - self.gained[j])
-        return np.where(asked < 0, 0.0, np.minimum(out * (1 + _SLACK) + 1e-6, self.total))
+        return np.where(asked < 0, 0.0, np.minimum(out * (1 + _SUM_SLACK) + 1e-6, self.total))
 
 
 def _within_reach(c: np.ndarray, v: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
