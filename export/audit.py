@@ -20,7 +20,8 @@ sqrt(sum L_i^2), a residual Add is L_a + L_b. Anything else on the way from
 `image` to the logits is refused by name, never guessed.
 
 The logits are the input of the head's ArgMax (found from the graph, not from the
-metadata), and the head must be a function of the logits alone. The artifact is
+metadata), and the head must be a function of the logits alone, and proved to
+compute mask, margin and radius exactly (export.head_check). The artifact is
 refused when the audited L exceeds the declared structural L by more than `rtol`,
 when the metadata claims an L smaller than the audited one, or when the radius
 head divides by less than sqrt(2) times the audited L.
@@ -46,6 +47,7 @@ from certseg.certify.operator_norm import (
     conv_transpose_norm_bound,
     matrix_norm_bound,
 )
+from export.head_check import check_head_semantics
 
 __all__ = [
     "HEAD_OPS",
@@ -440,6 +442,8 @@ class _Walker:
         if op == "BatchNormalization":
             if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:5]):
                 raise _Refuse("BatchNormalization with image-dependent statistics")
+            if a.get("training_mode", 0):
+                raise _Refuse("BatchNormalization in training mode (divides by the batch's spread)")
             scale = self.static_value(node, node.input[1], "scale")
             var = self.static_value(node, node.input[4], "variance")
             g = float(np.max(np.abs(scale / np.sqrt(var + float(a.get("epsilon", 1e-5))))))
@@ -498,7 +502,9 @@ class _Walker:
         alpha = abs(float(a.get("alpha", 1.0))) if op == "Gemm" else 1.0
         L = ins[lips[0]].L * b.upper * alpha
         if op == "Gemm" and len(ins) > 2 and isinstance(ins[2], _Lip):
-            L += ins[2].L * abs(float(a.get("beta", 1.0)))
+            # C broadcasts to the (M, N) output: each of its elements may be repeated.
+            dup = self.duplication(node.input[2], self.shape(node.output[0]))
+            L += ins[2].L * abs(float(a.get("beta", 1.0))) * math.sqrt(dup)
         self.row(node, b.upper * alpha, b.lower * alpha, b.method, L, weight=node.input[wi])
         return _Lip(L)
 
@@ -673,24 +679,13 @@ def _check_head(
             if node.op_type not in HEAD_OPS:
                 problems.append(f"head node {node.name!r} has op {node.op_type} (not a head op)")
             desc.update(node.output)
-    outs = {o.name for o in model.graph.output}
-    for name in ("mask", "margin", "radius") if "radius" in outs else ():
-        if name not in desc:
-            problems.append(f"output {name!r} is not computed from the logits")
-    if "radius" not in outs:
+    if "radius" not in {o.name for o in model.graph.output}:
         return None, problems
-    node = walker.producer.get("radius")
-    scale = None
-    if node is not None and node.op_type in ("Mul", "Div"):
-        consts = [n for n in node.input if isinstance(walker.values.get(n), _Static)]
-        if len(consts) == 1:
-            v = walker.values[consts[0]].value
-            if v is not None and v.size == 1:
-                c = float(np.asarray(v, dtype=np.float64).ravel()[0])
-                scale = c if node.op_type == "Mul" else 1.0 / c
-    if scale is None:
-        problems.append("the radius output is not margin times a constant")
-    return scale, problems
+    statics = {n: v.value for n, v in walker.values.items() if isinstance(v, _Static)}
+    shape = walker.shape(logits)
+    classes = shape[1] if shape is not None and len(shape) == 4 else None
+    scale, semantic = check_head_semantics(model, statics, logits, classes)
+    return scale, problems + semantic
 
 
 def audit_onnx(
@@ -732,7 +727,8 @@ def audit_onnx(
     head_scale = None
     if check_head:
         head_scale, problems = _check_head(model, walker, logits)
-        if head_scale is not None and head_scale * math.sqrt(2.0) * L > 1.0 + 1e-6:
+        # No tolerance: the exporter's constant is below 1 / (sqrt(2) L) by ~2^-22.
+        if head_scale is not None and head_scale * math.sqrt(2.0) * L > 1.0:
             problems.append(
                 f"the radius head uses L = {1 / (math.sqrt(2) * head_scale):.9g}, "
                 f"below the audited {L:.9g}"

@@ -162,10 +162,38 @@ def test_broadcast_duplication_is_counted():
     assert _empirical(model) <= rep.lipschitz_audited
 
 
+def test_gemm_counts_a_broadcast_image_dependent_bias():
+    # C = the first pixel, (1, 1), added to all 4 outputs: its gain is sqrt(4), not 1.
+    g = _w(4, 192)
+    nodes = [
+        oh.make_node("Reshape", ["image", "shape"], ["flat"]),
+        oh.make_node("Slice", ["flat", "s0", "s1", "ax"], ["c"]),
+        oh.make_node("Gemm", ["flat", "g", "c"], ["logits"], transB=1),
+    ]
+    inits = {"g": g, "shape": np.array([1, 192]), "s0": np.array([0]), "s1": np.array([1])}
+    rep = audit_onnx(_graph(nodes, {**inits, "ax": np.array([1])}))
+    assert rep.lipschitz_audited == pytest.approx(matrix_norm_bound(g).upper + 2.0)
+
+
+_BN = {k: np.ones(3, np.float32) for k in ("scale", "bias", "mean", "var")}
+
+
 @pytest.mark.parametrize(
     ("nodes", "inits", "match"),
     [
         ([oh.make_node("Softmax", ["image"], ["logits"], axis=1)], {}, "Softmax"),
+        (
+            [
+                oh.make_node(
+                    "BatchNormalization",
+                    ["image", "scale", "bias", "mean", "var"],
+                    ["logits"],
+                    training_mode=1,
+                )
+            ],
+            _BN,
+            "training mode",
+        ),
         (
             [oh.make_node("Resize", ["image", "", "sc"], ["logits"])],
             {"sc": np.array([1, 1, 2, 2], np.float32)},

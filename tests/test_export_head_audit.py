@@ -1,0 +1,212 @@
+"""The audit proves what the exported head computes (export/head_check.py): mask =
+argmax, margin = top1 - top2, radius = margin * c. Every formulation passes; a file
+edited to report larger radii, another class or another pixel's value is refused,
+although its Lipschitz bound and radius constant are untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper as oh
+from onnx import numpy_helper
+
+from certseg.certify import radius_scale_for
+from export.audit import AuditError, audit_onnx
+from export.graph_head import HEAD_FORMULATIONS, CertifiedSegmenter
+from export.onnx_export import RADIUS_SCALE, _set_initializer, export_graph
+
+
+def _export(form: str, k: int) -> onnx.ModelProto:
+    torch.manual_seed(k)
+    net = torch.nn.Conv2d(3, k, 1, bias=False)
+    proto = export_graph(CertifiedSegmenter(net, k, 1.0, pad_multiple=4, head=form).eval())
+    L = audit_onnx(proto, check_head=False).lipschitz_audited
+    _set_initializer(proto, RADIUS_SCALE, np.asarray(radius_scale_for(L), np.float32))
+    return proto
+
+
+@pytest.fixture(scope="module")
+def heads() -> dict[tuple[str, int], onnx.ModelProto]:
+    cases = [(f, k) for f in HEAD_FORMULATIONS for k in (1, 2, 3) if not (f == "topk" and k < 2)]
+    return {case: _export(*case) for case in cases}
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _node(model: onnx.ModelProto, op: str, index: int = 0) -> onnx.NodeProto:
+    return [n for n in model.graph.node if n.op_type == op][index]
+
+
+def _add_init(model: onnx.ModelProto, name: str, value) -> str:
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def _insert_after(model: onnx.ModelProto, node: onnx.NodeProto, new: onnx.NodeProto) -> None:
+    """Route node's first output through `new` (whose input is `node.output[0]`)."""
+    old = node.output[0]
+    for n in model.graph.node:
+        n.input[:] = [new.output[0] if i == old else i for i in n.input]
+    new.input[0] = old
+    nodes = list(model.graph.node)
+    nodes.insert(nodes.index(node) + 1, new)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def test_every_formulation_is_proved(heads):
+    for (form, k), model in heads.items():
+        report = audit_onnx(model, strict=False)
+        assert report.problems == [], (form, k)
+        assert report.head_scale == pytest.approx(1 / (2**0.5 * report.lipschitz_audited), 1e-6)
+
+
+def _scaled_margin(model):
+    m = _copy(model)
+    _insert_after(
+        m,
+        _node(m, "Sub"),
+        oh.make_node("Mul", ["", _add_init(m, "x50", np.float32(50))], ["sub_x50"]),
+    )
+    return m
+
+
+def _swapped_sub(model):
+    m = _copy(model)
+    sub = _node(m, "Sub")
+    sub.input[:] = [sub.input[1], sub.input[0]]
+    return m
+
+
+def _max_as_min(model):
+    m = _copy(model)
+    _node(m, "Max").op_type = "Min"
+    return m
+
+
+def _last_index(model):
+    m = _copy(model)
+    argmax = _node(m, "ArgMax")
+    kept = [a for a in argmax.attribute if a.name != "select_last_index"]
+    del argmax.attribute[:]
+    argmax.attribute.extend([*kept, oh.make_attribute("select_last_index", 1)])
+    return m
+
+
+def _dropped_class(model):
+    """chain, 3 classes: top1 from the first two planes only."""
+    m = _copy(model)
+    last_max = _node(m, "Max", 2)
+    first_max = _node(m, "Max", 0)
+    for n in m.graph.node:
+        if n.op_type == "Squeeze" and n.input[0] == last_max.output[0]:
+            n.input[0] = first_max.output[0]
+    return m
+
+
+def _shifted_crop(model):
+    m = _copy(model)
+    crop = next(n for n in m.graph.node if "margin" in n.output)
+    crop.input[1] = _add_init(m, "one", np.array([1], np.int64))
+    return m
+
+
+def _one_row_operand(model):
+    """A crop to one row before the Min/Max sweep: broadcasting repeats that row's value."""
+    m = _copy(model)
+    split = _node(m, "Split")
+    row = oh.make_node(
+        "Slice",
+        [
+            "",
+            _add_init(m, "z0", np.array([0], np.int64)),
+            _add_init(m, "e1", np.array([1], np.int64)),
+            _add_init(m, "ax2", np.array([2], np.int64)),
+        ],
+        ["row0"],
+    )
+    _insert_after(m, split, row)
+    return m
+
+
+def _permuted_classes(model):
+    m = _copy(model)
+    _set_initializer(m, "head.class_index", np.array([1, 0, 2], np.int64).reshape(1, 3, 1, 1))
+    return m
+
+
+def _finite_fill(model):
+    m = _copy(model)
+    where = _node(m, "Where")
+    where.input[1] = _add_init(m, "minus_1e3", np.float32(-1e3))
+    return m
+
+
+def _second_as_first(model):
+    m = _copy(model)
+    gathers = [n for n in m.graph.node if n.op_type == "Gather"]
+    second = next(
+        n
+        for n in gathers
+        if numpy_helper.to_array(
+            next(i for i in m.graph.initializer if i.name == n.input[1])
+        ).item()
+        == 1
+    )
+    second.input[1] = _add_init(m, "zero", np.int64(0))
+    return m
+
+
+# (formulation, classes, edit, an input on which the edit changes the answer)
+NORMAL, TIES, HUGE = "normal", "ties", "huge"
+TAMPERS = [
+    ("chain", 3, _scaled_margin, NORMAL),
+    ("argmax_where", 3, _scaled_margin, NORMAL),
+    ("topk", 3, _scaled_margin, NORMAL),
+    ("chain", 3, _swapped_sub, NORMAL),
+    ("chain", 3, _max_as_min, NORMAL),
+    ("chain", 2, _last_index, TIES),
+    ("chain", 3, _dropped_class, NORMAL),
+    ("chain", 3, _shifted_crop, NORMAL),
+    ("topk", 2, _shifted_crop, NORMAL),
+    ("chain", 3, _one_row_operand, NORMAL),
+    ("argmax_where", 3, _permuted_classes, NORMAL),
+    ("argmax_where", 2, _finite_fill, HUGE),
+    ("topk", 3, _second_as_first, NORMAL),
+]
+
+
+def _image(kind: str) -> np.ndarray:
+    if kind == TIES:  # all logits 0: every class ties for first place
+        return np.zeros((2, 3, 5, 7), np.float32)
+    x = np.random.default_rng(0).normal(size=(2, 3, 5, 7)).astype(np.float32)
+    return x * np.float32(1e5 if kind == HUGE else 1.0)
+
+
+@pytest.mark.parametrize(
+    ("form", "k", "tamper", "image"), TAMPERS, ids=lambda v: getattr(v, "__name__", str(v))
+)
+def test_a_tampered_head_is_refused(heads, form, k, tamper, image):
+    model = tamper(heads[(form, k)])
+    onnx.checker.check_model(model)
+    # The edit changes what the file reports (it is not a no-op rewrite)...
+    x = _image(image)
+
+    def run(m: onnx.ModelProto) -> list[np.ndarray]:
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"image": x})
+
+    before, after = run(heads[(form, k)]), run(model)
+    assert any(
+        a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(before, after, strict=True)
+    )
+    # ...and the audit refuses it, though its L and radius constant are unchanged.
+    with pytest.raises(AuditError, match="not proved"):
+        audit_onnx(model)
