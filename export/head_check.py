@@ -270,6 +270,7 @@ class _HeadInterpreter:
         if (
             cond is None
             or cond.kind != "is_pred"
+            or cond.cropped
             or z.kind != "logits"
             or value.size != 1
             or not np.all(np.isneginf(value))
@@ -352,8 +353,8 @@ def check_head_semantics(
     values = statics
     problems: list[str] = []
     scale = _radius_scale(model, values)
-    if scale is None:
-        problems.append("the radius output is not the margin output times a constant")
+    if scale is None or not scale > 0:
+        problems.append("the radius output is not the margin output times a positive constant")
     if not isinstance(classes, int) or classes < 1:
         return scale, [*problems, f"the logits' class count is not fixed ({classes!r})"]
     interp = _HeadInterpreter(model, values, logits, classes)
