@@ -117,7 +117,7 @@ class _HeadInterpreter:
         handler: Callable[[onnx.NodeProto, dict], list[_Sym | None]] | None = getattr(
             self, f"_{node.op_type.lower()}", None
         )
-        if handler is None or any(_has_graph(a) for a in node.attribute):
+        if handler is None:  # (no handled op takes a subgraph)
             raise _NoRule(node.op_type)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         return handler(node, attrs)
@@ -324,10 +324,6 @@ class _HeadInterpreter:
     def _constantofshape(self, node, a):
         value = a.get("value")
         return [self._neginf(node.input[0], numpy_helper.to_array(value) if value else None)]
-
-
-def _has_graph(attr: onnx.AttributeProto) -> bool:
-    return attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def _radius_scale(model: onnx.ModelProto, values: Statics) -> float | None:
