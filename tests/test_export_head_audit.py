@@ -118,39 +118,24 @@ def _shifted_crop(model):
     return m
 
 
-def _one_row_operand(model):
-    """A crop to one row before the Min/Max sweep: broadcasting repeats that row's value."""
-    m = _copy(model)
-    split = _node(m, "Split")
-    row = oh.make_node(
-        "Slice",
-        [
-            "",
-            _add_init(m, "z0", np.array([0], np.int64)),
-            _add_init(m, "e1", np.array([1], np.int64)),
-            _add_init(m, "ax2", np.array([2], np.int64)),
-        ],
-        ["row0"],
-    )
-    _insert_after(m, split, row)
-    return m
+def _first_row_of(op: str):
+    """An edit that crops the first output of the `op` node to its first row, which
+    broadcasting then repeats over every row."""
+
+    def edit(model):
+        m = _copy(model)
+        bounds = [
+            _add_init(m, n, np.array([v], np.int64)) for n, v in (("z0", 0), ("e1", 1), ("ax2", 2))
+        ]
+        _insert_after(m, _node(m, op), oh.make_node("Slice", ["", *bounds], [f"{op}_row0"]))
+        return m
+
+    edit.__name__ = f"_first_row_of_{op}"
+    return edit
 
 
-def _one_row_condition(model):
-    """argmax_where: the class test of one row, broadcast over all rows by Where."""
-    m = _copy(model)
-    row = oh.make_node(
-        "Slice",
-        [
-            "",
-            _add_init(m, "z0", np.array([0], np.int64)),
-            _add_init(m, "e1", np.array([1], np.int64)),
-            _add_init(m, "ax2", np.array([2], np.int64)),
-        ],
-        ["cond_row0"],
-    )
-    _insert_after(m, _node(m, "Equal"), row)
-    return m
+_one_row_operand = _first_row_of("Split")  # a plane before the Min/Max sweep
+_one_row_condition = _first_row_of("Equal")  # argmax_where's class test, used by Where
 
 
 def _negative_scale(model):
@@ -234,5 +219,5 @@ def test_a_tampered_head_is_refused(heads, form, k, tamper, image):
         a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(before, after, strict=True)
     )
     # ...and the audit refuses it, though its L and radius constant are unchanged.
-    with pytest.raises(AuditError, match="not proved|not the margin output"):
+    with pytest.raises(AuditError, match=r"not proved|not the margin output"):
         audit_onnx(model)
