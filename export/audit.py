@@ -47,7 +47,7 @@ from certseg.certify.operator_norm import (
     conv_transpose_norm_bound,
     matrix_norm_bound,
 )
-from export.head_check import check_head_semantics
+from export.head_check import ONNX_DOMAINS, check_head_semantics
 
 __all__ = [
     "HEAD_OPS",
@@ -330,6 +330,12 @@ class _Walker:
                 self.values.get(n, _Bad("?", node.name, f"undefined input {n!r}"))
                 for n in node.input
             ]
+            if node.domain not in ONNX_DOMAINS:  # a name of the ONNX ops, other semantics
+                why = f"{node.op_type} of domain {node.domain!r}, not the ONNX operator"
+                for out in node.output:
+                    static = all(isinstance(v, _Static) for v in ins)
+                    self.values[out] = _Static() if static else _Bad(node.op_type, node.name, why)
+                continue
             if node.op_type == "Constant":
                 self.values[node.output[0]] = _Static(_constant_value(node))
                 continue
@@ -377,6 +383,7 @@ class _Walker:
         x = ins[0]
         if any(_has_subgraph(attr) for attr in node.attribute):
             raise _Refuse(f"{op} with a subgraph")
+
         if op in _PERMUTATIONS:
             if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
                 raise _Refuse(f"{op}: image-dependent shape argument")

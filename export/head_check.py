@@ -34,9 +34,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["check_head_semantics"]
+__all__ = ["ONNX_DOMAINS", "check_head_semantics"]
 
 _INT_TYPES = (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
+
+#: The ops with a rule (method `_<op in lower case>`); the default ONNX domain only.
+_RULE_OPS = frozenset(
+    {"ArgMax", "Cast", "ConstantOfShape", "Equal", "Expand", "Gather", "Identity", "Max"}
+    | {"Min", "ReduceMax", "Shape", "Slice", "Split", "Squeeze", "Sub", "TopK", "Unsqueeze"}
+    | {"Where"}
+)
+ONNX_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -114,11 +122,10 @@ class _HeadInterpreter:
                 self.syms[name] = s
 
     def rule(self, node: onnx.NodeProto) -> list[_Sym | None]:
-        handler: Callable[[onnx.NodeProto, dict], list[_Sym | None]] | None = getattr(
-            self, f"_{node.op_type.lower()}", None
-        )
-        if handler is None:  # (no handled op takes a subgraph)
-            raise _NoRule(node.op_type)
+        if node.op_type not in _RULE_OPS or node.domain not in ONNX_DOMAINS:
+            raise _NoRule(node.op_type)  # (no op with a rule takes a subgraph)
+        handler: Callable[[onnx.NodeProto, dict], list[_Sym | None]]
+        handler = getattr(self, f"_{node.op_type.lower()}")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         return handler(node, attrs)
 

@@ -175,6 +175,19 @@ def test_gemm_counts_a_broadcast_image_dependent_bias():
     assert rep.lipschitz_audited == pytest.approx(matrix_norm_bound(g).upper + 2.0)
 
 
+def test_an_op_of_another_domain_is_not_taken_for_the_onnx_op():
+    g = oh.make_graph(
+        [oh.make_node("Relu", ["image"], ["logits"], domain="com.example")],
+        "g",
+        [oh.make_tensor_value_info("image", TP.FLOAT, [1, 3, 8, 8])],
+        [oh.make_tensor_value_info("logits", TP.FLOAT, None)],
+    )
+    opsets = [oh.make_opsetid("", 18), oh.make_opsetid("com.example", 1)]
+    model = oh.make_model(g, opset_imports=opsets)
+    with pytest.raises(AuditError, match=r"domain 'com\.example'"):
+        audit_onnx(model)
+
+
 _BN = {k: np.ones(3, np.float32) for k in ("scale", "bias", "mean", "var")}
 
 

@@ -221,3 +221,13 @@ def test_a_tampered_head_is_refused(heads, form, k, tamper, image):
     # ...and the audit refuses it, though its L and radius constant are unchanged.
     with pytest.raises(AuditError, match=r"not proved|not the margin output"):
         audit_onnx(model)
+
+
+def test_an_unknown_op_reading_the_logits_is_reported_not_a_crash(heads):
+    """Op names are matched to the rules exactly, in the ONNX domain only: an op named
+    like one of the checker's own helpers ("Pair") is no rule."""
+    m = _copy(heads[("chain", 2)])
+    logits = _node(m, "ArgMax").input[0]
+    m.graph.node.append(oh.make_node("Pair", [logits, logits], ["extra"], domain="com.example"))
+    report = audit_onnx(m, strict=False)
+    assert report.problems == ["head node '' has op Pair (not a head op)"]
