@@ -38,7 +38,7 @@ from server.errors import (
     Unauthorized,
     install_error_handlers,
 )
-from server.logs import request_id_var
+from server.logs import API_KEY_PARAM, request_id_var
 from server.metrics import Metrics
 from server.routes import ops, stream, v1, v2
 from server.settings import Settings
@@ -116,11 +116,12 @@ class RequestContextMiddleware:
         elif b"x-api-key" in headers:
             given = headers[b"x-api-key"].strip()
         elif scope["type"] == "websocket":
-            # Browsers cannot set headers on a WebSocket: accept ?api_key= there only.
+            # Browsers cannot set headers on a WebSocket: accept ?api_key= there only
+            # (server.logs redacts it from uvicorn's handshake lines).
             from urllib.parse import parse_qs
 
             qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            given = qs.get("api_key", [""])[0].encode()
+            given = qs.get(API_KEY_PARAM, [""])[0].encode()
         return hmac.compare_digest(given, self.key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,16 +1,33 @@
 """Structured logs: one JSON object per line, with the request id of the request
-being served (a context variable set by the request middleware)."""
+being served (a context variable set by the request middleware), and no API key:
+uvicorn logs each WebSocket handshake with its query string, where a browser sends
+its key (``?api_key=``), so every line is redacted before it is written."""
 
 from __future__ import annotations
 
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
+from urllib.parse import unquote_plus
 
-__all__ = ["JsonFormatter", "configure_logging", "request_id_var"]
+__all__ = [
+    "API_KEY_PARAM",
+    "JsonFormatter",
+    "RedactApiKey",
+    "configure_logging",
+    "redact_api_key",
+    "request_id_var",
+]
+
+#: The query parameter a WebSocket client may send the API key in (browsers cannot set
+#: headers on a WebSocket); the auth check reads it, the log filter blanks it.
+API_KEY_PARAM = "api_key"
+REDACTED = "***"
+_QUERY_PAIR = re.compile(r"(?P<name>[^\s?&=\"']+)=(?P<value>[^\s&\"']*)")
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "certseg_request_id", default=None
@@ -18,6 +35,28 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 _RESERVED |= {"message", "asctime", "color_message"}
+
+
+def redact_api_key(text: str) -> str:
+    """`text` with the value of every api_key= pair replaced by ***. Names are compared
+    percent-decoded, as the server's query parser sees them (api%5Fkey= is the key too)."""
+
+    def blank(m: re.Match[str]) -> str:
+        return f"{m['name']}={REDACTED}" if unquote_plus(m["name"]) == API_KEY_PARAM else m[0]
+
+    return _QUERY_PAIR.sub(blank, text)
+
+
+class RedactApiKey(logging.Filter):
+    """Rewrites a record whose message carries an API key (uvicorn formats lazily, so
+    the key sits in `record.args`: the message is formatted, redacted, and kept as is)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_api_key(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,8 +83,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", as_json: bool = True) -> None:
-    """Route certseg's and uvicorn's loggers to stderr, as JSON lines when asked."""
+    """Route certseg's and uvicorn's loggers to stderr, as JSON lines when asked, with
+    API keys redacted."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactApiKey())
     if as_json:
         handler.setFormatter(JsonFormatter())
     else:

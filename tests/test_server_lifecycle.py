@@ -169,3 +169,36 @@ def test_request_ids_reach_the_json_log_and_errors_carry_no_trace():
         assert access["trace-ok-1"]["status"] == 200 and access["bad"]["status"] == 422
     finally:
         srv.close()
+
+
+def test_a_websocket_api_key_never_reaches_the_log():
+    """uvicorn logs each handshake with its query string, where browsers send the key:
+    the accepted and the refused handshake are both logged with the key blanked."""
+    import asyncio
+
+    import websockets
+
+    secret = "s3cret-do-not-log"
+    srv = ServeProcess(
+        [str(tiny_model_dir()), "--intra-op-threads", "1", "--log-level", "info"],
+        env={**ENV, "CERTSEG_API_KEY": secret},
+    ).wait_ready()
+
+    async def handshakes() -> None:
+        url = srv.ws_base + "/v1/stream?model=tiny&api_key="
+        async with websockets.connect(url + secret) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "config"
+        with pytest.raises(websockets.InvalidStatus):  # a wrong key, percent-encoded name
+            await websockets.connect(srv.ws_base + "/v1/stream?api%5Fkey=" + secret + "x")
+
+    try:
+        asyncio.run(handshakes())
+        time.sleep(0.2)
+        log = srv.stderr()
+        assert secret not in log, log[-2000:]
+        lines = [json.loads(x)["msg"] for x in log.splitlines() if x.startswith("{")]
+        shakes = [m for m in lines if "WebSocket /v1/stream" in m]
+        assert any("api_key=***" in m and "[accepted]" in m for m in shakes), shakes
+        assert any("api%5Fkey=***" in m and "401" in m for m in shakes), shakes
+    finally:
+        srv.close()
