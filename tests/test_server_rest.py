@@ -177,6 +177,33 @@ def test_multipart_with_target_gives_worst_case_metrics(client, session):
     assert m["clean_miou"] >= m["worst_case_miou"]
 
 
+def test_target_metrics_reach_npz_and_png_answers(client):
+    """The worst-case metrics of a posted target, as the JSON answer gives them: npz
+    arrays of the same names, png headers X-Certseg-<Field-Name>."""
+    body = encode(random_image(32, 48, seed=7))
+    target = encode(np.arange(32 * 48).reshape(32, 48).astype(np.uint8) % 4)
+
+    def post(fmt: str) -> httpx.Response:
+        files = {"image": ("x.png", body, "image/png"), "target": ("t.png", target)}
+        r = client.post("/v1/segment", params={"eps": 0.02, "format": fmt}, files=files)
+        assert r.status_code == 200, r.text
+        return r
+
+    metrics = post("json").json()["metrics"]
+    assert set(metrics) == {
+        "worst_case_pixel_accuracy",
+        "worst_case_miou",
+        "clean_pixel_accuracy",
+        "clean_miou",
+    }
+    arrays = np.load(io.BytesIO(post("npz").content))
+    headers = post("png").headers
+    for key, value in metrics.items():
+        assert float(arrays[key]) == value, key
+        name = "X-Certseg-" + "-".join(p.capitalize() for p in key.split("_"))
+        assert float(headers[name]) == value, name
+
+
 def test_multipart_image_only(client):
     png = encode(random_image(32, 48))
     files = {"image": ("x.png", png, "image/png")}

@@ -322,6 +322,8 @@ def _npz(cert: Certified, image: DecodedImage, outputs: frozenset[str], style, b
         arrays["network_size"] = np.asarray(cert.resize.network, np.int64)
         arrays["operator_norm"] = np.float64(cert.resize.operator_norm)
         arrays["network_eps"] = np.float64(cert.resize.network_eps(cert.eps))
+    for key, value in (cert.metrics or {}).items():  # NaN where the JSON says null
+        arrays[key] = np.float64(math.nan if value is None else value)
     if "overlay" in outputs:
         arrays["overlay"] = render_overlay(
             cert.mask, cert.radius, cert.eps, cert.model.card.palette, image.rgb8, style, blend
@@ -344,20 +346,29 @@ def _npz(cert: Certified, image: DecodedImage, outputs: frozenset[str], style, b
     return buf.getvalue()
 
 
+def _header(field: str) -> str:
+    """The response header of an answer field: guaranteed_fraction ->
+    X-Certseg-Guaranteed-Fraction (format=png has no body to carry the figures)."""
+    return "X-Certseg-" + "-".join(part.capitalize() for part in field.split("_"))
+
+
 def _certificate_headers(cert: Certified) -> dict[str, str]:
-    headers = {
-        "X-Certseg-Model": cert.model.name,
-        "X-Certseg-Eps": repr(cert.eps),
-        "X-Certseg-Lipschitz": repr(cert.model.lipschitz),
-        "X-Certseg-Guaranteed-Fraction": repr(cert.guaranteed_fraction),
-        "X-Certseg-Max-Flips": str(cert.max_flips),
+    """The certificate's figures as X-Certseg-* headers; the target's metrics that have
+    a value (null ones are left out)."""
+    values = {
+        "model": cert.model.name,
+        "eps": repr(cert.eps),
+        "lipschitz": repr(cert.model.lipschitz),
+        "guaranteed_fraction": repr(cert.guaranteed_fraction),
+        "max_flips": str(cert.max_flips),
     }
     if cert.resize is not None:
         (H, W), (h, w) = cert.resize.source, cert.resize.network
-        headers["X-Certseg-Resize"] = (
-            f"{H}x{W}->{h}x{w}; operator_norm={cert.resize.operator_norm!r}"
-        )
-    return headers
+        values["resize"] = f"{H}x{W}->{h}x{w}; operator_norm={cert.resize.operator_norm!r}"
+    for key, value in (cert.metrics or {}).items():
+        if value is not None:
+            values[key] = repr(value)
+    return {_header(key): value for key, value in values.items()}
 
 
 @router.post(
