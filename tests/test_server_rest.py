@@ -434,6 +434,24 @@ def test_cors_off_by_default_and_configurable(client, model_dir):
                 "/v1/models", headers={"Origin": "https://evil.example", "X-API-Key": "s3cret"}
             )
             assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+            # a browser reads only exposed headers: every figure header an answer has
+            files = {
+                "image": ("x.png", encode(random_image(32, 48)), "image/png"),
+                "target": ("t.png", encode(np.zeros((32, 48), np.uint8))),
+            }
+            r = c.post(
+                "/v1/segment",
+                params={"format": "png", "resize": "0.5"},
+                files=files,
+                headers={**origin, "X-API-Key": "s3cret"},
+            )
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"]
+            exposed = {
+                h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")
+            }
+            sent = {h for h in r.headers if h.startswith("x-certseg-") or h == "server-timing"}
+            assert {"x-certseg-resize", "x-certseg-worst-case-miou", "server-timing"} <= sent
+            assert sent | {"x-request-id", "inference-header-content-length"} <= exposed
     finally:
         srv.stop()
 

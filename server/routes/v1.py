@@ -33,7 +33,7 @@ from server.pipeline import (
 )
 from server.state import ServerState, get_state
 
-__all__ = ["ModelSummary", "ModelsResponse", "SegmentResponse", "router"]
+__all__ = ["RESPONSE_HEADERS", "ModelSummary", "ModelsResponse", "SegmentResponse", "router"]
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -352,9 +352,25 @@ def _header(field: str) -> str:
     return "X-Certseg-" + "-".join(part.capitalize() for part in field.split("_"))
 
 
+#: The answer fields also sent as X-Certseg-* headers, in this order; only these are.
+HEADER_FIELDS = (
+    "model",
+    "eps",
+    "lipschitz",
+    "guaranteed_fraction",
+    "max_flips",
+    "resize",
+    *WorstCaseMetrics.model_fields,
+)
+SERVER_TIMING = "Server-Timing"
+#: Every header of a segment answer a browser client reads (CORS exposes them).
+RESPONSE_HEADERS = (*(_header(f) for f in HEADER_FIELDS), SERVER_TIMING)
+
+
 def _certificate_headers(cert: Certified) -> dict[str, str]:
     """The certificate's figures as X-Certseg-* headers; the target's metrics that have
-    a value (null ones are left out)."""
+    a value (null ones are left out). A field not in HEADER_FIELDS is not sent, so
+    what CORS exposes is all there is."""
     values = {
         "model": cert.model.name,
         "eps": repr(cert.eps),
@@ -368,7 +384,7 @@ def _certificate_headers(cert: Certified) -> dict[str, str]:
     for key, value in (cert.metrics or {}).items():
         if value is not None:
             values[key] = repr(value)
-    return {_header(key): value for key, value in values.items()}
+    return {_header(key): values[key] for key in HEADER_FIELDS if key in values}
 
 
 @router.post(
@@ -458,7 +474,7 @@ async def segment(
     timings.since("encode", t0)
     stages = timings.finish()
     state.metrics.observe_stages(stages)
-    headers["Server-Timing"] = Timings.header(stages)
+    headers[SERVER_TIMING] = Timings.header(stages)
     if format != "json":
         return Response(body, media_type=media, headers=headers)
     ans["timings_ms"] = stages
