@@ -233,12 +233,20 @@ def test_control_overlay_ping_and_errors(server):
                 {"eps": 10**400},  # past float's range
                 {"resize": 10**400},
                 {"eps": 10**4000},  # past the int-to-str limit: not echoed whole
+                {"x" * 5000: 1},  # an unknown field's name is not echoed whole
             )
             for bad in bad_messages:
                 await ws.send(json.dumps(bad))
                 err = await _recv_json(ws)
                 assert err["type"] == "error" and err["status"] == 422 and err["frame"] is None
                 assert len(err["detail"]) < 200
+            # an unknown field (a typo) is refused, not echoed as if applied; nothing changes
+            await ws.send(json.dumps({"type": "config", "ep": 0.1, "eps": 0.3}))
+            err = await _recv_json(ws)
+            assert err["type"] == "error" and err["status"] == 422 and err["frame"] is None
+            assert "'ep'" in err["detail"]
+            await ws.send(json.dumps({"type": "ping"}))  # the stream goes on
+            assert (await _recv_json(ws))["type"] == "pong"
             await ws.send("[" * 20_000 + "]" * 20_000)  # nested past the JSON parser
             assert (await _recv_json(ws))["status"] == 422
             await ws.send(json.dumps({"depth": 1}))  # fewer in flight: lowest latency

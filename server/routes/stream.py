@@ -4,7 +4,8 @@ Protocol (client -> server):
   binary message      one JPEG/PNG/WebP frame; frames are numbered 0, 1, 2, ...
   {"type": "config", "eps": 0.05, "outputs": ["overlay"], "overlay_style": "dim",
    "depth": 2, "resize": "fit"}   changes this stream's settings (answered by a
-                      "config" message); resize: null, "fit" or a scale (as in REST)
+                      "config" message; any other field is an error, so a typo is
+                      not taken as applied); resize: null, "fit" or a scale (as in REST)
   {"type": "ping"}    answered by {"type": "pong"} (protocol-level pings also work)
 Server -> client, per frame, in frame order:
   {"type": "result", "frame": n, "dropped": d, "guaranteed_fraction": ..., ...,
@@ -66,6 +67,8 @@ log = logging.getLogger("certseg.server")
 STREAM_OUTPUTS = ("overlay", "mask", "classes", "gains", "stability")
 BINARY_OUTPUTS = ("overlay", "mask")  # sent as PNG messages; the others: result fields
 STYLES = ("hatch", "dim", "heat")
+#: A stream's settings: what a config message may change and its answer echoes.
+CONFIG_FIELDS = ("model", "eps", "outputs", "overlay_style", "depth", "resize")
 
 
 @dataclass
@@ -80,7 +83,13 @@ class StreamConfig:
     resize: ResizeRequest = None
 
     def update(self, state: ServerState, msg: dict[str, Any]) -> None:
-        """Apply a control message; all-or-nothing (a bad field changes nothing)."""
+        """Apply a control message; all-or-nothing (a bad field changes nothing, an
+        unknown one, a typo such as "ep", too: it must not look applied)."""
+        unknown = sorted(set(msg) - {"type", *CONFIG_FIELDS})
+        if unknown:
+            raise InvalidParameter(
+                f"unknown config field {client_value(unknown[0])}; known: {CONFIG_FIELDS}"
+            )
         model = msg.get("model", self.model)
         if not isinstance(model, str):
             raise InvalidParameter("model must be a string")
@@ -103,15 +112,8 @@ class StreamConfig:
         self.overlay_style, self.depth, self.resize = style, depth, resize
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "type": "config",
-            "model": self.model,
-            "eps": self.eps,
-            "outputs": list(self.outputs),
-            "overlay_style": self.overlay_style,
-            "depth": self.depth,
-            "resize": self.resize,
-        }
+        settings = {name: getattr(self, name) for name in CONFIG_FIELDS}
+        return {"type": "config", **settings, "outputs": list(self.outputs)}
 
 
 def _check_depth(value: object, limit: int) -> int:
@@ -349,8 +351,7 @@ def _initial_config(ws: WebSocket, state: ServerState) -> StreamConfig:
     cfg = StreamConfig(
         model=info.name, eps=info.card.default_eps, depth=state.settings.stream_depth
     )
-    keys = ("eps", "outputs", "overlay_style", "depth", "resize")
-    cfg.update(state, {k: q[k] for k in keys if k in q})
+    cfg.update(state, {k: q[k] for k in CONFIG_FIELDS if k in q and k != "model"})
     return cfg
 
 
