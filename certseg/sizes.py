@@ -1,8 +1,9 @@
-"""Image sizes written as text: "HxW" (1024x2048), the one parser of them."""
+"""Image sizes written as text: "HxW" (1024x2048), the one parser and the one
+formatter of them (answers, headers, flags and error messages all say height first)."""
 
 from __future__ import annotations
 
-__all__ = ["parse_size"]
+__all__ = ["format_size", "parse_size"]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -11,3 +12,8 @@ def parse_size(text: str) -> tuple[int, int]:
     if not (sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
         raise ValueError(f"expected a size HxW such as 1024x2048, got {text!r}")
     return int(h), int(w)
+
+
+def format_size(height: int, width: int) -> str:
+    """(H, W) -> 'HxW', as parse_size reads it back."""
+    return f"{height}x{width}"

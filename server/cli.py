@@ -89,11 +89,11 @@ def serve(
         int | None, typer.Option(help="Largest image body (default: 32 MiB).")
     ] = None,
     max_pixels: Annotated[
-        int | None, typer.Option(help="Largest image, W*H (default: 2048^2).")
+        int | None, typer.Option(help="Largest image, H*W pixels (default: 2048^2).")
     ] = None,
     max_source_pixels: Annotated[
         int | None,
-        typer.Option(help="Largest image, W*H, sent with resize=fit or a scale (4096^2)."),
+        typer.Option(help="Largest image, H*W pixels, sent with resize=fit or a scale (4096^2)."),
     ] = None,
     max_pass_pixels: Annotated[
         int | None,

@@ -31,6 +31,7 @@ from PIL import Image
 
 from certseg.certify.resize import AreaResize
 from certseg.data.images import upright
+from certseg.sizes import format_size
 from server.errors import (
     CorruptImage,
     InvalidParameter,
@@ -175,14 +176,14 @@ def _open_checked(
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error
         raise CorruptImage(f"cannot read the {fmt.upper()} header") from exc
     if width < 1 or height < 1:
-        raise CorruptImage(f"image declares an empty size {width}x{height}")
+        raise CorruptImage(f"image declares an empty size {format_size(height, width)}")
     limit = limits.declared_limit(resize)
     if width * height > limit:
         hint = "send it downscaled"
         if not resize and limits.max_source_pixels > limits.max_pixels:
             hint += f", or ask resize=fit (up to {limits.max_source_pixels} pixels)"
         raise PayloadTooLarge(
-            f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
+            f"image of {format_size(height, width)} = {width * height} pixels exceeds the limit of "
             f"{limit} pixels; {hint}"
         )
     return img, fmt
@@ -199,7 +200,7 @@ def _plan_resize(
     h, w = plan.network if plan else (height, width)
     if h * w > limits.max_pixels:
         raise PayloadTooLarge(
-            f"resize={resize} gives {w}x{h} = {w * h} pixels, over the limit of "
+            f"resize={resize} gives {format_size(h, w)} = {w * h} pixels, over the limit of "
             f"{limits.max_pixels}; ask a smaller scale or resize=fit"
         )
     return plan
@@ -269,7 +270,8 @@ def decode_target(
     img = upright(img)
     if img.size != (width, height):
         raise InvalidParameter(
-            f"target mask is {img.size[0]}x{img.size[1]}, the image {width}x{height}"
+            f"target mask is {format_size(img.height, img.width)}, "
+            f"the image {format_size(height, width)}"
         )
     target = np.asarray(img).astype(np.int64)
     bad = (target >= num_classes) & (target != ignore_index) | (target < 0)

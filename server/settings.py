@@ -165,7 +165,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         default=2048 * 2048,
         ge=1,
-        description="Largest image, width x height; above it: 413 before any decode. The "
+        description="Largest image in pixels, height x width; above it: 413 before any decode. The "
         "engine's working memory grows with the pixels of a pass (shipped model, ONNX Runtime "
         "CPU: peak RSS 6.1 GiB at 2048x2048), so a bound on it is what keeps one legal image "
         "from exhausting the host.",

@@ -55,6 +55,7 @@ def test_over_the_limit_is_413_naming_resize(client):
     body = encode(random_image(70, 110))
     problem = assert_problem(_post(client, body), 413)
     assert "resize=fit" in problem["detail"]
+    assert "70x110 = 7700 pixels" in problem["detail"]  # HxW, as every size is written
     problem = assert_problem(_post(client, encode(random_image(130, 200)), resize="fit"), 413)
     assert str(MAX_SOURCE) in problem["detail"]
 
@@ -127,7 +128,7 @@ def test_scale_shrinks_even_small_images_and_checks_the_limit(client):
     assert ans["resize"]["network"] == [20, 30] and (ans["width"], ans["height"]) == (60, 40)
     assert ans["resize"]["operator_norm"] == pytest.approx(0.5)
     problem = assert_problem(_post(client, encode(random_image(100, 160)), resize="0.9"), 413)
-    assert "resize=0.9" in problem["detail"]
+    assert "resize=0.9 gives 90x144 = 12960 pixels" in problem["detail"]
 
 
 @pytest.mark.parametrize("value", ["2", "0", "-1", "huge", "nan"])

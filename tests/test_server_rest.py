@@ -367,9 +367,9 @@ def test_unknown_route(client):
 
 def test_bad_target(client):
     img = encode(random_image(32, 48))
-    wrong_size = encode(np.zeros((10, 10), np.uint8))
+    wrong_size = encode(np.zeros((10, 20), np.uint8))
     r = client.post("/v1/segment", files={"image": ("a", img), "target": ("t", wrong_size)})
-    assert_problem(r, 422)
+    assert "target mask is 10x20, the image 32x48" in assert_problem(r, 422)["detail"]
     bad_labels = encode(np.full((32, 48), 9, np.uint8))
     r = client.post("/v1/segment", files={"image": ("a", img), "target": ("t", bad_labels)})
     assert_problem(r, 422)

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from certseg.certify.numerics import float16_down
+from certseg.sizes import format_size
 from server.decode import DecodedImage, decode_image, decode_target, parse_resize
 from server.errors import (
     PROBLEM_MEDIA_TYPE,
@@ -379,8 +380,8 @@ def _certificate_headers(cert: Certified) -> dict[str, str]:
         "max_flips": str(cert.max_flips),
     }
     if cert.resize is not None:
-        (H, W), (h, w) = cert.resize.source, cert.resize.network
-        values["resize"] = f"{H}x{W}->{h}x{w}; operator_norm={cert.resize.operator_norm!r}"
+        source, network = format_size(*cert.resize.source), format_size(*cert.resize.network)
+        values["resize"] = f"{source}->{network}; operator_norm={cert.resize.operator_norm!r}"
     for key, value in (cert.metrics or {}).items():
         if value is not None:
             values[key] = repr(value)

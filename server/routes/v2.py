@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 import certseg
+from certseg.sizes import format_size
 from server.decode import decode_image
 from server.errors import InvalidParameter, ModelNotFound, Overloaded, PayloadTooLarge
 from server.routes.v1 import read_body
@@ -447,9 +448,11 @@ def _input_tensor(
         raise InvalidParameter(f"input 'image' must have shape [N, 3, H, W], got {shape}")
     h, w = shape[2], shape[3]
     if h < 1 or w < 1:
-        raise InvalidParameter(f"input 'image' has an empty size {h}x{w}")
+        raise InvalidParameter(f"input 'image' has an empty size {format_size(h, w)}")
     if h * w > state.limits.max_pixels:
-        raise PayloadTooLarge(f"{h}x{w} exceeds the limit of {state.limits.max_pixels} pixels")
+        raise PayloadTooLarge(
+            f"{format_size(h, w)} exceeds the limit of {state.limits.max_pixels} pixels"
+        )
     _check_request_pixels(shape[0] * h * w, budget)
     count = math.prod(shape)  # exact: np.prod wraps around in int64
     try:
