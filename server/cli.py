@@ -83,7 +83,10 @@ def serve(
     ] = None,
     api_key: Annotated[
         str | None,
-        typer.Option(help="Bearer key for every route but health (prefer CERTSEG_API_KEY)."),
+        typer.Option(
+            help="Key for all but health, docs, viewer: Bearer, X-API-Key or "
+            "?api_key= (WebSocket). Prefer CERTSEG_API_KEY."
+        ),
     ] = None,
     max_body_bytes: Annotated[
         int | None, typer.Option(help="Largest image body (default: 32 MiB).")
@@ -127,7 +130,8 @@ def serve(
         ),
     ] = None,
     default_model: Annotated[
-        Path | None, typer.Option(help="Model served when none named.")
+        Path | None,
+        typer.Option(help="Model path served when no MODELS are given (default: the shipped one)."),
     ] = None,
     warmup: Annotated[bool | None, typer.Option(help="Warm up before ready (default: on).")] = None,
     log_level: Annotated[

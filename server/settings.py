@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     )
     default_model: Path | None = Field(
         default=None,
-        description="Model served when none is named (default: the one shipped in "
-        "certseg/weights/).",
+        description="Model path served when no models are given (default: the one shipped "
+        "in certseg/weights/).",
     )
     backend: BackendName = "auto"
     providers: Annotated[list[str] | None, NoDecode] = Field(
@@ -106,7 +106,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: SecretStr | None = Field(
-        default=None, description="Bearer key required on every route but health and docs."
+        default=None,
+        description="Key required on every route but health, docs and the viewer page: "
+        "Authorization: Bearer, X-API-Key, or ?api_key= on the WebSocket.",
     )
     log_level: str = "info"
     log_json: bool = True

@@ -397,6 +397,19 @@ def test_settings_env_and_cli(monkeypatch):
     assert "--max-pass-pixels" in help_text
 
 
+def test_serve_help_says_what_default_model_and_api_key_do():
+    """--default-model is the path served when no MODELS are given (a request's model
+    defaults to the first served one, not to it); the key is taken three ways."""
+    import typer
+
+    from server.cli import app
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["serve"].params}
+    assert "when no MODELS are given" in params["default_model"].help
+    key_help = params["api_key"].help
+    assert all(way in key_help for way in ("Bearer", "X-API-Key", "?api_key=", "viewer"))
+
+
 def test_pixel_limits_per_image_and_per_pass():
     s = Settings()
     assert s.image_pixels() == s.max_pixels == 2048 * 2048
