@@ -307,11 +307,14 @@ def test_compose_and_env_example_use_real_settings():
     example = (DOCKER / ".env.example").read_text()
     compose_text = (DOCKER.parent / "docker-compose.yml").read_text()
     compose_only = set(re.findall(r"\$\{(CERTSEG_[A-Z_]+)", compose_text)) - known
-    for key in re.findall(r"^#?\s*(CERTSEG_[A-Z_]+)=", example, flags=re.M):
+    listed = set(re.findall(r"^#?\s*(CERTSEG_[A-Z_]+)=", example, flags=re.M))
+    for key in listed:
         assert key in known | compose_only, (
             f".env.example: {key} is neither a setting nor compose's"
         )
-    assert compose_only <= set(re.findall(r"(CERTSEG_[A-Z_]+)=", example)), "list them all"
+    assert compose_only <= listed, "list them all"
+    # and the other way round: the file is where an operator finds every setting
+    assert not known - listed, f".env.example lacks {sorted(known - listed)}"
 
 
 def _seconds(value: str) -> float:
