@@ -256,6 +256,7 @@ class StreamResult:
     resize: dict[str, Any] | None = None  # as SegmentResult.resize
     classes: list[ClassCertificate] | None = None  # as SegmentResult.classes (if asked)
     stability: list[Stability] | None = None  # as SegmentResult.stability (if asked)
+    batch_size: int | None = None  # images in the forward pass that served the frame
     timings: dict[str, float] = field(default_factory=dict)
     overlay: Image.Image | None = None
     mask: np.ndarray | None = None

@@ -388,6 +388,7 @@ class _StreamReader:
             resize=d.get("resize"),
             classes=ClassCertificate.parse(d.get("classes")),
             stability=Stability.parse(d.get("stability")),
+            batch_size=d.get("batch_size"),
             timings=dict(d.get("timings_ms", {})),
             overlay=_png(overlay).convert("RGB") if overlay is not None else None,
             mask=np.asarray(_png(mask)) if mask is not None else None,

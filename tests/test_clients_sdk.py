@@ -265,6 +265,7 @@ def test_stream_sync_in_order_without_drops(client):
         assert r.ok and r.overlay is not None and r.overlay.size == (48, 32)
         assert r.eps == 0.05 and r.latency_ms is not None and r.latency_ms > 0
         assert r.classes is None  # not asked for
+        assert r.batch_size == 1  # the server's figure, as SegmentResult has it
     assert summary.fps > 0 and summary.percentile(50) is not None
     (r,) = client.stream(frames[:1], outputs=("overlay", "classes", "stability"))
     assert r.overlay is not None and sum(c.pixels for c in r.classes) == 32 * 48
