@@ -8,6 +8,7 @@ test's tmp dir; set CERTSEG_VIEWER_SCREENSHOT=path to also copy the image one th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -123,9 +124,9 @@ return [c.width, c.height, mean, Math.sqrt(sq / n - mean * mean)];
 """
 
 
-def make_webm(path: Path, frames: int = 60, h: int = 96, w: int = 128) -> Path:
+def make_webm(path: Path, frames: int = 60, h: int = 96, w: int = 128, fps: int = 30) -> Path:
     with av.open(str(path), mode="w") as out:
-        stream = out.add_stream("libvpx", rate=Fraction(30))
+        stream = out.add_stream("libvpx", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         base = random_image(h, 2 * w, seed=7)
         for i in range(frames):
@@ -232,6 +233,33 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     stats = d.execute_script(CANVAS_STATS)
     assert stats[:2] == [128, 96] and stats[3] > 5
     d.save_screenshot(str(tmp_path / "viewer-stream.png"))
+    assert text(d, "error") == ""
+
+
+def test_viewer_sends_each_video_frame_once(server, engine, browser, tmp_path, monkeypatch):
+    """A 10 fps clip and a model far faster than it: the viewer sends each decoded frame
+    once, never the frame on screen again while the next one is not decoded yet (the
+    engine sees no image twice; a polling viewer sent each about six times)."""
+    seen: list[str] = []
+    infer = engine.infer
+
+    def recording(images, outputs):
+        seen.extend(hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest() for x in images)
+        return infer(images, outputs)
+
+    monkeypatch.setattr(engine, "infer", recording)
+    d = browser
+    d.get(server.base + "/")
+    d.execute_script(
+        "const k = document.getElementById('apikey'); k.value = arguments[0];"
+        "k.dispatchEvent(new Event('change'));",
+        KEY,
+    )
+    wait_for(d, "document.getElementById('model').dataset.ready === '1'")
+    upload(d, make_webm(tmp_path / "slow.webm", frames=20, fps=10))
+    wait_for(d, "document.getElementById('fps').dataset.done === '1'")
+    assert 5 <= len(seen) <= 20, len(seen)  # the clip's frames, at most
+    assert len(set(seen)) == len(seen), f"{len(seen) - len(set(seen))} frames sent again"
     assert text(d, "error") == ""
 
 
