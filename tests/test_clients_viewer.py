@@ -276,7 +276,7 @@ def test_viewer_shrinks_images_over_the_servers_limit(browser, tmp_path):
         Image.fromarray(random_image(120, 160, seed=5)).save(img_path)
         upload(d, img_path)
         wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
-        assert text(d, "netsize") == "80x60 (norm 0.500)" and text(d, "error") == ""
+        assert text(d, "netsize") == "60x80 (norm 0.500)" and text(d, "error") == ""
         w, h, _, std = d.execute_script(CANVAS_STATS)
         assert (w, h) == (160, 120) and std > 5
     finally:
