@@ -17,6 +17,7 @@ from certseg.certify import (
     stability,
 )
 from certseg.data import load_image
+from certseg.sizes import format_size
 
 __all__ = ["ImageReport", "certify_files", "render_table"]
 
@@ -91,7 +92,7 @@ def render_table(reports: Sequence[ImageReport]) -> None:
         for i, e in enumerate(r.eps):
             table.add_row(
                 Path(r.image).name if i == 0 else "",
-                f"{r.width}x{r.height}" if i == 0 else "",
+                format_size(r.height, r.width) if i == 0 else "",
                 f"{r.lipschitz:.4f}" if i == 0 else "",
                 f"{e:g}",
                 f"{r.guaranteed_fraction[i]:.2%}",

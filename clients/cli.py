@@ -182,7 +182,7 @@ def segment(
         scored = [] if labels is None else _scored(r.metrics or {})
         table.add_row(
             path.name,
-            f"{r.width}x{r.height}",
+            f"{r.height}x{r.width}",  # HxW, as the server writes sizes (no certseg import)
             f"{r.eps:g}",
             f"{100 * r.guaranteed_fraction:.1f}%",
             f"{r.max_flips} ({100 * r.max_flips_fraction:.1f}%)",

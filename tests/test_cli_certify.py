@@ -83,6 +83,7 @@ def test_certify_command_reports_radii(tmp_path):
         check=True,
     )
     assert "guaranteed" in table.stdout and "odd.png" in table.stdout
+    assert "21x35" in table.stdout  # HxW
     assert "1% flips at" in table.stdout
 
 

@@ -75,6 +75,7 @@ def test_segment_writes_three_pngs_per_image(server, tmp_path):
             with Image.open(out / f"img{i}_{kind}.png") as img:
                 assert img.size == (56, 40)
     assert "guaranteed" in res.output and "img1.png" in res.output
+    assert "40x56" in res.output  # the size column: HxW, as the server writes sizes
     assert re.search(r"\d+\.\d%", res.output)
     assert len(re.findall(r"│\s+eps (\d\.\d+(e-\d+)?)\s+│", res.output)) == 2  # 1% flips at
 

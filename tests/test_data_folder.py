@@ -76,6 +76,6 @@ def test_bad_masks(tmp_path: Path) -> None:
     Image.new("RGB", (20, 12)).save(tmp_path / "masks" / "a.png")
     with pytest.raises(ValueError, match="not single-channel"):
         FolderSegmentation(tmp_path)[0]
-    Image.new("L", (5, 5)).save(tmp_path / "masks" / "a.png")
-    with pytest.raises(ValueError, match="5x5"):
+    Image.new("L", (7, 5)).save(tmp_path / "masks" / "a.png")  # 5 rows, 7 columns
+    with pytest.raises(ValueError, match=r"is 5x7 but a\.png is 12x20"):  # HxW
         FolderSegmentation(tmp_path)[0]

@@ -26,6 +26,7 @@ from PIL import Image
 
 from certseg.data.images import checked_index, to_chw_float
 from certseg.data.synthetic import SyntheticScenes
+from certseg.sizes import format_size
 
 __all__ = [
     "SYNTHETIC_TO_CITYSCAPES_TRAIN_ID",
@@ -220,7 +221,10 @@ class CityscapesSegmentation:
                 raise ValueError(f"{lab_path}: expected a single-channel id image, got {lb.mode}")
             label = np.asarray(lb)
         if label.shape != (image.height, image.width):
-            raise ValueError(f"{lab_path} is {label.shape}, image is {image.height}x{image.width}")
+            raise ValueError(
+                f"{lab_path} is {format_size(*label.shape)}, "
+                f"image is {format_size(image.height, image.width)}"
+            )
         if kind == "labelIds":
             if label.max(initial=0) > 255:
                 raise ValueError(f"{lab_path}: label ids above 255")

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from certseg.data.images import checked_index, to_chw_float
+from certseg.sizes import format_size
 
 __all__ = ["FolderSegmentation"]
 
@@ -108,8 +109,8 @@ class FolderSegmentation:
             mask = np.asarray(mk).astype(np.int64)
         if mask.shape != (image.height, image.width):
             raise ValueError(
-                f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but {img_path.name} is "
-                f"{image.width}x{image.height}"
+                f"{mask_path} is {format_size(*mask.shape)} but {img_path.name} is "
+                f"{format_size(image.height, image.width)}"
             )
         if self.size is not None and mask.shape != self.size:
             h, w = self.size
