@@ -17,6 +17,7 @@ from certseg.certify import (
     stability,
 )
 from certseg.data import load_image
+from certseg.errors import UserError
 from certseg.sizes import format_size
 
 __all__ = ["ImageReport", "certify_files", "render_table"]
@@ -74,9 +75,17 @@ def certify_files(
     grid = list(eps) if eps else [card.default_eps]
     reports = []
     for path in paths:
-        logits = predict_logits(model, load_image(path), card.pad_multiple)[0]
+        logits = predict_logits(model, _read(path), card.pad_multiple)[0]
         reports.append(summarize(str(path), logits, card.certified_lipschitz, grid))
     return reports
+
+
+def _read(path: Path) -> np.ndarray:
+    """The image, or a UserError that names it (missing, a folder, not an image)."""
+    try:
+        return load_image(path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the image ({exc.strerror or exc})") from None
 
 
 def render_table(reports: Sequence[ImageReport]) -> None:

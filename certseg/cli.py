@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from certseg.errors import cli_errors
+
 app = typer.Typer(
     help="certseg: certifiably robust semantic segmentation.",
     no_args_is_help=True,
@@ -22,12 +24,23 @@ def _main() -> None:
     """Train, certify, export and serve 1-Lipschitz segmentation networks."""
 
 
+def _nonnegative(value: float | list[float] | None) -> float | list[float] | None:
+    """Budgets and noise levels are >= 0: a usage error here, not a ValueError (or a
+    model card with a negative default eps) after the model is built. NaN is refused."""
+    for v in value if isinstance(value, list) else [value]:
+        if v is not None and not v >= 0:
+            raise typer.BadParameter(f"must be >= 0, got {v:g}")
+    return value
+
+
 @app.command()
+@cli_errors("certify")
 def certify(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP).")],
     checkpoint: Annotated[Path, typer.Option(help="A certseg checkpoint (.pt).")],
     eps: Annotated[
-        list[float] | None, typer.Option(help="Attack budgets (l2, image in [0,1]).")
+        list[float] | None,
+        typer.Option(help="Attack budgets (l2, image in [0,1]).", callback=_nonnegative),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -70,6 +83,7 @@ def _check_data(data: str, root: Path | None) -> None:
 
 
 @app.command()
+@cli_errors("train")
 def train(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder (resumes if it has last.pt).")
@@ -81,29 +95,36 @@ def train(
     ] = None,
     data: Annotated[str, typer.Option(help="synthetic | cityscapes | folder")] = "synthetic",
     root: Annotated[Path | None, typer.Option(help="Data root (cityscapes, folder).")] = None,
-    num_images: Annotated[int, typer.Option(help="Synthetic training scenes.")] = 512,
-    val_images: Annotated[int, typer.Option(help="Synthetic held-out scenes.")] = 64,
-    height: Annotated[int, typer.Option(help="Training image height.")] = 96,
-    width: Annotated[int, typer.Option(help="Training image width.")] = 192,
-    epochs: Annotated[int, typer.Option()] = 10,
-    batch_size: Annotated[int, typer.Option()] = 8,
+    num_images: Annotated[int, typer.Option(help="Synthetic training scenes.", min=1)] = 512,
+    val_images: Annotated[int, typer.Option(help="Synthetic held-out scenes.", min=1)] = 64,
+    height: Annotated[int, typer.Option(help="Training image height.", min=1)] = 96,
+    width: Annotated[int, typer.Option(help="Training image width.", min=1)] = 192,
+    epochs: Annotated[int, typer.Option(min=0)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[float, typer.Option()] = 1e-3,
     tau: Annotated[
         float, typer.Option(help="Loss temperature (paper: 20 Cityscapes, 8 small).")
     ] = 8.0,
     train_eps: Annotated[
         float,
-        typer.Option(help="Certified-margin training: offset wrong classes by sqrt(2) L eps."),
+        typer.Option(
+            help="Certified-margin training: offset wrong classes by sqrt(2) L eps.",
+            callback=_nonnegative,
+        ),
     ] = 0.0,
     position_lr_scale: Annotated[
         float, typer.Option(help="lr multiplier of position biases (arch position_grid).")
     ] = 1.0,
-    eps: Annotated[float, typer.Option(help="Validation eps and the card's default.")] = 0.1,
+    eps: Annotated[
+        float, typer.Option(help="Validation eps and the card's default.", callback=_nonnegative)
+    ] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision (CUDA only).")] = False,
-    workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
-    noise_sigma: Annotated[float, typer.Option(help="Gaussian noise augmentation.")] = 0.0,
+    workers: Annotated[int, typer.Option(help="DataLoader workers.", min=0)] = 0,
+    noise_sigma: Annotated[
+        float, typer.Option(help="Gaussian noise augmentation.", callback=_nonnegative)
+    ] = 0.0,
     unconstrained: Annotated[
         bool, typer.Option(help="Train the unconstrained twin (smoothing baseline).")
     ] = False,
@@ -154,21 +175,29 @@ def train(
 
 
 @app.command()
+@cli_errors("evaluate")
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="A certseg checkpoint (.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     data: Annotated[str, typer.Option(help="synthetic | cityscapes | folder")] = "synthetic",
     root: Annotated[Path | None, typer.Option(help="Data root (cityscapes, folder).")] = None,
     split: Annotated[str, typer.Option(help="Split (cityscapes, folder).")] = "val",
-    num_images: Annotated[int, typer.Option(help="Synthetic held-out scenes.")] = 64,
+    num_images: Annotated[int, typer.Option(help="Synthetic held-out scenes.", min=1)] = 64,
     seed: Annotated[int, typer.Option(help="Synthetic held-out seed.")] = 10_000,
-    eps: Annotated[list[float] | None, typer.Option(help="eps grid (repeat the flag).")] = None,
+    eps: Annotated[
+        list[float] | None,
+        typer.Option(help="eps grid (repeat the flag).", callback=_nonnegative),
+    ] = None,
     method: Annotated[str, typer.Option(help="lipschitz | smoothing")] = "lipschitz",
-    sigma: Annotated[float, typer.Option(help="Smoothing noise level.")] = 0.25,
-    n0: Annotated[int, typer.Option(help="Smoothing selection samples.")] = 10,
-    n: Annotated[int, typer.Option(help="Smoothing estimation samples.")] = 100,
-    alpha: Annotated[float, typer.Option(help="Smoothing test level (Holm).")] = 0.001,
-    batch_size: Annotated[int, typer.Option()] = 4,
+    sigma: Annotated[
+        float, typer.Option(help="Smoothing noise level.", callback=_nonnegative)
+    ] = 0.25,
+    n0: Annotated[int, typer.Option(help="Smoothing selection samples.", min=1)] = 10,
+    n: Annotated[int, typer.Option(help="Smoothing estimation samples.", min=1)] = 100,
+    alpha: Annotated[
+        float, typer.Option(help="Smoothing test level (Holm).", min=0.0, max=1.0)
+    ] = 0.001,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Clean and certified metrics over an eps grid: result.json, table.md, plots."""

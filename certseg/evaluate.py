@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from certseg.errors import UserError
 
 __all__ = ["EvalConfig", "evaluate", "markdown_table"]
 
 DEFAULT_EPS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
+METHODS = ("lipschitz", "smoothing")
 
 
 @dataclass
@@ -60,12 +62,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from certseg.certify import STABILITY_FRACTIONS, DatasetCertifier, margins, stability
-    from certseg.inference import predict_logits
+    from certseg.inference import pick_device, predict_logits
     from certseg.models import load_checkpoint
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    if cfg.method not in METHODS:  # before a model is loaded; else it ran lipschitz
+        raise UserError(f"method must be {' or '.join(METHODS)}, got {cfg.method!r}")
+    device = pick_device(cfg.device)
     model, card = load_checkpoint(cfg.checkpoint)
     model = model.to(device)
     size = tuple(cfg.size or card.input_size)

@@ -14,7 +14,32 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["exact_fp32", "pad_to_multiple", "padded_forward", "predict_logits", "set_exact_fp32"]
+from certseg.errors import UserError
+
+__all__ = [
+    "exact_fp32",
+    "pad_to_multiple",
+    "padded_forward",
+    "pick_device",
+    "predict_logits",
+    "set_exact_fp32",
+]
+
+
+def pick_device(name: str) -> torch.device:
+    """The --device of training and evaluation: auto (CUDA when there is one) or a
+    device this machine has; a misspelt or absent one is a UserError, not torch's
+    assertion deep in the first .to()."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise UserError(f"--device {name}: this machine has {count} CUDA device(s)")
+    return device
 
 
 def _tf32_holders() -> list[tuple[object, str]]:

@@ -21,10 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from certseg.errors import UserError
+from certseg.inference import pick_device
 from certseg.losses import certified_offset, tau_cross_entropy
 from certseg.nn.position import position_bias_names
 
 __all__ = ["Recipe", "TrainConfig", "fit", "make_optimizer", "train"]
+
+#: What a resumable last.pt holds (its "config" is a record, not read back).
+_RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "elapsed")
 
 
 @dataclass
@@ -220,12 +225,6 @@ def _init_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _loader(dataset, cfg: TrainConfig, dist: _Dist, shuffle: bool):
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -310,9 +309,9 @@ def train(cfg: TrainConfig) -> Path:
 
     from certseg.data import Augmented, Compose, RandomHorizontalFlip
     from certseg.models import ModelCard, create_model, save_checkpoint
-    from certseg.models.checkpoint import load_grown
+    from certseg.models.checkpoint import load_grown, read_checkpoint
 
-    device = _pick_device(cfg.device)
+    device = pick_device(cfg.device)
     dist = _init_distributed(device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
@@ -322,7 +321,7 @@ def train(cfg: TrainConfig) -> Path:
 
     train_set, val_set, classes, palette = open_datasets(cfg)
     mean, std = channel_stats(train_set)
-    init = torch.load(cfg.init, map_location=device, weights_only=False) if cfg.init else None
+    init = read_checkpoint(cfg.init, map_location=device) if cfg.init else None
     if init is not None:  # its weights were trained under its normalization: keep it
         mean, std = tuple(init["card"]["mean"]), tuple(init["card"]["std"])
     aug = Augmented(train_set, Compose([RandomHorizontalFlip()]), seed=cfg.seed)
@@ -341,11 +340,20 @@ def train(cfg: TrainConfig) -> Path:
     lipschitz = _lipschitz(model, cfg.recipe)
     start_epoch, history, elapsed = 0, [], 0.0
     if init is not None:
-        load_grown(model, init["state_dict"])
+        try:
+            load_grown(model, init["state_dict"])
+        except RuntimeError as exc:  # another architecture, or other arch kwargs
+            raise UserError(f"--init {cfg.init}: {exc}") from None
     last = out / "last.pt"
     if last.exists():
-        state = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        state = read_checkpoint(last, _RESUME_KEYS, map_location=device)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:  # a run of other settings left in --out
+            raise UserError(
+                f"{last} (resumed) holds another model than --arch {cfg.arch} with these "
+                "arguments; use a new --out"
+            ) from None
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from certseg.errors import cli_errors
 from certseg.sizes import parse_size
 
 __all__ = ["app"]
@@ -39,6 +40,7 @@ def parse_hw(text: str) -> tuple[int, int]:
 
 
 @app.command("export")
+@cli_errors("export")
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="A certseg checkpoint (.pt).", exists=True)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],

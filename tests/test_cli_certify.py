@@ -122,3 +122,63 @@ def test_usage_errors_are_one_line_not_tracebacks(tmp_path):
     fake.write_bytes(b"\x80\x02 not onnx at all")
     res = runner.invoke(app, ["audit", str(fake)])
     assert res.exit_code == 1 and "not a readable ONNX model" in res.output
+
+
+def test_user_mistakes_are_one_stderr_line_with_exit_2(tmp_path):
+    """A missing or foreign checkpoint, an unknown architecture, an image that does not
+    decode, an empty data folder, a budget below 0 or a misspelt device: one sentence
+    naming the culprit (`certseg <cmd>: error: ...` or a usage error), exit 2, and no
+    traceback, from certify, evaluate, export and train alike."""
+    from typer.testing import CliRunner
+
+    from certseg.cli import app
+
+    ckpt = _checkpoint(tmp_path)
+    img = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a pickle at all")
+    no_card = tmp_path / "no_card.pt"
+    torch.save({"weights": 1}, no_card)
+    other_arch = tmp_path / "other_arch.pt"
+    blob = torch.load(ckpt, weights_only=False)
+    torch.save({**blob, "card": {**blob["card"], "arch": "tiny_v9"}}, other_arch)
+    wider = tmp_path / "wider.pt"
+    torch.save({**blob, "card": {**blob["card"], "arch_kwargs": {"width": 16}}}, wider)
+    empty = tmp_path / "empty"
+    for sub in ("images", "masks"):
+        (empty / "val" / sub).mkdir(parents=True)
+    text = tmp_path / "text.png"
+    text.write_text("just text")
+    out = str(tmp_path / "o")
+    small = ["--arch", "tiny", "--num-images", "2", "--val-images", "1", "--height", "8",
+             "--width", "8", "--epochs", "0", "--device", "cpu"]  # fmt: skip
+    cases = [
+        (["certify", str(img), "--checkpoint", str(tmp_path / "none.pt")], "no such checkpoint"),
+        (["certify", str(img), "--checkpoint", str(junk)], "junk.pt is not a certseg checkpoint"),
+        (["certify", str(img), "--checkpoint", str(no_card)], "(no card, state_dict)"),
+        (["certify", str(img), "--checkpoint", str(tmp_path)], "cannot read it"),
+        (["certify", str(img), "--checkpoint", str(other_arch)], "unknown model 'tiny_v9'"),
+        (["certify", str(img), "--checkpoint", str(wider)], "weights do not fit the card"),
+        (["certify", str(tmp_path / "none.png"), "--checkpoint", str(ckpt)], "none.png"),
+        (["certify", str(text), "--checkpoint", str(ckpt)], "text.png: cannot read the image"),
+        (["certify", str(img), "--checkpoint", str(ckpt), "--eps", "-0.1"], "must be >= 0"),
+        (["certify", str(img), "--checkpoint", str(ckpt), "--eps", "nan"], "must be >= 0"),
+        (["evaluate", str(junk), "-o", out], "junk.pt is not a certseg checkpoint"),
+        (["evaluate", str(ckpt), "-o", out, "--data", "folder", "--root", str(empty)],
+         "--data folder: no images"),
+        (["evaluate", str(ckpt), "-o", out, "--method", "smoothng"], "lipschitz or smoothing"),
+        (["evaluate", str(ckpt), "-o", out, "--device", "cpus"], "--device cpus: not a device"),
+        (["export", str(no_card), "-o", out], "no_card.pt is not a certseg checkpoint"),
+        (["train", "-o", out, *small, "--init", str(tmp_path / "none.pt")], "no such checkpoint"),
+        (["train", "-o", out, *small, "--init", str(ckpt)], "--init"),
+        (["train", "-o", out, *small, "--eps", "-1"], "must be >= 0"),
+        (["train", "-o", out, *small, "--epochs", "-1"], "--epochs"),
+    ]  # fmt: skip
+    for args, says in cases:
+        res = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+        assert res.exit_code == 2, (args, res.output, res.exception)
+        assert says in res.stderr and "Traceback" not in res.output, (args, res.output)
+        if "Usage:" not in res.stderr:  # not argparse's: the one-line form of the server CLI
+            (line,) = res.stderr.splitlines()
+            assert line.startswith(f"certseg {args[0]}: error: "), line

@@ -7,6 +7,7 @@ from pathlib import Path
 from certseg.data.cityscapes import CityscapesSegmentation
 from certseg.data.folder import FolderSegmentation
 from certseg.data.synthetic import SyntheticScenes
+from certseg.errors import UserError
 
 __all__ = ["SOURCES", "open_split"]
 
@@ -25,13 +26,17 @@ def open_split(
 ):
     """A data set of `source`. Synthetic scenes have no named splits: `seed` selects
     the images (training uses seed s, held-out sets another seed); `num_images` only
-    applies to them. Cityscapes reads root/{leftImg8bit,gtFine}/split, folder root/split."""
+    applies to them. Cityscapes reads root/{leftImg8bit,gtFine}/split, folder root/split;
+    a folder missing, empty or unmatched is a UserError."""
     if source == "synthetic":
         return SyntheticScenes(num_images, size or (96, 192), seed=seed, cache=cache)
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r} ({', '.join(SOURCES)})")
     if root is None:
         raise ValueError(f"--root is required for --data {source}")
-    if source == "cityscapes":
-        return CityscapesSegmentation(root, split, size=size)
-    return FolderSegmentation(Path(root) / split, size=size)
+    try:
+        if source == "cityscapes":
+            return CityscapesSegmentation(root, split, size=size)
+        return FolderSegmentation(Path(root) / split, size=size)
+    except (OSError, ValueError) as exc:  # a missing or empty folder, unmatched files
+        raise UserError(f"--data {source}: {exc}") from None

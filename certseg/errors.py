@@ -1,0 +1,42 @@
+"""Mistakes a user can fix, and how the command line says them.
+
+A `UserError` is raised where the mistake is found (a checkpoint that is not one, an
+image that does not decode, an empty data folder); `cli_errors` turns it into the one
+stderr line the other commands print (`certseg serve: error: ...`), exit status 2,
+instead of a traceback that hides the sentence under library frames.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+
+__all__ = ["UserError", "cli_errors"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (a path, a file, a value), said in one sentence."""
+
+
+def cli_errors(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate the typer command `certseg <command>`: a UserError becomes
+    "certseg <command>: error: <message>" on stderr and exit status 2."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)  # typer reads the signature through __wrapped__
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except UserError as exc:
+                typer.echo(f"certseg {command}: error: " + " ".join(str(exc).split()), err=True)
+                raise typer.Exit(2) from None
+
+        return run
+
+    return wrap
