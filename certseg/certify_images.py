@@ -15,6 +15,7 @@ from certseg.certify import (
     margins,
     max_flips,
     stability,
+    stability_rows,
 )
 from certseg.data import load_image
 from certseg.errors import UserError
@@ -25,7 +26,8 @@ __all__ = ["ImageReport", "certify_files", "render_table"]
 
 @dataclass
 class ImageReport:
-    """Certificate summary of one image."""
+    """Certificate summary of one image, named as the REST answer names its figures
+    (one entry per eps where the answer has one eps)."""
 
     image: str
     height: int
@@ -33,10 +35,12 @@ class ImageReport:
     lipschitz: float
     eps: list[float]
     guaranteed_fraction: list[float]
-    max_flipped_fraction: list[float]
+    max_flips: list[int]
+    max_flips_fraction: list[float]
     radius_quantiles: dict[str, float]
-    #: per share of the pixels ("0.01", ...): the least l2 norm that may flip that many
-    stability: dict[str, float | None]
+    #: per share of the pixels: {fraction, pixels, eps}, eps the least l2 norm that may
+    #: flip that many (null: none can), as `stability_rows` gives it
+    stability: list[dict]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +52,7 @@ def summarize(name: str, logits: np.ndarray, lipschitz: float, eps: Sequence[flo
     radius = certified_radius(margin, lipschitz)
     n = radius.size
     qs = {"min": 0.0, "p10": 0.1, "median": 0.5, "p90": 0.9, "max": 1.0}
-    norms = stability(margin, STABILITY_FRACTIONS, lipschitz)
+    flips = [int(max_flips(margin, e, lipschitz)) for e in eps]
     return ImageReport(
         image=name,
         height=int(radius.shape[0]),
@@ -56,12 +60,10 @@ def summarize(name: str, logits: np.ndarray, lipschitz: float, eps: Sequence[flo
         lipschitz=lipschitz,
         eps=list(eps),
         guaranteed_fraction=[float(guaranteed_region(radius, e).mean()) for e in eps],
-        max_flipped_fraction=[float(max_flips(margin, e, lipschitz)) / n for e in eps],
+        max_flips=flips,
+        max_flips_fraction=[f / n for f in flips],
         radius_quantiles={k: float(np.quantile(radius, q)) for k, q in qs.items()},
-        stability={
-            f"{a:g}": float(e) if np.isfinite(e) else None
-            for a, e in zip(STABILITY_FRACTIONS, norms, strict=True)
-        },
+        stability=stability_rows(stability(margin, STABILITY_FRACTIONS, lipschitz).tolist(), n),
     )
 
 
@@ -93,7 +95,7 @@ def render_table(reports: Sequence[ImageReport]) -> None:
     from rich.table import Table
 
     table = Table(title="certseg certificates (l2, image in [0,1])")
-    cols = ("image", "size", "L", "eps", "guaranteed", "max flipped", "radius p10/med/p90")
+    cols = ("image", "size", "L", "eps", "guaranteed", "max flips", "radius p10/med/p90")
     for col in (*cols, "1% flips at"):
         table.add_column(col)
     for r in reports:
@@ -105,14 +107,16 @@ def render_table(reports: Sequence[ImageReport]) -> None:
                 f"{r.lipschitz:.4f}" if i == 0 else "",
                 f"{e:g}",
                 f"{r.guaranteed_fraction[i]:.2%}",
-                f"{r.max_flipped_fraction[i]:.2%}",
+                f"{r.max_flips[i]} ({r.max_flips_fraction[i]:.2%})",
                 f"{q['p10']:.3f}/{q['median']:.3f}/{q['p90']:.3f}" if i == 0 else "",
-                _stability_cell(r.stability.get("0.01")) if i == 0 else "",
+                _stability_cell(r.stability) if i == 0 else "",
             )
     Console().print(table)
 
 
-def _stability_cell(eps: float | None) -> str:
+def _stability_cell(rows: list[dict]) -> str:
+    """The least norm that may flip 1% of the pixels ("never": none can)."""
     from clients.cli import down3
 
+    eps = next(row["eps"] for row in rows if row["fraction"] == 0.01)
     return "never" if eps is None else f"eps {down3(eps)}"

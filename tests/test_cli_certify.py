@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 
-from certseg.certify import certified_radius, margins, stability
+from certseg.certify import certified_radius, margins, max_flips, stability
 from certseg.inference import predict_logits
 from certseg.models import ModelCard, create_model, load_checkpoint, save_checkpoint
 
@@ -60,7 +61,7 @@ def test_certify_command_reports_radii(tmp_path):
     (report,) = json.loads(out.stdout)
     assert (report["height"], report["width"]) == (21, 35)
     assert report["guaranteed_fraction"][0] == 1.0  # nothing can flip at eps = 0
-    assert report["max_flipped_fraction"][0] == 0.0
+    assert report["max_flips"][0] == 0 and report["max_flips_fraction"][0] == 0.0
 
     model, card = load_checkpoint(ckpt)
     assert report["lipschitz"] == card.certified_lipschitz
@@ -72,8 +73,19 @@ def test_certify_command_reports_radii(tmp_path):
     assert report["guaranteed_fraction"][1] == float((radius > 0.05).mean())
     assert report["radius_quantiles"]["median"] == float(np.quantile(radius, 0.5))
     margin = margins(logits)[1]
+    flips = int(max_flips(margin, 0.05, card.certified_lipschitz))
+    assert report["max_flips"][1] == flips
+    assert report["max_flips_fraction"][1] == flips / (21 * 35)
+    # named and shaped as the REST answer: the server's own rows for this margin
+    from server.pipeline import stability_figures
+    from server.routes.v1 import SegmentResponse, StabilityFigure
+
+    assert {"max_flips", "max_flips_fraction", "stability"} <= set(SegmentResponse.model_fields)
+    rows = stability_figures(SimpleNamespace(lipschitz=card.certified_lipschitz), margin)
+    assert report["stability"] == rows and [r["pixels"] for r in rows] == [8, 37, 74]
+    assert all(StabilityFigure(**r) for r in report["stability"])
     want = stability(margin, (0.01, 0.05, 0.1), card.certified_lipschitz).tolist()
-    assert report["stability"] == dict(zip(("0.01", "0.05", "0.1"), want, strict=True))
+    assert [r["eps"] for r in report["stability"]] == want
 
     table = subprocess.run(
         [str(exe), "certify", str(img_path), "--checkpoint", str(ckpt)],

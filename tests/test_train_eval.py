@@ -107,7 +107,11 @@ def test_evaluate_writes_results_tables_and_plots(tmp_path, trained):
         assert b["worst_pixel_accuracy"] <= a["worst_pixel_accuracy"]
         assert b["certified_pixel_accuracy"] <= a["certified_pixel_accuracy"]
         assert b["worst_miou"] <= a["worst_miou"] + 1e-12
-    assert set(result["stability"]) == {"0.01", "0.05", "0.1"}
+    # the REST answer's rows, less the pixel count (images differ in valid pixels)
+    stab = result["stability"]
+    assert [r["fraction"] for r in stab] == [0.01, 0.05, 0.1]
+    assert all(set(r) == {"fraction", "eps"} for r in stab)
+    assert [r["eps"] for r in stab] == sorted(r["eps"] for r in stab)
     for png in ("certified_vs_eps.png", "worst_iou.png", "example.png"):
         assert (out / png).stat().st_size > 5000, png
     assert (out / "table.md").read_text().count("\n|") >= 4

@@ -19,6 +19,7 @@ from .budget import (
     max_gains_by_class,
     split_frontier,
     stability,
+    stability_rows,
     worst_ratio,
 )
 from .dataset import DatasetCertificate, DatasetCertifier, dinkelbach_min_ratio
@@ -55,6 +56,7 @@ __all__ = [
     "radius_scale_for",
     "split_frontier",
     "stability",
+    "stability_rows",
     "worst_case_dice",
     "worst_case_fnr",
     "worst_case_fwiou",

@@ -40,6 +40,7 @@ __all__ = [
     "max_gains_by_class",
     "split_frontier",
     "stability",
+    "stability_rows",
     "summed_budget_slack",
     "worst_ratio",
 ]
@@ -614,6 +615,23 @@ def fraction_counts(alphas: Sequence[float], n: int) -> list[int]:
     """k = ceil(alpha n) per fraction, ignoring a relative error of 1e-9 in alpha n (so
     that 0.1 x 30 gives 3): the pixel counts stability speaks of."""
     return [math.ceil(a * n * (1.0 - 1e-9)) for a in alphas]
+
+
+def stability_rows(norms: Sequence[float], n: int | None = None) -> list[dict[str, Any]]:
+    """Stability as every answer gives it (REST, `certseg certify --json`, result.json):
+    per share a of STABILITY_FRACTIONS, {fraction, pixels, eps}. `norms`: `stability`'s
+    per share (inf, no attack can flip that many, and NaN become null); `pixels`, the
+    k = ceil(a n) of one image of n pixels, is left out without n (a data set's median
+    norm, over images of different valid pixel counts)."""
+    counts = fraction_counts(STABILITY_FRACTIONS, n) if n is not None else None
+    return [
+        {
+            "fraction": a,
+            **({} if counts is None else {"pixels": counts[i]}),
+            "eps": float(e) if math.isfinite(e) else None,
+        }
+        for i, (a, e) in enumerate(zip(STABILITY_FRACTIONS, norms, strict=True))
+    ]
 
 
 def _fractions(alpha: float | Sequence[float]) -> list[float]:
