@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -87,19 +89,36 @@ def radius_heatmap(radius: np.ndarray, eps: float, vmax: float | None = None) ->
     return Image.fromarray(rgb.round().astype(np.uint8))
 
 
-def _save(result: SegmentResult, image: Path, out: Path) -> list[Path]:
+def _output_names(images: list[Path]) -> dict[Path, tuple[str, str]]:
+    """Each image's (label, name): its path below the images' common folder, as the
+    table shows it, and the <name> of its outputs under --out, that path without the
+    extension, or with it where two differ only by that. So a/x.png and b/x.jpg write
+    a/x_*.png and b/x_*.png rather than one x_*.png over the other."""
+    resolved = [p.resolve() for p in images]
+    common = Path(os.path.commonpath([p.parent for p in resolved]))
+    paths = [p.relative_to(common) for p in resolved]
+    stems = Counter(p.with_suffix("") for p in set(paths))
+    return {
+        image: (p.as_posix(), (p if stems[p.with_suffix("")] > 1 else p.with_suffix("")).as_posix())
+        for image, p in zip(images, paths, strict=True)
+    }
+
+
+def _save(result: SegmentResult, name: str, out: Path) -> list[Path]:
+    """The answer's images as out/<name>_{overlay,mask,radius}.png; the files written."""
     from PIL import Image
 
+    base = out / name
+    base.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    stem = image.stem
     if result.overlay is not None:
-        written.append(out / f"{stem}_overlay.png")
+        written.append(base.with_name(f"{base.name}_overlay.png"))
         result.overlay.save(written[-1])
     if result.mask is not None:
-        written.append(out / f"{stem}_mask.png")
+        written.append(base.with_name(f"{base.name}_mask.png"))
         Image.fromarray(result.mask).save(written[-1])
     if result.radius is not None:
-        written.append(out / f"{stem}_radius.png")
+        written.append(base.with_name(f"{base.name}_radius.png"))
         radius_heatmap(result.radius, result.eps).save(written[-1])
     return written
 
@@ -108,7 +127,13 @@ def _save(result: SegmentResult, image: Path, out: Path) -> list[Path]:
 def segment(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...).")],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for <name>_{overlay,mask,radius}.png.")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for <name>_{overlay,mask,radius}.png; <name>: the image's path "
+            "under the images' common folder, less its extension (kept if two differ by it).",
+        ),
     ] = Path("certseg-out"),
     eps: EpsOpt = None,
     url: UrlOpt = "http://127.0.0.1:8000",
@@ -142,14 +167,11 @@ def segment(
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="IMAGES")
+    names = _output_names(images)
     targets = {p: None if labels is None else labels / f"{p.stem}.png" for p in images}
-    unlabelled = [str(t) for t in targets.values() if t is not None and not t.is_file()]
-    if unlabelled:
-        raise typer.BadParameter(
-            f"no such label map: {', '.join(unlabelled)}", param_hint="--labels"
-        )
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[Path, SegmentResult]] = []
+    rows: list[tuple[str, SegmentResult]] = []
+    written: set[Path] = set()  # an image given twice writes its files once
     failed = 0
     with (
         CertSegClient(url, api_key=api_key, timeout=timeout) as client,
@@ -160,16 +182,20 @@ def segment(
         if classes and _has_logits(client, model):  # gains read the logits
             outputs = (*DEFAULT_OUTPUTS, "gains")
         for path in images:
+            target = targets[path]
             try:
+                if target is not None and not target.is_file():  # this image fails, not all
+                    raise FileNotFoundError(f"no label map {target}")
                 result = client.segment(
-                    path, eps=eps, outputs=outputs, model=model, resize=resize, target=targets[path]
+                    path, eps=eps, outputs=outputs, model=model, resize=resize, target=target
                 )
-            except CertSegClientError as exc:
+            except (CertSegClientError, OSError) as exc:  # OSError: a file we cannot read
                 console.print(f"[red]{path}: {exc}[/red]")
                 failed += 1
             else:
-                _save(result, path, out)
-                rows.append((path, result))
+                label, name = names[path]
+                written.update(_save(result, name, out))
+                rows.append((label, result))
             progress.advance(task)
     table = Table(title=f"certseg @ {url}")
     cols = ["image", "size", "eps", "guaranteed", "max flips", "1% flips at", "server ms"]
@@ -178,10 +204,10 @@ def segment(
         cols[6:6] = ["worst acc (clean)", "worst mIoU (clean)"]
     for col in cols:
         table.add_column(col, justify="left" if col == "image" else "right")
-    for path, r in rows:
+    for label, r in rows:
         scored = [] if labels is None else _scored(r.metrics or {})
         table.add_row(
-            path.name,
+            label,
             f"{r.height}x{r.width}",  # HxW, as the server writes sizes (no certseg import)
             f"{r.eps:g}",
             f"{100 * r.guaranteed_fraction:.1f}%",
@@ -194,11 +220,9 @@ def segment(
     if rows:
         console.print(table)
     if classes:
-        for path, r in rows:
-            console.print(_class_table(path.name, r))
-    console.print(
-        f"wrote {len(rows) * 3} files to {out}" + (f"; {failed} failed" if failed else "")
-    )
+        for label, r in rows:
+            console.print(_class_table(label, r))
+    console.print(f"wrote {len(written)} files to {out}" + (f"; {failed} failed" if failed else ""))
     if failed:
         raise typer.Exit(1)
 

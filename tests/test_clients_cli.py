@@ -222,6 +222,45 @@ def test_segment_reports_a_file_that_is_no_image_and_goes_on(server, tmp_path):
     assert "wrote 3 files" in res.output and "1 failed" in res.output
 
 
+def test_segment_outputs_of_images_that_share_a_stem_do_not_collide(server, tmp_path):
+    """a/x.png, b/x.jpg and a/x.jpg: each writes its own three PNGs under its path below
+    the images' common folder (the extension kept where only it differs), the count
+    written is the files on disk, and the size column is HxW."""
+    imgs = tmp_path / "imgs"
+    paths = [imgs / "a" / "x.png", imgs / "b" / "x.jpg", imgs / "a" / "x.jpg"]
+    for i, p in enumerate(paths):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_image(40, 56, seed=i)).save(p)
+    out = tmp_path / "o"
+    args = ["segment", *map(str, paths), "--out", str(out), "--url", server.base]
+    res = CliRunner().invoke(app, args, env={"CERTSEG_API_KEY": KEY, "COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    names = ("a/x.png", "b/x", "a/x.jpg")
+    written = sorted(str(f.relative_to(out)) for f in out.rglob("*.png"))
+    assert written == sorted(f"{n}_{k}.png" for n in names for k in ("overlay", "mask", "radius"))
+    assert "wrote 9 files" in res.output
+    assert all(f"│ {p.relative_to(imgs).as_posix()} " in res.output for p in paths)
+    assert "40x56" in res.output
+
+
+def test_segment_reports_an_image_without_its_label_map_and_goes_on(server, tmp_path):
+    """--labels with a map for x but none for y: x is scored, y is reported by name,
+    and the exit status is 1 at the end."""
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    Image.fromarray(np.zeros((40, 56), np.uint8)).save(labels / "x.png")
+    paths = [tmp_path / "x.png", tmp_path / "y.png"]
+    for i, p in enumerate(paths):
+        Image.fromarray(random_image(40, 56, seed=i)).save(p)
+    args = ["segment", *map(str, paths), "--out", str(tmp_path / "o"), "--url", server.base]
+    env = {"CERTSEG_API_KEY": KEY, "COLUMNS": "200"}
+    res = CliRunner().invoke(app, [*args, "--labels", str(labels)], env=env)
+    assert res.exit_code == 1, res.output
+    assert "y.png: no label map" in res.output and "wrote 3 files" in res.output
+    assert "1 failed" in res.output and (tmp_path / "o" / "x_mask.png").is_file()
+    assert re.search(r"│ x\.png\s+│.*0\.\d{3} \(0\.\d{3}\)", res.output)  # x scored
+
+
 def test_radius_heatmap_colours():
     radius = np.linspace(0, 0.2, 50, dtype=np.float32).reshape(5, 10)
     img = np.asarray(radius_heatmap(radius, eps=0.05))
