@@ -290,7 +290,13 @@ def _open_input(video: Path | None, camera: int | None) -> Any:
     import av
 
     if camera is not None:
-        return av.open(f"/dev/video{camera}", format="v4l2")
+        device = f"/dev/video{camera}"
+        try:
+            return av.open(device, format="v4l2")
+        except (av.error.FFmpegError, ValueError) as exc:  # absent, busy, or no v4l2 in PyAV
+            raise typer.BadParameter(
+                f"cannot open camera {device} ({exc})", param_hint="--camera"
+            ) from None
     if video is None:
         raise typer.BadParameter("give a VIDEO file or --camera N")
     if not video.is_file():
@@ -305,11 +311,21 @@ def _open_input(video: Path | None, camera: int | None) -> Any:
     return container
 
 
+class _DecodeError(Exception):
+    """A frame of the input FFmpeg cannot decode: raised in the SDK's sender thread and
+    re-raised by the stream, told apart from a muxer's error writing --out."""
+
+
 def _decoded(container: Any, limit: int | None) -> Iterator[np.ndarray]:
-    for i, frame in enumerate(container.decode(video=0)):
-        if limit is not None and i >= limit:
-            return
-        yield frame.to_ndarray(format="rgb24")
+    import av
+
+    try:
+        for i, frame in enumerate(container.decode(video=0)):
+            if limit is not None and i >= limit:
+                return
+            yield frame.to_ndarray(format="rgb24")
+    except av.error.FFmpegError as exc:
+        raise _DecodeError(str(exc)) from exc
 
 
 def _annotate(r: StreamResult) -> Image.Image:
@@ -396,7 +412,8 @@ def stream(
         Path | None, typer.Argument(help="Video file (anything FFmpeg reads).")
     ] = None,
     camera: Annotated[
-        int | None, typer.Option(help="Capture /dev/videoN instead of a file.", show_default=False)
+        int | None,
+        typer.Option(help="Capture /dev/videoN instead of a file.", show_default=False, min=0),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Annotated video.")] = Path(
         "certseg-stream.mp4"
@@ -414,6 +431,7 @@ def stream(
             "(its stream depth + 1); 1 = lockstep; 0 = send as fast as frames come and "
             "let the server drop stale ones (always so with --camera).",
             show_default=False,
+            min=0,
         ),
     ] = None,
     max_frames: Annotated[
@@ -431,7 +449,7 @@ def stream(
     vstream = container.streams.video[0]
     rate = vstream.average_rate or vstream.guessed_rate or Fraction(30)
     in_flight: InFlight = "lossless" if max_in_flight is None else max_in_flight
-    if camera is not None or (max_in_flight is not None and max_in_flight <= 0):
+    if camera is not None or max_in_flight == 0:
         in_flight = None
     summary = StreamSummary()
     try:
@@ -463,6 +481,10 @@ def stream(
                     )
     except CertSegClientError as exc:
         console.print(f"[red]stream failed: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    except _DecodeError as exc:
+        source = video if camera is None else f"/dev/video{camera}"
+        console.print(f"[red]cannot decode {source}: {exc}[/red]")
         raise typer.Exit(1) from exc
     except av.error.FFmpegError as exc:  # the muxer refused a frame (e.g. one image file)
         console.print(f"[red]cannot write {out}: {exc}[/red]")

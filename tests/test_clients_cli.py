@@ -208,6 +208,30 @@ def test_stream_out_formats_folders_and_bad_videos(server, tmp_path):
     assert res.exit_code == 2 and "not a video" in res.output
 
 
+def test_stream_input_errors_are_one_line(server, tmp_path):
+    """A camera that does not open and a negative --max-in-flight are usage errors (exit
+    2); a video that opens but whose frames do not decode ends with exit 1 and says so,
+    not "cannot write" (the muxer's message) nor a traceback."""
+    env = {"CERTSEG_API_KEY": KEY, "COLUMNS": "200"}
+    video = make_video(tmp_path / "clip.mp4")
+    res = CliRunner().invoke(app, ["stream", "--camera", "99", "--url", server.base], env=env)
+    assert res.exit_code == 2 and "cannot open camera /dev/video99" in res.output, res.output
+    args = ["stream", str(video), "--max-in-flight", "-1", "--url", server.base]
+    res = CliRunner().invoke(app, args, env=env)
+    assert res.exit_code == 2 and "--max-in-flight" in res.output, res.output
+    data = bytearray(video.read_bytes())
+    start = data.find(b"mdat") + 58  # frames' bytes, past the first ones; the index intact
+    data[start : start + 2000] = np.random.default_rng(0).bytes(2000)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(av.error.FFmpegError), av.open(str(bad)) as c:  # opens, fails to decode
+        for _ in c.decode(video=0):
+            pass
+    res = CliRunner().invoke(app, ["stream", str(bad), "--url", server.base], env=env)
+    assert res.exit_code == 1 and f"cannot decode {bad}" in res.output, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
 def test_segment_reports_a_file_that_is_no_image_and_goes_on(server, tmp_path):
     """A file that is no image is refused by the server (415), printed, and the next
     image is still segmented; the exit status is 1."""
