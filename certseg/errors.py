@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import NoReturn, ParamSpec, TypeVar
 
 import typer
 
-__all__ = ["UserError", "cli_errors"]
+__all__ = ["UserError", "cli_errors", "fail"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -22,6 +22,13 @@ R = TypeVar("R")
 
 class UserError(Exception):
     """A mistake in what the user gave (a path, a file, a value), said in one sentence."""
+
+
+def fail(command: str, message: str, code: int = 2) -> NoReturn:
+    """ "certseg <command>: error: <message>" on stderr (one line, for a person or a
+    supervisor to act on), then exit with `code`."""
+    typer.echo(f"certseg {command}: error: " + " ".join(str(message).split()), err=True)
+    raise typer.Exit(code)
 
 
 def cli_errors(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -34,8 +41,7 @@ def cli_errors(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return fn(*args, **kwargs)
             except UserError as exc:
-                typer.echo(f"certseg {command}: error: " + " ".join(str(exc).split()), err=True)
-                raise typer.Exit(2) from None
+                fail(command, str(exc))
 
         return run
 

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from certseg.errors import fail
+
 __all__ = ["app", "build_settings", "calibrate", "serve"]
 
 app = typer.Typer(help="certseg inference server.", add_completion=False, no_args_is_help=True)
@@ -31,8 +33,9 @@ class Backend(StrEnum):
     torch = "torch"
 
 
-def build_settings(**flags: Any) -> Any:
-    """Settings from the flags that were given (None = not given), env and defaults."""
+def build_settings(command: str = "serve", **flags: Any) -> Any:
+    """Settings from the flags that were given (None = not given), env and defaults;
+    a bad value is one error line per flag, naming `certseg <command>`."""
     from pydantic import ValidationError
 
     from server.settings import Settings
@@ -43,11 +46,13 @@ def build_settings(**flags: Any) -> Any:
     try:
         return Settings(**given)
     except ValidationError as exc:  # a flag's (or CERTSEG_ variable's) value: one line each
+        lines = []
         for err in exc.errors():
             name = str(err["loc"][0]) if err["loc"] else "settings"
-            flag = "--" + name.replace("_", "-")
-            typer.echo(f"certseg: error: {flag} (CERTSEG_{name.upper()}): {err['msg']}", err=True)
-        raise typer.Exit(2) from None
+            lines.append(f"--{name.replace('_', '-')} (CERTSEG_{name.upper()}): {err['msg']}")
+        for line in lines[:-1]:
+            typer.echo(f"certseg {command}: error: {line}", err=True)
+        fail(command, lines[-1])
 
 
 @app.command()
@@ -203,16 +208,14 @@ def serve(
         engines = [create_engine(spec, settings) for spec in resolve_model_specs(settings)]
         ServerState.check_names(engines)
     except CertSegError as exc:
-        _fail(exc.detail)
-        raise typer.Exit(2) from None
+        fail("serve", exc.detail)
     application = create_app(settings, engines=engines)
     server = uvicorn.Server(uvicorn_config(application, settings.host, settings.port))
     state = application.state.server
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
     if state.fatal:  # a model failed to load in the background: exit non-zero
-        _fail(state.fatal)
-        raise typer.Exit(1)
+        fail("serve", state.fatal, code=1)
 
 
 @app.command()
@@ -230,11 +233,13 @@ def calibrate(
     images: Annotated[
         Path | None, typer.Option(help="Folder of your own frames (recommended).")
     ] = None,
-    count: Annotated[int, typer.Option(help="How many calibration images.")] = 8,
+    count: Annotated[int, typer.Option(min=1, help="How many calibration images.")] = 8,
     size: Annotated[
         str | None, typer.Option(help="HxW of synthetic images (default: the card's).")
     ] = None,
-    safety: Annotated[float, typer.Option(help="Factor on the largest error seen.")] = 2.0,
+    safety: Annotated[
+        float, typer.Option(min=1.0, help="Factor (>= 1) on the largest error seen.")
+    ] = 2.0,
     out: Annotated[Path | None, typer.Option(help="Write the bound's JSON here.")] = None,
     reference: Annotated[
         Path | None,
@@ -252,8 +257,13 @@ def calibrate(
     from server.errors import CertSegError
     from server.logs import configure_logging
 
+    if out is not None and not out.parent.is_dir():  # before minutes of calibration
+        fail("calibrate", f"--out {out}: no folder {out.parent}")
+    if images is not None and not images.is_dir():
+        fail("calibrate", f"--images {images}: not a folder")
     configure_logging("info", as_json=False)  # a compile takes a while: say what it does
     settings = build_settings(
+        "calibrate",
         models=[str(model)],
         backend=backend,
         precision=precision,
@@ -268,8 +278,7 @@ def calibrate(
         frames = calibration_images(hw, count, images)
         bound = calibrate_engine(spec.path, settings, frames, safety=safety, fp32=reference)
     except CertSegError as exc:
-        typer.echo("certseg calibrate: error: " + " ".join(exc.detail.split()), err=True)
-        raise typer.Exit(2) from None
+        fail("calibrate", exc.detail)
     if out is not None:
         bound.save(out)
     typer.echo(bound.to_json())
@@ -289,11 +298,6 @@ def _input_size(path: Path) -> tuple[int, int]:
 
     card, _, _ = read_onnx_metadata(reference_artifact(path), audit=False)
     return tuple(card.input_size)
-
-
-def _fail(message: str) -> None:
-    """One stderr line a person or a supervisor can act on (no traceback)."""
-    typer.echo("certseg serve: error: " + " ".join(message.split()), err=True)
 
 
 if __name__ == "__main__":  # python -m server.cli serve ...

@@ -34,12 +34,12 @@ import numpy as np
 
 from certseg.certify import (
     STABILITY_FRACTIONS,
-    fraction_counts,
     guaranteed_region,
     max_flips,
     max_flips_by_class,
     max_gains_by_class,
     stability,
+    stability_rows,
     worst_case_miou,
     worst_case_pixel_accuracy,
 )
@@ -249,11 +249,7 @@ def stability_figures(
     else:
         n = resize.source[0] * resize.source[1]
         eps = resize.source_stability(margin, STABILITY_FRACTIONS, info.lipschitz).tolist()
-    counts = fraction_counts(STABILITY_FRACTIONS, n)
-    return [
-        {"fraction": a, "pixels": k, "eps": _finite_or_none(e)}
-        for a, k, e in zip(STABILITY_FRACTIONS, counts, eps, strict=True)
-    ]
+    return stability_rows(eps, n)
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -397,6 +397,26 @@ def test_settings_env_and_cli(monkeypatch):
     assert "--max-pass-pixels" in help_text
 
 
+def test_calibrate_mistakes_are_one_line_before_any_work(tmp_path):
+    """Found before a model loads (calibration takes minutes): each is exit 2 and one
+    'certseg calibrate: error:' line (or typer's usage error), never a traceback."""
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    model = str(tmp_path / "m.onnx")
+    cases = {
+        ("--images", str(tmp_path / "none")): "certseg calibrate: error: --images",
+        ("--out", str(tmp_path / "no" / "b.json")): "certseg calibrate: error: --out",
+        ("--count", "0"): "--count",
+        ("--safety", "0.5"): "--safety",
+    }
+    for flags, says in cases.items():
+        result = CliRunner().invoke(app, ["calibrate", model, *flags])
+        assert result.exit_code == 2 and says in result.output, (flags, result.output)
+        assert "Traceback" not in result.output
+
+
 def test_serve_help_says_what_default_model_and_api_key_do():
     """--default-model is the path served when no MODELS are given (a request's model
     defaults to the first served one, not to it); the key is taken three ways."""

@@ -170,7 +170,7 @@ def test_serve_flags_with_bad_values_fail_in_one_line_each():
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 2 and "Traceback" not in result.output
-    assert lines[0].startswith("certseg: error: --stream-depth (CERTSEG_STREAM_DEPTH)")
+    assert lines[0].startswith("certseg serve: error: --stream-depth (CERTSEG_STREAM_DEPTH)")
     assert "--warmup-sizes" in lines[1] and "12y4" in lines[1]
 
 
