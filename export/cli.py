@@ -59,7 +59,9 @@ def export_command(
         "~/.cache/certseg/trt"
     ),
     calib: Annotated[int, typer.Option(help="Calibration images for the error bound.")] = 16,
-    rtol: Annotated[float, typer.Option(help="Allowed audited/declared L excess.")] = 1e-3,
+    rtol: Annotated[
+        float, typer.Option(min=0.0, help="Allowed audited/declared L excess (>= 0).")
+    ] = 1e-3,
 ) -> None:
     """Export CHECKPOINT to OUT/model.onnx (+ card.json, audit.json), audited."""
     if trt is not None and trt not in ("fp32", "fp16"):
@@ -119,7 +121,9 @@ def _build_trt(result, precision, opt, largest, batch, cache, calib) -> None:
 @app.command("audit")
 def audit_command(
     model: Annotated[Path, typer.Argument(help="An exported model.onnx.", exists=True)],
-    rtol: Annotated[float, typer.Option(help="Allowed audited/declared L excess.")] = 1e-3,
+    rtol: Annotated[
+        float, typer.Option(min=0.0, help="Allowed audited/declared L excess (>= 0).")
+    ] = 1e-3,
     declared: Annotated[
         float | None, typer.Option(help="Declared L (default: the file's metadata).")
     ] = None,

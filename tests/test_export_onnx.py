@@ -371,6 +371,8 @@ def test_cli_audit_json(tiny):
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["ok"] and data["lipschitz_audited"] == tiny.result.lipschitz_audited
+    negative = CliRunner().invoke(app, ["audit", str(tiny.path), "--rtol", "-1"])
+    assert negative.exit_code == 2 and "--rtol" in negative.output  # a usage error
 
 
 # ------------------------------------------------------------------------- triton
