@@ -9,6 +9,7 @@ image) must exceed to cover it. Prints a table, writes benchmarks/results/fp32_r
 
     python benchmarks/fp32_rounding.py                      # the shipped model
     python benchmarks/fp32_rounding.py --size 512x1024 --images 8
+    python benchmarks/fp32_rounding.py --model runs/mine --onnx runs/mine/onnx/model.onnx
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main() -> None:
 
     net, card = load_checkpoint(args.model / "model.pt", fused=True)
     net = net.double()
-    sess = ort.InferenceSession(str(args.model / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_path = args.onnx or args.model / "model.onnx"
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rows, per_image = [], []
     for kind, x in tqdm(images(parse_size(args.size), args.images), desc="images"):
         mask32, margin32 = sess.run(["mask", "margin"], {"image": x})
