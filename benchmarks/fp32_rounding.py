@@ -42,9 +42,8 @@ def images(size: tuple[int, int], count: int, seed: int = 0) -> list[tuple[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument(
-        "--model", type=Path, default=SHIPPED, help="folder with model.pt and model.onnx"
-    )
+    ap.add_argument("--model", type=Path, default=SHIPPED, help="folder with model.pt")
+    ap.add_argument("--onnx", type=Path, default=None, help="its export (default: beside it)")
     ap.add_argument("--size", default="256x512", help="HxW of the test images")
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--out", type=Path, default=None)
