@@ -96,6 +96,10 @@ HEAD_OPS = frozenset(
     }
 )
 
+#: Ops whose output is a new random draw at every run.
+_RANDOM = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike"}
+_RANDOM |= {"Bernoulli", "Multinomial", "Dropout"}
+
 #: float32 division rounds by at most 2^-24 relative; the torch side counts 2^-23.
 _DIV_ROUNDING = 1.0 + 2.0**-23
 
@@ -208,7 +212,7 @@ def _dims(vis: Iterable[onnx.ValueInfoProto]) -> dict[str, tuple]:
     return out
 
 
-def _checked_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+def _checked_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """Tensor shapes for the broadcast checks: the file's declared shapes, checked
     against ONNX shape inference run from the graph alone (declarations removed).
     A declared size that contradicts an inferred one is refused; where inference
@@ -244,17 +248,24 @@ def _checked_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
                 )
             merged.append(b if isinstance(b, int) else a)
         shapes[name] = tuple(merged)
-    return shapes
+    return shapes, inferred
 
 
 class _Walker:
     def __init__(self, model: onnx.ModelProto, input_name: str) -> None:
         self.graph = model.graph
-        self.shapes: dict[str, tuple | None] = _checked_shapes(model)
+        if model.graph.sparse_initializer:  # ORT prefers them to a same-named initializer
+            raise AuditError("sparse initializers are not audited")
+        for node in self.graph.node:  # a subgraph may read the image from the outer scope
+            if any(_has_subgraph(a) for a in node.attribute):
+                raise AuditError(f"node {node.name!r} ({node.op_type}) has a subgraph")
+        self.shapes: dict[str, tuple | None]
+        self.shapes, self.inferred = _checked_shapes(model)
         self.values: dict[str, _Value] = {"": _Static()}
         for init in self.graph.initializer:
             arr = numpy_helper.to_array(init)
-            self.values[init.name] = _Static(arr)
+            # Numbers only: ONNX Runtime parses strings unlike numpy (std::stof).
+            self.values[init.name] = _Static(arr if arr.dtype.kind in "biuf" else None)
             self.shapes[init.name] = tuple(arr.shape)
         names = [i.name for i in self.graph.input]
         if input_name not in names:
@@ -336,8 +347,14 @@ class _Walker:
                     static = all(isinstance(v, _Static) for v in ins)
                     self.values[out] = _Static() if static else _Bad(node.op_type, node.name, why)
                 continue
+            if node.op_type in _RANDOM:  # a new draw at every run: not a function of the image
+                for out in node.output:
+                    self.values[out] = _Bad(node.op_type, node.name, "a random draw")
+                continue
             if node.op_type == "Constant":
-                self.values[node.output[0]] = _Static(_constant_value(node))
+                value = _constant_value(node)
+                numeric = value is not None and value.dtype.kind in "biuf"
+                self.values[node.output[0]] = _Static(value if numeric else None)
                 continue
             if node.op_type in ("Shape", "Size"):  # shapes do not depend on pixel values
                 self.values[node.output[0]] = _Static()
@@ -354,6 +371,16 @@ class _Walker:
                 outs = self._lip(node, ins)
             except _Refuse as err:
                 outs = [_Bad(node.op_type, node.name, str(err))] * len(node.output)
+            except Exception as err:  # a malformed node (missing inputs, odd attributes)
+                why = f"cannot read the node ({type(err).__name__}: {err})"
+                outs = [_Bad(node.op_type, node.name, why)] * len(node.output)
+            why = "its bound is not finite"
+            outs = [
+                _Bad(node.op_type, node.name, why)
+                if isinstance(v, _Lip) and not math.isfinite(v.L)
+                else v
+                for v in outs
+            ]
             for out, v in zip(node.output, outs, strict=False):
                 self.values[out] = v
 
@@ -369,9 +396,9 @@ class _Walker:
                 shape = self.shape(node.output[0])
                 if shape is not None and all(isinstance(d, int) for d in shape):
                     out = vals[0].reshape(shape)
-            elif op == "Cast" and vals[0] is not None:
+            elif op == "Cast" and vals[0] is not None and vals[0].dtype.kind in "biuf":
                 to = onnx.helper.tensor_dtype_to_np_dtype(_attrs(node)["to"])
-                out = vals[0].astype(to)
+                out = vals[0].astype(to) if np.dtype(to).kind in "biuf" else None
         except Exception:
             out = None
         for o in node.output:
@@ -449,7 +476,8 @@ class _Walker:
         if op == "BatchNormalization":
             if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:5]):
                 raise _Refuse("BatchNormalization with image-dependent statistics")
-            if a.get("training_mode", 0):
+            if a.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
+                # (before opset 14, asking for the running statistics means training)
                 raise _Refuse("BatchNormalization in training mode (divides by the batch's spread)")
             scale = self.static_value(node, node.input[1], "scale")
             var = self.static_value(node, node.input[4], "variance")
@@ -554,6 +582,8 @@ class _Walker:
         return _Lip(L)
 
     def _maxmin(self, node, ins) -> _Lip:
+        if len(ins) != 2:  # (each operand may broadcast the others: not counted)
+            raise _Refuse(f"{node.op_type} of {len(ins)} inputs (only 2 are audited)")
         lips = [(n, v) for n, v in zip(node.input, ins, strict=True) if isinstance(v, _Lip)]
         if len(ins) == 2 and len(lips) == 2:
             (na, va), (nb, vb) = lips
@@ -689,9 +719,15 @@ def _check_head(
     if "radius" not in {o.name for o in model.graph.output}:
         return None, problems
     statics = {n: v.value for n, v in walker.values.items() if isinstance(v, _Static)}
-    shape = walker.shape(logits)
+    shape = walker.inferred.get(logits)  # from the graph: a declared size may lie
     classes = shape[1] if shape is not None and len(shape) == 4 else None
-    scale, semantic = check_head_semantics(model, statics, logits, classes)
+    card = json.loads(read_metadata(model).get(META_CARD, "{}"))
+    if "num_classes" in card and card["num_classes"] != classes:
+        problems.append(f"the card says {card['num_classes']} classes, the logits have {classes}")
+    try:
+        scale, semantic = check_head_semantics(model, statics, logits, classes)
+    except Exception as err:  # an odd node the rules did not expect: refused, not a crash
+        scale, semantic = None, [f"the head could not be read ({type(err).__name__}: {err})"]
     return scale, problems + semantic
 
 
@@ -734,8 +770,9 @@ def audit_onnx(
     head_scale = None
     if check_head:
         head_scale, problems = _check_head(model, walker, logits)
-        # No tolerance: the exporter's constant is below 1 / (sqrt(2) L) by ~2^-22.
-        if head_scale is not None and head_scale * math.sqrt(2.0) * L > 1.0:
+        # The graph rounds margin * c (<= 2^-24 relative) and top1 - top2 (<= 2^-24):
+        # c must leave room for both (the exporter's is below 1 / (sqrt(2) L) by 2^-22).
+        if head_scale is not None and head_scale * math.sqrt(2.0) * L > 1.0 - 2.0**-23:
             problems.append(
                 f"the radius head uses L = {1 / (math.sqrt(2) * head_scale):.9g}, "
                 f"below the audited {L:.9g}"

@@ -180,7 +180,7 @@ def test_an_op_of_another_domain_is_not_taken_for_the_onnx_op():
         [oh.make_node("Relu", ["image"], ["logits"], domain="com.example")],
         "g",
         [oh.make_tensor_value_info("image", TP.FLOAT, [1, 3, 8, 8])],
-        [oh.make_tensor_value_info("logits", TP.FLOAT, None)],
+        [oh.make_tensor_value_info("logits", TP.FLOAT, [1, 3, 8, 8])],
     )
     opsets = [oh.make_opsetid("", 18), oh.make_opsetid("com.example", 1)]
     model = oh.make_model(g, opset_imports=opsets)
@@ -189,6 +189,84 @@ def test_an_op_of_another_domain_is_not_taken_for_the_onnx_op():
 
 
 _BN = {k: np.ones(3, np.float32) for k in ("scale", "bias", "mean", "var")}
+
+
+def _if_reading_the_image():
+    """An If whose branches read `image` from the outer scope (no inputs of their own)."""
+    branch = oh.make_graph(
+        [oh.make_node("Mul", ["image", "big"], ["s"])],
+        "branch",
+        [],
+        [oh.make_tensor_value_info("s", TP.FLOAT, None)],
+    )
+    return [
+        oh.make_node("If", ["cond"], ["s_out"], then_branch=branch, else_branch=branch),
+        oh.make_node("Add", ["image", "s_out"], ["logits"]),
+    ]
+
+
+def test_what_the_audit_cannot_read_as_onnx_runtime_runs_it_is_refused():
+    """Red-team cases that passed: each fools a rule that reads the file, not the math."""
+    cases = [
+        # inf * 0 = NaN: every later comparison with NaN was false (passed as any L)
+        (
+            [oh.make_node("Relu", ["image"], ["r0"])]
+            + [oh.make_node("LeakyRelu", [f"r{i}"], [f"r{i + 1}"], alpha=3e38) for i in range(9)]
+            + [
+                oh.make_node("Mul", ["r9", "zero"], ["z"]),
+                oh.make_node("Add", ["image", "z"], ["logits"]),
+            ],
+            {"zero": np.float32(0)},
+            "not finite",
+        ),
+        # a subgraph reads the image though the node's own inputs are all static
+        (_if_reading_the_image(), {"cond": np.array(True), "big": np.float32(20)}, "subgraph"),
+        # a fresh random draw is not a constant
+        (
+            [
+                oh.make_node("RandomUniform", [], ["u"], shape=[1, 3, 1, 1], dtype=TP.FLOAT),
+                oh.make_node("Add", ["image", "u"], ["logits"]),
+            ],
+            {},
+            "random draw",
+        ),
+        # numpy reads "7_0e-3" as 0.07, ONNX Runtime as 7.0: strings are no constants
+        (
+            [
+                oh.make_node("Cast", ["s"], ["c"], to=TP.FLOAT),
+                oh.make_node("Mul", ["image", "c"], ["logits"]),
+            ],
+            {"s": np.array(["7_0e-3"], dtype=object)},
+            "not a constant",
+        ),
+        # opset < 14's training form: asking for the running statistics
+        (
+            [
+                oh.make_node(
+                    "BatchNormalization",
+                    ["image", "scale", "bias", "mean", "var"],
+                    ["logits", "rm", "rv"],
+                )
+            ],
+            _BN,
+            "training mode",
+        ),
+        # Max of three: the constant's broadcast (x8 here) was not counted
+        (
+            [oh.make_node("Max", ["image", "image", "c"], ["logits"])],
+            {"c": np.zeros((1, 8, 1, 1), np.float32)},
+            "only 2",
+        ),
+    ]
+    for nodes, inits, match in cases:
+        with pytest.raises(AuditError, match=match):
+            audit_onnx(_graph(nodes, inits))
+    sparse = _graph([oh.make_node("Mul", ["image", "c"], ["logits"])], {"c": np.float32(0.1)})
+    values = numpy_helper.from_array(np.array([10.0], np.float32), "c")
+    indices = numpy_helper.from_array(np.array([0], np.int64), "c_idx")
+    sparse.graph.sparse_initializer.append(oh.make_sparse_tensor(values, indices, [1]))
+    with pytest.raises(AuditError, match="sparse"):  # ONNX Runtime takes it over "c"
+        audit_onnx(sparse)
 
 
 @pytest.mark.parametrize(

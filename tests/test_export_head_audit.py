@@ -14,7 +14,7 @@ from onnx import helper as oh
 from onnx import numpy_helper
 
 from certseg.certify import radius_scale_for
-from export.audit import AuditError, audit_onnx
+from export.audit import META_CARD, AuditError, audit_onnx
 from export.graph_head import HEAD_FORMULATIONS, CertifiedSegmenter
 from export.onnx_export import RADIUS_SCALE, _set_initializer, export_graph
 
@@ -229,5 +229,55 @@ def test_an_unknown_op_reading_the_logits_is_reported_not_a_crash(heads):
     m = _copy(heads[("chain", 2)])
     logits = _node(m, "ArgMax").input[0]
     m.graph.node.append(oh.make_node("Pair", [logits, logits], ["extra"], domain="com.example"))
+    m.opset_import.append(oh.make_opsetid("com.example", 1))
     report = audit_onnx(m, strict=False)
     assert report.problems == ["head node '' has op Pair (not a head op)"]
+
+
+def _with_logits(k: int) -> onnx.ModelProto:
+    torch.manual_seed(k)
+    net = torch.nn.Conv2d(3, k, 1, bias=False)
+    seg = CertifiedSegmenter(net, k, 1.0, pad_multiple=4, with_logits=True).eval()
+    proto = export_graph(seg)
+    L = audit_onnx(proto, check_head=False).lipschitz_audited
+    _set_initializer(proto, RADIUS_SCALE, np.asarray(radius_scale_for(L), np.float32))
+    return proto
+
+
+def test_the_logits_output_must_be_the_logits():
+    """The server's worst-case metrics and gains are computed from it."""
+    model = _with_logits(3)
+    assert audit_onnx(model, strict=False).problems == []
+    crop = next(n for n in model.graph.node if "logits" in n.output)
+    crop.output[0] = "cropped"  # the "logits" output is now the crop times 2
+    two = _add_init(model, "two", np.float32(2))
+    model.graph.node.append(oh.make_node("Mul", ["cropped", two], ["logits"]))
+    with pytest.raises(AuditError, match="'logits' output is not proved"):
+        audit_onnx(model)
+
+
+def test_the_card_class_count_must_match_the_graph(heads):
+    m = _copy(heads[("chain", 3)])
+    m.metadata_props.append(onnx.StringStringEntryProto(key=META_CARD, value='{"num_classes": 5}'))
+    with pytest.raises(AuditError, match="card says 5 classes, the logits have 3"):
+        audit_onnx(m)
+
+
+def test_the_radius_constant_leaves_room_for_the_graph_rounding(heads):
+    m = _copy(heads[("chain", 2)])
+    L = audit_onnx(m).lipschitz_audited
+    exact = np.float32(1 / (2**0.5 * L))  # to nearest, not shrunk by radius_scale_for
+    _set_initializer(m, RADIUS_SCALE, np.nextafter(exact, np.float32(1)))
+    with pytest.raises(AuditError, match="radius head uses"):
+        audit_onnx(m)
+
+
+def test_an_attribute_form_slice_is_refused_not_a_crash(heads):
+    """Slice before opset 10 has its bounds as attributes: one input only."""
+    m = _copy(heads[("chain", 2)])
+    crop = next(n for n in m.graph.node if "margin" in n.output)
+    del crop.input[1:]
+    crop.attribute.extend([oh.make_attribute("starts", [1]), oh.make_attribute("ends", [9])])
+    crop.attribute.append(oh.make_attribute("axes", [1]))  # a shift by one row
+    with pytest.raises(AuditError, match="not proved"):  # (was an IndexError)
+        audit_onnx(m)
