@@ -274,6 +274,8 @@ class _Walker:
             # An initializer that is also a graph input can be replaced at run time:
             # its value is not the one in the file, so it is unknown here.
             self.values[name] = _Lip(1.0) if name == input_name else _Static()
+        # A batch fixed at 1 in the input's shape: ONNX Runtime refuses any other.
+        self.single_image = (self.shapes.get(input_name) or (None,))[0] == 1
         self.rows: dict[str, LayerBound] = {}  # by first output name
         self.producer: dict[str, onnx.NodeProto] = {}
 
@@ -411,6 +413,7 @@ class _Walker:
         if any(_has_subgraph(attr) for attr in node.attribute):
             raise _Refuse(f"{op} with a subgraph")
 
+        self._keeps_batch(node, a, ins)
         if op in _PERMUTATIONS:
             if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
                 raise _Refuse(f"{op}: image-dependent shape argument")
@@ -487,6 +490,109 @@ class _Walker:
             return [_Lip(x.L * g)]
         hint = " (fold its operator norm into L first)" if op == "Resize" else ""
         raise _Refuse(f"no Lipschitz rule for op {op}{hint}")
+
+    # -- the batch axis
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def axes_of(self, node, a, index: int, attr: str, rank: int | None) -> list[int] | None:
+        """A node's axes (input `index` or attribute `attr`), normalised; None: absent."""
+        if len(node.input) > index and node.input[index]:
+            raw = self.static_value(node, node.input[index], attr).astype(np.int64).ravel()
+        elif attr in a:
+            raw = np.asarray(a[attr], dtype=np.int64).ravel()
+        else:
+            return None
+        if (raw < 0).any() and rank is None:
+            raise _Refuse(f"{node.op_type}: negative axes of a tensor of unknown rank")
+        return [int(v) % rank if v < 0 else int(v) for v in raw]
+
+    def partial_ints(self, name: str, depth: int = 0) -> list[int | None] | None:
+        """The entries of a 1-d int tensor where the file fixes them (None: computed),
+        through Concat/Reshape/Unsqueeze of shape arithmetic; None if even its length
+        is unknown. (Pad amounts are computed from the image's size: only some are fixed.)"""
+        v = self.values.get(name)
+        if isinstance(v, _Static) and v.value is not None:
+            return [int(x) for x in np.asarray(v.value).ravel()]
+        node = self.producer.get(name)
+        if node is None or depth > 32:
+            return None
+        if node.op_type == "Concat":
+            parts = [self.partial_ints(i, depth + 1) for i in node.input]
+            return None if any(p is None for p in parts) else [x for p in parts for x in p]
+        shape = self.shape(name)
+        if shape is not None and len(shape) == 1 and isinstance(shape[0], int):
+            return [None] * shape[0]
+        return None
+
+    def _keeps_batch(self, node, a, ins) -> None:
+        """Refuse an op that may move axis 0 (the batch) or combine values across it.
+
+        L bounds the whole batch tensor, but each image's certificate must speak of
+        that image alone: the batcher stacks different clients' images, and a
+        Transpose + Conv that mixes them passes every other rule at gain 1.
+        """
+        if self.single_image:
+            return
+        op = node.op_type
+        lips = [(n, v) for n, v in zip(node.input, ins, strict=False) if isinstance(v, _Lip)]
+        r = self.rank(node.input[0]) if node.input else None
+        if op == "Transpose":
+            perm = list(a.get("perm", []))
+            if not perm or perm[0] != 0:
+                raise _Refuse("Transpose that moves the batch axis")
+        elif op == "Reshape":
+            target = self.partial_ints(node.input[1]) if len(node.input) > 1 else None
+            if not target or target[0] != 0 or a.get("allowzero", 0):
+                raise _Refuse("Reshape that does not keep the batch axis (its shape[0] must be 0)")
+        elif op == "Flatten" and a.get("axis", 1) != 1:
+            raise _Refuse("Flatten that merges the batch axis")
+        elif op in ("Squeeze", "Unsqueeze"):
+            axes = self.axes_of(node, a, 1, "axes", r if op == "Squeeze" else None)
+            if not axes or 0 in axes:
+                raise _Refuse(f"{op} of the batch axis (or of unnamed axes)")
+        elif op in ("Concat", "Split", "Gather"):
+            axis = int(a.get("axis", 0))
+            if axis < 0:
+                if r is None:
+                    raise _Refuse(f"{op}: negative axis of a tensor of unknown rank")
+                axis %= r
+            if axis == 0:
+                raise _Refuse(f"{op} along the batch axis")
+        elif op == "Slice":
+            starts = self.partial_ints(node.input[1]) if len(node.input) > 1 else None
+            axes = self.axes_of(node, a, 3, "axes", r)
+            if axes is None:
+                axes = list(range(len(starts))) if starts is not None else [0]
+            if 0 in axes:
+                raise _Refuse("Slice along the batch axis")
+        elif op == "Pad":
+            pads = self.partial_ints(node.input[1]) if len(node.input) > 1 else None
+            axes = self.axes_of(node, a, 3, "axes", r)
+            n = len(axes) if axes is not None else (r or 0)
+            first = (
+                axes.index(0) if axes is not None and 0 in axes else (0 if axes is None else None)
+            )
+            if pads is None or len(pads) != 2 * n or n == 0:
+                raise _Refuse("Pad whose amounts cannot be read")
+            if first is not None and (pads[first] != 0 or pads[first + n] != 0):
+                raise _Refuse("Pad of the batch axis")
+        elif op == "Gemm":
+            if isinstance(ins[1], _Lip) or (isinstance(ins[0], _Lip) and a.get("transA", 0)):
+                raise _Refuse("Gemm that contracts over the batch axis")
+            if len(ins) > 2 and isinstance(ins[2], _Lip) and self.rank(node.input[2]) != 2:
+                raise _Refuse("Gemm whose image-dependent C may broadcast its batch axis")
+        elif op == "MatMul":
+            (n, _), out_rank = lips[0], self.rank(node.output[0])
+            lip_rank = self.rank(n)
+            right = n == node.input[1]
+            if lip_rank is None or lip_rank < (3 if right else 2) or lip_rank != out_rank:
+                raise _Refuse("MatMul that contracts over or moves the batch axis")
+        elif op in ("Add", "Sub", "Mul", "Div", "Max", "Min"):
+            out_rank = self.rank(node.output[0])
+            if out_rank is None or any(self.rank(n) != out_rank for n, _ in lips):
+                raise _Refuse(f"{op} may broadcast the batch axis onto another (ranks differ)")
 
     def _conv(self, node, ins, a) -> _Lip:
         x, op = ins[0], node.op_type

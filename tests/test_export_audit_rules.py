@@ -205,6 +205,67 @@ def _if_reading_the_image():
     ]
 
 
+def test_ops_that_mix_the_images_of_a_batch_are_refused():
+    """The batcher stacks different clients' images: an op that moves axis 0 or combines
+    along it makes one image's answer depend on another's (gain 1 by every other rule)."""
+    batch = ("N", 3, 8, 8)
+    w = np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1)
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    cases = [
+        (  # the red-team's: the batch moved to a spatial axis, where a conv mixes it
+            [
+                oh.make_node("Transpose", ["image"], ["t"], perm=[2, 1, 0, 3]),
+                oh.make_node("Conv", ["t", "w3"], ["c"], pads=[1, 0, 1, 0]),
+                oh.make_node("Transpose", ["c"], ["logits"], perm=[2, 1, 0, 3]),
+            ],
+            {"w3": np.ones((3, 3, 3, 1), np.float32) / 9},
+            "Transpose",
+        ),
+        (  # image i + 1's pixels answered as image i's
+            [oh.make_node("Slice", ["image", "s", "e", "ax"], ["logits"])],
+            {"s": i64(1), "e": i64(9), "ax": i64(0)},
+            "Slice along the batch",
+        ),
+        (
+            [
+                oh.make_node("Split", ["image"], ["a", "b"], axis=1, num_outputs=2),
+                oh.make_node("Concat", ["image", "image"], ["logits"], axis=0),
+            ],
+            {},
+            "Concat along the batch",
+        ),
+        (
+            [oh.make_node("Pad", ["image", "p"], ["logits"])],
+            {"p": i64(1, 0, 0, 0, 0, 0, 0, 0)},
+            "Pad of the batch",
+        ),
+        (
+            [
+                oh.make_node("Reshape", ["image", "sh"], ["r"]),
+                oh.make_node("Conv", ["r", "w"], ["c"]),
+                oh.make_node("Reshape", ["c", "sh2"], ["logits"]),
+            ],
+            {
+                "sh": i64(1, -1, 8, 8),
+                "sh2": i64(-1, 3, 8, 8),
+                "w": np.ones((3, 6, 1, 1), np.float32),
+            },
+            "Reshape",
+        ),
+    ]
+    for nodes, inits, match in cases:
+        with pytest.raises(AuditError, match=match):
+            audit_onnx(_graph(nodes, inits, in_shape=batch))
+    # Per-image ops pass, with the batch symbolic: conv, a residual, a pad of H and W.
+    ok = [
+        oh.make_node("Pad", ["image", "p"], ["x"]),
+        oh.make_node("Conv", ["x", "w"], ["c"]),
+        oh.make_node("Add", ["x", "c"], ["logits"]),
+    ]
+    rep = audit_onnx(_graph(ok, {"p": i64(0, 0, 1, 1, 0, 0, 1, 1), "w": w}, in_shape=batch))
+    assert rep.lipschitz_audited == pytest.approx(2.0)
+
+
 def test_what_the_audit_cannot_read_as_onnx_runtime_runs_it_is_refused():
     """Red-team cases that passed: each fools a rule that reads the file, not the math."""
     cases = [
