@@ -438,6 +438,14 @@ def stream(
         int | None, typer.Option(help="Stop after this many frames.", show_default=False)
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a result.")] = 60.0,
+    frame_format: Annotated[
+        str,
+        typer.Option(
+            help="jpeg | png: how decoded frames are sent. Each certificate is for the "
+            "frame the server decodes: JPEG is lossy (certified: the JPEG-decoded frame), "
+            "PNG sends the decoded video frame exactly (larger messages).",
+        ),
+    ] = "jpeg",
 ) -> None:
     """Stream a video (or a camera) through WS /v1/stream; write the annotated video."""
     import av
@@ -445,6 +453,8 @@ def stream(
     from clients.models import CertSegClientError, StreamSummary
     from clients.sdk import CertSegClient, InFlight
 
+    if frame_format.lower() not in ("jpeg", "png"):
+        raise typer.BadParameter(f"jpeg or png, got {frame_format!r}", param_hint="--frame-format")
     container = _open_input(video, camera)
     vstream = container.streams.video[0]
     rate = vstream.average_rate or vstream.guessed_rate or Fraction(30)
@@ -469,6 +479,7 @@ def stream(
                 resize=resize,
                 max_in_flight=in_flight,
                 summary=summary,
+                frame_format="PNG" if frame_format.lower() == "png" else "JPEG",
             )
             for r in results:
                 writer.write(_annotate(r))

@@ -262,6 +262,10 @@ class StreamResult:
     mask: np.ndarray | None = None
     latency_ms: float | None = None  # client-side: frame sent -> result received
     error: APIError | None = None
+    #: The encoded frame as the SDK sent it (None when it did not send it): the
+    #: certificate is for the image these bytes decode to. A frame given as pixels and
+    #: sent as JPEG (stream's default frame_format) decodes to other pixels than given.
+    frame_bytes: bytes | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:

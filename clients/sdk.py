@@ -10,6 +10,12 @@ Depends on httpx, websockets, numpy and pillow; never on the server package or t
         print(result.guaranteed_fraction, result.mask.shape)
         for frame in client.stream(frames, eps=0.1):
             print(frame.frame, frame.guaranteed_fraction, frame.dropped)
+
+Every certificate is for the image the server decodes: single images go as PNG
+(lossless), and a float array must be exactly 8-bit (multiples of 1/255; anything else
+is a ValueError, never silently rounded). Stream frames go as JPEG unless
+`frame_format="PNG"`, and their certificates are for the JPEG-decoded frames
+(`StreamResult.frame_bytes` holds what was sent).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ __all__ = [
     "DEFAULT_OUTPUTS",
     "AsyncCertSegClient",
     "CertSegClient",
+    "FrameFormat",
     "ImageInput",
     "TargetInput",
     "encode_image",
@@ -81,8 +88,28 @@ def _sniff(data: bytes) -> str:
     return "application/octet-stream"
 
 
+#: How far (in 1/255 steps) a float pixel times 255 may lie from an integer and still
+#: count as the 8-bit value it rounds to: float32 k / 255 * 255 is within 2e-5 of k.
+EIGHT_BIT_TOLERANCE = 1e-3
+#: The PIL modes whose pixels are 8-bit (or fewer) per channel: converting them to RGB
+#: loses nothing the server would keep. I, F and I;16 hold more and are refused.
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "La"})
+
+
+def _not_eight_bit(detail: str) -> ValueError:
+    return ValueError(
+        f"{detail}: the server decodes 8-bit colour images (PNG/JPEG/WebP), so the SDK would "
+        "have to round it to 8 bits and the certificate would be for another image than the "
+        "one given. Pass uint8 pixels (np.round(a * 255).astype(np.uint8): the certificate "
+        "is then for that image), or send the float tensor unchanged as FP32 to "
+        "POST /v2/models/<model>/infer (mask, margin and radius of the image as given)"
+    )
+
+
 def _pixels(a: np.ndarray) -> Image.Image:
-    """A PIL image from H x W x 3 (or H x W) uint8, or float in [0, 1]."""
+    """A PIL image from H x W x 3 (or H x W) uint8, or float in [0, 1] that is exactly
+    8-bit (every value a multiple of 1/255); any other float image is a ValueError,
+    never rounded: the certificate would speak of the rounded image."""
     if a.ndim == 3 and a.shape[-1] == 4:
         a = a[..., :3]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
@@ -92,7 +119,17 @@ def _pixels(a: np.ndarray) -> Image.Image:
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
             raise ValueError("float images must hold finite values in [0, 1]")
-        return Image.fromarray(np.round(a * 255.0).astype(np.uint8))
+        scaled = a.astype(np.float64) * 255.0
+        steps = np.round(scaled)
+        off = np.abs(scaled - steps)
+        if off.size and float(off.max()) > EIGHT_BIT_TOLERANCE:
+            dist = float(np.linalg.norm((scaled - steps).ravel())) / 255.0
+            raise _not_eight_bit(
+                f"float image is not 8-bit: {int((off > EIGHT_BIT_TOLERANCE).sum())} of "
+                f"{a.size} values are not multiples of 1/255 (the nearest 8-bit image is "
+                f"{dist:.4g} away in l2)"
+            )
+        return Image.fromarray(steps.astype(np.uint8))
     raise ValueError(f"expected uint8 or float pixels, got {a.dtype}")
 
 
@@ -100,7 +137,12 @@ def encode_image(image: ImageInput, fmt: str = "PNG", quality: int = 90) -> tupl
     """(body bytes, media type) for a path, encoded bytes, PIL image or numpy array.
 
     Encoded inputs (bytes, PNG/JPEG/WebP files) travel unchanged; pixels are
-    encoded as `fmt` (PNG for single images: lossless; JPEG for video frames)."""
+    encoded as `fmt`: PNG (lossless, the default for single images) or JPEG (lossy:
+    the certificate is then for the JPEG-decoded image, not the pixels given). Float
+    arrays must be exactly 8-bit (multiples of 1/255), and PIL images of more than 8
+    bits per channel (modes I, F, I;16) are refused, as no 8-bit image carries them
+    (ValueError naming the V2 FP32 path); 16-bit grey ("I;16") goes as a 16-bit PNG,
+    which the server reads exactly."""
     if isinstance(image, bytes | bytearray):
         data = bytes(image)
         return data, _sniff(data)
@@ -110,13 +152,20 @@ def encode_image(image: ImageInput, fmt: str = "PNG", quality: int = 90) -> tupl
         if media != "application/octet-stream":
             return data, media
         try:
-            with Image.open(io.BytesIO(data)) as img:  # e.g. BMP/TIFF: re-encode
-                return encode_image(img.convert("RGB"), fmt, quality)
+            img = Image.open(io.BytesIO(data))  # e.g. BMP/TIFF: re-encode
+            img.load()
         except (OSError, ValueError, SyntaxError):  # not an image Pillow reads either:
             return data, media  # sent as it is, the server's 415 says so (as for bytes)
+        return encode_image(img, fmt, quality)
     if isinstance(image, np.ndarray):
         image = _pixels(image)
     if isinstance(image, Image.Image):
+        if image.mode == "I;16" and fmt.upper() == "PNG":
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            return buf.getvalue(), "image/png"
+        if image.mode not in _EIGHT_BIT_MODES:
+            raise _not_eight_bit(f"PIL image of mode {image.mode} is not 8-bit")
         if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
         buf = io.BytesIO()
@@ -334,6 +383,7 @@ class _StreamReader:
         self.names: list[str] = []
         self.blobs: dict[str, bytes] = {}
         self.sent_at: dict[int, float] = {}
+        self.sent_bytes: dict[int, bytes] = {}  # frame -> the bytes sent (until answered)
         self.config: dict[str, Any] = {}
 
     def feed(self, msg: str | bytes) -> StreamResult | None:
@@ -359,15 +409,27 @@ class _StreamReader:
                 dropped=int(d.get("dropped", 0)),
                 latency_ms=self._latency(int(d["frame"])),
                 error=err,
+                frame_bytes=self._sent_bytes(int(d["frame"])),
             )
         if kind == "result":
             self.pending, self.names, self.blobs = d, list(d.get("binary", [])), {}
             return self._finish() if not self.names else None
         return None
 
+    def sent(self, frame: int, data: bytes) -> None:
+        self.sent_at[frame] = time.perf_counter()
+        self.sent_bytes[frame] = data
+
     def _latency(self, frame: int) -> float | None:
         t = self.sent_at.pop(frame, None)
         return None if t is None else (time.perf_counter() - t) * 1000.0
+
+    def _sent_bytes(self, frame: int) -> bytes | None:
+        """The frame's bytes; frames before it were answered or dropped, so let them go."""
+        for k in [k for k in self.sent_bytes if k < frame]:
+            del self.sent_bytes[k]
+            self.sent_at.pop(k, None)
+        return self.sent_bytes.pop(frame, None)
 
     def _finish(self) -> StreamResult:
         d, self.pending = self.pending or {}, None
@@ -393,14 +455,27 @@ class _StreamReader:
             overlay=_png(overlay).convert("RGB") if overlay is not None else None,
             mask=np.asarray(_png(mask)) if mask is not None else None,
             latency_ms=self._latency(frame),
+            frame_bytes=self._sent_bytes(frame),
         )
 
 
-def _frame_message(item: Any, quality: int) -> str | bytes:
-    """A frame as JPEG bytes (encoded bytes pass unchanged), a dict as a control message."""
+#: How `stream` encodes pixel frames: JPEG (lossy, small) or PNG (lossless).
+FrameFormat: TypeAlias = "Literal['JPEG', 'PNG']"
+FRAME_FORMATS = ("JPEG", "PNG")
+
+
+def _frame_format(frame_format: str) -> str:
+    fmt = str(frame_format).upper()
+    if fmt not in FRAME_FORMATS:
+        raise ValueError(f"frame_format must be 'JPEG' or 'PNG', got {frame_format!r}")
+    return fmt
+
+
+def _frame_message(item: Any, quality: int, fmt: str = "JPEG") -> str | bytes:
+    """A frame as `fmt` bytes (encoded bytes pass unchanged), a dict as a control message."""
     if isinstance(item, dict):
         return json.dumps({"type": "config", **item})
-    data, _ = encode_image(item, fmt="JPEG", quality=quality)
+    data, _ = encode_image(item, fmt=fmt, quality=quality)
     return data
 
 
@@ -522,7 +597,12 @@ class CertSegClient:
         image's grid and its radii speak of the image sent (`SegmentResult.resize`).
         A `target` label map of the image's size adds `SegmentResult.metrics`: the
         worst-case pixel accuracy and mIoU any eps-attack can force, beside the clean
-        ones (mIoU needs a model exported with logits)."""
+        ones (mIoU needs a model exported with logits).
+
+        The image travels as PNG (encoded bytes and PNG/JPEG/WebP files unchanged).
+        A float array must be exactly 8-bit (multiples of 1/255): any other is a
+        ValueError, since rounding it would certify another image; pass uint8 or send
+        the FP32 tensor to /v2/models/<model>/infer."""
         params, body = self._core.segment_request(
             image, eps, outputs, model, overlay_style, resize, target
         )
@@ -541,11 +621,19 @@ class CertSegClient:
         max_in_flight: InFlight = None,
         jpeg_quality: int = 90,
         summary: StreamSummary | None = None,
+        frame_format: FrameFormat = "JPEG",
     ) -> Iterator[StreamResult]:
         """Send frames over WS /v1/stream; yield results in frame order as they come.
 
-        Frames are images (sent as JPEG) or encoded bytes; a dict item is sent as a
-        config message (e.g. {"eps": 0.2}) between frames. With max_in_flight=None
+        Frames are images or encoded bytes; a dict item is sent as a config message
+        (e.g. {"eps": 0.2}) between frames. Encoded bytes travel unchanged; pixel
+        frames (arrays, PIL images) are encoded as `frame_format`: "JPEG" (default,
+        quality `jpeg_quality`) is lossy, and each frame's certificate is then for the
+        JPEG-decoded frame the server saw, not the pixels given (docs/example_street.png
+        at quality 90 decodes 7.2 away in l2, beyond any certified radius); "PNG" sends
+        the pixels exactly (larger messages). `StreamResult.frame_bytes` holds the
+        bytes each answered frame was sent as: the image its certificate speaks of.
+        With max_in_flight=None
         frames go as fast as they come and the server drops stale ones (live video);
         "lossless" keeps the stream's depth + 1 frames unanswered, the most that the
         server never drops (files, at full speed); an int n keeps n (1: lockstep).
@@ -554,6 +642,7 @@ class CertSegClient:
         from websockets.sync.client import connect
 
         core = self._core
+        fmt = _frame_format(frame_format)
         reader = _StreamReader()
         flow = _Flow(max_in_flight, reader)
         if summary is not None:
@@ -574,13 +663,13 @@ class CertSegClient:
         def send_all() -> None:
             try:
                 for item in frames:
-                    msg = _frame_message(item, jpeg_quality)
+                    msg = _frame_message(item, jpeg_quality, fmt)
                     with cond:
                         while not cond.wait_for(flow.can_send, timeout=0.5):
                             if failure:
                                 return
                         if isinstance(msg, bytes):
-                            reader.sent_at[flow.summary.sent] = time.perf_counter()
+                            reader.sent(flow.summary.sent, msg)
                             flow.summary.sent += 1
                     ws.send(msg)
             except BaseException as exc:  # reported by the generator
@@ -728,12 +817,14 @@ class AsyncCertSegClient:
         max_in_flight: InFlight = None,
         jpeg_quality: int = 90,
         summary: StreamSummary | None = None,
+        frame_format: FrameFormat = "JPEG",
     ) -> AsyncIterator[StreamResult]:
         """Async generator twin of CertSegClient.stream (same arguments and results)."""
         from websockets.asyncio.client import connect
         from websockets.exceptions import WebSocketException
 
         core = self._core
+        fmt = _frame_format(frame_format)
         reader = _StreamReader()
         flow = _Flow(max_in_flight, reader)
         if summary is not None:
@@ -762,11 +853,11 @@ class AsyncCertSegClient:
         async def send_all() -> None:
             try:
                 async for item in items():
-                    msg = await asyncio.to_thread(_frame_message, item, jpeg_quality)
+                    msg = await asyncio.to_thread(_frame_message, item, jpeg_quality, fmt)
                     async with changed:
                         await changed.wait_for(flow.can_send)
                         if isinstance(msg, bytes):
-                            reader.sent_at[flow.summary.sent] = time.perf_counter()
+                            reader.sent(flow.summary.sent, msg)
                             flow.summary.sent += 1
                     await ws.send(msg)
             finally:

@@ -33,7 +33,7 @@ from clients import (
     StreamSummary,
     TransportError,
 )
-from clients.sdk import _Core
+from clients.sdk import _Core, encode_image
 from server import Settings, create_app
 
 KEY = "s3cret"
@@ -109,6 +109,56 @@ def test_segment_accepts_every_input_kind(client, tmp_path):
         _check(r, 40, 56)
         assert r.eps == 0.05
         np.testing.assert_array_equal(r.mask, results[0].mask)
+
+
+def test_a_float_image_off_the_8_bit_grid_is_refused_never_rounded(client, server):
+    """A float image that is not a multiple of 1/255 would have been rounded to 8 bits
+    and the rounded image certified (the audit's: 0.15 away in l2 at eps 0.01, 5 answered
+    classes not the network's on the image given). It is refused, naming the ways out;
+    the V2 FP32 path it names certifies the float image as given, on the same server."""
+    pixels = random_image(24, 32, seed=5)
+    exact = pixels.astype(np.float64) / 255.0
+    np.testing.assert_array_equal(client.segment(exact).mask, client.segment(pixels).mask)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(exact + rng.uniform(-0.5, 0.5, exact.shape) / 255.0, 0, 1)
+    noisy = noisy.astype(np.float32)
+    with pytest.raises(ValueError, match=r"not 8-bit.*uint8.*/v2/models/<model>/infer"):
+        client.segment(noisy)
+    with pytest.raises(ValueError, match="not 8-bit"):
+        encode_image(noisy)
+    with pytest.raises(ValueError, match="mode F is not 8-bit"):
+        client.segment(Image.fromarray(noisy[..., 0]))  # a float PIL image
+    x = np.ascontiguousarray(noisy.transpose(2, 0, 1)[None])
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "FP32",
+                "shape": list(x.shape),
+                "data": x.ravel().tolist(),
+            }
+        ],
+        "outputs": [{"name": "mask"}],
+    }
+    r = httpx.post(
+        server.base + "/v2/models/tiny/infer", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_16_bit_grey_goes_exactly_not_clipped_to_8_bits(client):
+    """A 16-bit grey PIL image was converted to RGB (clipped to 255: another image); it
+    travels as a 16-bit PNG, which the server reads exactly."""
+    grey = (random_image(24, 32, seed=6)[..., 0].astype(np.int64) * 257 + 100).clip(0, 65535)
+    img = Image.fromarray(grey.astype(np.uint16))
+    assert img.mode == "I;16"
+    body, media = encode_image(img)
+    assert media == "image/png" and np.array_equal(np.asarray(Image.open(io.BytesIO(body))), grey)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    got, want = client.segment(img), client.segment(buf.getvalue())
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_array_equal(got.radius, want.radius)
 
 
 def test_eps_changes_certificate(client):
@@ -270,6 +320,26 @@ def test_stream_sync_in_order_without_drops(client):
     (r,) = client.stream(frames[:1], outputs=("overlay", "classes", "stability"))
     assert r.overlay is not None and sum(c.pixels for c in r.classes) == 32 * 48
     assert [x.pixels for x in r.stability] == [16, 77, 154]  # of 32 x 48
+
+
+def test_stream_frames_certified_are_the_bytes_sent_png_exact(client):
+    """Pixel frames went as JPEG q90 with nothing said: the certificate was for the
+    decoded JPEG (the audit's frame 2.98 away in l2). frame_format="PNG" sends them
+    exactly, and every result carries the bytes its certificate speaks of."""
+    frames = [random_image(32, 48, seed=10 + i) for i in range(3)]
+    rest = [client.segment(f, outputs=("mask",)).mask for f in frames]
+    png = list(client.stream(frames, outputs=("mask",), max_in_flight=1, frame_format="PNG"))
+    jpg = list(client.stream(frames, outputs=("mask",), max_in_flight=1))
+    for f, want, p, j in zip(frames, rest, png, jpg, strict=True):
+        assert p.frame_bytes is not None and p.frame_bytes.startswith(b"\x89PNG")
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(p.frame_bytes))), f)
+        np.testing.assert_array_equal(p.mask, want)  # the frame given, certified
+        assert j.frame_bytes is not None and j.frame_bytes.startswith(b"\xff\xd8\xff")
+        decoded = np.asarray(Image.open(io.BytesIO(j.frame_bytes)).convert("RGB"))
+        assert np.linalg.norm((decoded.astype(float) - f) / 255.0) > 0.5  # another image
+        np.testing.assert_array_equal(j.mask, client.segment(j.frame_bytes).mask)
+    with pytest.raises(ValueError, match="frame_format"):
+        list(client.stream(frames, frame_format="TIFF"))
 
 
 def test_stream_lossless_window_is_the_servers_depth_plus_one(client, server, engine):
