@@ -638,3 +638,44 @@ def test_nan_margins_become_unknown_pixels():
     finite = np.ones((2, 2), np.float32)
     clean = {"margin": finite, "radius": finite}
     assert nan_margins_to_zero(clean) is clean
+
+
+def test_tensorrt_provider_fp32_runs_without_tf32(caplog):
+    """ONNX Runtime's TensorRT provider ran fp32 in TF32 (TensorRT's default; no
+    provider option clears it, onnxruntime #26029), accepted with margin error 0: the
+    fp32 radii assumed fp32 logits. The engine now sets NVIDIA_TF32_OVERRIDE=0 first,
+    unless the operator set it; another value is refused at fp32 without a margin error."""
+    from server.backends.ort import (
+        CPU,
+        CUDA,
+        TF32_ENV,
+        TRT,
+        apply_tf32_override,
+        choose_providers,
+        tf32_override,
+    )
+    from server.errors import ModelError
+
+    every = [TRT, CUDA, CPU]
+    chosen = choose_providers(Settings(providers=[TRT, CUDA, CPU]), every)
+    options = dict(chosen)
+    assert options[CUDA]["use_tf32"] == "0" and options[TRT]["trt_fp16_enable"] == "False"
+    assert [p for p, _ in chosen] == [TRT, CUDA, CPU]
+
+    assert tf32_override([TRT, CPU], "fp32", {}) == {TF32_ENV: "0"}
+    assert tf32_override([TRT, CPU], "fp32", {TF32_ENV: "0"}) == {}  # the operator's own
+    assert tf32_override([CUDA, CPU], "fp32", {}) == {}  # use_tf32=0 does it
+    assert tf32_override([CPU], "fp32", {}) == {}
+    assert tf32_override([TRT], "fp16", {}, margin_error=0.01) == {}  # its bound covers it
+    with pytest.raises(ModelError, match=r"NVIDIA_TF32_OVERRIDE='1'.*margin-error"):
+        tf32_override([TRT], "fp32", {TF32_ENV: "1"})
+    assert tf32_override([TRT], "fp32", {TF32_ENV: "1"}, margin_error=0.01) == {}
+    assert tf32_override([TRT], "fp32", {TF32_ENV: "1"}, calibrating=True) == {}
+
+    env: dict[str, str] = {"PATH": "/bin"}
+    with caplog.at_level("INFO", logger="certseg.server"):
+        assert apply_tf32_override([TRT, CPU], "fp32", environ=env) == {TF32_ENV: "0"}
+    assert env == {"PATH": "/bin", TF32_ENV: "0"}
+    assert any(TF32_ENV in r.getMessage() and "TF32" in r.getMessage() for r in caplog.records)
+    env = {TF32_ENV: "0"}
+    assert apply_tf32_override([TRT], "fp32", environ=env) == {} and env == {TF32_ENV: "0"}

@@ -2,13 +2,21 @@
 
 The CUDA provider is asked for full fp32 (``use_tf32=0``): TF32 convolutions would
 give logits that differ from the fp32 evaluation the certificate speaks of. The
-TensorRT provider runs fp32 unless ``precision`` is fp16, which needs a margin error
-bound (`Settings.margin_error`) to stay sound; CPU and CUDA run fp32 only.
+TensorRT provider has no such option: TensorRT enables TF32 by default and ONNX
+Runtime's provider options cannot clear it (onnxruntime issue #26029), so at fp32 the
+server sets ``NVIDIA_TF32_OVERRIDE=0`` in its environment before the session (and
+TensorRT) starts, which makes the NVIDIA libraries run fp32 as fp32
+(`tf32_override`); a value the operator set otherwise is refused at fp32 unless a
+measured margin error covers it. The TensorRT provider runs fp16 when ``precision``
+is fp16, which needs a margin error bound (`Settings.margin_error`) to stay sound;
+CPU and CUDA run fp32 only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +27,15 @@ from server.engine import file_sha256, info_from_card, read_onnx_metadata
 from server.errors import BackendUnavailable, ModelError
 from server.settings import Settings
 
-__all__ = ["OnnxRuntimeEngine", "choose_providers"]
+__all__ = ["OnnxRuntimeEngine", "apply_tf32_override", "choose_providers", "tf32_override"]
+
+log = logging.getLogger("certseg.server")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TRT = "TensorrtExecutionProvider"
+#: Read by cuBLAS, cuDNN and TensorRT when they start: "0" keeps fp32 from TF32 cores.
+TF32_ENV = "NVIDIA_TF32_OVERRIDE"
 
 
 def _ort() -> Any:
@@ -62,6 +74,61 @@ def choose_providers(
     return [(p, opts.get(p, {})) for p in wanted]
 
 
+def tf32_override(
+    providers: Sequence[str],
+    precision: str,
+    environ: Mapping[str, str],
+    margin_error: float = 0.0,
+    calibrating: bool = False,
+) -> dict[str, str]:
+    """The environment an fp32 TensorRT provider needs: {TF32_ENV: "0"} to set, or {}.
+
+    TensorRT runs fp32 layers on TF32 tensor cores by default (inputs rounded to 10
+    mantissa bits, ~1e-3 relative), and ONNX Runtime's TensorRT provider has no option
+    to clear that flag; only the NVIDIA libraries' NVIDIA_TF32_OVERRIDE=0 does. Nothing
+    to set without the TensorRT provider, at fp16 (its margin error covers it), or
+    when the operator already set "0". Another value the operator set leaves TF32 on:
+    refused at fp32 unless a measured margin error (> 0) covers it, or when
+    calibrating (the raw margins of that engine are what is measured)."""
+    if TRT not in providers or precision != "fp32":
+        return {}
+    value = environ.get(TF32_ENV)
+    if value is None:
+        return {TF32_ENV: "0"}
+    if value.strip() != "0" and margin_error <= 0 and not calibrating:
+        raise ModelError(
+            f"{TF32_ENV}={value!r} lets TensorRT run fp32 layers in TF32, and the radii of an "
+            f"fp32 engine assume fp32 logits: unset it (the server then sets it to 0), set it "
+            f"to 0, or measure a margin error (`certseg calibrate`) and serve with --margin-error"
+        )
+    return {}
+
+
+def apply_tf32_override(
+    providers: Sequence[str],
+    precision: str,
+    margin_error: float = 0.0,
+    calibrating: bool = False,
+    environ: MutableMapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Set what `tf32_override` asks in `environ` (default: os.environ), logged; returns it.
+
+    Process-wide and read when the NVIDIA libraries load, so it must happen before the
+    first session with the TensorRT provider: set it in the server's environment
+    yourself to be sure when another library may have started CUDA in the process."""
+    env = os.environ if environ is None else environ
+    changes = tf32_override(providers, precision, env, margin_error, calibrating)
+    for key, value in changes.items():
+        env[key] = value
+        log.info(
+            "%s=%s set: ONNX Runtime's TensorRT provider would run fp32 in TF32 "
+            "(TensorRT's default, no provider option clears it)",
+            key,
+            value,
+        )
+    return changes
+
+
 class OnnxRuntimeEngine(BaseEngine):
     """One InferenceSession of an exported certseg graph."""
 
@@ -71,6 +138,9 @@ class OnnxRuntimeEngine(BaseEngine):
         ort = _ort()
         card, lipschitz, outputs = read_onnx_metadata(path, settings.audit)
         self._providers = choose_providers(settings, ort.get_available_providers(), calibrating)
+        apply_tf32_override(
+            [p for p, _ in self._providers], settings.precision, settings.margin_error, calibrating
+        )
         first = self._providers[0][0]
         device = f"cuda:{settings.device_id}" if first in (CUDA, TRT) else "cpu"
         info = info_from_card(
