@@ -201,6 +201,8 @@ class SegmentResult:
     model: str
     model_version: str
     eps: float
+    #: The network's audited l2 Lipschitz constant. With `resize`, radii also fold in the
+    #: shrink: (r - resize["rounding"]) / resize["operator_norm"], r from this constant.
     lipschitz: float
     width: int
     height: int
@@ -252,7 +254,7 @@ class StreamResult:
     width: int | None = None
     height: int | None = None
     model: str | None = None
-    lipschitz: float | None = None
+    lipschitz: float | None = None  # the network's L, as SegmentResult.lipschitz
     resize: dict[str, Any] | None = None  # as SegmentResult.resize
     classes: list[ClassCertificate] | None = None  # as SegmentResult.classes (if asked)
     stability: list[Stability] | None = None  # as SegmentResult.stability (if asked)

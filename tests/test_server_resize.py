@@ -109,6 +109,30 @@ def test_fit_answers_on_the_source_grid_with_the_folded_certificate(client, sess
     assert [r["eps"] for r in ans["stability"]] == norms
 
 
+def test_lipschitz_is_the_networks_and_the_resize_fields_say_how_radii_fold_it(client, session):
+    """The schema called `lipschitz` "the audited constant the radii use", yet a resized
+    answer's radii are (r - rounding) / ||D||. It is described as the network's L, and
+    the resize object's operator_norm and rounding give the rest; checked on an answer."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    lip = schemas["SegmentResponse"]["properties"]["lipschitz"]["description"]
+    assert "network's audited" in lip and "resize.operator_norm" in lip
+    assert "the radii use." not in lip
+    norm = schemas["ResizeInfo"]["properties"]["operator_norm"]["description"]
+    assert "(r - rounding) / operator_norm" in norm and "lipschitz x operator_norm" in norm
+    h, w = 70, 110
+    pixels = random_image(h, w, seed=9)
+    ans = _post(client, encode(pixels), resize="fit", outputs="radius").json()
+    plan = AreaResize.to_fit(h, w, MAX_PIXELS)
+    (radius,) = session.run(["radius"], {"image": plan.apply(pixels)[None]})
+    (card,) = client.get("/v1/models").json()["models"]
+    assert ans["lipschitz"] == card["lipschitz"]  # the network's, resize or not
+    rz = ans["resize"]
+    folded = np.maximum(radius[0].astype(np.float64) - rz["rounding"], 0) / rz["operator_norm"]
+    got = answer_radius(ans["radius"])
+    np.testing.assert_allclose(got, plan.upsample(folded), rtol=2e-3, atol=1e-6)
+    assert (got <= plan.upsample(folded) * (1 + 1e-6) + 1e-9).all()  # never above it
+
+
 def test_16_bit_images_shrink_from_their_exact_values(client, session):
     grey16 = (np.arange(70 * 110, dtype=np.uint32).reshape(70, 110) * 8 % 65536).astype(np.uint16)
     ans = _post(client, encode(grey16), resize="fit", outputs="mask").json()

@@ -104,8 +104,16 @@ class ResizeInfo(BaseModel):
     source: list[int] = Field(description="[height, width] of the image sent.")
     network: list[int] = Field(description="[height, width] the network saw.")
     method: Literal["area"] = "area"
-    operator_norm: float = Field(description="Upper bound of the shrink's l2 operator norm.")
-    rounding: float = Field(description="l2 bound of the shrink's float32 rounding.")
+    operator_norm: float = Field(
+        description="Upper bound ||D|| of the shrink's l2 operator norm. The radii divide by "
+        "it: a pixel's radius is (r - rounding) / operator_norm (at least 0), r the radius of "
+        "its network pixel from the network's `lipschitz`; from the image sent to the logits "
+        "the constant is lipschitz x operator_norm."
+    )
+    rounding: float = Field(
+        description="l2 bound of the shrink's float32 rounding, taken off every network "
+        "radius before it is divided by operator_norm."
+    )
     network_eps: float = Field(
         description="Budget at the network input that an eps-attack on the source stays in."
     )
@@ -118,7 +126,12 @@ class SegmentResponse(BaseModel):
     model: str
     model_version: str
     eps: float
-    lipschitz: float = Field(description="Audited l2 Lipschitz constant the radii use.")
+    lipschitz: float = Field(
+        description="The network's audited l2 Lipschitz constant L (logits per unit of "
+        "network input). Without `resize` the radii use it as it is; with a server-side "
+        "resize each radius also folds in the shrink, (r - resize.rounding) / "
+        "resize.operator_norm with r the network pixel's radius from L (see `resize`)."
+    )
     width: int
     height: int
     guaranteed_fraction: float = Field(description="Fraction of pixels with radius > eps.")
