@@ -19,7 +19,7 @@ class from a status code by a table, as the server does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from PIL import Image
@@ -30,6 +30,8 @@ __all__ = [
     "CertSegClientError",
     "ClassCertificate",
     "InputRejected",
+    "ModelSummary",
+    "ModelsListing",
     "NotFoundError",
     "SegmentResult",
     "ServerError",
@@ -123,6 +125,44 @@ def error_for_status(
         retry_after=retry_after,
         body=body,
     )
+
+
+class ModelSummary(TypedDict):
+    """One served model as GET /v1/models lists it (`CertSegClient.models()["models"]`).
+
+    `precision` is the arithmetic the engine runs (fp32, fp16, bf16). `margin_error` is
+    the bound on |engine margin - fp32 margin| the server takes off every margin: 0 for
+    an engine that runs exact fp32; otherwise an empirical bound measured on sample
+    frames (`certseg calibrate`), and that model's certificates are only as sound as
+    the measurement."""
+
+    name: str
+    version: str
+    status: str
+    ready: bool
+    backend: str
+    platform: str
+    device: str
+    lipschitz: float  # the network's audited l2 Lipschitz constant
+    default_eps: float
+    num_classes: int
+    classes: list[str]
+    palette: list[list[int]]
+    input_size: list[int]
+    has_logits: bool
+    sha256: str
+    arch: str
+    precision: str
+    margin_error: float
+
+
+class ModelsListing(TypedDict):
+    """GET /v1/models: the default model, every model, the input limits
+    ({max_body_bytes, max_pixels, max_source_pixels})."""
+
+    default: str
+    models: list[ModelSummary]
+    limits: dict[str, int]
 
 
 @dataclass(frozen=True)

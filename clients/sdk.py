@@ -43,6 +43,7 @@ from clients.models import (
     APIError,
     CertSegClientError,
     ClassCertificate,
+    ModelsListing,
     SegmentResult,
     Stability,
     StreamResult,
@@ -572,9 +573,12 @@ class CertSegClient:
                 time.sleep(delay)
                 attempt += 1
 
-    def models(self) -> dict[str, Any]:
+    def models(self) -> ModelsListing:
         """GET /v1/models: {"default": name, "models": [card summaries], "limits":
-        {max_body_bytes, max_pixels, max_source_pixels}} (over max_pixels: resize="fit")."""
+        {max_body_bytes, max_pixels, max_source_pixels}} (over max_pixels: resize="fit").
+        Each summary (`clients.ModelSummary`) says the engine's `precision` and
+        `margin_error`: radii of a model with margin_error > 0 rest on that measured
+        bound."""
         return self._request("GET", "/v1/models").json()
 
     def health(self) -> dict[str, Any]:
@@ -783,7 +787,7 @@ class AsyncCertSegClient:
                 await asyncio.sleep(delay)
                 attempt += 1
 
-    async def models(self) -> dict[str, Any]:
+    async def models(self) -> ModelsListing:
         return (await self._request("GET", "/v1/models")).json()
 
     async def health(self) -> dict[str, Any]:

@@ -90,6 +90,9 @@ class ModelInfo:
     #: already taken off the margins it returns; worst-case metrics computed from its
     #: logits shrink every flip cost by it too.
     margin_error: float = 0.0
+    #: The arithmetic the engine runs: fp32, or fp16/bf16 (whose radii rest on
+    #: `margin_error`, a bound measured by `certseg calibrate`).
+    precision: str = "fp32"
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
 
@@ -195,6 +198,7 @@ def info_from_card(
     device: str,
     has_logits: bool,
     sha256: str = "",
+    precision: str = "fp32",
 ) -> ModelInfo:
     """ModelInfo with the V2 tensor specs every certseg graph has."""
     outputs = [
@@ -214,6 +218,7 @@ def info_from_card(
         device=device,
         sha256=sha256,
         has_logits=has_logits,
+        precision=precision,
         inputs=[TensorSpec("image", "FP32", (-1, 3, -1, -1))],
         outputs=outputs,
     )

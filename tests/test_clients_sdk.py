@@ -161,6 +161,18 @@ def test_16_bit_grey_goes_exactly_not_clipped_to_8_bits(client):
     np.testing.assert_array_equal(got.radius, want.radius)
 
 
+def test_model_listing_type_matches_the_server_and_says_precision(client):
+    """clients.ModelSummary names every field /v1/models gives, precision and
+    margin_error among them (the SDK had no word of either)."""
+    from clients import ModelsListing, ModelSummary
+
+    listing = client.models()
+    assert set(listing) == set(ModelsListing.__annotations__)
+    (m,) = listing["models"]
+    assert set(m) == set(ModelSummary.__annotations__)
+    assert (m["precision"], m["margin_error"]) == ("fp32", 0.0)
+
+
 def test_eps_changes_certificate(client):
     pixels = random_image(32, 48, seed=4)
     small, large = client.segment(pixels, eps=0.01), client.segment(pixels, eps=0.5)

@@ -726,3 +726,33 @@ def test_a_stalled_body_gets_408_and_gives_its_bytes_back(model_dir):
         assert r.status_code == 200
     finally:
         srv.stop()
+
+
+def test_models_and_v2_metadata_disclose_precision_and_margin_error(client):
+    """A bf16 engine's radii rest on an empirical margin-error bound, yet /v1/models and
+    the V2 metadata said neither its precision nor the bound. Both now say them: fp32 and
+    0 for the ONNX Runtime server, bf16 and the bound for a torch bf16 server."""
+    (m,) = client.get("/v1/models").json()["models"]
+    assert (m["precision"], m["margin_error"]) == ("fp32", 0.0)
+    params = client.get("/v2/models/tiny").json()["parameters"]
+    assert (params["precision"], params["margin_error"]) == ("fp32", 0.0)
+    settings = Settings(
+        models=[str(tiny_checkpoint())],
+        backend="torch",
+        precision="bf16",
+        margin_error=0.2,
+        intra_op_threads=1,
+        max_delay_ms=1,
+    )
+    live = LiveServer(create_app(settings)).start()
+    try:
+        with httpx.Client(base_url=live.base, timeout=60) as c:
+            (m,) = c.get("/v1/models").json()["models"]
+            assert (m["backend"], m["precision"], m["margin_error"]) == ("torch", "bf16", 0.2)
+            params = c.get(f"/v2/models/{m['name']}").json()["parameters"]
+            assert (params["precision"], params["margin_error"]) == ("bf16", 0.2)
+            schema = c.get("/openapi.json").json()["components"]["schemas"]["ModelSummary"]
+            assert {"precision", "margin_error"} <= set(schema["required"])
+            assert "empirical" in schema["properties"]["margin_error"]["description"]
+    finally:
+        live.stop()

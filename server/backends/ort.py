@@ -153,6 +153,7 @@ class OnnxRuntimeEngine(BaseEngine):
             device=device,
             has_logits="logits" in outputs,
             sha256=file_sha256(path),
+            precision=settings.precision,
         )
         # On the CPU, routes send 8-bit frames as they are and the base converts each batch
         # in the worker thread: a queued 2048x2048 frame holds 12 MB, not 48, and the

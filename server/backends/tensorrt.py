@@ -85,6 +85,7 @@ class TensorRTEngine(BaseEngine):
             device=f"cuda:{settings.device_id}",
             has_logits="logits" in outputs,
             sha256=file_sha256(onnx_path),
+            precision=settings.precision,
         )
         super().__init__(info, settings.margin_error, calibrating)
         self._onnx = onnx_path

@@ -86,6 +86,7 @@ class TorchEngine(BaseEngine):
             device=device,
             has_logits=True,
             sha256=file_sha256(path),
+            precision=precision,
         )
         info.accepts_uint8 = True
         super().__init__(info, settings.margin_error, calibrating)

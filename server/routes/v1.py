@@ -168,6 +168,16 @@ class ModelSummary(BaseModel):
     has_logits: bool
     sha256: str
     arch: str
+    precision: str = Field(
+        description="Arithmetic the engine runs: fp32, or fp16 / bf16 (reduced precision)."
+    )
+    margin_error: float = Field(
+        description="Bound on |engine margin - fp32 margin| taken off every margin before "
+        "radii and flip counts: 0 for an engine that runs exact fp32; otherwise (fp16 / "
+        "bf16, or any engine served with --margin-error) an empirical bound measured on "
+        "sample frames (`certseg calibrate`), so its certificates are only as sound as that "
+        "measurement."
+    )
 
 
 class InputLimits(BaseModel):
@@ -518,6 +528,8 @@ def model_summary(state: ServerState, name: str) -> ModelSummary:
         has_logits=info.has_logits,
         sha256=info.sha256,
         arch=card.arch,
+        precision=info.precision,
+        margin_error=info.margin_error,
     )
 
 

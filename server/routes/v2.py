@@ -256,6 +256,8 @@ def _model_metadata(state: ServerState, name: str) -> ModelMetadata:
             "lipschitz": info.lipschitz,
             "default_eps": info.card.default_eps,
             "classes": info.card.classes,
+            "precision": info.precision,
+            "margin_error": info.margin_error,
         },
     )
 
