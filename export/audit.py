@@ -309,7 +309,7 @@ class _Walker:
                 continue
             if isinstance(xd, int) and isinstance(od, int):
                 factor *= od if xd == 1 else 1
-            elif xd == od:
+            elif xd == od and xd != "?":  # (two unknown sizes are not equal)
                 continue
             elif isinstance(xd, int) and xd > 1:
                 continue  # od symbolic must equal xd to broadcast
@@ -702,6 +702,7 @@ class _Walker:
                 and oa[2] != ob[2]
                 and self.shape(na) == self.shape(nb)
                 and self.shape(na) is not None
+                and "?" not in self.shape(na)  # (two unknown sizes are not equal)
             ):
                 # max/min of two disjoint parts of one tensor: per coordinate pair,
                 # (max, min) is a permutation of (a, b); alone each is <= ||(a, b)||.
@@ -718,7 +719,7 @@ class _Walker:
             return _Lip(L)
         # |max(a, b) - max(a', b')| <= max(|da|, |db|) <= sqrt(da^2 + db^2) per coordinate.
         shapes = {self.shape(n) for n, _ in lips}
-        if len(shapes) != 1 or None in shapes:
+        if len(shapes) != 1 or None in shapes or any("?" in sh for sh in shapes):
             raise _Refuse(f"{node.op_type} of image-dependent tensors of different shapes")
         L = math.sqrt(sum(v.L**2 for _, v in lips))
         self.row(node, L / max(v.L for _, v in lips), math.nan, "root-sum-square", L)

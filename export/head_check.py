@@ -106,7 +106,7 @@ class _HeadInterpreter:
             return [int(v) for v in self.const(node.input[index], attr).ravel()]
         for a in node.attribute:
             if a.name == attr:
-                return [int(v) for v in onnx.helper.get_attribute_value(a)]
+                return [int(v) for v in np.ravel(onnx.helper.get_attribute_value(a))]
         return None
 
     # -- the pass

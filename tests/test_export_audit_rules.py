@@ -266,6 +266,31 @@ def test_ops_that_mix_the_images_of_a_batch_are_refused():
     assert rep.lipschitz_audited == pytest.approx(2.0)
 
 
+def test_two_unknown_sizes_are_not_taken_for_equal():
+    """xr (1,1,8,8) behind a computed Reshape and S (1,8,8,8) behind a computed shape:
+    inference knows neither size, and Add repeats xr 8 times (gain sqrt 8, not 1)."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    nodes = [
+        oh.make_node("Conv", ["image", "w1"], ["za"]),
+        oh.make_node("Shape", ["za"], ["sz"]),
+        oh.make_node("Reshape", ["za", "sz"], ["xr"]),
+        oh.make_node("Shape", ["image"], ["si"]),
+        oh.make_node("Slice", ["si", "i0", "i1"], ["sn"]),
+        oh.make_node("Slice", ["si", "i2", "i4"], ["shw"]),
+        oh.make_node("Concat", ["sn", "c8", "shw"], ["s8"], axis=0),
+        oh.make_node("ConstantOfShape", ["s8"], ["S"]),
+        oh.make_node("Add", ["xr", "S"], ["logits"]),
+    ]
+    inits = {"w1": np.ones((1, 3, 1, 1), np.float32), "i0": i64(0), "i1": i64(1)}
+    inits |= {"i2": i64(2), "i4": i64(4), "c8": i64(8)}
+    model = _graph(nodes, inits)
+    del model.graph.value_info[:]  # declared honestly: rank 4, sizes unknown
+    blank = [oh.make_tensor_value_info(n, TP.FLOAT, [None] * 4) for n in ("xr", "S")]
+    model.graph.value_info.extend(blank)
+    with pytest.raises(AuditError, match="cannot prove shapes"):
+        audit_onnx(model)
+
+
 def test_what_the_audit_cannot_read_as_onnx_runtime_runs_it_is_refused():
     """Red-team cases that passed: each fools a rule that reads the file, not the math."""
     cases = [
