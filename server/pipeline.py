@@ -3,7 +3,10 @@
 The certificate figures come from `certseg.certify` (numpy only) applied to the
 graph's own fp32 margins and radii, with the model's audited L:
 
-- guaranteed fraction: pixels with radius > eps (all of them at eps = 0);
+- guaranteed fraction: pixels with radius > eps (all of them at eps = 0, unless the
+  engine's margins are shrunk by a margin error: then those of radius > 0 alone, the
+  others may not show the fp32 network's class; every figure at eps = 0 counts them
+  as flippable for free, `certseg.certify.pixelwise._unperturbed`);
 - max_flips: the most pixels one perturbation of norm <= eps can flip (the joint
   budget: the longest prefix of sorted margin^2/2 costs within (L eps)^2);
 - per predicted class (output `classes`): its pixels, the fraction of them certified,
@@ -205,6 +208,7 @@ def class_figures(
     Gains cost K passes over the logits (1024x2048, 7 classes: 41 ms on one core
     against 12 ms for the rest; benchmarks/answer_cpu.py), hence their own output."""
     card, L, e = info.card, info.lipschitz, info.margin_error
+    exact = e == 0  # margins not shrunk by an error: nothing flips at eps == 0
     K = card.num_classes
     mask, margin = outputs["mask"], outputs["margin"]
     logits = outputs["logits"] if with_gains else None
@@ -213,13 +217,13 @@ def class_figures(
         labels = np.clip(mask, 0, K - 1)
         pixels = np.bincount(labels.reshape(-1), minlength=K)
         certified = np.bincount(labels[region], minlength=K)
-        flips = max_flips_by_class(margin, mask, K, eps, L)
+        flips = max_flips_by_class(margin, mask, K, eps, L, exact)
         if logits is not None:
             gains = max_gains_by_class(logits, mask, eps, L, margin_error=e)
     else:
         pixels = resize.source_counts_by_class(mask, K)
         certified = resize.source_counts_by_class(mask, K, region)
-        flips = resize.max_source_flips_by_class(margin, mask, K, eps, L)
+        flips = resize.max_source_flips_by_class(margin, mask, K, eps, L, exact)
         if logits is not None:
             gains = resize.max_source_gains_by_class(logits, mask, eps, L, margin_error=e)
     return [
@@ -286,11 +290,11 @@ def certify(
     with those of `FIGURES` asked in `figures` (gains come in the per-class rows)."""
     if resize is not None:
         return _certify_resized(info, outputs, eps, target, batch_size, resize, figures)
-    L = info.lipschitz
+    L, exact = info.lipschitz, info.margin_error == 0
     margin, radius = outputs["margin"], outputs["radius"]
-    region = guaranteed_region(radius, eps)
+    region = guaranteed_region(radius, eps, exact)
     guaranteed = float(np.mean(region))
-    flips = int(max_flips(margin, eps, L))
+    flips = int(max_flips(margin, eps, L, exact=exact))
     logits = outputs.get("logits")
     metrics = None
     if target is not None:
@@ -299,13 +303,16 @@ def certify(
             bound = {"ignore_index": ignore, "margin_error": info.margin_error}
             acc = float(worst_case_pixel_accuracy(logits, target, eps, L, **bound))
             miou = float(worst_case_miou(logits, target, eps, L, **bound))
-            clean_acc = float(worst_case_pixel_accuracy(logits, target, 0.0, L, **bound))
-            clean_miou = float(worst_case_miou(logits, target, 0.0, L, **bound))
+            # the served mask's own figures: no error, no perturbation
+            clean_acc = float(
+                worst_case_pixel_accuracy(logits, target, 0.0, L, ignore_index=ignore)
+            )
+            clean_miou = float(worst_case_miou(logits, target, 0.0, L, ignore_index=ignore))
         else:  # accuracy needs margins only; IoU needs the runner-up logits
             valid = target != ignore
             correct = valid & (outputs["mask"] == target)
             n_valid = int(valid.sum())
-            k = int(max_flips(margin, eps, L, valid=correct))
+            k = int(max_flips(margin, eps, L, valid=correct, exact=exact))
             acc = (int(correct.sum()) - k) / n_valid if n_valid else math.nan
             clean_acc = int(correct.sum()) / n_valid if n_valid else math.nan
             miou = clean_miou = math.nan
@@ -382,8 +389,9 @@ def _certify_resized(
     """A shrunk image's certificate, on the source grid. With a source-size target:
     worst-case pixel accuracy, and mIoU from the network's logits (null for a model
     exported without them)."""
+    exact = info.margin_error == 0
     radius = resize.source_radius(outputs["radius"])  # source units, network grid
-    region = guaranteed_region(radius, eps)
+    region = guaranteed_region(radius, eps, exact)
     metrics = None
     if target is not None:
         acc, clean = resize.worst_case_accuracy(
@@ -393,6 +401,7 @@ def _certify_resized(
             eps,
             info.lipschitz,
             info.card.ignore_index,
+            exact,
         )
         miou = clean_miou = math.nan
         if "logits" in outputs:
@@ -416,7 +425,7 @@ def _certify_resized(
         radius=resize.upsample(radius),
         logits=None,
         guaranteed_fraction=resize.source_fraction(region),
-        max_flips=resize.max_source_flips(outputs["margin"], eps, info.lipschitz),
+        max_flips=resize.max_source_flips(outputs["margin"], eps, info.lipschitz, exact),
         batch_size=batch_size,
         metrics=metrics,
         resize=resize,

@@ -359,7 +359,8 @@ def test_max_flips_by_class_equals_one_max_flips_per_class(shape):
 def test_max_gains_by_class_is_the_prefix_of_the_gaps_into_each_class():
     """By definition: the longest prefix of sorted max(z_top - z_c - e, 0)^2 / 2 over the
     pixels predicted otherwise that fits (L eps)^2; ties give gap 0 (flippable at any
-    eps > 0, never at 0); the margin error only ever adds gains."""
+    eps > 0, never at 0 without a margin error: with one, the gaps it closes are
+    gains at eps 0 too); the margin error only ever adds gains."""
     from certseg.certify import max_gains_by_class
 
     rng = np.random.default_rng(4)
@@ -374,12 +375,15 @@ def test_max_gains_by_class_is_the_prefix_of_the_gaps_into_each_class():
                 gap = (top - logits[c].astype(np.float64))[mask != c]
                 costs = np.sort(np.maximum(gap - e, 0) ** 2 / 2)
                 budget = (2.0 * eps) ** 2
-                want = 0 if eps == 0 else int(np.sum(np.cumsum(costs) <= budget))
+                none = eps == 0 and e == 0  # nothing flips: exact margins, no attack
+                want = 0 if none else int(np.sum(np.cumsum(costs) <= budget))
                 # a prefix that fits only within the selection's 1e-9 slack (sums of tenths
                 # hit the budget exactly) counts as flippable: the sound side
-                most = 0 if eps == 0 else int(np.sum(np.cumsum(costs) <= budget * (1 + 1e-9)))
+                most = 0 if none else int(np.sum(np.cumsum(costs) <= budget * (1 + 1e-9)))
                 assert want <= got[c] <= most, (e, eps, c)
-            if e and eps:
+                if eps == 0 and e:
+                    assert got[c] == int(np.sum(gap <= e)), c  # the gaps the error closes
+            if e:
                 assert (got >= max_gains_by_class(logits, mask, eps, 2.0)).all()
     with pytest.raises(ValueError, match="shape"):
         max_gains_by_class(logits, mask[:, :5], 0.1, 1.0)

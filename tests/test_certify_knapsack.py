@@ -35,7 +35,11 @@ def test_most_bounds_the_integer_optimum_and_is_exact_for_equal_values(seed):
         if values.min() == values.max():
             np.testing.assert_allclose(got, exact, atol=1e-5)
         assert items.most(-1.0) == 0 and items.most(float(budget)) <= values.sum()
-    assert Knapsack.of(costs, np.ones(40), 0.0).most(10.0) == 0  # eps 0: nothing flips
+    # eps 0 with exact margins (budget -1): nothing flips, not even a zero cost; with
+    # margins shrunk by an error (budget 0): the zero costs alone
+    assert Knapsack.of(costs, np.ones(40), -1.0).most(10.0) == 0
+    zero = Knapsack.of(costs, np.ones(40), 0.0)
+    assert zero.most(0.0) == zero.most(10.0) == np.sum(costs == 0) > 0
 
 
 def test_the_cut_to_items_within_reach_changes_nothing(monkeypatch):

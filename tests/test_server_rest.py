@@ -177,6 +177,48 @@ def test_multipart_with_target_gives_worst_case_metrics(client, session):
     assert m["clean_miou"] >= m["worst_case_miou"]
 
 
+def test_margin_error_at_eps_zero_certifies_only_positive_margins(session):
+    """A server with --margin-error e: at eps = 0 a pixel whose margin is <= e may show
+    another class than the fp32 net's, so it is neither guaranteed nor kept by the
+    worst-case figures, and the answer agrees with the one at eps = 1e-12 (the old
+    server said guaranteed 1.0, max_flips 0, worst-case = clean at eps = 0)."""
+    e = 0.05
+    pixels = random_image(32, 48, seed=11)
+    body = encode(pixels)
+    mask, margin = session.run(["mask", "margin"], {"image": to_input(body)})
+    uncertain = margin[0] <= e
+    assert 0 < uncertain.sum() < uncertain.size / 2
+    target = encode(mask[0].astype(np.uint8))
+    srv = serve_tiny(margin_error=e)
+    try:
+        with httpx.Client(base_url=srv.base, timeout=60) as c:
+
+            def post(eps: float) -> dict:
+                files = {"image": ("x.png", body, "image/png"), "target": ("t.png", target)}
+                params = {"eps": eps, "outputs": "classes,gains,stability"}
+                r = c.post("/v1/segment", params=params, files=files)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            at0, above = post(0.0), post(1e-12)
+    finally:
+        srv.stop()
+    n = uncertain.size
+    assert at0["guaranteed_fraction"] == pytest.approx(1 - uncertain.sum() / n, abs=1 / n)
+    assert at0["max_flips"] == above["max_flips"] > 0
+    assert abs(at0["max_flips"] - int(uncertain.sum())) <= 2  # the margins' own rounding
+    assert at0["guaranteed_fraction"] == above["guaranteed_fraction"]
+    assert at0["classes"] == above["classes"]
+    assert sum(row["max_gains"] for row in at0["classes"]) > 0
+    m = at0["metrics"]
+    assert m["clean_pixel_accuracy"] == 1.0 == m["clean_miou"]
+    assert m["worst_case_pixel_accuracy"] == pytest.approx(1 - at0["max_flips"] / n)
+    assert m == above["metrics"]
+    # stability: a share within max_flips costs nothing, as the answer's max_flips says
+    for row in at0["stability"]:
+        assert (row["eps"] == 0.0) == (row["pixels"] <= at0["max_flips"])
+
+
 def test_target_metrics_reach_npz_and_png_answers(client):
     """The worst-case metrics of a posted target, as the JSON answer gives them: npz
     arrays of the same names, png headers X-Certseg-<Field-Name>."""

@@ -480,6 +480,64 @@ def test_pixel_accuracy_from_margins_equals_from_logits():
     assert from_logits["worst_case_miou"] < exact["worst_case_miou"]
 
 
+def test_margin_error_at_eps_zero_leaves_zero_margins_uncertain():
+    """With a margin error (margins max(raw - e, 0)) a pixel of margin 0 may show another
+    class than the fp32 net's: at eps = 0 it is not guaranteed and flips for free, in
+    every figure (guaranteed fraction, max_flips, per class, worst-case metrics by
+    either path, a resized answer), just as at eps = 1e-300; the clean metrics stay
+    the served mask's. The old code answered eps = 0 as if the margins were exact:
+    guaranteed 1.0, max_flips 0, worst-case = clean, and jumped just above eps = 0."""
+    from certseg.certify.resize import AreaResize
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 16, 20)).astype(np.float32)
+    target = logits.argmax(0)
+    target[0] = 255
+    top2 = np.sort(logits, axis=0)[-2:]
+    raw = {
+        "mask": logits.argmax(0).astype(np.int32),
+        "margin": (top2[1] - top2[0]).astype(np.float32),
+        "radius": ((top2[1] - top2[0]) / (2**0.5 * 1.5)).astype(np.float32),
+    }
+    info = ort_engine(tiny_model_dir()).metadata()
+    info.lipschitz = 1.5
+    plain = certify(info, raw, 0.0, target, 1, figures=frozenset({"classes"}))
+    assert plain.guaranteed_fraction == 1.0 and plain.max_flips == 0
+    assert plain.metrics["worst_case_pixel_accuracy"] == plain.metrics["clean_pixel_accuracy"]
+    info.margin_error = 0.2
+    out = apply_margin_error(raw, 0.2, 1.5)
+    zeros = out["margin"] == 0
+    assert 10 < zeros.sum() < zeros.size / 2
+    for with_logits in (False, True):
+        got = {**out, "logits": logits} if with_logits else out
+        figures = frozenset({"classes", "gains"} if with_logits else {"classes"})
+        at0 = certify(info, got, 0.0, target, 1, figures=figures)
+        above = certify(info, got, 1e-300, target, 1, figures=figures)
+        assert at0.guaranteed_fraction == pytest.approx(1 - zeros.mean())
+        assert at0.max_flips == zeros.sum() == above.max_flips
+        assert at0.classes == above.classes
+        assert sum(row["max_flips"] for row in at0.classes) == zeros.sum()
+        m = at0.metrics
+        assert m["clean_pixel_accuracy"] == 1.0  # the served mask is the target
+        lost = (zeros & (target != 255)).sum() / (target != 255).sum()
+        assert m["worst_case_pixel_accuracy"] == pytest.approx(1.0 - lost)
+        assert m["worst_case_pixel_accuracy"] == above.metrics["worst_case_pixel_accuracy"]
+        if with_logits:
+            assert m["clean_miou"] == 1.0 and m["worst_case_miou"] < 1.0
+            assert m["worst_case_miou"] == pytest.approx(above.metrics["worst_case_miou"])
+            assert sum(row["max_gains"] for row in at0.classes) > 0
+    # a 2x shrink: each network pixel stands for 4 source pixels
+    plan = AreaResize((32, 40), (16, 20))
+    big = plan.upsample(target)
+    res = certify(info, out, 0.0, big, 1, resize=plan, figures=frozenset({"classes"}))
+    assert res.guaranteed_fraction == pytest.approx(1 - zeros.mean())
+    assert res.max_flips == 4 * zeros.sum()
+    assert res.metrics["worst_case_pixel_accuracy"] < res.metrics["clean_pixel_accuracy"]
+    info.margin_error = 0.0
+    exact = certify(info, out, 0.0, big, 1, resize=plan)
+    assert exact.guaranteed_fraction == 1.0 and exact.max_flips == 0
+
+
 # ------------------------------------------------------------------------------ models
 
 

@@ -5,7 +5,10 @@ Flipping pixel p needs its two top logits to meet, which costs margin_p**2 / 2 o
 squared logit norm, so a set S of pixels can be flipped only if the sum over S of
 those costs is <= (L eps)**2. At eps == 0 nothing can be flipped, not even pixels
 whose margin is 0: every bound here equals the clean metric at eps == 0. That is
-enforced by an *effective* budget of -1 at eps == 0 (all costs are >= 0).
+enforced by an *effective* budget of -1 at eps == 0 (all costs are >= 0), for exact
+margins only (`_unperturbed`): margins shrunk by an engine's margin error
+(`exact=False`, or `margin_error` > 0) get a budget of 0 there, so their zero-cost
+pixels (the ones the engine may have given another class than the float32 net) flip.
 
 All combinatorial math is done in float64; images are rows of shape (R, N) with
 N = H * W pixels, padded with +inf costs where a row has fewer candidates.
@@ -21,7 +24,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
-from .pixelwise import _check_lipschitz, _detach, _eps_rows
+from .pixelwise import _check_lipschitz, _detach, _eps_rows, _unperturbed
 
 __all__ = [
     "STABILITY_FRACTIONS",
@@ -75,8 +78,9 @@ def attack_budget(eps: float | Array, L: float) -> float | Array:
     return (_check_lipschitz(L) * eps) ** 2
 
 
-def _effective_budget(eps_rows: Array, L: float, slack: float = 1.0) -> Array:
-    """(L eps)**2 * slack per row, or -1 where eps == 0 so that even zero-cost flips fail.
+def _effective_budget(eps_rows: Array, L: float, slack: float = 1.0, exact: bool = True) -> Array:
+    """(L eps)**2 * slack per row, or -1 where nothing flips (`_unperturbed`: eps == 0
+    with exact margins) so that even zero-cost flips fail; 0 at eps == 0 otherwise.
 
     L eps is capped at 1e150 first: past that every finite cost is affordable anyway,
     and the square stays finite (no overflow for an absurd eps)."""
@@ -84,7 +88,8 @@ def _effective_budget(eps_rows: Array, L: float, slack: float = 1.0) -> Array:
     dev = _device(eps_rows)
     le = L * xp.minimum(eps_rows, xp.asarray(1e150 / L, dtype=xp.float64, device=dev))
     b = le * le * slack
-    return xp.where(eps_rows > 0, b, xp.asarray(-1.0, dtype=xp.float64, device=dev))
+    none = xp.asarray(-1.0, dtype=xp.float64, device=dev)
+    return xp.where(_unperturbed(eps_rows, exact), none, b)
 
 
 #: Relative rounding a sum of many float64 costs may carry (millions of terms: far less):
@@ -212,28 +217,36 @@ def _rows(x: Array, trailing: int) -> tuple[Array, tuple[int, ...]]:
     return xp.reshape(x, (math.prod(lead), math.prod(x.shape[x.ndim - trailing :]))), lead
 
 
-def max_flips(margin: Array, eps: float | Array, L: float, valid: Array | None = None) -> Array:
+def max_flips(
+    margin: Array,
+    eps: float | Array,
+    L: float,
+    valid: Array | None = None,
+    exact: bool = True,
+) -> Array:
     """Most pixels (among ``valid``) that any perturbation of norm <= eps can flip.
 
     The longest prefix of sorted costs margin**2 / 2 whose sum is <= (L eps)**2,
-    per image over the last two (H, W) axes; 0 at eps == 0. eps: float or per-image
-    array over the leading dims. Returns int64 of the leading shape.
+    per image over the last two (H, W) axes; 0 at eps == 0, unless the margins are
+    not `exact` (shrunk by a margin error: the pixels of margin 0 then count, see
+    `_unperturbed`). eps: float or per-image array over the leading dims. Returns
+    int64 of the leading shape.
     """
     xp = array_namespace(margin)
     L = _check_lipschitz(L)
     if isinstance(margin, np.ndarray):
-        return _max_flips_numpy(margin, eps, L, valid)
+        return _max_flips_numpy(margin, eps, L, valid, exact)
     costs, lead = _rows(flip_costs(margin), 2)
     keep = xp.ones(costs.shape, dtype=xp.bool, device=_device(costs))
     if valid is not None:
         keep, _ = _rows(xp.broadcast_to(xp.asarray(_detach(valid), dtype=xp.bool), margin.shape), 2)
     eps_rows = _eps_rows(eps, lead, xp, _device(costs))
-    budget = _effective_budget(eps_rows, L, summed_budget_slack(margin))  # cumsum below
+    budget = _effective_budget(eps_rows, L, summed_budget_slack(margin), exact)  # cumsum below
     return xp.reshape(_max_flips_rows(costs, keep, budget), lead)
 
 
 def _max_flips_numpy(
-    margin: np.ndarray, eps: float | Array, L: float, valid: np.ndarray | None
+    margin: np.ndarray, eps: float | Array, L: float, valid: np.ndarray | None, exact: bool
 ) -> np.ndarray:
     """max_flips on numpy, one image at a time, touching only affordable pixels.
 
@@ -249,7 +262,8 @@ def _max_flips_numpy(
     keep = None
     if valid is not None:
         keep, _ = _rows(np.broadcast_to(np.asarray(valid, dtype=bool), margin.shape), 2)
-    budget = _effective_budget(_eps_rows(eps, lead, np, None), L, margin_rounding_slack(margin))
+    eps_rows = _eps_rows(eps, lead, np, None)
+    budget = _effective_budget(eps_rows, L, margin_rounding_slack(margin), exact)
     flips = np.zeros(rows.shape[0], dtype=np.int64)
     ftype = _float_type(rows)
     for r in range(rows.shape[0]):
@@ -376,13 +390,18 @@ def _class_guesses(
 
 
 def max_flips_by_class(
-    margin: np.ndarray, labels: np.ndarray, num_classes: int, eps: float, L: float
+    margin: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    eps: float,
+    L: float,
+    exact: bool = True,
 ) -> np.ndarray:
     """Per label c of one image (H, W): the most pixels labelled c that one perturbation
     of norm <= eps can flip, int64 (num_classes,).
 
-    Each equals `max_flips(margin, eps, L, valid=labels == c)`, all from one pass or
-    two, whatever the number of classes. Every class has its own worst attack, so they
+    Each equals `max_flips(margin, eps, L, valid=labels == c, exact=exact)`, all from
+    one pass or two, whatever the number of classes. Every class has its own worst attack, so they
     do not add up to `max_flips`: an attack that reaches one class's figure spends its
     budget there.
 
@@ -393,7 +412,7 @@ def max_flips_by_class(
     L = _check_lipschitz(L)
     margin, labels = np.asarray(margin), np.asarray(labels)
     eps_row = _eps_rows(eps, (), np, None)
-    budget = float(_effective_budget(eps_row, L, margin_rounding_slack(margin))[0])
+    budget = float(_effective_budget(eps_row, L, margin_rounding_slack(margin), exact)[0])
     out = np.zeros(num_classes, dtype=np.int64)
     if budget < 0:
         return out
@@ -468,11 +487,14 @@ def max_gains_by_class(
     """Per class c of one image: the most pixels predicted otherwise that one
     perturbation of norm <= eps can turn into c, int64 (K,). With `max_flips_by_class`
     it brackets c's area under every such attack: at least pixels_c - max_flips_c, at
-    most pixels_c + max_gains_c (each bound with its own worst attack)."""
+    most pixels_c + max_gains_c (each bound with its own worst attack). With
+    `margin_error` > 0 the gaps it closes count at eps == 0 too (`_unperturbed`)."""
     L = _check_lipschitz(L)
     eps_row = _eps_rows(eps, (), np, None)
-    # float64 costs of float32 gaps: the slack of a float64 margin covers their rounding
-    budget = float(_effective_budget(eps_row, L, margin_rounding_slack(np.zeros(1)))[0])
+    # float64 costs of float32 gaps: the slack of a float64 margin covers their rounding;
+    # gaps shrunk by an error are not exact: those it closes flip even at eps == 0
+    slack = margin_rounding_slack(np.zeros(1))
+    budget = float(_effective_budget(eps_row, L, slack, exact=margin_error == 0)[0])
     K = logits.shape[0]
     out = np.zeros(K, dtype=np.int64)
     if budget < 0:

@@ -40,10 +40,11 @@ class Knapsack:
     @classmethod
     def of(cls, costs: np.ndarray, values: np.ndarray, budget: float) -> Knapsack:
         """Items (costs, values >= 0) that one attack of squared budget `budget` may
-        buy; none when budget <= 0 (no perturbation flips anything, not even a tie)."""
+        buy; none when budget < 0 (nothing flips, not even a tie: eps == 0 with exact
+        margins), those of cost 0 alone when it is 0."""
         costs = np.asarray(costs, np.float64).ravel()
         values = np.asarray(values, np.float64).ravel()
-        keep = (values > 0) & (costs <= budget) if budget > 0 else np.zeros(costs.shape, bool)
+        keep = (values > 0) & (costs <= budget) if budget >= 0 else np.zeros(costs.shape, bool)
         c, v = costs[keep], values[keep]
         equal = bool(v.size == 0 or v.min() == v.max())  # of all items, before the cut
         if c.size > _FEW:
@@ -105,7 +106,7 @@ def worst_split_ratio(
     the ratio is monotone there: its minimum is at one of them."""
     if den <= 0:
         return float("nan")
-    if budget <= 0:
+    if budget < 0:
         return num / den
     b1 = np.concatenate([[0.0, budget], remove.spent, budget - add.spent])
     b1 = b1[(b1 >= 0) & (b1 <= budget)]

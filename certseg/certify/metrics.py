@@ -6,8 +6,9 @@ logits (..., K, H, W), integer target (..., H, W) with ``ignore_index`` marking
 unlabelled pixels, eps a float or per-image array over the leading dims, L the
 network's l2 Lipschitz bound. Results are float64 of the leading shape (per image),
 or leading shape + (K,) for per-class metrics. At eps == 0 every bound equals the
-clean metric. Class-wise bounds come from each class's own worst attack; their
-mean is a valid (not necessarily tight) bound on the mean.
+clean metric (with margin_error 0; see below). Class-wise bounds come from each
+class's own worst attack; their mean is a valid (not necessarily tight) bound on
+the mean.
 
 ``margin_error`` e: logits from an engine that differs from the float32 evaluation
 the certificate speaks of (fp16, TensorRT) by at most e / 2 per logit, so that every
@@ -15,7 +16,9 @@ difference of two logits is off by at most e (the bound `certified_margins` take
 off margins). Every flip cost is then formed from the difference shrunk by e,
 max(d - e, 0)^2 / 2: a lower bound of the float32 net's cost to move from the
 engine's prediction, so the bounds hold for the float32 net. A pixel whose class
-the two disagree on has margin <= e: it flips for free.
+the two disagree on has margin <= e: it flips for free, at eps == 0 too (the
+engine's answer is not known to be the float32 net's there: the bounds at eps == 0
+are then the worst the error allows, below the engine's clean metric).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class _Prepared:
     top1: Array  # (R, N) float64
     cost: Array  # (R, N) float64, margin**2 / 2
     eps: Array  # (R,) float64
-    budget: Array  # (R,) float64, -1 where eps == 0
+    budget: Array  # (R,) float64, -1 where eps == 0 and margin_error == 0
     error: float  # margin_error: shrinks every logit difference a cost is formed from
 
     def count(self, mask: Array) -> Array:
@@ -123,7 +126,7 @@ def _prepare(
         cost=margin * margin / 2.0,
         eps=eps_rows,
         # its costs are summed in float64: a set that just fits stays affordable
-        budget=_effective_budget(eps_rows, L, summed_budget_slack(margin)),
+        budget=_effective_budget(eps_rows, L, summed_budget_slack(margin), margin_error == 0),
         error=float(margin_error),
     )
 
@@ -219,7 +222,8 @@ def _correct_and_flips(p: _Prepared) -> tuple[Array, Array]:
 def _certified_correct(p: _Prepared) -> Array:
     """Per row, how many valid pixels are correct and inside the guaranteed region."""
     radius = p.unflatten(p.margin / (math.sqrt(2.0) * p.L), *p.hw)
-    safe = p.xp.reshape(guaranteed_region(radius, p.unflatten(p.eps)), p.valid.shape)
+    safe = guaranteed_region(radius, p.unflatten(p.eps), exact=p.error == 0)
+    safe = p.xp.reshape(safe, p.valid.shape)
     return p.count(p.valid & (p.pred == p.target) & safe)
 
 

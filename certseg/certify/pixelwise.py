@@ -99,14 +99,29 @@ def certified_radius(margin: Array, L: float) -> Array:
     return margin / (math.sqrt(2.0) * _check_lipschitz(L))
 
 
-def guaranteed_region(radius: Array, eps: float | Array) -> Array:
+def _unperturbed(eps: Array, exact: bool = True) -> Array:
+    """Where (per eps) no pixel can change class whatever its margin: eps == 0 with
+    `exact` margins. The one place of that rule; every figure's eps == 0 case is it.
+
+    `exact`: the margins are the float32 network's own. An engine's margins shrunk by
+    a margin error e > 0 (`certified_margins`) are not: a pixel of certified margin 0
+    may show another class than the float32 net's even unperturbed, so at eps == 0 it
+    is flippable for free (cost 0 within a budget of 0), as at any eps, and is never
+    guaranteed; only pixels of certified margin > 0 are.
+    """
+    return (eps == 0) & bool(exact)
+
+
+def guaranteed_region(radius: Array, eps: float | Array, exact: bool = True) -> Array:
     """Boolean mask of pixels whose class no perturbation of norm <= eps can change.
 
     radius > eps strictly (at radius == eps a perturbation of norm eps reaches the
-    tie); at eps == 0 no perturbation exists, so every pixel is guaranteed. eps is
-    a float or a per-image array broadcastable over the leading dims of radius.
+    tie); at eps == 0 no perturbation exists, so every pixel is guaranteed, when the
+    margins are `exact` (`_unperturbed`); radii shrunk by a margin error guarantee
+    only radius > 0 at eps == 0. eps is a float or a per-image array broadcastable
+    over the leading dims of radius.
     """
     xp = array_namespace(radius)
     e = _eps_array(eps, xp, _device(radius))
     e = xp.reshape(e, (*e.shape, 1, 1))
-    return (xp.astype(_detach(radius), xp.float64) > e) | (e == 0)
+    return (xp.astype(_detach(radius), xp.float64) > e) | _unperturbed(e, exact)

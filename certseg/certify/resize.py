@@ -33,6 +33,7 @@ from functools import cached_property
 import numpy as np
 
 from .budget import (
+    _effective_budget,
     _fractions,
     _max_flips_select,
     affordable_by_class,
@@ -194,19 +195,28 @@ class AreaResize:
         sums = np.bincount(labels, weights=worth.reshape(-1), minlength=num_classes)
         return np.rint(sums).astype(np.int64)  # integers below 2^53: float64 sums are exact
 
-    def max_source_flips(self, margin: np.ndarray, eps: float, lipschitz: float) -> int:
-        """Most source pixels one source attack of norm <= eps can flip."""
+    def max_source_flips(
+        self, margin: np.ndarray, eps: float, lipschitz: float, exact: bool = True
+    ) -> int:
+        """Most source pixels one source attack of norm <= eps can flip (`exact`: as in
+        `attack_budget`)."""
         one = np.zeros(margin.shape, np.uint8)
-        return int(self.max_source_flips_by_class(margin, one, 1, eps, lipschitz)[0])
+        return int(self.max_source_flips_by_class(margin, one, 1, eps, lipschitz, exact)[0])
 
     def max_source_flips_by_class(
-        self, margin: np.ndarray, mask: np.ndarray, num_classes: int, eps: float, lipschitz: float
+        self,
+        margin: np.ndarray,
+        mask: np.ndarray,
+        num_classes: int,
+        eps: float,
+        lipschitz: float,
+        exact: bool = True,
     ) -> np.ndarray:
         """Per class c of the network-grid mask: the most source pixels of class c one
         source attack of norm <= eps can flip, int64 (num_classes,) (`_source_bounds`
         over c's affordable network pixels)."""
-        budget = self.attack_budget(eps, lipschitz, margin)
-        groups = affordable_by_class(margin, mask, num_classes, budget) if eps else []
+        budget = self.attack_budget(eps, lipschitz, margin, exact)
+        groups = affordable_by_class(margin, mask, num_classes, budget)
         return self._source_bounds(groups, budget, num_classes)
 
     def max_source_gains_by_class(
@@ -220,8 +230,8 @@ class AreaResize:
         """Per class c: the most source pixels predicted otherwise that one source attack
         of norm <= eps can turn into c, int64 (K,), from the network's logits (K, h, w)
         (`_source_bounds` over `gain_candidates_by_class`)."""
-        budget = self.attack_budget(eps, lipschitz, logits)
-        groups = gain_candidates_by_class(logits, mask, budget, margin_error) if eps else []
+        budget = self.attack_budget(eps, lipschitz, logits, exact=margin_error == 0)
+        groups = gain_candidates_by_class(logits, mask, budget, margin_error)
         return self._source_bounds(groups, budget, logits.shape[0])
 
     def _source_bounds(
@@ -268,12 +278,16 @@ class AreaResize:
         eps = (network - self.rounding()) / self.operator_norm * (1 - 1e-9)
         return np.where(ks > 0, np.maximum(eps, 0.0), 0.0)
 
-    def attack_budget(self, eps: float, lipschitz: float, margin: np.ndarray) -> float:
+    def attack_budget(
+        self, eps: float, lipschitz: float, margin: np.ndarray, exact: bool = True
+    ) -> float:
         """Squared logit budget of an eps-attack on the source: (L network_eps)^2, taken
-        up by the rounding of the stored margins; 0 at eps == 0 (nothing flips)."""
-        if eps == 0:
-            return 0.0
-        return (lipschitz * self.network_eps(eps)) ** 2 * margin_rounding_slack(margin)
+        up by the rounding of the stored margins; at eps == 0 (network_eps 0) -1 for
+        `exact` margins (nothing flips), 0 for margins shrunk by a margin error (their
+        zero-cost pixels flip: `certseg.certify.budget._effective_budget`)."""
+        network = np.asarray([self.network_eps(eps)], np.float64)
+        slack = margin_rounding_slack(margin)
+        return float(_effective_budget(network, _check_lipschitz(lipschitz), slack, exact)[0])
 
     def block_sums(self, plane: np.ndarray) -> np.ndarray:
         """(H, W) bool -> (h, w) int32: how many of each network pixel's source pixels
@@ -290,6 +304,7 @@ class AreaResize:
         eps: float,
         lipschitz: float,
         ignore_index: int = 255,
+        exact: bool = True,
     ) -> tuple[float, float]:
         """(worst-case, clean) pixel accuracy on the source grid under every source
         perturbation of norm <= eps, against a source-size `target`.
@@ -297,14 +312,14 @@ class AreaResize:
         Flipping network pixel k costs margin_k^2 / 2 of the budget and loses the v_k
         correct source pixels mapped to it: the most one attack can take is bounded by
         the fractional knapsack (`Knapsack`; exact when every v_k is the same: an
-        integer shrink, a target uniform per block)."""
+        integer shrink, a target uniform per block). `exact`: as in `attack_budget`."""
         valid = target != ignore_index
         n_valid = int(valid.sum())
         if n_valid == 0:
             return math.nan, math.nan
         v = self.block_sums(valid & (self.upsample(mask) == target))
         correct = int(v.sum())
-        budget = self.attack_budget(eps, lipschitz, margin)
+        budget = self.attack_budget(eps, lipschitz, margin, exact)
         items = Knapsack.of(flip_costs(margin), v, budget)
         lost = min(correct, math.floor(float(items.most(budget))))
         return (correct - lost) / n_valid, correct / n_valid
@@ -335,10 +350,10 @@ class AreaResize:
         valid = target != ignore_index
         n_valid = self.block_sums(valid)
         top = np.max(logits, axis=0)
-        budget = self.attack_budget(eps, lipschitz, margin)
+        budget = self.attack_budget(eps, lipschitz, margin, exact=margin_error == 0)
         # what one flip may cost at most, taken up past the float32 differences' rounding:
         # only pixels below it are candidates (a superset of the affordable ones)
-        reach = math.sqrt(2.0 * budget) * (1 + 1e-6) if budget > 0 else -1.0
+        reach = math.sqrt(2.0 * budget) * (1 + 1e-6) if budget >= 0 else -1.0
         worst, clean = np.full(K, math.nan), np.full(K, math.nan)
         for c in range(K):
             g = self.block_sums(valid & (target == c))
