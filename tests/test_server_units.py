@@ -683,19 +683,78 @@ def test_stability_figures_count_pixels_and_invert_the_answer_max_flips():
 
 
 def test_nan_margins_become_unknown_pixels():
-    """An engine's NaN margins (NaN logits) become margin 0 and radius 0: never certified,
-    flippable for free; outputs without NaN are passed through untouched."""
-    from server.backends.base import nan_margins_to_zero
+    """An engine's NaN margins or logits become margin 0, radius 0, all logits 0 and
+    class 0: never certified, flippable for free; outputs without NaN are passed through
+    untouched."""
+    from server.backends.base import nan_pixels_to_unknown
 
     margin = np.array([[0.5, np.nan], [1.0, 2.0]], np.float32)
     radius = margin / np.float32(2.0)
-    out = nan_margins_to_zero({"margin": margin, "radius": radius, "mask": np.zeros((2, 2))})
+    mask = np.array([[1, 2], [3, 1]], np.int32)
+    out = nan_pixels_to_unknown({"margin": margin, "radius": radius, "mask": mask})
     assert out["margin"].tolist() == [[0.5, 0.0], [1.0, 2.0]]
     assert out["radius"].tolist() == [[0.25, 0.0], [0.5, 1.0]]
+    assert out["mask"].tolist() == [[1, 0], [3, 1]] and out["mask"].dtype == np.int32
     assert out["margin"].dtype == np.float32
     finite = np.ones((2, 2), np.float32)
-    clean = {"margin": finite, "radius": finite}
-    assert nan_margins_to_zero(clean) is clean
+    clean = {"margin": finite, "radius": finite, "logits": np.ones((1, 3, 2, 2), np.float32)}
+    assert nan_pixels_to_unknown(clean) is clean
+    # a NaN in one logit of a pixel whose margin came out finite (a Max that drops NaN)
+    logits = np.arange(24, dtype=np.float32).reshape(1, 3, 2, 4)
+    logits[0, 1, 1, 2] = np.nan
+    ones = np.ones((1, 2, 4), np.float32)
+    out = nan_pixels_to_unknown(
+        {"mask": np.full((1, 2, 4), 2, np.int32), "margin": ones, "radius": ones, "logits": logits}
+    )
+    unknown = np.zeros((1, 2, 4), bool)
+    unknown[0, 1, 2] = True
+    assert (out["logits"][:, :, 1, 2] == 0).all() and not np.isnan(out["logits"]).any()
+    np.testing.assert_array_equal(out["logits"][:, :, ~unknown[0]], logits[:, :, ~unknown[0]])
+    np.testing.assert_array_equal(out["margin"] == 0, unknown)
+    np.testing.assert_array_equal(out["radius"] == 0, unknown)
+    np.testing.assert_array_equal(out["mask"] == 0, unknown)
+
+
+def test_nan_logits_count_in_every_figure():
+    """NaN logits at correctly classified pixels: after the engine's repair, every figure
+    at eps > 0 counts them as lost, from the margins or from the logits (accuracy alike
+    by both paths, mIoU below clean, gains into every other class). The old repair fixed
+    margins only, so the logit-based figures skipped them (worst = clean, gains 0)."""
+    from server.backends.base import nan_pixels_to_unknown
+    from server.pipeline import certify
+
+    rng = np.random.default_rng(8)
+    logits = (3 * rng.normal(size=(4, 16, 20))).astype(np.float32)
+    target = logits.argmax(0)
+    top2 = np.sort(logits, axis=0)[-2:]
+    bad = np.zeros((16, 20), bool)
+    bad.reshape(-1)[rng.choice(320, 40, replace=False)] = True
+    logits[:, bad] = np.nan
+    margin = (top2[1] - top2[0]).astype(np.float32)
+    margin[bad] = np.nan
+    raw = {
+        "mask": target.astype(np.int32),
+        "margin": margin,
+        "radius": margin / np.float32(2**0.5 * 1.5),
+        "logits": logits,
+    }
+    out = {k: v[0] for k, v in nan_pixels_to_unknown({k: v[None] for k, v in raw.items()}).items()}
+    info = ort_engine(tiny_model_dir()).metadata()
+    info.lipschitz = 1.5
+    eps = 1e-6  # too small to flip any pixel of a finite margin here
+    assert (np.nan_to_num(margin, nan=1.0) > 1.5 * 2**0.5 * eps * 10).all()
+    figures = frozenset({"classes", "gains"})
+    with_logits = certify(info, out, eps, target, 1, figures=figures)
+    no_logits = certify(info, {k: v for k, v in out.items() if k != "logits"}, eps, target, 1)
+    assert with_logits.max_flips == no_logits.max_flips == bad.sum()
+    want = 1.0 - bad.mean()
+    assert with_logits.metrics["worst_case_pixel_accuracy"] == pytest.approx(want)
+    assert no_logits.metrics["worst_case_pixel_accuracy"] == pytest.approx(want)
+    m = with_logits.metrics
+    assert m["worst_case_miou"] < m["clean_miou"]
+    # every bad pixel may turn into each of the 3 classes it is not (class 0 now)
+    gains = {row["id"]: row["max_gains"] for row in with_logits.classes}
+    assert gains[0] == 0 and all(gains[c] == bad.sum() for c in (1, 2, 3) if c in gains)
 
 
 def test_tensorrt_provider_fp32_runs_without_tf32(caplog):

@@ -11,7 +11,7 @@ from server.decode import chw8_to_float
 from server.engine import ModelInfo
 from server.errors import ModelError
 
-__all__ = ["BaseEngine", "apply_margin_error", "check_precision", "nan_margins_to_zero"]
+__all__ = ["BaseEngine", "apply_margin_error", "check_precision", "nan_pixels_to_unknown"]
 
 
 def apply_margin_error(
@@ -29,20 +29,32 @@ def apply_margin_error(
     return {**outputs, "margin": margin, "radius": radius}
 
 
-def nan_margins_to_zero(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A NaN margin (the net gave NaN logits there) is a pixel nothing is known of: it
-    becomes margin 0 and radius 0, flippable for free and never certified, instead of a
-    NaN every comparison would silently skip. One pass over the margins when none is."""
-    margin = outputs["margin"]
-    if not np.isnan(margin).any():
+def nan_pixels_to_unknown(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A pixel with a NaN margin, radius or logit (a faulty engine) is one nothing is
+    known of: it becomes margin 0, radius 0, every logit 0 and class 0 (the argmax of
+    equal logits, so the mask and the logits agree), flippable for free into any class
+    and never certified at eps > 0, instead of a NaN every comparison would silently
+    skip. The one place of that rule: every figure, from the margins (max_flips,
+    stability) or from the logits (gains, worst-case accuracy and IoU), then counts
+    it. One pass over the margins, and one min over the logits, when none is NaN."""
+    margin, radius, logits = outputs["margin"], outputs["radius"], outputs.get("logits")
+    bad_logits = logits is not None and logits.size > 0 and bool(np.isnan(logits.min()))
+    if not (bad_logits or np.isnan(margin).any() or np.isnan(radius).any()):
         return outputs
-    unknown = np.isnan(margin) | np.isnan(outputs["radius"])
-    zero = margin.dtype.type(0)
-    return {
+    unknown = np.isnan(margin) | np.isnan(radius)
+    if bad_logits:  # (..., K, H, W): a NaN in any class
+        unknown |= np.isnan(logits).any(axis=-3)
+    fixed = {
         **outputs,
-        "margin": np.where(unknown, zero, margin),
-        "radius": np.where(unknown, outputs["radius"].dtype.type(0), outputs["radius"]),
+        "margin": np.where(unknown, margin.dtype.type(0), margin),
+        "radius": np.where(unknown, radius.dtype.type(0), radius),
     }
+    if logits is not None:
+        fixed["logits"] = np.where(np.expand_dims(unknown, -3), logits.dtype.type(0), logits)
+    if "mask" in outputs:
+        mask = outputs["mask"]
+        fixed["mask"] = np.where(unknown, mask.dtype.type(0), mask)
+    return fixed
 
 
 def check_precision(
@@ -107,7 +119,7 @@ class BaseEngine:
         names = list(dict.fromkeys([*outputs, "margin", "radius"]))
         if images.dtype == np.uint8 and not self.converts_uint8:
             images = chw8_to_float(images)
-        got = nan_margins_to_zero(self._run(images, names))
+        got = nan_pixels_to_unknown(self._run(images, names))
         if self.corrects_margins:
             return got
         return apply_margin_error(got, self.margin_error, self.info.lipschitz)
