@@ -22,7 +22,9 @@ squeezed) and whether it was cropped. Binary ops only combine uncropped values o
 the same layout, so no broadcast can move a value to another pixel; a crop is a
 Slice starting at 0 with step 1 off the class axis, which keeps every pixel's
 index. A node no rule covers gives "unknown", and an output that is unknown, or
-not what its name says, is refused.
+not what its name says, is refused; so is an optional `logits` output that is not
+a crop of the logits (the server's worst-case metrics and gains read it). K comes
+from ONNX shape inference (the audit's caller), never from a declared size.
 """
 
 from __future__ import annotations
