@@ -100,6 +100,10 @@ HEAD_OPS = frozenset(
 _RANDOM = {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike"}
 _RANDOM |= {"Bernoulli", "Multinomial", "Dropout"}
 
+#: The smallest nonzero gain image -> tensor the audit takes: below it float32 values
+#: reach the subnormal range, whose absolute rounding (2^-149) a later gain can undo.
+_TINY_GAIN = 2.0**-60
+
 #: float32 division rounds by at most 2^-24 relative; the torch side counts 2^-23.
 _DIV_ROUNDING = 1.0 + 2.0**-23
 
@@ -376,15 +380,24 @@ class _Walker:
             except Exception as err:  # a malformed node (missing inputs, odd attributes)
                 why = f"cannot read the node ({type(err).__name__}: {err})"
                 outs = [_Bad(node.op_type, node.name, why)] * len(node.output)
-            why = "its bound is not finite"
-            outs = [
-                _Bad(node.op_type, node.name, why)
-                if isinstance(v, _Lip) and not math.isfinite(v.L)
-                else v
-                for v in outs
-            ]
+            outs = [self._in_range(node, v) for v in outs]
             for out, v in zip(node.output, outs, strict=False):
                 self.values[out] = v
+
+    @staticmethod
+    def _in_range(node: onnx.NodeProto, v: _Value) -> _Value:
+        """A bound the proof can use: finite (inf * 0 is NaN, which every later check
+        would pass), and 0 or at least _TINY_GAIN, above which float32 keeps its
+        relative precision; a graph scaled below it (x 2^-149, then back up) rounds to
+        a step function at gain 1 on paper."""
+        if not isinstance(v, _Lip):
+            return v
+        if not math.isfinite(v.L):
+            return _Bad(node.op_type, node.name, "its bound is not finite")
+        if 0 < v.L < _TINY_GAIN:
+            why = f"a gain of {v.L:.3g}: float32 underflows there (rounds to steps)"
+            return _Bad(node.op_type, node.name, why)
+        return v
 
     def _static(self, node: onnx.NodeProto, ins: list[_Static]) -> None:
         """Fold the few shape-preserving ops that carry weights; others: value unknown."""

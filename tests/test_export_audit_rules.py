@@ -305,6 +305,20 @@ def test_what_the_audit_cannot_read_as_onnx_runtime_runs_it_is_refused():
             {"zero": np.float32(0)},
             "not finite",
         ),
+        # x 2^-149 (subnormal: rounds to a step), then back up: gain 1 on paper
+        (
+            [
+                oh.make_node("Mul", ["image", "tiny"], ["t"]),
+                oh.make_node("Mul", ["t", "big"], ["u"]),
+                oh.make_node("Mul", ["u", "big2"], ["logits"]),
+            ],
+            {
+                "tiny": np.float32(2.0**-149),
+                "big": np.float32(2.0**100),
+                "big2": np.float32(2.0**49),
+            },
+            "underflows",
+        ),
         # a subgraph reads the image though the node's own inputs are all static
         (_if_reading_the_image(), {"cond": np.array(True), "big": np.float32(20)}, "subgraph"),
         # a fresh random draw is not a constant
