@@ -104,6 +104,9 @@ _RANDOM |= {"Bernoulli", "Multinomial", "Dropout"}
 #: reach the subnormal range, whose absolute rounding (2^-149) a later gain can undo.
 _TINY_GAIN = 2.0**-60
 
+#: The largest constant the audit lets be added to a signal of gain L: 2^10 L.
+_ABSORPTION = 2.0**10
+
 #: float32 division rounds by at most 2^-24 relative; the torch side counts 2^-23.
 _DIV_ROUNDING = 1.0 + 2.0**-23
 
@@ -174,6 +177,7 @@ class AuditReport:
 @dataclass(frozen=True)
 class _Static:
     value: np.ndarray | None = None
+    magnitude: float | None = None  # a bound of |value| where the value is not known
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,33 @@ class _Walker:
             raise _Refuse(f"{what} of {node.op_type} node {node.name!r} is not a constant")
         return np.asarray(v.value, dtype=np.float64)
 
+    def magnitude(self, name: str) -> float | None:
+        """A bound of |x| for a static tensor x: from its value, or carried (Resize)."""
+        v = self.values.get(name)
+        if not isinstance(v, _Static):
+            return None
+        if v.value is not None:
+            arr = np.asarray(v.value)
+            return float(np.max(np.abs(arr))) if arr.size and arr.dtype.kind in "biuf" else 0.0
+        return v.magnitude
+
+    def check_absorption(self, node, names: Iterable[str], L: float, factor: float = 1.0):
+        """A constant added to the image's path must not dwarf the signal: float32
+        keeps 24 bits of |signal + c|, so adding 2^40 and taking it away again rounds
+        the signal to a step function the gains call Lipschitz. |c| <= 2^10 L (L: the
+        bound image -> this node) keeps that rounding below 2^-14 of the gain."""
+        for name in names:
+            if not name:
+                continue
+            c = self.magnitude(name)
+            if c is None:
+                raise _Refuse(f"{node.op_type}: the size of constant {name!r} is unknown")
+            if c * factor > _ABSORPTION * L:
+                raise _Refuse(
+                    f"{node.op_type} adds a constant of size {c * factor:.3g} to a signal of "
+                    f"gain {L:.3g}: float32 rounds the signal away (absorption)"
+                )
+
     def duplication(self, x: str, other_shape: tuple | None) -> float:
         """How many times broadcasting against `other_shape` may repeat each element of x."""
         xs = self.shape(x)
@@ -411,6 +442,12 @@ class _Walker:
                 shape = self.shape(node.output[0])
                 if shape is not None and all(isinstance(d, int) for d in shape):
                     out = vals[0].reshape(shape)
+            elif op == "Resize" and _attrs(node).get("mode", b"nearest") in (b"nearest", b"linear"):
+                # nearest and (bi)linear take convex combinations: |out| <= max |in|
+                mag = self.magnitude(node.input[0])
+                for o in node.output:
+                    self.values[o] = _Static(None, mag)
+                return
             elif op == "Cast" and vals[0] is not None and vals[0].dtype.kind in "biuf":
                 to = onnx.helper.tensor_dtype_to_np_dtype(_attrs(node)["to"])
                 out = vals[0].astype(to) if np.dtype(to).kind in "biuf" else None
@@ -499,6 +536,10 @@ class _Walker:
             var = self.static_value(node, node.input[4], "variance")
             g = float(np.max(np.abs(scale / np.sqrt(var + float(a.get("epsilon", 1e-5))))))
             g *= _DIV_ROUNDING
+            shift = np.abs(self.static_value(node, node.input[2], "bias"))
+            shift = shift + np.abs(self.static_value(node, node.input[3], "mean")) * g
+            if float(np.max(shift, initial=0.0)) > _ABSORPTION * x.L * g:
+                raise _Refuse("BatchNormalization whose shift dwarfs the signal (absorption)")
             self.row(node, g, g, "constant scale", x.L * g)
             return [_Lip(x.L * g)]
         hint = " (fold its operator norm into L first)" if op == "Resize" else ""
@@ -640,6 +681,7 @@ class _Walker:
         lower = max(b.lower for b in bounds)
         method = bounds[0].method if groups == 1 else f"{bounds[0].method} x{groups} groups"
         L = x.L * upper
+        self.check_absorption(node, node.input[2:3], L)  # the bias
         self.row(node, upper, lower, method, L, weight=node.input[1])
         return _Lip(L)
 
@@ -659,6 +701,8 @@ class _Walker:
             # C broadcasts to the (M, N) output: each of its elements may be repeated.
             dup = self.duplication(node.input[2], self.shape(node.output[0]))
             L += ins[2].L * abs(float(a.get("beta", 1.0))) * math.sqrt(dup)
+        elif op == "Gemm" and len(ins) > 2:
+            self.check_absorption(node, node.input[2:3], L, abs(float(a.get("beta", 1.0))))
         self.row(node, b.upper * alpha, b.lower * alpha, b.method, L, weight=node.input[wi])
         return _Lip(L)
 
@@ -670,6 +714,7 @@ class _Walker:
             other = node.input[1] if n == node.input[0] else node.input[0]
             dup = self.duplication(n, self.shape(other))
             L = v.L * math.sqrt(dup)
+            self.check_absorption(node, [other], L)
             self.row(node, math.sqrt(dup), math.sqrt(dup), "translation", L)
             return _Lip(L)
         L = 0.0

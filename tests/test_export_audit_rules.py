@@ -319,6 +319,15 @@ def test_what_the_audit_cannot_read_as_onnx_runtime_runs_it_is_refused():
             },
             "underflows",
         ),
+        # + 2^40 - 2^40 rounds the image to multiples of 2^17: absorption
+        (
+            [
+                oh.make_node("Add", ["image", "huge"], ["t"]),
+                oh.make_node("Sub", ["t", "huge"], ["logits"]),
+            ],
+            {"huge": np.float32(2.0**40)},
+            "absorption",
+        ),
         # a subgraph reads the image though the node's own inputs are all static
         (_if_reading_the_image(), {"cond": np.array(True), "big": np.float32(20)}, "subgraph"),
         # a fresh random draw is not a constant
