@@ -309,7 +309,9 @@ class _Walker:
             return None
         if v.value is not None:
             arr = np.asarray(v.value)
-            return float(np.max(np.abs(arr))) if arr.size and arr.dtype.kind in "biuf" else 0.0
+            if arr.dtype.kind not in "biuf":
+                return None
+            return float(np.max(np.abs(arr))) if arr.size else 0.0
         return v.magnitude
 
     def check_absorption(self, node, names: Iterable[str], L: float, factor: float = 1.0):
