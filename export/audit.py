@@ -47,7 +47,7 @@ from certseg.certify.operator_norm import (
     conv_transpose_norm_bound,
     matrix_norm_bound,
 )
-from export.head_check import ONNX_DOMAINS, check_head_semantics
+from export.head_check import ONNX_DOMAINS, check_head_semantics, node_ints
 
 __all__ = [
     "HEAD_OPS",
@@ -462,9 +462,6 @@ class _Walker:
         op = node.op_type
         a = _attrs(node)
         x = ins[0]
-        if any(_has_subgraph(attr) for attr in node.attribute):
-            raise _Refuse(f"{op} with a subgraph")
-
         self._keeps_batch(node, a, ins)
         if op in _PERMUTATIONS:
             if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
@@ -552,17 +549,14 @@ class _Walker:
         shape = self.shape(name)
         return None if shape is None else len(shape)
 
-    def axes_of(self, node, a, index: int, attr: str, rank: int | None) -> list[int] | None:
+    def axes_of(self, node, index: int, attr: str, rank: int | None) -> list[int] | None:
         """A node's axes (input `index` or attribute `attr`), normalised; None: absent."""
-        if len(node.input) > index and node.input[index]:
-            raw = self.static_value(node, node.input[index], attr).astype(np.int64).ravel()
-        elif attr in a:
-            raw = np.asarray(a[attr], dtype=np.int64).ravel()
-        else:
+        raw = node_ints(node, index, attr, lambda name: self.static_value(node, name, attr))
+        if raw is None:
             return None
-        if (raw < 0).any() and rank is None:
+        if any(v < 0 for v in raw) and rank is None:
             raise _Refuse(f"{node.op_type}: negative axes of a tensor of unknown rank")
-        return [int(v) % rank if v < 0 else int(v) for v in raw]
+        return [v % rank if v < 0 else v for v in raw]
 
     def partial_ints(self, name: str, depth: int = 0) -> list[int | None] | None:
         """The entries of a 1-d int tensor where the file fixes them (None: computed),
@@ -605,7 +599,7 @@ class _Walker:
         elif op == "Flatten" and a.get("axis", 1) != 1:
             raise _Refuse("Flatten that merges the batch axis")
         elif op in ("Squeeze", "Unsqueeze"):
-            axes = self.axes_of(node, a, 1, "axes", r if op == "Squeeze" else None)
+            axes = self.axes_of(node, 1, "axes", r if op == "Squeeze" else None)
             if not axes or 0 in axes:
                 raise _Refuse(f"{op} of the batch axis (or of unnamed axes)")
         elif op in ("Concat", "Split", "Gather"):
@@ -618,18 +612,16 @@ class _Walker:
                 raise _Refuse(f"{op} along the batch axis")
         elif op == "Slice":
             starts = self.partial_ints(node.input[1]) if len(node.input) > 1 else None
-            axes = self.axes_of(node, a, 3, "axes", r)
+            axes = self.axes_of(node, 3, "axes", r)
             if axes is None:
                 axes = list(range(len(starts))) if starts is not None else [0]
             if 0 in axes:
                 raise _Refuse("Slice along the batch axis")
         elif op == "Pad":
             pads = self.partial_ints(node.input[1]) if len(node.input) > 1 else None
-            axes = self.axes_of(node, a, 3, "axes", r)
+            axes = self.axes_of(node, 3, "axes", r)
             n = len(axes) if axes is not None else (r or 0)
-            first = (
-                axes.index(0) if axes is not None and 0 in axes else (0 if axes is None else None)
-            )
+            first = 0 if axes is None else (axes.index(0) if 0 in axes else None)
             if pads is None or len(pads) != 2 * n or n == 0:
                 raise _Refuse("Pad whose amounts cannot be read")
             if first is not None and (pads[first] != 0 or pads[first + n] != 0):
@@ -751,7 +743,7 @@ class _Walker:
         if len(ins) != 2:  # (each operand may broadcast the others: not counted)
             raise _Refuse(f"{node.op_type} of {len(ins)} inputs (only 2 are audited)")
         lips = [(n, v) for n, v in zip(node.input, ins, strict=True) if isinstance(v, _Lip)]
-        if len(ins) == 2 and len(lips) == 2:
+        if len(lips) == 2:
             (na, va), (nb, vb) = lips
             oa, ob = va.origin, vb.origin
             if (

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["ONNX_DOMAINS", "check_head_semantics"]
+__all__ = ["ONNX_DOMAINS", "check_head_semantics", "node_ints"]
 
 _INT_TYPES = (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
 
@@ -79,6 +79,19 @@ def _is_static(statics: Statics, name: str) -> bool:
     return name in statics
 
 
+def node_ints(
+    node: onnx.NodeProto, index: int, attr: str, const: Callable[[str], np.ndarray]
+) -> list[int] | None:
+    """An int list a node takes as input `index` (newer opsets: its value from `const`,
+    which refuses what is not a constant) or as attribute `attr` (older); None: absent."""
+    if len(node.input) > index and node.input[index]:
+        return [int(v) for v in np.ravel(const(node.input[index]))]
+    for a in node.attribute:
+        if a.name == attr:
+            return [int(v) for v in np.ravel(onnx.helper.get_attribute_value(a))]
+    return None
+
+
 class _HeadInterpreter:
     def __init__(self, model: onnx.ModelProto, values: Statics, logits: str, classes: int):
         self.model = model
@@ -103,13 +116,7 @@ class _HeadInterpreter:
         return arr
 
     def ints(self, node: onnx.NodeProto, index: int, attr: str) -> list[int] | None:
-        """An int list given as input `index` (newer opsets) or attribute `attr`."""
-        if len(node.input) > index and node.input[index]:
-            return [int(v) for v in self.const(node.input[index], attr).ravel()]
-        for a in node.attribute:
-            if a.name == attr:
-                return [int(v) for v in np.ravel(onnx.helper.get_attribute_value(a))]
-        return None
+        return node_ints(node, index, attr, lambda name: self.const(name, attr))
 
     # -- the pass
     def run(self) -> None:
