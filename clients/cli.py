@@ -453,7 +453,8 @@ def stream(
     from clients.models import CertSegClientError, StreamSummary
     from clients.sdk import CertSegClient, InFlight
 
-    if frame_format.lower() not in ("jpeg", "png"):
+    fmt = frame_format.upper()
+    if fmt not in ("JPEG", "PNG"):
         raise typer.BadParameter(f"jpeg or png, got {frame_format!r}", param_hint="--frame-format")
     container = _open_input(video, camera)
     vstream = container.streams.video[0]
@@ -479,7 +480,7 @@ def stream(
                 resize=resize,
                 max_in_flight=in_flight,
                 summary=summary,
-                frame_format="PNG" if frame_format.lower() == "png" else "JPEG",
+                frame_format=fmt,
             )
             for r in results:
                 writer.write(_annotate(r))
