@@ -448,18 +448,21 @@ def test_margin_error_shrinks_radius():
     assert apply_margin_error(out, 0.0, 2.0) is out
 
 
+def _engine_outputs(logits: np.ndarray, L: float) -> dict[str, np.ndarray]:
+    """What an exact fp32 engine returns for these logits (K, H, W): mask, margin, radius."""
+    top2 = np.sort(logits, axis=0)[-2:]
+    margin = (top2[1] - top2[0]).astype(np.float32)
+    radius = ((top2[1] - top2[0]) / (2**0.5 * L)).astype(np.float32)
+    return {"mask": logits.argmax(0).astype(np.int32), "margin": margin, "radius": radius}
+
+
 def test_pixel_accuracy_from_margins_equals_from_logits():
     """A model exported without logits still gets the worst-case accuracy (from margins)."""
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 16, 20)).astype(np.float32)
     target = rng.integers(0, 4, size=(16, 20))
     target[0] = 255
-    top2 = np.sort(logits, axis=0)[-2:]
-    outputs = {
-        "mask": logits.argmax(0).astype(np.int32),
-        "margin": (top2[1] - top2[0]).astype(np.float32),
-        "radius": ((top2[1] - top2[0]) / (2**0.5 * 1.5)).astype(np.float32),
-    }
+    outputs = _engine_outputs(logits, 1.5)
     info = ort_engine(tiny_model_dir()).metadata()
     info.lipschitz = 1.5
     cert = certify(info, outputs, 0.3, target, 1)
@@ -493,12 +496,7 @@ def test_margin_error_at_eps_zero_leaves_zero_margins_uncertain():
     logits = rng.normal(size=(4, 16, 20)).astype(np.float32)
     target = logits.argmax(0)
     target[0] = 255
-    top2 = np.sort(logits, axis=0)[-2:]
-    raw = {
-        "mask": logits.argmax(0).astype(np.int32),
-        "margin": (top2[1] - top2[0]).astype(np.float32),
-        "radius": ((top2[1] - top2[0]) / (2**0.5 * 1.5)).astype(np.float32),
-    }
+    raw = _engine_outputs(logits, 1.5)
     info = ort_engine(tiny_model_dir()).metadata()
     info.lipschitz = 1.5
     plain = certify(info, raw, 0.0, target, 1, figures=frozenset({"classes"}))
