@@ -97,12 +97,6 @@ class ModelInfo:
     outputs: list[TensorSpec] = field(default_factory=list)
 
     @property
-    def exact_margins(self) -> bool:
-        """The margins are the fp32 network's own (no error taken off): at eps == 0
-        nothing flips (`certseg.certify.pixelwise._unperturbed`)."""
-        return self.margin_error == 0
-
-    @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.outputs]
 
