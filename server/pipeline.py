@@ -60,6 +60,7 @@ __all__ = [
     "Certified",
     "Timings",
     "check_eps",
+    "check_number",
     "check_outputs",
     "class_figures",
     "parse_outputs",
@@ -125,17 +126,22 @@ def check_outputs(info: ModelInfo, outputs: Iterable[str]) -> None:
         )
 
 
+def check_number(name: str, value: object, high: float = math.inf) -> float:
+    """`value` as a finite float in [0, high]; else a 422 that names `name` and the range
+    (not a bare "less than or equal to 1" for a NaN that is no number at all)."""
+    span = ">= 0" if high == math.inf else f"in [0, {high:g}]"
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a huge int
+        raise InvalidParameter(f"{name} must be a number, got {client_value(value)}") from exc
+    if isinstance(value, bool) or not (math.isfinite(number) and 0 <= number <= high):
+        raise InvalidParameter(f"{name} must be a finite number {span}, got {client_value(value)}")
+    return number + 0.0  # -0.0 -> 0.0
+
+
 def check_eps(value: object, default: float) -> float:
     """eps as a finite float >= 0 (default: the card's); else a 422."""
-    if value is None:
-        return float(default)
-    try:
-        eps = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a huge int
-        raise InvalidParameter(f"eps must be a number, got {client_value(value)}") from exc
-    if isinstance(value, bool) or not math.isfinite(eps) or eps < 0:
-        raise InvalidParameter(f"eps must be a finite number >= 0, got {client_value(value)}")
-    return eps + 0.0  # -0.0 -> 0.0
+    return float(default) if value is None else check_number("eps", value)
 
 
 @dataclass

@@ -234,6 +234,13 @@ CORPUS: list[Case] = [
     _bad("eps-negative", _PNG, 422, "invalid-parameter", params={"eps": "-0.1"}),
     _bad("eps-not-a-number", _PNG, 422, "invalid-parameter", params={"eps": "abc"}),
     _bad("model-unknown", _PNG, 404, "model-not-found", params={"model": "nope"}),
+    _bad("blend-nan", _PNG, 422, "invalid-parameter", params={"blend": "nan"}),
+    _bad("blend-over-one", _PNG, 422, "invalid-parameter", params={"blend": "1.5"}),
+    _bad("blend-negative", _PNG, 422, "invalid-parameter", params={"blend": "-0.5"}),
+    # a typo or a second copy would otherwise certify at an eps nobody asked for
+    _bad("query-unknown-name", _PNG, 422, "invalid-parameter", params={"esp": "0.1"}),
+    _bad("query-repeated", _PNG, 422, "invalid-parameter", params={"eps": ["0.1", "0.5"]}),
+    _bad("query-api-key-on-rest", _PNG, 422, "invalid-parameter", params={"api_key": "k"}),
     # ---- V2: malformed requests and tensors
     _v2("v2-model-unknown", _GOOD, 404, "nope", path="/v2/models/nope/infer"),
     _v2("v2-version-unknown", _GOOD, 404, "version", path="/v2/models/tiny/versions/7/infer"),
@@ -487,6 +494,12 @@ def check(case: Case, r: httpx.Response) -> None:
         assert "tiny" in body["detail"]  # says what is served
     if case.id.startswith("eps-"):  # names the option and what it must be
         assert "eps" in body["detail"] and ("number" in body["detail"]), body
+    if case.id.startswith("blend-"):
+        assert "blend must be a finite number in [0, 1]" in body["detail"], body
+    if case.id.startswith("query-"):  # names the parameter and what to do instead
+        (name,) = case.params
+        assert name in body["detail"], body
+        assert any(w in body["detail"] for w in ("known:", "once", "Authorization")), body
 
 
 def assert_serving(client: httpx.Client) -> None:

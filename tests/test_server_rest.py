@@ -401,6 +401,19 @@ def test_bad_options(client, params):
     assert_problem(r, 422)
 
 
+def test_query_names_are_checked_on_every_v1_route(client):
+    """An unknown name is a 422 that lists what the route reads (none, for /v1/models);
+    the range of blend, now checked by the handler, is still in the OpenAPI schema."""
+    body = assert_problem(client.get("/v1/models", params={"verbose": "1"}), 422)
+    assert "'verbose'" in body["detail"] and "takes none" in body["detail"]
+    r = client.post("/v1/segment", params={"outptus": "mask"}, content=encode(random_image(8, 8)))
+    detail = assert_problem(r, 422)["detail"]
+    assert "'outptus'" in detail and "outputs" in detail.split("known:")[1]
+    params = client.get("/openapi.json").json()["paths"]["/v1/segment"]["post"]["parameters"]
+    (blend,) = [p["schema"] for p in params if p["name"] == "blend"]
+    assert (blend["minimum"], blend["maximum"]) == (0.0, 1.0)
+
+
 def test_unknown_route(client):
     """(Bad images, eps values and model names: tests/test_bad_inputs.py.)"""
     assert_problem(client.get("/v1/nothing"), 404)

@@ -311,7 +311,8 @@ def test_stream_auth_and_unknown_model(server):
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
             assert ws.close_code == 1008
-        for query in ("depth=9", "depth=%C2%B2", "eps=" + "9" * 5000):  # 9: over stream_depth
+        bad = ("depth=9", "depth=%C2%B2", "eps=" + "9" * 5000, "esp=0.1", "eps=0.1&eps=0.2")
+        for query in bad:  # 9: over stream_depth; esp: a typo; eps twice: which one?
             async with websockets.connect(
                 f"{server.ws_base}/v1/stream?{query}", additional_headers=headers
             ) as ws:

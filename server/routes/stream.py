@@ -57,6 +57,7 @@ from server.errors import (
     problem_response,
 )
 from server.pipeline import Certified, Timings, check_eps, check_outputs, segment_image
+from server.query import check_query
 from server.state import ServerState, get_state
 
 __all__ = ["router"]
@@ -347,6 +348,7 @@ def _error_body(frame: int | None, exc: CertSegError) -> dict[str, Any]:
 
 def _initial_config(ws: WebSocket, state: ServerState) -> StreamConfig:
     q = ws.query_params
+    check_query(q, CONFIG_FIELDS, websocket=True)
     info = state.info(q.get("model"))
     cfg = StreamConfig(
         model=info.name, eps=info.card.default_eps, depth=state.settings.stream_depth

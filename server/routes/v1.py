@@ -10,7 +10,7 @@ import time
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -29,14 +29,16 @@ from server.pipeline import (
     Certified,
     Timings,
     check_eps,
+    check_number,
     parse_outputs,
     segment_image,
 )
+from server.query import route_query
 from server.state import ServerState, get_state
 
 __all__ = ["RESPONSE_HEADERS", "ModelSummary", "ModelsResponse", "SegmentResponse", "router"]
 
-router = APIRouter(prefix="/v1", tags=["v1"])
+router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(route_query)])
 
 MULTIPART_SLACK = 64 * 1024
 
@@ -445,7 +447,13 @@ async def segment(
     ] = None,
     format: Annotated[Literal["json", "png", "npz"], Query()] = "json",
     overlay_style: Annotated[Literal["hatch", "dim", "heat"], Query()] = "hatch",
-    blend: Annotated[float, Query(ge=0.0, le=1.0, description="Photo weight in overlay.")] = 0.0,
+    blend: Annotated[
+        float,
+        Query(
+            description="Photo weight in the overlay, in [0, 1].",
+            json_schema_extra={"minimum": 0.0, "maximum": 1.0},  # checked by check_number
+        ),
+    ] = 0.0,
     resize: Annotated[
         str | None,
         Query(
@@ -461,6 +469,7 @@ async def segment(
     state = get_state(request)
     info = state.info(model)
     eps_value = check_eps(eps, info.card.default_eps)
+    blend = check_number("blend", blend, high=1.0)
     wanted = parse_outputs(outputs)
     shrink = parse_resize(resize)
     image_bytes, target_bytes = await _image_and_target(request, state)
