@@ -255,8 +255,12 @@ def test_multipart_image_only(client):
     two = [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))]
     body = assert_problem(client.post("/v1/segment", files=two), 422)
     assert "2 'image' parts" in body["detail"]
-    none = {"picture": ("x.png", png, "image/png")}
+    none = {"target": ("t.png", encode(np.zeros((32, 48), np.uint8)), "image/png")}
     assert "named 'image'" in assert_problem(client.post("/v1/segment", files=none), 422)["detail"]
+    # a part of another name, a typo such as 'traget', would drop the metrics unsaid
+    typo = {**files, "traget": ("t.png", png, "image/png")}
+    detail = assert_problem(client.post("/v1/segment", files=typo), 422)["detail"]
+    assert "'traget'" in detail and "image, target" in detail
 
 
 def test_format_png_and_npz(client, session):

@@ -22,6 +22,7 @@ from server.errors import (
     BodyTooLarge,
     InvalidParameter,
     RequestTimeout,
+    client_value,
 )
 from server.overlay import OverlayStyle, render_overlay
 from server.pipeline import (
@@ -37,6 +38,9 @@ from server.query import route_query
 from server.state import ServerState, get_state
 
 __all__ = ["RESPONSE_HEADERS", "ModelSummary", "ModelsResponse", "SegmentResponse", "router"]
+
+#: The parts a multipart body of POST /v1/segment may hold.
+MULTIPART_PARTS = ("image", "target")
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(route_query)])
 
@@ -285,8 +289,14 @@ async def _image_and_target(request: Request, state: ServerState) -> tuple[bytes
     # one file more than the route takes, so that a second image or target gets our 422
     form = await request.form(max_files=3, max_fields=4, max_part_size=limit)
     try:
+        unknown = sorted(set(form.keys()) - set(MULTIPART_PARTS))
+        if unknown:  # a typo such as 'traget' would drop the worst-case metrics unsaid
+            raise InvalidParameter(
+                f"unknown multipart part {client_value(unknown[0])}; known: "
+                f"{', '.join(MULTIPART_PARTS)}"
+            )
         parts = {}
-        for key in ("image", "target"):
+        for key in MULTIPART_PARTS:
             values = form.getlist(key)
             if not values:
                 continue
