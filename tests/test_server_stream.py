@@ -234,6 +234,7 @@ def test_control_overlay_ping_and_errors(server):
                 {"resize": 10**400},
                 {"eps": 10**4000},  # past the int-to-str limit: not echoed whole
                 {"x" * 5000: 1},  # an unknown field's name is not echoed whole
+                {"type": "y" * 5000},  # nor an unknown type
             )
             for bad in bad_messages:
                 await ws.send(json.dumps(bad))

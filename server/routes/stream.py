@@ -260,7 +260,11 @@ class StreamSession:
                 await self.send_json(self.config.as_dict())
                 self._start_waiting()  # a larger depth has room now
         else:
-            await self._reject(InvalidParameter(f"unknown control type {kind!r}"))
+            await self._reject(
+                InvalidParameter(
+                    f"unknown control type {client_value(kind)}; known: config, ping, close"
+                )
+            )
         return None
 
     async def _reject(self, exc: CertSegError) -> None:
