@@ -18,7 +18,7 @@ from server.batcher import Batcher
 from server.body_budget import BodyBudget
 from server.decode import Limits
 from server.engine import Engine, ModelInfo
-from server.errors import ModelError, ModelNotFound, ModelNotReady
+from server.errors import ModelError, ModelNotFound, ModelNotReady, client_value
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -145,7 +145,7 @@ class ServerState:
         engine = self.engines.get(name)
         if engine is None:
             known = ", ".join(sorted(self.engines))
-            raise ModelNotFound(f"no model named '{name}' (served: {known})")
+            raise ModelNotFound(f"no model named {client_value(name)} (served: {known})")
         return engine.metadata()
 
     def model_ready(self, name: str) -> bool:

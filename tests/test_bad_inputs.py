@@ -519,6 +519,44 @@ def test_bad_input_then_valid_request(client, case_id):
     assert_serving(client)
 
 
+LONG = "x" * 5000
+
+
+@pytest.mark.parametrize(
+    "request_args",
+    [
+        ("POST", SEGMENT, {"params": {"model": LONG}, "content": _PNG}),
+        ("GET", "/v2/models/" + LONG, {}),
+        ("GET", "/v2/models/tiny/versions/" + LONG, {}),
+        ("POST", INFER, {"json": {**_GOOD, "outputs": [{"name": LONG}]}}),
+        ("POST", INFER, {"json": {"inputs": [{**_GOOD["inputs"][0], "name": LONG}]}}),
+        ("POST", INFER, {"json": {"inputs": [{**_GOOD["inputs"][0], "datatype": LONG}]}}),
+        ("POST", INFER, {"json": {**_GOOD, "parameters": {"binary_data_output": LONG}}}),
+        ("POST", INFER, {"json": _GOOD, "headers": {"Content-Encoding": LONG}}),
+    ],
+    ids=[
+        "v1-model",
+        "v2-model",
+        "v2-version",
+        "v2-output",
+        "v2-input",
+        "v2-datatype",
+        "v2-flag",
+        "v2-encoding",
+    ],
+)
+def test_a_long_client_value_is_cut_in_the_error(client, request_args):
+    """Every error that shows a client's value shows at most 40 characters of it (a
+    5000-character model name, output name or header is not echoed whole)."""
+    method, path, kwargs = request_args
+    r = client.request(method, path, **kwargs)
+    assert r.status_code in (404, 422), (r.status_code, r.text[:300])
+    body = r.json()
+    message = body.get("detail") or body.get("error")
+    assert isinstance(message, str) and "xxxx" in message and len(message) < 300, message
+    assert_serving(client)
+
+
 def _rss_bytes() -> int:
     """Resident set of this process (the server runs in it: LiveServer is a thread)."""
     with open("/proc/self/status") as f:

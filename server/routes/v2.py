@@ -31,7 +31,13 @@ from pydantic import BaseModel
 import certseg
 from certseg.sizes import format_size
 from server.decode import decode_image
-from server.errors import InvalidParameter, ModelNotFound, Overloaded, PayloadTooLarge
+from server.errors import (
+    InvalidParameter,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    client_value,
+)
 from server.routes.v1 import read_body
 from server.state import ServerState, get_state
 
@@ -235,7 +241,9 @@ async def ready(request: Request) -> JSONResponse:
 def _version(state: ServerState, name: str, version: str | None) -> None:
     info = state.info(name)
     if version is not None and version != info.version:
-        raise ModelNotFound(f"model '{name}' has no version '{version}' (has {info.version})")
+        raise ModelNotFound(
+            f"model '{name}' has no version {client_value(version)} (has {info.version})"
+        )
 
 
 def _model_metadata(state: ServerState, name: str) -> ModelMetadata:
@@ -331,7 +339,7 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         return body
     wbits = {"gzip": 31, "deflate": 15}.get(encoding)
     if wbits is None:
-        raise InvalidParameter(f"unsupported Content-Encoding {encoding!r}")
+        raise InvalidParameter(f"unsupported Content-Encoding {client_value(encoding)}")
     d = zlib.decompressobj(wbits)
     try:
         out = d.decompress(body, limit + 1)
@@ -408,7 +416,7 @@ def _input_tensor(
     name, dtype = spec.get("name"), spec.get("datatype")
     shape = spec.get("shape")
     if name != "image":
-        raise InvalidParameter(f"unknown input {name!r}; this model takes 'image'")
+        raise InvalidParameter(f"unknown input {client_value(name)}; this model takes 'image'")
     if not isinstance(shape, list) or not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
     ):
@@ -444,7 +452,7 @@ def _input_tensor(
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidParameter(
             f"input 'image' must be FP32 (FP16, FP64) with values in [0, 1], or BYTES "
-            f"(encoded images), got {dtype!r}"
+            f"(encoded images), got {client_value(dtype)}"
         )
     if len(shape) != 4 or shape[1] != 3:
         raise InvalidParameter(f"input 'image' must have shape [N, 3, H, W], got {shape}")
@@ -501,7 +509,9 @@ def _check_request_pixels(pixels: int, budget: int) -> None:
 def _flag(params: dict[str, Any], key: str, default: bool) -> bool:
     value = params.get(key, default)
     if not isinstance(value, bool):
-        raise InvalidParameter(f"parameter {key!r} must be true or false, got {value!r}")
+        raise InvalidParameter(
+            f"parameter {key!r} must be true or false, got {client_value(value)}"
+        )
     return value
 
 
@@ -521,7 +531,7 @@ def _requested_outputs(req: dict[str, Any], available: list[str]) -> list[tuple[
             raise InvalidParameter('each output must be a JSON object, {"name": ...}')
         name = o.get("name")
         if name not in available:
-            raise InvalidParameter(f"unknown output {name!r}; available: {available}")
+            raise InvalidParameter(f"unknown output {client_value(name)}; available: {available}")
         if any(name == n for n, _ in result):
             raise InvalidParameter(f"output {name!r} is asked twice")
         result.append((name, _flag(_params(o, "output"), "binary_data", all_binary)))
