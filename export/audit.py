@@ -48,6 +48,7 @@ from certseg.certify.operator_norm import (
     matrix_norm_bound,
 )
 from export.head_check import ONNX_DOMAINS, check_head_semantics, node_ints
+from export.shapes import Dim, derive_shapes
 
 __all__ = [
     "HEAD_OPS",
@@ -205,7 +206,8 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 def _fmt_shape(shape: tuple | None) -> str:
     if shape is None:
         return "?"
-    return "x".join(str(d) if isinstance(d, int) else (d if len(d) <= 8 else "?") for d in shape)
+    texts = (str(d) for d in shape)
+    return "x".join(t if len(t) <= 8 else "?" for t in texts)
 
 
 def _dims(vis: Iterable[onnx.ValueInfoProto]) -> dict[str, tuple]:
@@ -220,12 +222,10 @@ def _dims(vis: Iterable[onnx.ValueInfoProto]) -> dict[str, tuple]:
     return out
 
 
-def _checked_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """Tensor shapes for the broadcast checks: the file's declared shapes, checked
-    against ONNX shape inference run from the graph alone (declarations removed).
-    A declared size that contradicts an inferred one is refused; where inference
-    knows a size and the file does not, inference wins; sizes inference cannot
-    derive (e.g. channels after a Pad with computed pads) are taken from the file."""
+def _check_declarations(model: onnx.ModelProto) -> dict[str, tuple]:
+    """ONNX shape inference from the graph alone (declarations removed); a declared
+    size that contradicts an inferred one is refused (a file that lies about a shape
+    is not audited further). Returns the inferred shapes."""
     g = model.graph
     declared = _dims([*g.input, *g.value_info, *g.output])
     inferred: dict[str, tuple] = {}
@@ -234,29 +234,24 @@ def _checked_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str,
     del clean.graph.value_info[:]
     for out in clean.graph.output:
         out.type.tensor_type.ClearField("shape")
-    with contextlib.suppress(Exception):  # unknown ops: keep what the file declares
+    with contextlib.suppress(Exception):  # unknown ops: nothing inferred
         done = onnx.shape_inference.infer_shapes(clean)
         inferred = _dims([*done.graph.value_info, *done.graph.output])
-    shapes = dict(declared)
     for name, inf in inferred.items():
         dec = declared.get(name)
         if dec is None:
-            shapes[name] = inf
             continue
         if len(dec) != len(inf):
             raise AuditError(
                 f"declared shape of {name!r} has rank {len(dec)}, graph gives {len(inf)}"
             )
-        merged = []
         for a, b in zip(dec, inf, strict=True):
             if isinstance(a, int) and isinstance(b, int) and a != b:
                 raise AuditError(
                     f"declared shape of {name!r} {_fmt_shape(dec)} contradicts the graph's "
                     f"{_fmt_shape(inf)}"
                 )
-            merged.append(b if isinstance(b, int) else a)
-        shapes[name] = tuple(merged)
-    return shapes, inferred
+    return inferred
 
 
 class _Walker:
@@ -267,14 +262,17 @@ class _Walker:
         for node in self.graph.node:  # a subgraph may read the image from the outer scope
             if any(_has_subgraph(a) for a in node.attribute):
                 raise AuditError(f"node {node.name!r} ({node.op_type}) has a subgraph")
-        self.shapes: dict[str, tuple | None]
-        self.shapes, self.inferred = _checked_shapes(model)
+        # Declared sizes are claims: checked against ONNX inference (a contradiction is
+        # refused), never used. The rules read the sizes derive_shapes follows from
+        # the input's; ONNX inference's own (`inferred`) name the head's classes.
+        self.inferred = _check_declarations(model)
+        table = derive_shapes(model, input_name)
+        self.shapes: dict[str, tuple | None] = {n: table.shape(n) for n in table.shapes}
         self.values: dict[str, _Value] = {"": _Static()}
         for init in self.graph.initializer:
             arr = numpy_helper.to_array(init)
             # Numbers only: ONNX Runtime parses strings unlike numpy (std::stof).
             self.values[init.name] = _Static(arr if arr.dtype.kind in "biuf" else None)
-            self.shapes[init.name] = tuple(arr.shape)
         names = [i.name for i in self.graph.input]
         if input_name not in names:
             raise AuditError(f"the graph has no input {input_name!r} (inputs: {names})")
@@ -346,10 +344,12 @@ class _Walker:
                 continue
             if isinstance(xd, int) and isinstance(od, int):
                 factor *= od if xd == 1 else 1
-            elif xd == od and xd != "?":  # (two unknown sizes are not equal)
+            elif xd == od:  # one size by the same arithmetic (an unknown equals only itself)
                 continue
             elif isinstance(xd, int) and xd > 1:
                 continue  # od symbolic must equal xd to broadcast
+            elif isinstance(xd, Dim) and xd.bounds()[0] >= 2:
+                continue  # never 1: od must equal it
             elif isinstance(od, int):
                 factor *= od  # xd symbolic: may be 1 at run time
             else:
@@ -754,7 +754,6 @@ class _Walker:
                 and oa[2] != ob[2]
                 and self.shape(na) == self.shape(nb)
                 and self.shape(na) is not None
-                and "?" not in self.shape(na)  # (two unknown sizes are not equal)
             ):
                 # max/min of two disjoint parts of one tensor: per coordinate pair,
                 # (max, min) is a permutation of (a, b); alone each is <= ||(a, b)||.
@@ -771,7 +770,7 @@ class _Walker:
             return _Lip(L)
         # |max(a, b) - max(a', b')| <= max(|da|, |db|) <= sqrt(da^2 + db^2) per coordinate.
         shapes = {self.shape(n) for n, _ in lips}
-        if len(shapes) != 1 or None in shapes or any("?" in sh for sh in shapes):
+        if len(shapes) != 1 or None in shapes:
             raise _Refuse(f"{node.op_type} of image-dependent tensors of different shapes")
         L = math.sqrt(sum(v.L**2 for _, v in lips))
         self.row(node, L / max(v.L for _, v in lips), math.nan, "root-sum-square", L)
