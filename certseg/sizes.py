@@ -1,9 +1,15 @@
 """Image sizes written as text: "HxW" (1024x2048), the one parser and the one
-formatter of them (answers, headers, flags and error messages all say height first)."""
+formatter of them (answers, headers, flags and error messages all say height first),
+and the largest size along any axis of a network's input."""
 
 from __future__ import annotations
 
-__all__ = ["format_size", "parse_size"]
+__all__ = ["SIZE_MAX", "format_size", "parse_size"]
+
+#: The largest size along any axis of a network input: the ONNX audit's shape proofs
+#: assume it (export.shapes: shape arithmetic checked not to wrap around in int64),
+#: and the server's limits on pixels, batch and queue are capped at it.
+SIZE_MAX = 2**31 - 1
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -28,10 +28,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from certseg.sizes import SIZE_MAX
+
 __all__ = ["Dim", "ShapeTable", "derive_shapes"]
 
 _fresh = itertools.count()
 _INF = math.inf
+_INT64 = (-(2**63), 2**63 - 1)
 #: Larger than any size: Slice ends at or past it mean "to the end".
 _BIG = 2**62
 
@@ -164,7 +167,7 @@ def _atom_bounds(a: tuple) -> tuple[float, float]:
             math.floor(hi / a[2]) if hi < _INF else _INF
         )
     if kind == "size":  # an input's size
-        return 0.0, _INF
+        return 0.0, float(SIZE_MAX)
     if kind == "mul":
         (alo, ahi), (blo, bhi) = a[1].bounds(), a[2].bounds()
         products = [x * y for x in (alo, ahi) for y in (blo, bhi) if not (x == 0 or y == 0)]
@@ -266,7 +269,9 @@ class _Deriver:
             self.shapes[vi.name] = tuple(dims)
 
     def _value_from_const(self, name: str, arr: np.ndarray) -> None:
-        if arr.dtype.kind in "iu" and arr.ndim <= 1 and arr.size <= 64:
+        # int64 only: the shape arithmetic followed is ONNX Runtime's int64 (narrower
+        # types wrap around where Python's integers do not)
+        if arr.dtype == np.int64 and arr.ndim <= 1 and arr.size <= 64:
             self.values[name] = np.array([Dim(int(v)) for v in arr.ravel()], dtype=object).reshape(
                 arr.shape
             )
@@ -326,6 +331,8 @@ class _Deriver:
             out = [fn(Dim.of(p), Dim.of(q)) for p, q in zip(a.ravel(), b.ravel(), strict=True)]
         except _Unknown:
             return
+        if not all(_INT64[0] <= d.bounds()[0] and d.bounds()[1] <= _INT64[1] for d in out):
+            return  # it may wrap around at run time: the exact value is not what runs
         self.values[node.output[0]] = np.array(out, dtype=object).reshape(a.shape)
 
     def _constant(self, node, ins):
@@ -363,7 +370,7 @@ class _Deriver:
     def _cast(self, node, ins):
         v = self.values.get(node.input[0])
         to = onnx.helper.tensor_dtype_to_np_dtype(_attr(node, "to"))
-        if v is not None and np.dtype(to).kind in "iu":
+        if v is not None and np.dtype(to) == np.int64:
             self.values[node.output[0]] = v
         return [ins[0]]
 
@@ -742,8 +749,8 @@ def _slice_len(dim: Dim, start: Dim, end: Dim, step: Dim) -> Dim:
     """Length of x[start:end:step] along a size-`dim` axis, where it is evident."""
     if not (step.is_const and step.const == 1):
         return Dim.unknown()
-    if start.is_const and start.const < 0:
-        return Dim.unknown()
+    if start.bounds()[0] < 0 or (not end.is_const and end.bounds()[0] < 0):
+        return Dim.unknown()  # a negative index counts from the end
     if end.is_const and end.const >= _BIG:
         stop = dim
     elif end.is_const and end.const < 0:

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from certseg.sizes import parse_size
+from certseg.sizes import SIZE_MAX, parse_size
 
 __all__ = ["BackendName", "Precision", "Settings", "default_model_path"]
 
@@ -150,11 +150,14 @@ class Settings(BaseSettings):
     max_batch: int | None = Field(
         default=None,
         ge=1,
+        le=SIZE_MAX,
         description="Images per forward pass. Default: 1 on CPU (measured: batching cut "
         "throughput 2.40 -> 1.52 req/s on 2 cores), 8 on a GPU.",
     )
     max_delay_ms: float = Field(default=2.0, ge=0.0)
-    max_queue: int = Field(default=64, ge=1, description="Images waiting; beyond it: 503.")
+    max_queue: int = Field(
+        default=64, ge=1, le=SIZE_MAX, description="Images waiting; beyond it: 503."
+    )
     warmup: bool = True
     warmup_sizes: Annotated[list[tuple[PositiveInt, PositiveInt]], NoDecode] = Field(
         default_factory=list,
@@ -167,6 +170,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         default=2048 * 2048,
         ge=1,
+        le=SIZE_MAX,  # every axis within what the ONNX audit's shape proofs assume
         description="Largest image in pixels, height x width; above it: 413 before any decode. The "
         "engine's working memory grows with the pixels of a pass (shipped model, ONNX Runtime "
         "CPU: peak RSS 6.1 GiB at 2048x2048), so a bound on it is what keeps one legal image "

@@ -515,3 +515,37 @@ def test_declared_shapes_must_agree_with_the_graph():
     model.graph.value_info.append(oh.make_tensor_value_info("one", TP.FLOAT, [1, 4, 8, 8]))
     with pytest.raises(AuditError, match="contradicts"):
         audit_onnx(model)
+
+
+def test_shape_arithmetic_that_wraps_around_in_int64_is_not_followed():
+    """end = ((H - 1) * 2^32 * 2^32) // 2^32 // 2^32 + 1 is H = 6 in Python's integers
+    and 1 in ONNX Runtime's int64 (the product wraps to 0): x[:, :, :end] is one row,
+    which Add repeats 6 times. The audit must not read end as 6."""
+    c = np.array([2**32], np.int64)
+    nodes = [
+        oh.make_node("Conv", ["image", "w8"], ["x"]),
+        oh.make_node("Conv", ["image", "w8"], ["y"]),
+        oh.make_node("Shape", ["image"], ["s"]),
+        oh.make_node("Slice", ["s", "two", "three"], ["h"]),
+        oh.make_node("Sub", ["h", "one"], ["h1"]),
+        oh.make_node("Mul", ["h1", "c"], ["m1"]),
+        oh.make_node("Mul", ["m1", "c"], ["m2"]),
+        oh.make_node("Div", ["m2", "c"], ["d1"]),
+        oh.make_node("Div", ["d1", "c"], ["d2"]),
+        oh.make_node("Add", ["d2", "one"], ["end"]),
+        oh.make_node("Slice", ["x", "zero", "end", "two"], ["xs"]),
+        oh.make_node("Add", ["xs", "y"], ["logits"]),
+    ]
+    i64 = lambda v: np.array([v], np.int64)  # noqa: E731
+    inits = {"w8": np.full((8, 3, 1, 1), 0.2, np.float32), "c": c}
+    inits |= {"zero": i64(0), "one": i64(1), "two": i64(2), "three": i64(3)}
+    model = _graph(nodes, inits, in_shape=(1, 3, 6, 5))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = RNG.random((1, 3, 6, 5), dtype=np.float32)
+    out = sess.run(None, {"image": x})[0]
+    assert out.shape == (1, 8, 6, 5)
+    conv = 0.2 * x.sum(axis=1)  # x and y alike, on each of the 8 channels
+    row0 = np.broadcast_to(conv[:, :1], out[0].shape)
+    np.testing.assert_allclose(out[0] - conv, row0, rtol=1e-5)  # xs: one row, repeated
+    with pytest.raises(AuditError, match=r"unknown shapes|cannot prove shapes"):
+        audit_onnx(model, check_head=False)
