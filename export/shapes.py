@@ -452,7 +452,8 @@ class _Deriver:
         x = ins[0]
         if x is None:
             return [None]
-        axis = _attr(node, "axis", 1) % (len(x) or 1)
+        axis = _attr(node, "axis", 1)
+        axis = axis + len(x) if axis < 0 else axis  # (axis r is allowed: (prod, 1))
         lead, tail = Dim(1), Dim(1)
         for d in x[:axis]:
             lead = lead * d
@@ -564,6 +565,8 @@ class _Deriver:
         if not all(d.is_const for d in w):
             return [None]
         k = [d.const for d in w[2:]]
+        if list(_attr(node, "kernel_shape", k)) != k:
+            return [None]
         nd = len(k)
         strides = list(_attr(node, "strides", [1] * nd))
         dil = list(_attr(node, "dilations", [1] * nd))
@@ -630,7 +633,7 @@ class _Deriver:
     def _reducemax(self, node, ins):
         x = ins[0]
         axes = self._axes(node, 1, None if x is None else len(x))
-        if axes is None and _attr(node, "noop_with_empty_axes", 0):
+        if not axes and _attr(node, "noop_with_empty_axes", 0):
             return [x]
         return self._reduce(node, ins, axes)
 
@@ -640,7 +643,7 @@ class _Deriver:
         x = ins[0]
         if x is None:
             return [None]
-        axes = list(range(len(x))) if axes is None else [a % len(x) for a in axes]
+        axes = list(range(len(x))) if not axes else [a % len(x) for a in axes]
         keep = _attr(node, "keepdims", 1)
         out = [Dim(1) if i in axes else d for i, d in enumerate(x) if keep or i not in axes]
         return [tuple(out)]
