@@ -404,9 +404,7 @@ class _Deriver:
                 return [None]
             axes = [i for i, d in enumerate(x) if d == Dim(1)]
         out = tuple(d for i, d in enumerate(x) if i not in axes)
-        v = self.values.get(node.input[0])
-        if v is not None:
-            self.values[node.output[0]] = v.reshape([d.const for d in out])
+        self._carry_values(node, out)
         return [out]
 
     def _unsqueeze(self, node, ins):
@@ -418,9 +416,7 @@ class _Deriver:
         out = list(x)
         for a in axes:
             out.insert(a, Dim(1))
-        v = self.values.get(node.input[0])
-        if v is not None:
-            self.values[node.output[0]] = v.reshape([d.const for d in out])
+        self._carry_values(node, tuple(out))
         return [tuple(out)]
 
     def _reshape(self, node, ins):
@@ -443,10 +439,14 @@ class _Deriver:
             rest = [d for d in out if d is not None]
             out[out.index(None)] = _quotient(x, rest)
         shape = tuple(out)
+        self._carry_values(node, shape)
+        return [shape]
+
+    def _carry_values(self, node, shape: Shape) -> None:
+        """A small int tensor's entries through a change of shape alone."""
         v = self.values.get(node.input[0])
         if v is not None and all(d.is_const for d in shape):
             self.values[node.output[0]] = v.reshape([d.const for d in shape])
-        return [shape]
 
     def _flatten(self, node, ins):
         x = ins[0]
