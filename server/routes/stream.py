@@ -24,7 +24,8 @@ replaces it and counts as dropped (live video wants the present, not a backlog);
 a client that keeps at most depth + 1 frames unanswered loses none. Every frame is
 either answered (result or error) or dropped, so answered + dropped == sent once
 the last answer arrives. Query parameters model, eps, outputs, overlay_style, depth
-and resize set the initial settings.
+and resize set the initial settings (with api_key, the only names taken; another, or
+one given twice, is an error and close 1008, as a bad config message is refused).
 
 Limits (Settings): at most max_streams open streams (the next handshake gets 503
 problem+json with Retry-After); a stream silent for stream_idle_s with nothing in
