@@ -29,6 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from certseg.sizes import SIZE_MAX
+from export.head_check import ONNX_DOMAINS
 
 __all__ = ["Dim", "ShapeTable", "derive_shapes"]
 
@@ -206,11 +207,6 @@ class ShapeTable:
         return None if s is None else tuple(d.value() for d in s)
 
 
-def _ints_of(values: dict[str, np.ndarray], name: str) -> list[Dim] | None:
-    v = values.get(name)
-    return None if v is None else [Dim.of(d) for d in v.ravel()]
-
-
 def _broadcast(shapes: Sequence[Shape]) -> Shape:
     rank = max(len(s) for s in shapes)
     out = []
@@ -277,7 +273,9 @@ class _Deriver:
             )
 
     def ints(self, name: str) -> list[Dim] | None:
-        return _ints_of(self.values, name)
+        """A small int tensor's entries, where they are followed."""
+        v = self.values.get(name)
+        return None if v is None else [Dim.of(d) for d in v.ravel()]
 
     def const(self, name: str) -> np.ndarray | None:
         return self.consts.get(name)
@@ -297,10 +295,12 @@ class _Deriver:
     # -- one node
     def node(self, node: onnx.NodeProto) -> list[Shape | None] | None:
         op = node.op_type
+        if node.domain not in ONNX_DOMAINS:  # an ONNX op's name, other semantics
+            return None
         ins = [self.shapes.get(n) for n in node.input]
         x = ins[0] if ins else None
-        rule: Callable | None = getattr(self, f"_{op.lower()}", None)
-        if rule is not None:
+        if op in _RULE_OPS:  # the method `_<op in lower case>`
+            rule: Callable = getattr(self, f"_{op.lower()}")
             return rule(node, ins)
         if op in _SAME_SHAPE:
             return [x]
@@ -766,6 +766,15 @@ def _slice_len(dim: Dim, start: Dim, end: Dim, step: Dim) -> Dim:
     return length if length.bounds()[0] >= 0 else Dim.unknown()
 
 
+#: The ops with a rule of their own (the ONNX domain only; helpers such as `_reduce`
+#: are not reachable by an op's name).
+_RULE_OPS = frozenset(
+    {"Constant", "Shape", "Size", "Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape"}
+    | {"Flatten", "Transpose", "Concat", "Gather", "Slice", "Split", "Pad", "Conv"}
+    | {"ConvTranspose", "Resize", "ArgMax", "ArgMin", "ReduceMax", "ReduceMin", "ReduceSum"}
+    | {"ReduceMean", "ReduceL2", "TopK", "Expand", "ConstantOfShape", "Where", "MatMul"}
+    | {"Gemm", "BatchNormalization", "DepthToSpace", "SpaceToDepth"}
+)
 _SAME_SHAPE = {"Relu", "Neg", "Abs", "Tanh", "Sigmoid", "Softplus", "LeakyRelu", "Clip"}
 _SAME_SHAPE |= {"Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign"}
 _SAME_SHAPE |= {"Not", "IsNaN", "IsInf"}

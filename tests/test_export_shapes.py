@@ -93,6 +93,27 @@ def test_one_size_by_two_routes_compares_equal():
     assert Dim.unknown() != Dim.unknown()
 
 
+def test_an_op_of_another_domain_is_not_read_as_the_onnx_op():
+    """'Add' of a custom domain may compute anything: the Pad it sizes has unknown sizes
+    (the audit then refuses the broadcasts that would need them)."""
+    h = onnx.helper
+    nodes = [
+        h.make_node("Shape", ["image"], ["s1"]),
+        h.make_node("Concat", ["s1", "s1"], ["s"], axis=0),  # 8 pads: before, after
+        h.make_node("Add", ["s", "zero"], ["same"]),
+        h.make_node("Add", ["s", "zero"], ["other"], domain="custom.ops"),
+        h.make_node("Pad", ["image", "same"], ["a"]),
+        h.make_node("Pad", ["image", "other"], ["b"]),
+    ]
+    img = h.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 3, "H", "W"])
+    zero = onnx.numpy_helper.from_array(np.zeros(8, np.int64), "zero")
+    g = h.make_graph(nodes, "g", [img], [onnx.ValueInfoProto(name="b")], initializer=[zero])
+    table = derive_shapes(h.make_model(g))
+    a = [evaluate(d, {"H": 5, "W": 7}) for d in table.shapes["a"]]
+    assert a == [3, 9, 15, 21]  # every size padded by itself on both sides: Add is read
+    assert table.shapes["b"] is None
+
+
 def _all_tensors_as_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
