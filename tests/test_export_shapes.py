@@ -127,15 +127,19 @@ def _all_tensors_as_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-@pytest.fixture(scope="module")
-def street():
-    model = onnx.load(STREET)
-    probe = _all_tensors_as_outputs(model)
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """The graph as written (no fusions that drop tensors), one thread, errors only."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return model, sess
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def street():
+    model = onnx.load(STREET)
+    return model, _session(_all_tensors_as_outputs(model))
 
 
 @pytest.mark.parametrize("h, w", [(8, 8), (9, 15), (13, 22), (20, 11), (31, 40), (1, 3)])
@@ -156,8 +160,6 @@ def test_every_shape_of_the_shipped_model_is_the_one_onnx_runtime_computes(stree
 
 
 # ------------------------------------------------------------------ random graphs
-
-_I64 = onnx.TensorProto.INT64
 
 
 class _RandomGraph:
@@ -263,10 +265,7 @@ def test_random_graphs_shapes_are_the_ones_onnx_runtime_computes(seed):
     ONNX Runtime, at sizes of several residues; ops that fail at a size are skipped."""
     model = _RandomGraph(seed).model()
     table = derive_shapes(model)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _session(model)
     compared = 0
     for h, w in [(7, 12), (16, 9), (21, 30)]:
         x = np.random.default_rng(seed).random((1, 3, h, w), dtype=np.float32)
