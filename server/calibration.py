@@ -92,10 +92,14 @@ def calibrate_engine(
     engine.load()
     own = reference is None
     reference = reference or reference_engine(fp32 or artifact)
+    # Logits where both give them: the class-wise figures shrink every gap z_t - z_c by
+    # the bound, so every gap's error is measured, not only the margin's.
+    both = engine.metadata().has_logits and reference.metadata().has_logits
+    outputs = ["mask", "logits"] if both else ["mask"]
     try:
         return calibrate(
-            lambda x: engine.infer(x, ["mask"]),
-            lambda x: reference.infer(x, ["mask"]),
+            lambda x: engine.infer(x, outputs),
+            lambda x: reference.infer(x, outputs),
             images,
             safety,
             slack,

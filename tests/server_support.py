@@ -176,6 +176,20 @@ def to_input(pixels_or_bytes) -> np.ndarray:
     return (pixels.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
 
 
+def assert_gaps_covered(got: dict, exact: dict, margin_error: float) -> int:
+    """Every gap z_t - z_c of an engine served with `margin_error` (t its class, every
+    class c), shrunk by that error, is at most the fp32 reference's gap of the same two
+    classes: what the class-wise figures (worst-case metrics, gains) rely on. Checked
+    class by class, independently of the calibration code. Returns the gaps checked."""
+    a, b = got["logits"].astype(np.float64), exact["logits"].astype(np.float64)
+    t = got["mask"][:, None].astype(np.int64)
+    a_top, b_top = np.take_along_axis(a, t, axis=1)[:, 0], np.take_along_axis(b, t, axis=1)[:, 0]
+    for c in range(a.shape[1]):
+        excess = (a_top - a[:, c]) - margin_error - (b_top - b[:, c])
+        assert excess.max() <= 0, f"class {c}: a gap moved {excess.max():.3g} past the bound"
+    return int(a.size)
+
+
 def ort_session(model_dir: Path):
     """A direct onnxruntime session on the same file, single-threaded."""
     import onnxruntime as ort

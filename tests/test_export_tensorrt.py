@@ -64,18 +64,25 @@ def test_error_bound_arithmetic():
     bound = error_bound_from_outputs([trt], [ref], safety=2.0, slack=1e-4, precision="fp16")
     dm = float(np.max(np.abs(trt["margin"] - ref["margin"])))
     dl = float(np.max(np.abs(trt["logits"] - ref["logits"])))
+    # every gap z_t - z_c, t the candidate's class, pixel by pixel
+    a, b, t = (x.astype(np.float64) for x in (trt["logits"], ref["logits"], trt["mask"]))
+    dg = max(
+        abs((a[n, int(t[n, i, j])] - a[n, c]) - (b[n, int(t[n, i, j])] - b[n, c]))[i, j]
+        for n in range(3) for c in range(4) for i in range(5) for j in range(6)
+    )  # fmt: skip
     differ = trt["mask"] != ref["mask"]
     flip = float(trt["margin"][differ].max()) if differ.any() else 0.0
     assert bound.max_margin_diff == pytest.approx(dm)
     assert bound.max_logit_diff == pytest.approx(dl)
-    assert bound.bound == pytest.approx(2.0 * max(dm, 2 * dl, flip) + 1e-4)
-    assert dm <= 2 * dl + 1e-7  # a margin moves by at most twice the largest logit change
+    assert bound.max_gap_diff == pytest.approx(dg)
+    assert bound.bound == pytest.approx(2.0 * max(dm, dg, flip) + 1e-4)
+    assert dm <= dg + 1e-7 and dg <= 2 * dl + 1e-7  # a gap moves at most twice any logit
     assert bound.pixels == 90 and bound.images == 3
 
     # Without logits: the margin differences and the flipped pixels.
     no_logits = [{k: v for k, v in d.items() if k != "logits"} for d in (trt, ref)]
     b2 = error_bound_from_outputs([no_logits[0]], [no_logits[1]], safety=3.0, slack=0.0)
-    assert b2.max_logit_diff is None
+    assert b2.max_logit_diff is None and b2.max_gap_diff is None
     assert b2.bound == pytest.approx(3.0 * max(dm, flip))
 
     # Identical outputs: only the slack remains.

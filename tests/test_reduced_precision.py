@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from server_support import assert_gaps_covered
 
 from certseg.certify import max_flips
 from certseg.data.synthetic import render_scene
@@ -24,6 +25,7 @@ from server.settings import Settings, default_model_path
 
 EPS = (0.0, 0.01, 0.02, 0.05, 0.1)
 SIZE = (48, 96)
+LOGITS = ["mask", "logits"]
 
 
 def _scenes(seed: int, n: int) -> list[np.ndarray]:
@@ -40,6 +42,16 @@ def shipped():
     return onnx_path.with_name("model.pt"), reference
 
 
+def _calibrate(raw, reference, precision):
+    """The bound of `raw` (a calibrating engine) on 4 scenes, logits compared too."""
+    return calibrate(
+        lambda x: raw.infer(x, LOGITS),
+        lambda x: reference.infer(x, LOGITS),
+        _scenes(1, 4),
+        precision=precision,
+    )
+
+
 def _torch_engine(checkpoint, calibrating=False, **kw):
     settings = Settings(backend="torch", intra_op_threads=1, **kw)
     engine = create_engine(ModelSpec(None, checkpoint), settings, calibrating)
@@ -51,11 +63,8 @@ def _torch_engine(checkpoint, calibrating=False, **kw):
 def test_reduced_precision_certifies_a_subset_of_fp32(shipped, precision):
     checkpoint, reference = shipped
 
-    def ref(x):
-        return reference.infer(x, ["mask"])
-
     raw = _torch_engine(checkpoint, calibrating=True, precision=precision)
-    bound = calibrate(lambda x: raw.infer(x, ["mask"]), ref, _scenes(1, 4), precision=precision)
+    bound = _calibrate(raw, reference, precision)
     assert bound.max_margin_diff > 0  # the reduced arithmetic really differs
     assert bound.bound < 0.5  # ... and the bound leaves something to certify
     engine = _torch_engine(checkpoint, precision=precision, margin_error=bound.bound)
@@ -63,8 +72,9 @@ def test_reduced_precision_certifies_a_subset_of_fp32(shipped, precision):
     assert pytest.approx(reference.metadata().lipschitz) == L
     certified_any = 0
     for x in _scenes(2, 4):
-        got, exact = engine.infer(x, ["mask"]), reference.infer(x, ["mask"])
+        got, exact = engine.infer(x, LOGITS), reference.infer(x, LOGITS)
         assert np.all(got["margin"] <= exact["margin"])
+        assert_gaps_covered(got, exact, bound.bound)
         for eps in EPS[1:]:
             mine = got["radius"] > eps
             certified_any += int(mine.sum())
@@ -125,16 +135,14 @@ def test_cuda_engine_is_sound_against_cpu_fp32(shipped, precision):
     pixel is certified by the reference, with its class, at every eps."""
     checkpoint, reference = shipped
 
-    def ref(x):
-        return reference.infer(x, ["mask"])
-
     raw = _torch_engine(checkpoint, calibrating=True, precision=precision)
     assert raw.metadata().device.startswith("cuda")
-    bound = calibrate(lambda x: raw.infer(x, ["mask"]), ref, _scenes(1, 4), precision=precision)
+    bound = _calibrate(raw, reference, precision)
     engine = _torch_engine(checkpoint, precision=precision, margin_error=bound.bound)
     print(f"{precision} on {torch.cuda.get_device_name()}: margin error bound {bound.bound:.3e}")
     for x in _scenes(3, 4):
-        got, exact = engine.infer(x, ["mask"]), reference.infer(x, ["mask"])
+        got, exact = engine.infer(x, LOGITS), reference.infer(x, LOGITS)
+        assert_gaps_covered(got, exact, bound.bound)
         sure = exact["margin"] > 2 * bound.bound
         assert np.array_equal(got["mask"][sure], exact["mask"][sure])
         for eps in EPS[1:]:

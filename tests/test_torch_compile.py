@@ -19,6 +19,7 @@ from server_support import (
     LiveServer,
     answer_png,
     answer_radius,
+    assert_gaps_covered,
     encode,
     random_image,
     tiny_checkpoint,
@@ -120,9 +121,11 @@ def _calibrate_and_check(folder, **kw):
     reference = reference_engine(checkpoint)
     certified = 0
     try:
+        assert bound.max_gap_diff is not None  # the logits were compared, not only margins
         for x in calibration_images((32, 48), 4, seed=7):
-            got, exact = served.infer(x, ["mask"]), reference.infer(x, ["mask"])
+            got, exact = served.infer(x, ["mask", "logits"]), reference.infer(x, ["mask", "logits"])
             assert np.all(got["margin"] <= exact["margin"])
+            assert_gaps_covered(got, exact, bound.bound)
             for eps in (0.001, 0.005, 0.02):
                 mine = got["radius"] > eps
                 certified += int(mine.sum())
