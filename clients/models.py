@@ -158,7 +158,8 @@ class ModelSummary(TypedDict):
 
 class ModelsListing(TypedDict):
     """GET /v1/models: the default model, every model, the input limits
-    ({max_body_bytes, max_pixels, max_source_pixels})."""
+    ({max_body_bytes, max_pixels, max_source_pixels, pad_multiple}: pixels are counted
+    once each side is padded to a multiple of pad_multiple)."""
 
     default: str
     models: list[ModelSummary]

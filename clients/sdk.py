@@ -575,7 +575,8 @@ class CertSegClient:
 
     def models(self) -> ModelsListing:
         """GET /v1/models: {"default": name, "models": [card summaries], "limits":
-        {max_body_bytes, max_pixels, max_source_pixels}} (over max_pixels: resize="fit").
+        {max_body_bytes, max_pixels, max_source_pixels, pad_multiple}} (over max_pixels,
+        counted with each side padded to pad_multiple: resize="fit").
         Each summary (`clients.ModelSummary`) says the engine's `precision` and
         `margin_error`: radii of a model with margin_error > 0 rest on that measured
         bound."""

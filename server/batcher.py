@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from certseg.sizes import padded_pixels
 from server.engine import Engine
 from server.errors import BackendError, CertSegError, Overloaded
 
@@ -178,17 +179,20 @@ class Batcher:
             self._on_queue(self.device, self.depth)
 
     # the worker -----------------------------------------------------------------
-    def batch_cap(self, height: int, width: int) -> int:
+    def batch_cap(self, height: int, width: int, pad_multiple: int = 1) -> int:
         """Images of this size per pass: max_batch, fewer to stay within max_pass_pixels
-        (never fewer than one: a single image's size is bounded at decode)."""
+        counted as the net runs them, each side padded to `pad_multiple` (never fewer
+        than one: a single image's size is bounded at decode)."""
         if self.max_pass_pixels is None:
             return self.max_batch
-        return max(1, min(self.max_batch, self.max_pass_pixels // (height * width)))
+        pixels = padded_pixels(height, width, pad_multiple)
+        return max(1, min(self.max_batch, self.max_pass_pixels // pixels))
 
     def _take_batch(self) -> tuple[list[_Item], int]:
         """The oldest image's batch so far, and how many would make it full."""
         first = self._pending[0]
-        cap = self.batch_cap(first.image.shape[1], first.image.shape[2])
+        multiple = self.engines[first.model].metadata().card.pad_multiple
+        cap = self.batch_cap(first.image.shape[1], first.image.shape[2], multiple)
         return [it for it in self._pending if it.key == first.key][:cap], cap
 
     async def _next_batch(self) -> list[_Item]:
@@ -212,7 +216,16 @@ class Batcher:
 
     async def _worker(self) -> None:
         while True:
-            batch = await self._next_batch()
+            try:
+                batch = await self._next_batch()
+            except Exception as exc:  # a fault forming a batch must not stop the worker:
+                if not self._pending:  # every image would wait forever
+                    raise
+                oldest = self._pending.popleft()
+                log.error("cannot batch an image of %s: %s", oldest.model, exc, exc_info=exc)
+                self._fail([oldest], BackendError(f"cannot batch for model '{oldest.model}'"))
+                self._report_depth()
+                continue
             taken = {id(it) for it in batch}
             self._pending = deque(it for it in self._pending if id(it) not in taken)
             self._report_depth()

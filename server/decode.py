@@ -31,7 +31,7 @@ from PIL import Image
 
 from certseg.certify.resize import AreaResize
 from certseg.data.images import upright
-from certseg.sizes import format_size
+from certseg.sizes import format_size, padded_pixels
 from server.errors import (
     CorruptImage,
     InvalidParameter,
@@ -63,12 +63,30 @@ class Limits:
     """Input limits: body bytes and declared pixels (width * height)."""
 
     max_bytes: int
-    max_pixels: int  # what the network takes
+    max_pixels: int  # what the network runs on, each side padded to pad_multiple
     max_source_pixels: int = 0  # what may be decoded to be shrunk (0: max_pixels)
+    #: the served models' largest: their nets pad each side to a multiple of it, and
+    #: their time and memory grow with the padded pixels (1xN runs as 8xN at 8)
+    pad_multiple: int = 1
 
     def declared_limit(self, resize: ResizeRequest) -> int:
         """Pixels an image may declare: more when the client asked for a resize."""
         return max(self.max_pixels, self.max_source_pixels) if resize else self.max_pixels
+
+    def network_pixels(self, height: int, width: int) -> int:
+        """The pixels the network runs on for an input of this size."""
+        return padded_pixels(height, width, self.pad_multiple)
+
+    def check_network_size(self, height: int, width: int, subject: str, hint: str) -> None:
+        """A 413 unless an input of this size runs within max_pixels, saying what it
+        runs on where padding makes that more than its own pixels."""
+        padded = self.network_pixels(height, width)
+        if padded <= self.max_pixels:
+            return
+        text = f"{subject}{format_size(height, width)} = {height * width} pixels"
+        if padded != height * width:
+            text += f", run as {padded} (each side padded to a multiple of {self.pad_multiple}),"
+        raise PayloadTooLarge(f"{text} exceeds the limit of {self.max_pixels} pixels; {hint}")
 
 
 def parse_resize(value: object) -> ResizeRequest:
@@ -177,15 +195,18 @@ def _open_checked(
         raise CorruptImage(f"cannot read the {fmt.upper()} header") from exc
     if width < 1 or height < 1:
         raise CorruptImage(f"image declares an empty size {format_size(height, width)}")
-    limit = limits.declared_limit(resize)
-    if width * height > limit:
+    if resize:  # decoded to be shrunk: its own pixels count
+        limit = limits.declared_limit(resize)
+        if width * height > limit:
+            raise PayloadTooLarge(
+                f"image of {format_size(height, width)} = {width * height} pixels exceeds the "
+                f"limit of {limit} pixels; send it downscaled"
+            )
+    else:
         hint = "send it downscaled"
-        if not resize and limits.max_source_pixels > limits.max_pixels:
+        if limits.max_source_pixels > limits.max_pixels:
             hint += f", or ask resize=fit (up to {limits.max_source_pixels} pixels)"
-        raise PayloadTooLarge(
-            f"image of {format_size(height, width)} = {width * height} pixels exceeds the limit of "
-            f"{limit} pixels; {hint}"
-        )
+        limits.check_network_size(height, width, "image of ", hint)
     return img, fmt
 
 
@@ -195,14 +216,13 @@ def _plan_resize(
     if resize is None:
         return None
     if resize == "fit":
-        return AreaResize.to_fit(height, width, limits.max_pixels)
+        try:
+            return AreaResize.to_fit(height, width, limits.max_pixels, limits.pad_multiple)
+        except ValueError as exc:  # max_pixels under one padded pixel: nothing fits
+            raise PayloadTooLarge(str(exc)) from exc
     plan = AreaResize.by_scale(height, width, float(resize))
     h, w = plan.network if plan else (height, width)
-    if h * w > limits.max_pixels:
-        raise PayloadTooLarge(
-            f"resize={resize} gives {format_size(h, w)} = {w * h} pixels, over the limit of "
-            f"{limits.max_pixels}; ask a smaller scale or resize=fit"
-        )
+    limits.check_network_size(h, w, f"resize={resize} gives ", "ask a smaller scale or resize=fit")
     return plan
 
 

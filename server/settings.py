@@ -171,7 +171,9 @@ class Settings(BaseSettings):
         default=2048 * 2048,
         ge=1,
         le=SIZE_MAX,  # every axis within what the ONNX audit's shape proofs assume
-        description="Largest image in pixels, height x width; above it: 413 before any decode. The "
+        description="Largest image in pixels, height x width, counted as the network runs it "
+        "(each side padded to the model card's pad_multiple, 8 for the shipped model: 1xN "
+        "runs as 8xN); above it: 413 before any decode. The "
         "engine's working memory grows with the pixels of a pass (shipped model, ONNX Runtime "
         "CPU: peak RSS 6.1 GiB at 2048x2048), so a bound on it is what keeps one legal image "
         "from exhausting the host.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 from starlette.requests import HTTPConnection
@@ -66,6 +67,16 @@ class ServerState:
     def add_engines(self, engines: list[Engine]) -> None:
         """Register engines by their metadata name; names must be unique."""
         self.check_names([*self.engines.values(), *engines])
+        multiple = max(
+            [self.limits.pad_multiple, *(e.metadata().card.pad_multiple for e in engines)]
+        )
+        if multiple * multiple > self.limits.max_pixels:
+            raise ModelError(
+                f"max_pixels {self.limits.max_pixels} is under one {multiple}x{multiple} block, "
+                f"the least a model that pads each side to a multiple of {multiple} runs on"
+            )
+        # every pixel limit counts what the nets run on: each side padded to the multiple
+        self.limits = replace(self.limits, pad_multiple=multiple)
         for engine in engines:
             info = engine.metadata()
             self.engines[info.name] = engine

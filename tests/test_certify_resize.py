@@ -13,6 +13,7 @@ import pytest
 
 from certseg.certify import margins, max_flips, worst_case_iou
 from certseg.certify.resize import AreaResize, area_weights
+from certseg.sizes import padded_pixels
 
 SIZES = [(45, 32), (7, 7), (100, 33), (5, 1), (64, 32), (97, 96)]
 
@@ -76,13 +77,34 @@ def test_fit_and_scale_pick_network_sizes():
     assert h * w <= 2048 * 2048 and (h + 1) * (w + 1) > 2048 * 2048
     assert abs(w / h - 3840 / 2160) < 0.01
     assert AreaResize.to_fit(1, 10_000, 100).network == (1, 100)
-    assert AreaResize.by_scale(100, 50, 0.5).network == (50, 25)
-    assert AreaResize.by_scale(100, 50, 1.0) is None
-    for bad in (0.0, 1.5, -1.0):
-        with pytest.raises(ValueError):
-            AreaResize.by_scale(10, 10, bad)
-    with pytest.raises(ValueError):
-        AreaResize((10, 10), (11, 10))
+    # padded sides count: 1x4194304 runs as 8x4194304 at multiple 8, 8 times the limit
+    assert AreaResize.to_fit(1, 4194304, 2048 * 2048, 8).network == (1, 524288)
+    assert AreaResize.to_fit(2041, 2048, 2048 * 2048, 8) is None  # pads to 2048x2048
+    assert AreaResize.to_fit(2049, 2048, 2048 * 2048, 8).network == (2048, 2047)  # pads to 2048²
+    with pytest.raises(ValueError, match="no shrink"):
+        AreaResize.to_fit(10, 10, 63, 8)  # not even one 8x8 block fits
+
+
+def test_fit_is_the_largest_same_aspect_size_whose_padded_pass_fits():
+    """Against every scale k / side of either side, enumerated."""
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        H, W = (int(v) for v in rng.integers(1, 200, 2))
+        m = int(rng.choice([1, 2, 8, 16]))
+        limit = int(rng.integers(m * m, H * W + 2 * m * (H + W) + 1))
+        plan = AreaResize.to_fit(H, W, limit, m)
+        if plan is None:
+            assert padded_pixels(H, W, m) <= limit
+            continue
+        h, w = plan.network
+        assert padded_pixels(h, w, m) <= limit and h <= H and w <= W
+        sizes = [
+            (max(1, H * k // side), max(1, W * k // side))
+            for side in (H, W)
+            for k in range(1, side + 1)
+        ]
+        fitting = [a * b for a, b in sizes if padded_pixels(a, b, m) <= limit]
+        assert h * w == max(fitting)
 
 
 def test_each_source_pixel_takes_the_network_pixel_its_centre_is_in():

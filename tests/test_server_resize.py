@@ -28,6 +28,7 @@ from certseg.certify.resize import AreaResize
 
 MAX_PIXELS = 40 * 64
 MAX_SOURCE = 120 * 200
+PAD = 2  # the tiny model pads each side to a multiple of 2
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,25 @@ def _post(client, body: bytes, **params) -> httpx.Response:
 def test_models_lists_the_input_limits(client):
     limits = client.get("/v1/models").json()["limits"]
     assert limits["max_pixels"] == MAX_PIXELS and limits["max_source_pixels"] == MAX_SOURCE
+    assert limits["pad_multiple"] == PAD
+
+
+def test_a_thin_image_counts_the_pixels_its_padded_pass_runs_on(client, session):
+    """1x2000 is 2000 pixels, under the limit, but the net pads each side to a multiple
+    of 2 and runs 2x2000: 413 saying so (at the shipped model's multiple 8, a legal
+    1x4194304 PNG ran as 8 times the limit and the host ran out of memory); with
+    resize=fit it is shrunk until its padded pass fits, and answered."""
+    body = encode(random_image(1, 2000))
+    problem = assert_problem(_post(client, body, outputs="mask"), 413)
+    assert "1x2000 = 2000 pixels, run as 4000" in problem["detail"]
+    assert "multiple of 2" in problem["detail"] and "resize=fit" in problem["detail"]
+    r = _post(client, body, resize="fit", outputs="mask")
+    assert r.status_code == 200, r.text
+    network = r.json()["resize"]["network"]
+    assert network == list(AreaResize.to_fit(1, 2000, MAX_PIXELS, PAD).network) == [1, 1280]
+    v2 = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 1, 2000],
+                      "data": [0.5] * 6000}]}  # fmt: skip
+    assert "run as 4000" in client.post("/v2/models/tiny/infer", json=v2).json()["error"]
 
 
 def test_over_the_limit_is_413_naming_resize(client):
@@ -68,7 +88,7 @@ def test_fit_answers_on_the_source_grid_with_the_folded_certificate(client, sess
     r = _post(client, encode(pixels), resize="fit", eps=eps, outputs=asked)
     assert r.status_code == 200, r.text
     ans = r.json()
-    plan = AreaResize.to_fit(h, w, MAX_PIXELS)
+    plan = AreaResize.to_fit(h, w, MAX_PIXELS, PAD)
     assert ans["resize"]["source"] == [h, w] and ans["resize"]["network"] == list(plan.network)
     assert ans["resize"]["operator_norm"] == pytest.approx(plan.operator_norm)
     assert ans["resize"]["network_eps"] == pytest.approx(plan.network_eps(eps))
@@ -122,7 +142,7 @@ def test_lipschitz_is_the_networks_and_the_resize_fields_say_how_radii_fold_it(c
     h, w = 70, 110
     pixels = random_image(h, w, seed=9)
     ans = _post(client, encode(pixels), resize="fit", outputs="radius").json()
-    plan = AreaResize.to_fit(h, w, MAX_PIXELS)
+    plan = AreaResize.to_fit(h, w, MAX_PIXELS, PAD)
     (radius,) = session.run(["radius"], {"image": plan.apply(pixels)[None]})
     (card,) = client.get("/v1/models").json()["models"]
     assert ans["lipschitz"] == card["lipschitz"]  # the network's, resize or not
@@ -136,7 +156,7 @@ def test_lipschitz_is_the_networks_and_the_resize_fields_say_how_radii_fold_it(c
 def test_16_bit_images_shrink_from_their_exact_values(client, session):
     grey16 = (np.arange(70 * 110, dtype=np.uint32).reshape(70, 110) * 8 % 65536).astype(np.uint16)
     ans = _post(client, encode(grey16), resize="fit", outputs="mask").json()
-    plan = AreaResize.to_fit(70, 110, MAX_PIXELS)
+    plan = AreaResize.to_fit(70, 110, MAX_PIXELS, PAD)
     exact = np.broadcast_to(grey16.astype(np.float32) / np.float32(65535), (3, 70, 110))
     (mask,) = session.run(["mask"], {"image": plan.apply(np.ascontiguousarray(exact))[None]})
     np.testing.assert_array_equal(answer_png(ans["mask"]), plan.upsample(mask[0]))
@@ -169,7 +189,7 @@ def test_logits_need_the_image_at_its_own_size(client):
 
 def test_a_source_size_target_gives_the_worst_case_metrics(client, session):
     pixels = random_image(70, 110, seed=9)
-    plan = AreaResize.to_fit(70, 110, MAX_PIXELS)
+    plan = AreaResize.to_fit(70, 110, MAX_PIXELS, PAD)
     mask, margin, logits = session.run(
         ["mask", "margin", "logits"], {"image": plan.apply(pixels)[None]}
     )
@@ -205,7 +225,7 @@ def test_png_and_npz_say_so(client):
     assert r.status_code == 200 and r.headers["X-Certseg-Resize"].startswith("70x110->")
     r = _post(client, big, resize="fit", format="npz")
     arrays = np.load(io.BytesIO(r.content))
-    plan = AreaResize.to_fit(70, 110, MAX_PIXELS)
+    plan = AreaResize.to_fit(70, 110, MAX_PIXELS, PAD)
     assert arrays["mask"].shape == (70, 110)
     assert tuple(arrays["network_size"]) == plan.network
     assert float(arrays["operator_norm"]) == pytest.approx(plan.operator_norm)
@@ -236,7 +256,7 @@ def test_stream_frames_shrink_when_the_stream_asks(server):
     assert too_big["type"] == "error" and too_big["status"] == 413
     assert config["type"] == "config" and config["resize"] == "fit"
     assert result["type"] == "result" and (result["width"], result["height"]) == (110, 70)
-    plan = AreaResize.to_fit(70, 110, MAX_PIXELS)
+    plan = AreaResize.to_fit(70, 110, MAX_PIXELS, PAD)
     assert result["resize"]["network"] == list(plan.network)
     assert bad["type"] == "error" and bad["status"] == 422
     assert query["resize"] == 0.5

@@ -9,6 +9,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -221,9 +222,15 @@ def test_mask_png_depth():
 class FakeEngine:
     """numpy stand-in: mask = channel 0 > 0.5; records every batch's shape."""
 
-    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+    def __init__(self, delay: float = 0.0, fail: bool = False, pad_multiple: int = 1) -> None:
         self.batches: list[tuple[int, ...]] = []
-        self.delay, self.fail = delay, fail
+        self.delay, self.fail, self.pad_multiple = delay, fail, pad_multiple
+
+    def metadata(self):
+        """What the batcher reads: the card's pad multiple (0: a broken card)."""
+        if self.pad_multiple == 0:
+            raise RuntimeError("no card")
+        return SimpleNamespace(card=SimpleNamespace(pad_multiple=self.pad_multiple))
 
     def infer(self, images, outputs):
         self.batches.append(images.shape)
@@ -289,6 +296,33 @@ def test_batcher_cuts_batches_to_the_pass_pixel_budget():
     _run_batcher(engine, jobs, max_batch=8, max_pass_pixels=32, max_delay_ms=0)
     assert engine.batches == [(2, 3, 4, 4), (2, 3, 4, 4), (1, 3, 4, 4), (1, 3, 8, 8), (1, 3, 8, 8)]
     assert Batcher({}, max_batch=8, max_pass_pixels=1000).batch_cap(10, 10) == 8
+    # a pass counts the padded pixels: 1x4 runs as 4x4 at multiple 4, two a pass
+    engine = FakeEngine(pad_multiple=4)
+    _run_batcher(engine, [(1, 4)] * 3, max_batch=8, max_pass_pixels=32, max_delay_ms=0)
+    assert engine.batches == [(2, 3, 1, 4), (1, 3, 1, 4)]
+    assert Batcher({}, max_batch=8, max_pass_pixels=1000).batch_cap(1, 100, 8) == 1
+
+
+def test_a_fault_forming_a_batch_fails_that_image_and_the_worker_goes_on():
+    """A fault no real engine can be made to raise here, hence a stand-in whose
+    metadata raises: it plays a bug in forming a batch (one, during this change, hung
+    every request after it: the worker task died)."""
+    broken, good = FakeEngine(pad_multiple=0), FakeEngine()
+
+    async def main():
+        b = Batcher({"broken": broken, "good": good}, max_batch=4, max_delay_ms=0)
+        b.start()
+        try:
+            image = np.zeros((3, 4, 4), np.float32)
+            first = await asyncio.gather(b.submit("broken", image), return_exceptions=True)
+            second = await asyncio.wait_for(b.submit("good", image), 5)
+            return first[0], second
+        finally:
+            await b.stop()
+
+    failed, served = asyncio.run(main())
+    assert isinstance(failed, BackendError) and "cannot batch" in str(failed)
+    assert served.outputs["mask"].shape == (4, 4) and good.batches == [(1, 3, 4, 4)]
 
 
 def test_batcher_without_delay_runs_what_is_queued():

@@ -32,6 +32,7 @@ from functools import cached_property
 
 import numpy as np
 
+from ..sizes import padded_pixels
 from .budget import (
     _effective_budget,
     _fractions,
@@ -130,15 +131,36 @@ class AreaResize:
             raise ValueError(f"area resize shrinks: {H}x{W} -> {h}x{w}")
 
     @classmethod
-    def to_fit(cls, height: int, width: int, max_pixels: int) -> AreaResize | None:
-        """The largest same-aspect shrink with h * w <= max_pixels; None if it fits."""
-        if height * width <= max_pixels:
+    def to_fit(
+        cls, height: int, width: int, max_pixels: int, pad_multiple: int = 1
+    ) -> AreaResize | None:
+        """The largest same-aspect shrink that runs on at most `max_pixels` once each
+        side is padded to `pad_multiple` (`certseg.sizes.padded_pixels`); None if the
+        image fits as it is. Sizes are floor(side x s), at least 1, for a scale s set by
+        either side (s = k / side): exact integers, each side's k found by bisection."""
+        if padded_pixels(height, width, pad_multiple) <= max_pixels:
             return None
-        scale = math.sqrt(max_pixels / (height * width))
-        h, w = max(1, int(height * scale)), max(1, int(width * scale))
-        while h * w > max_pixels:  # float rounding of the square root
-            h, w = max(1, h - 1), max(1, w - 1)
-        return cls((height, width), (h, w))
+        best: tuple[int, int] | None = None
+        for side in (height, width):
+
+            def size(k: int, side: int = side) -> tuple[int, int]:
+                return max(1, height * k // side), max(1, width * k // side)
+
+            lo, hi = 0, side  # size(lo) fits (or lo == 0), size(side) does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if padded_pixels(*size(mid), pad_multiple) <= max_pixels:
+                    lo = mid
+                else:
+                    hi = mid
+            if lo and (best is None or math.prod(size(lo)) > math.prod(best)):
+                best = size(lo)
+        if best is None:
+            raise ValueError(
+                f"no shrink of {height}x{width} runs on {max_pixels} pixels "
+                f"(each side padded to a multiple of {pad_multiple})"
+            )
+        return cls((height, width), best)
 
     @classmethod
     def by_scale(cls, height: int, width: int, scale: float) -> AreaResize | None:

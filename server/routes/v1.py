@@ -187,12 +187,14 @@ class ModelSummary(BaseModel):
 
 
 class InputLimits(BaseModel):
-    """What an image may be: over `max_pixels` it needs resize=fit (up to
+    """What an image may be: over `max_pixels` (counted once each side is padded to a
+    multiple of `pad_multiple`, as the network runs it) it needs resize=fit (up to
     `max_source_pixels`), over `max_body_bytes` it is refused."""
 
     max_body_bytes: int
     max_pixels: int
     max_source_pixels: int
+    pad_multiple: int
 
 
 class ModelsResponse(BaseModel):
@@ -564,5 +566,6 @@ async def models(request: Request) -> ModelsResponse:
             max_body_bytes=limits.max_bytes,
             max_pixels=limits.max_pixels,
             max_source_pixels=limits.declared_limit("fit"),
+            pad_multiple=limits.pad_multiple,
         ),
     )

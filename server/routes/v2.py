@@ -459,11 +459,8 @@ def _input_tensor(
     h, w = shape[2], shape[3]
     if h < 1 or w < 1:
         raise InvalidParameter(f"input 'image' has an empty size {format_size(h, w)}")
-    if h * w > state.limits.max_pixels:
-        raise PayloadTooLarge(
-            f"{format_size(h, w)} exceeds the limit of {state.limits.max_pixels} pixels"
-        )
-    _check_request_pixels(shape[0] * h * w, budget)
+    state.limits.check_network_size(h, w, "input 'image' of ", "send it downscaled")
+    _check_request_pixels(shape[0] * state.limits.network_pixels(h, w), budget)
     count = math.prod(shape)  # exact: np.prod wraps around in int64
     try:
         if raw is not None:
@@ -565,7 +562,8 @@ async def _images(
         d = await asyncio.to_thread(decode_image, data, state.limits)
         if size is not None and (d.height, d.width) != size:
             raise InvalidParameter("all BYTES images of one request must have the same size")
-        size, pixels = (d.height, d.width), pixels + d.height * d.width
+        size = (d.height, d.width)
+        pixels += state.limits.network_pixels(*size)
         _check_request_pixels(pixels, budget)
         images.append(await asyncio.to_thread(d.network_input, accepts_uint8))
     return images
