@@ -26,9 +26,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import certseg
+from server.disconnect import CLIENT_LEFT, serve_while_connected
 from server.engine import Engine
 from server.errors import (
     PROBLEM_MEDIA_TYPE,
@@ -160,8 +162,16 @@ class RequestContextMiddleware:
             if not self._authorized(scope):
                 status["code"] = 401
                 await self._deny(scope, send, rid)
-            else:
+            elif scope["type"] == "websocket":
                 await self.app(scope, receive, send_wrapper)
+            elif await serve_while_connected(self.app, scope, receive, send_wrapper):
+                status["code"] = CLIENT_LEFT
+                log.info(
+                    "client left before its answer on %s: its work was cancelled", scope["path"]
+                )
+        except ClientDisconnect:  # hung up while sending its body: not a server fault
+            status["code"] = CLIENT_LEFT
+            log.info("client left while sending its request on %s", scope["path"])
         except Exception as exc:
             log.error("unhandled error on %s", scope["path"], exc_info=exc)
             if scope["type"] == "http" and not status["started"]:

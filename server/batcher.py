@@ -169,10 +169,14 @@ class Batcher:
         try:
             return list(await asyncio.gather(*futures))
         finally:
-            # A client that left, or a sibling that failed: images not yet run are skipped.
+            # A client that left, or a sibling that failed: images not yet run leave the
+            # queue now (its depth and the 503s it gives count only work someone awaits).
             for fut in futures:
-                if not fut.done():
-                    fut.cancel()
+                fut.cancel()  # a no-op on a done one; gather cancelled them already if cancelled
+            left = {id(fut) for fut in futures if fut.cancelled()}
+            if left:
+                self._pending = deque(it for it in self._pending if id(it.future) not in left)
+                self._report_depth()
 
     def _report_depth(self) -> None:
         if self._on_queue is not None:

@@ -548,6 +548,59 @@ def _hold_odd_then_queue(srv, engine, pool, post, odd: bytes, imgs: list[bytes])
     return first, queued
 
 
+def _requests_with_status(srv, status: int) -> float:
+    """certseg_requests_total of POST /v1/segment with `status`, read from /metrics."""
+    want = ('route="/v1/segment"', 'method="POST"', f'status="{status}"')
+    lines = httpx.get(srv.base + "/metrics").text.splitlines()
+    return sum(
+        float(line.split()[-1])
+        for line in lines
+        if line.startswith("certseg_requests_total{") and all(w in line for w in want)
+    )
+
+
+def _raw_post(srv, body: bytes, declared: int) -> socket.socket:
+    """A POST of `body` on a raw socket that claims `declared` bytes (left open)."""
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    head = "POST /v1/segment?outputs=mask HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+    sock.sendall(f"{head}Content-Length: {declared}\r\n\r\n".encode() + body)
+    return sock
+
+
+def test_clients_that_hang_up_leave_the_queue_and_are_not_server_errors(controlled):
+    """While the worker is held, three clients send a whole image and hang up: their
+    images leave the queue at once (before the worker is free), never reach the model,
+    and count as 499, not 500. One that hangs up mid-body is a 499 too. (Before: all
+    were run and answered to nobody, 64 such kept the queue 59 deep, and a mid-body
+    hang-up was logged as an unhandled error with a 500.)"""
+    srv, engine = controlled
+    batcher = srv.app.state.server.batcher_for("tiny")
+    left, errors = _requests_with_status(srv, 499), _requests_with_status(srv, 500)
+    body = encode(random_image(32, 48, seed=4))
+    engine.gate, calls = threading.Event(), engine.calls
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            url = srv.base + "/v1/segment?outputs=mask"
+            held = pool.submit(httpx.post, url, content=encode(random_image(30, 40)), timeout=30)
+            _wait_for(lambda: engine.calls == calls + 1, "the held image to reach the model")
+            socks = [_raw_post(srv, body, len(body)) for _ in range(3)]
+            _wait_for(lambda: batcher.depth == 3, "the three images to queue")
+            for sock in socks:
+                sock.close()
+            _wait_for(lambda: batcher.depth == 0, "the abandoned images to leave the queue")
+            _raw_post(srv, body[:100], 2 * len(body)).close()
+            _wait_for(lambda: _requests_with_status(srv, 499) == left + 4, "four 499s")
+            engine.gate.set()
+            assert held.result().status_code == 200
+    finally:
+        engine.gate.set()
+        engine.gate = None
+    assert engine.calls == calls + 1  # only the held image ran
+    assert _requests_with_status(srv, 500) == errors
+    r = httpx.post(srv.base + "/v1/segment?outputs=mask", content=body, timeout=30)
+    assert r.status_code == 200 and r.json()["batch_size"] == 1
+
+
 def test_dynamic_batching_groups_same_shapes(controlled, session):
     """While the worker is busy with a 30x40 image, four 32x48 ones queue up; they
     then share one forward pass, and every answer still matches the direct session."""
