@@ -203,7 +203,9 @@ def serve(
         stream_depth=stream_depth,
         shutdown_grace_s=shutdown_grace_s,
     )
-    configure_logging(settings.log_level, settings.log_json)
+    key = settings.api_key_bytes()
+    secrets = (key.decode(),) if key else ()
+    configure_logging(settings.log_level, settings.log_json, secrets)
     try:  # a missing, corrupt or over-claiming model stops here, before the port opens
         engines = [create_engine(spec, settings) for spec in resolve_model_specs(settings)]
         ServerState.check_names(engines)

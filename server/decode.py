@@ -190,7 +190,11 @@ def _open_checked(
             img = Image.open(io.BytesIO(data), formats=[FORMATS[fmt]])
             width, height = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"image declares too many pixels ({exc})") from exc
+        raise PayloadTooLarge(
+            f"image declares more than {Image.MAX_IMAGE_PIXELS} pixels (Pillow's bound on a "
+            f"decompression bomb), over the limit of {limits.declared_limit(resize)} pixels; "
+            "send it downscaled"
+        ) from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error
         raise CorruptImage(f"cannot read the {fmt.upper()} header") from exc
     if width < 1 or height < 1:

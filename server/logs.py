@@ -37,23 +37,42 @@ _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 _RESERVED |= {"message", "asctime", "color_message"}
 
 
-def redact_api_key(text: str) -> str:
-    """`text` with the value of every api_key= pair replaced by ***. Names are compared
-    percent-decoded, as the server's query parser sees them (api%5Fkey= is the key too)."""
+#: A header that carries the key, as a debug log shows it: "< authorization: Bearer k"
+#: (the websockets handshake at --log-level debug), "x-api-key: k", ("x-api-key", "k").
+_KEY_HEADER = re.compile(
+    r"(?i)(?P<name>authorization|x-api-key)(?P<sep>['\"]?\s*[:,=]\s*(?:b(?=['\"]))?['\"]?)"
+    r"(?P<scheme>(?:bearer|basic|token|digest)\s+)?(?P<value>[^\s'\",)]+)"
+)
+
+
+def redact_api_key(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """`text` with the value of every api_key= pair, of every Authorization and
+    X-API-Key header, and every occurrence of a `secrets` string replaced by ***. Query
+    names are compared percent-decoded, as the server's query parser sees them
+    (api%5Fkey= is the key too)."""
 
     def blank(m: re.Match[str]) -> str:
         return f"{m['name']}={REDACTED}" if unquote_plus(m["name"]) == API_KEY_PARAM else m[0]
 
-    return _QUERY_PAIR.sub(blank, text)
+    text = _QUERY_PAIR.sub(blank, text)
+    text = _KEY_HEADER.sub(lambda m: f"{m['name']}{m['sep']}{m['scheme'] or ''}{REDACTED}", text)
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 class RedactApiKey(logging.Filter):
     """Rewrites a record whose message carries an API key (uvicorn formats lazily, so
-    the key sits in `record.args`: the message is formatted, redacted, and kept as is)."""
+    the key sits in `record.args`: the message is formatted, redacted, and kept as is).
+    `secrets`: the configured key itself, blanked wherever it shows."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.secrets = tuple(s for s in secrets if s)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        clean = redact_api_key(message)
+        clean = redact_api_key(message, self.secrets)
         if clean != message:
             record.msg, record.args = clean, None
         return True
@@ -82,11 +101,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(level: str = "info", as_json: bool = True) -> None:
+def configure_logging(
+    level: str = "info", as_json: bool = True, secrets: tuple[str, ...] = ()
+) -> None:
     """Route certseg's and uvicorn's loggers to stderr, as JSON lines when asked, with
-    API keys redacted."""
+    API keys redacted (`secrets`: the configured key, blanked wherever it shows)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactApiKey())
+    handler.addFilter(RedactApiKey(secrets))
     if as_json:
         handler.setFormatter(JsonFormatter())
     else:

@@ -356,6 +356,8 @@ CORPUS: list[Case] = [
         status=413,
     ),
     _binary_case("v2-bin-header-past-body", {"inputs": []}, b"xxxx", "outside", length=999),
+    # past Python's 4300-digit int() limit: was a 500
+    _binary_case("v2-bin-header-5000-digits", {"inputs": []}, b"", "outside", length="9" * 5000),
     _binary_case("v2-bin-header-negative", {"inputs": []}, b"", "integer", length=-1),
     _binary_case("v2-bin-header-not-int", {"inputs": []}, b"", "integer", length="12a"),
     _binary_case("v2-bin-header-underscore", {"inputs": []}, b"", "integer", length="1_0"),

@@ -173,14 +173,16 @@ def test_request_ids_reach_the_json_log_and_errors_carry_no_trace():
 
 def test_a_websocket_api_key_never_reaches_the_log():
     """uvicorn logs each handshake with its query string, where browsers send the key:
-    the accepted and the refused handshake are both logged with the key blanked."""
+    the accepted and the refused handshake are both logged with the key blanked. At
+    --log-level debug the websockets handshake logs every header too (it wrote
+    "< authorization: Bearer <key>"): blanked as well, whichever header carries it."""
     import asyncio
 
     import websockets
 
     secret = "s3cret-do-not-log"
     srv = ServeProcess(
-        [str(tiny_model_dir()), "--intra-op-threads", "1", "--log-level", "info"],
+        [str(tiny_model_dir()), "--intra-op-threads", "1", "--log-level", "debug"],
         env={**ENV, "CERTSEG_API_KEY": secret},
     ).wait_ready()
 
@@ -190,15 +192,39 @@ def test_a_websocket_api_key_never_reaches_the_log():
             assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "config"
         with pytest.raises(websockets.InvalidStatus):  # a wrong key, percent-encoded name
             await websockets.connect(srv.ws_base + "/v1/stream?api%5Fkey=" + secret + "x")
+        for header in ({"Authorization": f"Bearer {secret}"}, {"X-API-Key": secret}):
+            url = srv.ws_base + "/v1/stream?model=tiny"
+            async with websockets.connect(url, additional_headers=header) as ws:
+                assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "config"
 
     try:
         asyncio.run(handshakes())
         time.sleep(0.2)
         log = srv.stderr()
         assert secret not in log, log[-2000:]
+        assert "authorization: bearer ***" in log.lower()  # the header line, blanked
         lines = [json.loads(x)["msg"] for x in log.splitlines() if x.startswith("{")]
         shakes = [m for m in lines if "WebSocket /v1/stream" in m]
         assert any("api_key=***" in m and "[accepted]" in m for m in shakes), shakes
         assert any("api%5Fkey=***" in m and "401" in m for m in shakes), shakes
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "blanked"),
+    [
+        ("< authorization: Bearer k-1", "< authorization: Bearer ***"),
+        ("< Authorization: Basic dXNlcjpw", "< Authorization: Basic ***"),
+        ("> X-API-Key: k-1", "> X-API-Key: ***"),
+        ("headers [(b'x-api-key', b'k-1')]", "headers [(b'x-api-key', b'***')]"),
+        ("{'authorization': 'Bearer k-1'}", "{'authorization': 'Bearer ***'}"),
+        ("GET /v1/stream?api_key=k-1 HTTP/1.1", "GET /v1/stream?api_key=*** HTTP/1.1"),
+        ("a key k-1 quoted alone", "a key k-1 quoted alone"),  # no header, no secret given
+    ],
+)
+def test_redaction_blanks_the_key_in_every_form_a_log_line_shows(line, blanked):
+    from server.logs import redact_api_key
+
+    assert redact_api_key(line) == blanked
+    assert "k-1" not in redact_api_key(line, secrets=("k-1",))

@@ -364,9 +364,12 @@ def _split_body(
     else:
         if not (header_length.isascii() and header_length.isdigit()):
             raise InvalidParameter(f"{HEADER} must be an integer, got {header_length[:40]!r}")
-        n = int(header_length)
-        if not 0 <= n <= len(body):
-            raise InvalidParameter(f"{HEADER} {n} outside the body of {len(body)} bytes")
+        digits = header_length.lstrip("0") or "0"  # int() refuses past 4300 digits
+        if len(digits) > len(str(len(body))) or int(digits) > len(body):
+            raise InvalidParameter(
+                f"{HEADER} {client_value(digits)} outside the body of {len(body)} bytes"
+            )
+        n = int(digits)
         head, tail = body[:n], body[n:]
     if len(head) > max_json:
         raise PayloadTooLarge(
