@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -88,6 +89,11 @@ def _problem_bytes(status: int, title: str, detail: str, slug: str, path: str, r
     ).encode()
 
 
+def _query(scope: Scope) -> dict[str, list[str]]:
+    """The request's query string by name, percent-decoded, blank values kept."""
+    return parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+
+
 def _bodiless(send: Send) -> Send:
     """`send` with every response body emptied; the headers (Content-Length) stay."""
 
@@ -120,10 +126,7 @@ class RequestContextMiddleware:
         elif scope["type"] == "websocket":
             # Browsers cannot set headers on a WebSocket: accept ?api_key= there only
             # (server.logs redacts it from uvicorn's handshake lines).
-            from urllib.parse import parse_qs
-
-            qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            given = qs.get(API_KEY_PARAM, [""])[0].encode()
+            given = _query(scope).get(API_KEY_PARAM, [""])[0].encode()
         return hmac.compare_digest(given, self.key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,7 +191,13 @@ class RequestContextMiddleware:
 
     async def _deny(self, scope: Scope, send: Send, rid: str) -> None:
         p = PROBLEMS[Unauthorized]
-        body = _problem_bytes(401, p.title, "missing or wrong API key", p.slug, scope["path"], rid)
+        detail = "missing or wrong API key"
+        if scope["type"] == "http" and API_KEY_PARAM in _query(scope):
+            detail += (  # the key may be right: it is only read from headers here
+                f"; ?{API_KEY_PARAM}= is read on the WebSocket stream only: send it as "
+                "Authorization: Bearer <key> or X-API-Key"
+            )
+        body = _problem_bytes(401, p.title, detail, p.slug, scope["path"], rid)
         if scope["type"] == "http":
             await self._send_body(send, 401, body, scope["path"], rid)
         elif "websocket.http.response" in scope.get("extensions", {}):

@@ -592,3 +592,11 @@ def test_memory_bounded_over_the_corpus(client):
     assert rss[2] <= rss[0] + margin, [f"{x / 2**20:.0f} MB" for x in rss]
     peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
     assert peak_growth < 300 * 2**20, f"peak RSS grew by {peak_growth / 2**20:.0f} MB"
+
+
+def test_a_query_api_key_on_rest_names_the_headers_that_carry_it(client):
+    """No key configured: still a 422 that says where a key goes (a generic unknown
+    parameter 422 would leave the client guessing)."""
+    r = client.post(SEGMENT, content=_PNG, params={"api_key": "k"})
+    detail = assert_problem(r, 422)["detail"]
+    assert "Authorization" in detail and "X-API-Key" in detail, detail

@@ -452,6 +452,10 @@ def test_api_key(model_dir):
             r = c.post("/v1/segment", content=img, headers={"Authorization": "Bearer s3cret"})
             assert r.status_code == 200
             assert c.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+            # the right key in the query, where REST does not read it: the 401 says where
+            r = c.post("/v1/segment", content=img, params={"api_key": "s3cret"})
+            detail = assert_problem(r, 401)["detail"]
+            assert "stream only" in detail and "X-API-Key" in detail, detail
             assert c.get("/v2/models/tiny").status_code == 401
             assert c.get("/v2/models/tiny").json() == {"error": "missing or wrong API key"}
             for public in ("/healthz", "/v2/health/live", "/v2/health/ready", "/docs"):
