@@ -85,6 +85,65 @@ def test_maxmin_concat_scale_and_branches():
     assert _empirical(model) <= rep.lipschitz_audited
 
 
+@pytest.mark.parametrize(
+    ("parts", "squares"),
+    [
+        (["a", "b"], 1),  # each part once: no longer than the split tensor
+        (["a", "a", "b"], 3),  # a twice: its gain counts twice
+        (["hi", "lo", "hi"], 3),  # a sorted pair used twice is no longer a permutation
+        (["hi", "a"], 2),  # a sorted pair and a raw part of the same split overlap
+    ],
+)
+def test_concat_of_one_splits_parts_is_one_only_when_each_is_used_once(parts, squares):
+    """Concat of a Split's parts (raw, or sorted by Max/Min in pairs) is bounded by the
+    split tensor alone only if no part is used twice: Concat(a, a) doubles a's energy
+    (sqrt 2), and bounding it at 1 would under-bound L."""
+    w = _w(4, 3, 3, 3)
+    nodes = [
+        oh.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1]),
+        oh.make_node("Split", ["c"], ["a", "b"], axis=1, num_outputs=2),
+        oh.make_node("Max", ["a", "b"], ["hi"]),
+        oh.make_node("Min", ["a", "b"], ["lo"]),
+        oh.make_node("Concat", parts, ["logits"], axis=1),
+    ]
+    model = _graph(nodes, {"w": w})
+    rep = audit_onnx(model)
+    lw = conv_norm_bound(w).upper
+    assert rep.lipschitz_audited == pytest.approx(math.sqrt(squares) * lw, rel=1e-12)
+    assert _empirical(model) <= rep.lipschitz_audited
+
+
+def test_gather_is_a_restriction_only_without_repeated_or_negative_indices():
+    """Gather of distinct indices drops coordinates (gain 1); repeated ones copy an
+    element (gain sqrt 2 for a pair) and negative ones may alias a positive one:
+    refused, not bounded at 1."""
+    w = _w(3, 3, 3, 3)
+
+    def gather(indices):
+        nodes = [
+            oh.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1]),
+            oh.make_node("Gather", ["c", "idx"], ["logits"], axis=1),
+        ]
+        return _graph(nodes, {"w": w, "idx": np.array(indices, np.int64)})
+
+    assert audit_onnx(gather([2, 0])).lipschitz_audited == pytest.approx(
+        conv_norm_bound(w).upper, rel=1e-12
+    )
+    for indices in ([0, 0], [1, 2, 1], [0, -3]):
+        with pytest.raises(AuditError, match="may repeat elements"):
+            audit_onnx(gather(indices))
+
+
+@pytest.mark.parametrize("op", ["Exp", "Log", "Sqrt", "Reciprocal", "Pow"])
+def test_elementwise_ops_without_a_lipschitz_bound_are_refused(op):
+    """Only elementwise maps with a known bound (Relu, Tanh, ...) pass; exp and its
+    like have none on the image's range and must never be taken as 1-Lipschitz."""
+    inputs = ["image", "two"] if op == "Pow" else ["image"]
+    nodes = [oh.make_node(op, inputs, ["logits"])]
+    with pytest.raises(AuditError, match=op):
+        audit_onnx(_graph(nodes, {"two": np.float32(2.0)} if op == "Pow" else {}))
+
+
 def test_max_of_unrelated_tensors_is_root_sum_square():
     w = _w(3, 3, 1, 1)
     nodes = [
@@ -112,9 +171,9 @@ def test_residual_add_gemm_and_normalization():
     ]
     model = _graph(nodes, {"mean": mean, "std": std, "w": w, "g": g, "shape": np.array([1, 192])})
     rep = audit_onnx(model)
-    want = (1 / 0.2) * (1 + 2**-23) * (1 + conv_norm_bound(w).upper) * 0.5
+    want = (1 / float(std.min())) * (1 + 2**-23) * (1 + conv_norm_bound(w).upper) * 0.5
     want *= matrix_norm_bound(g).upper
-    assert rep.lipschitz_audited == pytest.approx(want, rel=1e-6)
+    assert rep.lipschitz_audited == pytest.approx(want, rel=1e-12)  # the 2^-23 counts
     assert _empirical(model) <= rep.lipschitz_audited
 
 

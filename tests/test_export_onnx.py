@@ -337,13 +337,16 @@ def test_tampered_weight_is_rejected(tiny, tmp_path):
 
 
 def test_tampered_metadata_or_head_is_rejected(tiny, tmp_path):
-    def lower_claim(model):
-        for p in model.metadata_props:
-            if p.key == META_L_AUDITED:
-                p.value = "3.5"
+    audited = tiny.result.lipschitz_audited
+    for claim in (3.5, audited * (1 - 1e-7)):  # far below, and just below
 
-    with pytest.raises(AuditError, match="metadata claims"):
-        audit_onnx(_tamper(tiny, tmp_path, lower_claim, "meta.onnx"))
+        def lower_claim(model, claim=claim):
+            for p in model.metadata_props:
+                if p.key == META_L_AUDITED:
+                    p.value = repr(claim)
+
+        with pytest.raises(AuditError, match="metadata claims"):
+            audit_onnx(_tamper(tiny, tmp_path, lower_claim, "meta.onnx"))
 
     def bigger_radius(model):
         for i, init in enumerate(model.graph.initializer):
