@@ -568,7 +568,13 @@ def test_margin_error_at_eps_zero_leaves_zero_margins_uncertain():
     res = certify(info, out, 0.0, big, 1, resize=plan, figures=frozenset({"classes"}))
     assert res.guaranteed_fraction == pytest.approx(1 - zeros.mean())
     assert res.max_flips == 4 * zeros.sum()
+    assert sum(row["max_flips"] for row in res.classes) == 4 * zeros.sum()
     assert res.metrics["worst_case_pixel_accuracy"] < res.metrics["clean_pixel_accuracy"]
+    # ... and with logits: gains and the worst-case mIoU take the margin error as well
+    both = frozenset({"classes", "gains"})
+    res = certify(info, {**out, "logits": logits}, 0.0, big, 1, resize=plan, figures=both)
+    assert sum(row["max_gains"] for row in res.classes) > 0
+    assert res.metrics["clean_miou"] == 1.0 and res.metrics["worst_case_miou"] < 1.0
     info.margin_error = 0.0
     exact = certify(info, out, 0.0, big, 1, resize=plan)
     assert exact.guaranteed_fraction == 1.0 and exact.max_flips == 0
