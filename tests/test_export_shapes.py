@@ -262,17 +262,15 @@ class _RandomGraph:
 @pytest.mark.parametrize("seed", range(40))
 def test_random_graphs_shapes_are_the_ones_onnx_runtime_computes(seed):
     """Every tensor whose shape is derived (no unknown size in it) has that shape in
-    ONNX Runtime, at sizes of several residues; ops that fail at a size are skipped."""
+    ONNX Runtime, at sizes of several residues (all three run: a failing run is a
+    failure, not a size left out)."""
     model = _RandomGraph(seed).model()
     table = derive_shapes(model)
     sess = _session(model)
     compared = 0
     for h, w in [(7, 12), (16, 9), (21, 30)]:
         x = np.random.default_rng(seed).random((1, 3, h, w), dtype=np.float32)
-        try:
-            outs = sess.run(None, {"image": x})
-        except Exception:  # a conv wider than its input at this size, and the like
-            continue
+        outs = sess.run(None, {"image": x})  # the generator keeps every op valid here
         env = {"H": h, "W": w}
         for meta, value in zip(sess.get_outputs(), outs, strict=True):
             shape = table.shapes.get(meta.name)
