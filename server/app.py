@@ -37,6 +37,7 @@ from server.errors import (
     PROBLEM_MEDIA_TYPE,
     PROBLEMS,
     TYPE_BASE,
+    BackendError,
     CertSegError,
     Unauthorized,
     install_error_handlers,
@@ -175,6 +176,19 @@ class RequestContextMiddleware:
         except ClientDisconnect:  # hung up while sending its body: not a server fault
             status["code"] = CLIENT_LEFT
             log.info("client left while sending its request on %s", scope["path"])
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs once shutdown_grace_s is over: a 503 the
+            # client can retry elsewhere, not uvicorn's bare 500
+            if scope["type"] != "http" or status["started"]:
+                raise
+            status["code"] = 503
+            p = PROBLEMS[BackendError]
+            detail = "server shutting down: the answer was not ready within its shutdown grace"
+            body = _problem_bytes(503, p.title, detail, p.slug, scope["path"], rid)
+            await self._send_body(send, 503, body, scope["path"], rid, retry=True)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # answered: the cancel has done its work
         except Exception as exc:
             log.error("unhandled error on %s", scope["path"], exc_info=exc)
             if scope["type"] == "http" and not status["started"]:
@@ -207,7 +221,13 @@ class RequestContextMiddleware:
 
     @staticmethod
     async def _send_body(
-        send: Send, status: int, body: bytes, path: str, rid: str, prefix: str = ""
+        send: Send,
+        status: int,
+        body: bytes,
+        path: str,
+        rid: str,
+        prefix: str = "",
+        retry: bool = False,
     ) -> None:
         media = "application/json" if path.startswith("/v2") else PROBLEM_MEDIA_TYPE
         headers = [
@@ -217,6 +237,8 @@ class RequestContextMiddleware:
         ]
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="certseg"'))
+        if retry:  # elsewhere: this server is going away
+            headers += [(b"retry-after", b"1"), (b"connection", b"close")]
         await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
         await send({"type": f"{prefix}http.response.body", "body": body})
 

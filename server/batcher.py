@@ -21,8 +21,9 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -100,6 +101,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"certseg-{device}")
         self._task: asyncio.Task[None] | None = None
         self._ms_per_image = 50.0  # running estimate, for Retry-After
+        self._running: Future[Any] | None = None  # the worker thread's current job
 
     # lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -116,11 +118,24 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(BackendError("server shutting down"))
         self._pending.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # A forward pass cannot be interrupted: the worker thread is left to finish it
+        # while the process exits (waiting for it held a SIGTERM'd server 10 s past its
+        # grace, and kills come after the grace).
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def busy(self) -> bool:
+        """Device work (a pass, a load, a warm-up) is running on the worker thread."""
+        return self._running is not None and not self._running.done()
+
+    def _in_worker(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """`fn(*args)` on the device's thread, remembered as the running work."""
+        self._running = self._executor.submit(fn, *args)
+        return asyncio.wrap_future(self._running)
 
     async def run_in_worker(self, fn: Callable[[], object]) -> object:
         """Run blocking device work (load, warm-up) on the device's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await self._in_worker(fn)
 
     # submitting -----------------------------------------------------------------
     @property
@@ -251,8 +266,8 @@ class Batcher:
         first = batch[0]
         engine = self.engines[first.model]
         start = time.perf_counter()
-        out = await asyncio.get_running_loop().run_in_executor(
-            self._executor, _stack_and_infer, engine, [it.image for it in batch], first.names
+        out = await self._in_worker(
+            _stack_and_infer, engine, [it.image for it in batch], first.names
         )
         infer_ms = (time.perf_counter() - start) * 1000.0
         n = len(batch)

@@ -137,7 +137,11 @@ class ServerState:
             self._warmup_task.cancel()
         for batcher in self.batchers.values():
             await batcher.stop()
-        for engine in self.engines.values():
+        for name, engine in self.engines.items():
+            batcher = self._by_model.get(name)
+            if batcher is not None and batcher.busy:  # its thread still holds the engine
+                log.warning("model %s: exiting with its device work still running", name)
+                continue
             engine.close()
 
     # lookups ----------------------------------------------------------------------

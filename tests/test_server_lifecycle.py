@@ -149,6 +149,44 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_in_grace():
         srv.close()
 
 
+def test_past_the_grace_a_running_pass_gets_503_and_does_not_hold_the_exit():
+    """A pass longer than shutdown_grace_s (held at the test engine's gate: a stand-in,
+    since a real pass cannot be made to last on demand): once the grace is over its
+    client gets a 503 with Retry-After and Connection: close, not uvicorn's 500, and
+    the server is down at once: it used to wait for the pass (a 28 s 4K pass kept a
+    SIGTERM'd server 10 s past its 10 s grace, into compose's kill)."""
+    import threading
+
+    from server_support import ControlledEngine, LiveServer, ort_engine
+
+    from server import Settings, create_app
+
+    engine = ControlledEngine(ort_engine(tiny_model_dir()))
+    settings = Settings(intra_op_threads=1, shutdown_grace_s=0.5)
+    srv = LiveServer(create_app(settings, engines=[engine])).start()
+    engine.gate = threading.Event()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            url = srv.base + "/v1/segment?outputs=mask"
+            answer = pool.submit(httpx.post, url, content=encode(random_image(32, 48)), timeout=30)
+            deadline = time.monotonic() + 20
+            while engine.calls < 1:
+                assert time.monotonic() < deadline, "the image never reached the model"
+                time.sleep(0.01)
+            t_exit = time.monotonic()
+            srv.server.should_exit = True  # what uvicorn's SIGTERM handler sets
+            r = answer.result()
+            srv.thread.join(timeout=10)
+            down_s = time.monotonic() - t_exit
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
+        assert "shutting down" in r.json()["detail"]
+        assert not srv.thread.is_alive() and down_s < 3.0, down_s  # the pass still runs
+    finally:
+        engine.gate.set()
+        srv.stop()
+
+
 def test_request_ids_reach_the_json_log_and_errors_carry_no_trace():
     srv = ServeProcess(
         [str(tiny_model_dir()), "--intra-op-threads", "1", "--log-level", "info"], env=ENV
