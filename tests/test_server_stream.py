@@ -85,6 +85,37 @@ def test_100_frames_answered_or_dropped(server):
     assert 0.0 <= a["guaranteed_fraction"] <= 1.0 and a["width"] == 32 and a["height"] == 24
 
 
+def test_a_close_message_answers_what_was_sent_then_closes_1000(server, engine):
+    """{"type": "close"} right after 6 frames, with a slow model: every frame sent is
+    answered or counted dropped before the 1000 close (it used to close at once,
+    frames in flight unanswered, and answered + dropped fell short of sent)."""
+    frames = [encode(random_image(24, 32, seed=i)) for i in range(6)]
+    engine.delay_s = 0.05
+
+    async def main() -> tuple[list[dict], int | None]:
+        async with websockets.connect(_url(server), max_size=2**24) as ws:
+            await _recv_json(ws)  # config
+            for f in frames:
+                await ws.send(f)
+            await ws.send(json.dumps({"type": "close"}))
+            answers = []
+            with pytest.raises(websockets.ConnectionClosedOK):
+                while True:
+                    msg = await _recv_json(ws)
+                    answers.append(msg)
+                    for _ in msg.get("binary", []):
+                        await asyncio.wait_for(ws.recv(), 30)
+            return answers, ws.close_code
+
+    try:
+        answers, code = asyncio.run(main())
+    finally:
+        engine.delay_s = 0.0
+    assert code == 1000 and all(a["type"] == "result" for a in answers)
+    assert answers[-1]["frame"] == 5  # the last frame sent is answered
+    assert len(answers) + answers[-1]["dropped"] == 6
+
+
 def test_latest_frame_wins_when_busy(server, engine):
     """With a slow model, frames sent meanwhile are replaced by newer ones and counted."""
     frames = [encode(random_image(24, 32, seed=i)) for i in range(30)]

@@ -162,6 +162,7 @@ class StreamSession:
         # Frames started and not yet answered, oldest first: at most config.depth.
         self._in_flight: deque[asyncio.Task[_Answer]] = deque()
         self._started = asyncio.Event()  # a frame joined _in_flight
+        self._answered = asyncio.Event()  # a frame's answer left
 
     async def send_json(self, obj: dict[str, Any]) -> None:
         await self._send(json.dumps(obj))
@@ -213,7 +214,14 @@ class StreamSession:
             if msg.get("bytes") is not None:
                 self._offer(msg["bytes"])
             elif msg.get("text") is not None and await self._control(msg["text"]) == "close":
+                await self._drain()  # a graceful close: what was received is answered
                 return
+
+    async def _drain(self) -> None:
+        """Wait until every frame received so far is answered (or dropped)."""
+        while self._in_flight or self._slot is not None:
+            self._answered.clear()
+            await self._answered.wait()
 
     def _offer(self, data: bytes) -> None:
         frame = self.sent
@@ -284,6 +292,7 @@ class StreamSession:
             self.answered += 1
             self._in_flight.popleft()  # after the send: a stalled client holds <= depth
             self._start_waiting()
+            self._answered.set()
 
     async def _answer(self, p: _Pending, cfg: StreamConfig) -> _Answer:
         """One frame's answer: its result, or the error that names it."""
