@@ -178,11 +178,11 @@ def _open_checked(
     """Steps 1-3: size, format, declared pixels; returns the lazily opened image."""
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"body of {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+    allowed = ", ".join(f.upper() for f in formats)
     if not data:
-        raise UnsupportedMediaType("empty body; send a PNG, JPEG or WebP image")
+        raise UnsupportedMediaType(f"empty body; send an image (accepted: {allowed})")
     fmt = sniff_format(data)
     if fmt is None or fmt not in formats:
-        allowed = ", ".join(f.upper() for f in formats)
         raise UnsupportedMediaType(f"not a supported image (accepted: {allowed})")
     try:
         with warnings.catch_warnings():
@@ -196,7 +196,16 @@ def _open_checked(
             "send it downscaled"
         ) from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error
-        raise CorruptImage(f"cannot read the {fmt.upper()} header") from exc
+        # Pillow's reason (a text chunk over its limit, a bad chunk) says what to fix
+        raise CorruptImage(f"cannot read the {fmt.upper()} header ({str(exc)[:80]})") from exc
+    # An animated PNG or WebP: only its first frame would be certified, unsaid. (A JPEG
+    # with more images, MPO, is a photo plus a preview or depth map: its first is it.)
+    frames = getattr(img, "n_frames", 1) if fmt in ("png", "webp") else 1
+    if frames > 1:
+        raise UnsupportedMediaType(
+            f"animated {fmt.upper()} of {frames} frames: send one still image; a video goes "
+            "frame by frame over /v1/stream"
+        )
     if width < 1 or height < 1:
         raise CorruptImage(f"image declares an empty size {format_size(height, width)}")
     if resize:  # decoded to be shrunk: its own pixels count

@@ -156,6 +156,13 @@ def _tensor(shape, data=None, datatype="FP32", **extra) -> dict:
     return {"inputs": [spec]}
 
 
+def _animated(fmt: str) -> bytes:
+    frames = [Image.fromarray(random_image(H, W, seed=i)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
 _PNG = encode(random_image(H, W, seed=7))
 _JPEG = encode(random_image(H, W, seed=8), "JPEG")
 _GOOD = _tensor([1, 3, 1, 2], [0.5] * 6)
@@ -201,6 +208,10 @@ CORPUS: list[Case] = [
     _bad("ctype-png-json-body", b'{"image": "x"}', 415, "unsupported-media-type"),
     _bad("text", b"just some text", 415, "unsupported-media-type"),
     _bad("gif", b"GIF89a" + b"\x00" * 64, 415, "unsupported-media-type"),
+    # animated: only the first frame would be certified, unsaid (was a 200)
+    _bad("png-animated-APNG", _animated("PNG"), 415, "unsupported-media-type"),
+    _bad("webp-animated", _animated("WEBP"), 415, "unsupported-media-type"),
+    _img("jpeg-MPO-photo-plus-preview", _animated("MPO")),  # a camera's: its first is it
     _bad("bmp", b"BM" + b"\x00" * 64, 415, "unsupported-media-type"),
     _bad(
         "ctype-multipart-no-boundary",
