@@ -393,6 +393,19 @@ CORPUS: list[Case] = [
         "JSON",
         length=10,
     ),
+    # were answered, the extra bytes or the JSON data silently ignored
+    _binary_case(
+        "v2-bin-bytes-after-the-tensor",
+        _tensor([1, 3, 1, 2], parameters=_BIN),
+        bytes(24 + 8),
+        "8 bytes of binary data follow",
+    ),
+    _binary_case(
+        "v2-bin-and-json-data",
+        _tensor([1, 3, 1, 2], [0.5] * 6, parameters=_BIN),
+        bytes(24),
+        "both",
+    ),
     _binary_case(
         "v2-bin-size-past-tail",
         _tensor([1, 3, 1, 2], parameters=_BIN),

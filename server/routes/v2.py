@@ -431,6 +431,8 @@ def _input_tensor(
             raise InvalidParameter("binary_data_size must be a non-negative integer")
         if offset + size > len(tail):
             raise InvalidParameter("binary_data_size runs past the end of the body")
+        if "data" in spec:  # which would be the tensor? neither silently
+            raise InvalidParameter("input has both 'data' and binary_data_size; send one")
         raw: bytes | None = tail[offset : offset + size]
         offset += size
     else:
@@ -597,7 +599,11 @@ def _parse(
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise InvalidParameter("exactly one input, 'image', is expected")
-    tensor, _ = _input_tensor(inputs[0], tail, 0, state, budget)
+    tensor, end = _input_tensor(inputs[0], tail, 0, state, budget)
+    if end != len(tail):  # a binary_data_size too small, or bytes of another request
+        raise InvalidParameter(
+            f"{len(tail) - end} bytes of binary data follow the input's binary_data_size"
+        )
     return req, tensor
 
 
