@@ -285,6 +285,8 @@ def test_control_overlay_ping_and_errors(server):
             assert (await _recv_json(ws))["depth"] == 1
             await ws.send("not json")
             assert (await _recv_json(ws))["status"] == 422
+            await ws.send('{"eps": ' + "1" * 5000 + "}")  # JSON Python's parser refuses
+            assert "4300 digits" in (await _recv_json(ws))["detail"]
             await ws.send(json.dumps({"type": "ping", "t": 7}))
             assert await _recv_json(ws) == {"type": "pong", "t": 7}
             await asyncio.wait_for(await ws.ping(), 10)  # protocol-level ping/pong

@@ -252,8 +252,10 @@ class StreamSession:
             msg = json.loads(text)
             if not isinstance(msg, dict):
                 raise ValueError("not an object")
-        except (ValueError, RecursionError):  # nested past the parser's depth too
-            await self._reject(InvalidParameter("control messages are JSON objects"))
+        except (ValueError, RecursionError) as exc:  # nested past the parser's depth too
+            # the parser's reason: an integer past 4300 digits is valid JSON it refuses
+            why = str(exc)[:80] if not isinstance(exc, RecursionError) else "nested too deep"
+            await self._reject(InvalidParameter(f"control messages are JSON objects ({why})"))
             return None
         kind = msg.get("type", "config")
         if kind == "ping":
