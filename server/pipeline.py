@@ -211,8 +211,8 @@ def class_figures(
     otherwise it can turn into the class; a shrunk image's figures count source pixels.
     Classes with no pixel are left out.
 
-    Gains cost K passes over the logits (1024x2048, 7 classes: 41 ms on one core
-    against 12 ms for the rest; benchmarks/answer_cpu.py), hence their own output."""
+    Gains cost K passes over the logits (1024x2048, 7 classes: 37 ms on one core
+    against 11 ms for the rest; benchmarks/answer_cpu.py), hence their own output."""
     card, L, e = info.card, info.lipschitz, info.margin_error
     exact = e == 0  # margins not shrunk by an error: nothing flips at eps == 0
     K = card.num_classes
