@@ -66,14 +66,21 @@ def test_conv_chain_uses_operator_norm_bounds():
     assert "audited L" in format_table(rep)
 
 
-def test_maxmin_concat_scale_and_branches():
-    """Split -> Max/Min -> Concat is 1; a Concat of branches times s is s*sqrt(sum L^2)."""
-    w = _w(4, 3, 3, 3)
-    nodes = [
+def _conv_split_sort() -> list:
+    """c = Conv(image, w), split in halves a and b, sorted in pairs: hi, lo."""
+    return [
         oh.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1]),
         oh.make_node("Split", ["c"], ["a", "b"], axis=1, num_outputs=2),
         oh.make_node("Max", ["a", "b"], ["hi"]),
         oh.make_node("Min", ["a", "b"], ["lo"]),
+    ]
+
+
+def test_maxmin_concat_scale_and_branches():
+    """Split -> Max/Min -> Concat is 1; a Concat of branches times s is s*sqrt(sum L^2)."""
+    w = _w(4, 3, 3, 3)
+    nodes = [
+        *_conv_split_sort(),
         oh.make_node("Concat", ["hi", "lo"], ["mm"], axis=1),
         oh.make_node("Concat", ["mm", "c", "image"], ["cat"], axis=1),
         oh.make_node("Mul", ["cat", "s"], ["logits"]),
@@ -100,10 +107,7 @@ def test_concat_of_one_splits_parts_is_one_only_when_each_is_used_once(parts, sq
     (sqrt 2), and bounding it at 1 would under-bound L."""
     w = _w(4, 3, 3, 3)
     nodes = [
-        oh.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1]),
-        oh.make_node("Split", ["c"], ["a", "b"], axis=1, num_outputs=2),
-        oh.make_node("Max", ["a", "b"], ["hi"]),
-        oh.make_node("Min", ["a", "b"], ["lo"]),
+        *_conv_split_sort(),
         oh.make_node("Concat", parts, ["logits"], axis=1),
     ]
     model = _graph(nodes, {"w": w})
