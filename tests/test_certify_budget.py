@@ -387,3 +387,47 @@ def test_max_gains_by_class_is_the_prefix_of_the_gaps_into_each_class():
                 assert (got >= max_gains_by_class(logits, mask, eps, 2.0)).all()
     with pytest.raises(ValueError, match="shape"):
         max_gains_by_class(logits, mask[:, :5], 0.1, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_nan_pixel_counts_as_unknown_in_every_figure(backend):
+    """A pixel with a NaN logit is one nothing is known of: every figure treats it as
+    the pixel of all-zero logits (class 0, margin 0, flippable for free into any
+    class), as the server does. NaN compares false, and the numpy figures had counted
+    it as a pixel no attack can flip (max_flips 0 where stability said 0)."""
+    from certseg.certify import (
+        margins,
+        max_flips_by_class,
+        max_gains_by_class,
+        stability,
+        worst_case_iou,
+        worst_case_pixel_accuracy,
+    )
+
+    rng = np.random.default_rng(4)
+    known = rng.normal(size=(3, 6, 7)).astype(np.float32) * 4
+    known[:, 2, 3] = 0.0  # what the rule makes of the pixel below
+    bad = known.copy()
+    bad[1, 2, 3] = np.nan  # one class of that pixel unknown
+    target = known.argmax(0)
+    eps, L = 0.05, 1.0
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        bad, known, target = (torch.from_numpy(a) for a in (bad, known, target))
+
+    def figures(z) -> dict:
+        mask, margin = margins(z)  # a NaN pixel's margin stays NaN: its radius certifies nothing
+        row = {
+            "flips": int(max_flips(margin, eps, L)),
+            "stability": float(stability(margin, 0.05, L)),
+            "wc_acc": float(worst_case_pixel_accuracy(z, target, eps, L)),
+            "wc_iou": np.asarray(worst_case_iou(z, target, eps, L), np.float64).tolist(),
+        }
+        if backend == "numpy":  # the per-class figures are numpy only
+            mask = np.asarray(target)
+            row["by_class"] = max_flips_by_class(margin, mask, 3, eps, L).tolist()
+            row["gains"] = max_gains_by_class(z, mask, eps, L).tolist()
+        return row
+
+    assert figures(bad) == figures(known)
+    assert figures(known)["flips"] >= 1  # the unknown pixel is among the flipped

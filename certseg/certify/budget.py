@@ -24,7 +24,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
-from .pixelwise import _check_lipschitz, _detach, _eps_rows, _unperturbed
+from .pixelwise import _check_lipschitz, _detach, _eps_rows, _unperturbed, unknown_where_nan
 
 __all__ = [
     "STABILITY_FRACTIONS",
@@ -65,12 +65,21 @@ def flip_costs(margin: Array) -> Array:
     xp = array_namespace(margin)
     wide = xp.isdtype(margin.dtype, xp.float64)
     m = xp.astype(_detach(margin), xp.float64)
+    m = xp.where(xp.isnan(m), xp.zeros_like(m), m)  # nothing known: flips for free
     if wide:  # inf stays inf: a pixel that can never flip (a single class)
         m = xp.where(xp.isfinite(m), xp.clip(m, -_MARGIN_CAP, _MARGIN_CAP), m)
     cost = m * m / 2.0
     if wide:
         cost = xp.where(cost < _TINY_COST, xp.zeros_like(cost), cost)
     return cost
+
+
+def _known(margin: np.ndarray) -> np.ndarray:
+    """numpy margins with NaN as 0 (a pixel nothing is known of flips for free), for the
+    threshold tests that would skip a NaN (it compares false). One min when none is."""
+    if margin.size == 0 or not np.isnan(margin.min()):
+        return margin
+    return np.where(np.isnan(margin), margin.dtype.type(0), margin)
 
 
 def attack_budget(eps: float | Array, L: float) -> float | Array:
@@ -235,7 +244,7 @@ def max_flips(
     xp = array_namespace(margin)
     L = _check_lipschitz(L)
     if isinstance(margin, np.ndarray):
-        return _max_flips_numpy(margin, eps, L, valid, exact)
+        return _max_flips_numpy(_known(margin), eps, L, valid, exact)
     costs, lead = _rows(flip_costs(margin), 2)
     keep = xp.ones(costs.shape, dtype=xp.bool, device=_device(costs))
     if valid is not None:
@@ -335,7 +344,7 @@ def _class_groups(
     """
     if margin.shape != labels.shape:
         raise ValueError(f"labels {labels.shape} and margins {margin.shape} differ in shape")
-    flat, lab_all = margin.reshape(-1), labels.reshape(-1)
+    flat, lab_all = _known(margin).reshape(-1), labels.reshape(-1)
     ftype = _float_type(margin)
     if np.ndim(limit) == 0:
         idx = np.flatnonzero(np.abs(flat) <= _margin_threshold(float(limit), ftype))
@@ -429,6 +438,16 @@ def max_flips_by_class(
     return out
 
 
+def _logits_and_top(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, flat max over classes), a pixel with a NaN logit made unknown
+    (`unknown_where_nan`): found on the max, NaN exactly where a logit is."""
+    top = logits.max(axis=0).reshape(-1)
+    if np.isnan(top).any():
+        logits = unknown_where_nan(logits)
+        top = logits.max(axis=0).reshape(-1)
+    return logits, top
+
+
 def gain_candidates_by_class(
     logits: np.ndarray, mask: np.ndarray, budget: float, margin_error: float = 0.0
 ) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -444,7 +463,7 @@ def gain_candidates_by_class(
     if budget < 0:
         return []
     _check_logits(logits, mask)
-    top = logits.max(axis=0).reshape(-1)
+    logits, top = _logits_and_top(logits)
     labels = mask.reshape(-1)
     limit = _affordable_limit(budget)
     groups = []
@@ -501,7 +520,7 @@ def max_gains_by_class(
         return out
     _check_logits(logits, mask)
     limit = _affordable_limit(budget)
-    top = logits.max(axis=0).reshape(-1)
+    logits, top = _logits_and_top(logits)
     labels = mask.reshape(-1)
     for c in range(K):
         z, others = logits[c].reshape(-1), labels != c

@@ -37,7 +37,14 @@ from .budget import (
     summed_budget_slack,
     worst_ratio,
 )
-from .pixelwise import _check_lipschitz, _detach, _eps_rows, _margins64, guaranteed_region
+from .pixelwise import (
+    _check_lipschitz,
+    _detach,
+    _eps_rows,
+    _margins64,
+    guaranteed_region,
+    unknown_where_nan,
+)
 
 __all__ = [
     "certified_pixel_accuracy",
@@ -107,6 +114,9 @@ def _prepare(
     dev = _device(logits)
     logits = _detach(logits)
     pred, margin, top1 = _margins64(logits)
+    if bool(xp.any(xp.isnan(top1))):  # a pixel with a NaN logit: nothing known of it
+        logits = unknown_where_nan(logits)
+        pred, margin, top1 = _margins64(logits)
     target = xp.reshape(_detach(target), (R, N))
     margin = _shrunk(xp.reshape(margin, (R, N)), margin_error)
     eps_rows = _eps_rows(eps, lead, xp, dev)
