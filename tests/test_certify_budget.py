@@ -431,3 +431,25 @@ def test_a_nan_pixel_counts_as_unknown_in_every_figure(backend):
 
     assert figures(bad) == figures(known)
     assert figures(known)["flips"] >= 1  # the unknown pixel is among the flipped
+
+
+def test_stability_never_exceeds_its_exact_value():
+    """stability(k) against exact rationals: (L s)^2 <= the sum of the k smallest
+    m^2 / 2 of the float32 margins as given (the sum is taken down past its rounding,
+    then sqrt and / L one step down), at margins of 1e-3 to 50 and several L."""
+    from fractions import Fraction
+
+    from certseg.certify import fraction_counts
+
+    rng = np.random.default_rng(8)
+    over = checked = 0
+    for _ in range(60):
+        margin = np.abs(rng.normal(size=(9, 11)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32)
+        L = float(rng.choice([1.0, 3.7, 5.050515]))
+        alphas = [0.01, 0.05, 0.1, 0.5]
+        got = stability(margin, alphas, L)
+        costs = sorted(Fraction(float(m)) ** 2 / 2 for m in margin.ravel())
+        for s, k in zip(got.tolist(), fraction_counts(alphas, margin.size), strict=True):
+            checked += 1
+            over += (Fraction(s) * Fraction(L)) ** 2 > sum(costs[:k])
+    assert over == 0 and checked == 240
