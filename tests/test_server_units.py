@@ -838,3 +838,18 @@ def test_tensorrt_provider_fp32_runs_without_tf32(caplog):
     assert any(TF32_ENV in r.getMessage() and "TF32" in r.getMessage() for r in caplog.records)
     env = {TF32_ENV: "0"}
     assert apply_tf32_override([TRT], "fp32", environ=env) == {} and env == {TF32_ENV: "0"}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "header"), [(0.0, "1"), (0.2, "1"), (1.0, "1"), (1.2, "2"), (7.9, "8")]
+)
+def test_retry_after_is_a_whole_number_of_seconds_rounded_up(seconds, header):
+    """RFC 9110 takes whole seconds: a measured 1.2 s becomes 2 (never 1: the client
+    would come back before the queue drained), and never 0 (an instant retry loop)."""
+    from starlette.requests import Request
+
+    from server.errors import problem_response
+
+    request = Request({"type": "http", "path": "/v1/segment", "headers": [], "state": {}})
+    r = problem_response(request, 503, "Server overloaded", "full", "overloaded", seconds)
+    assert r.headers["retry-after"] == header
