@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -70,16 +71,25 @@ class RedactApiKey(logging.Filter):
         super().__init__()
         self.secrets = tuple(s for s in secrets if s)
 
+    def redact(self, text: str) -> str:
+        return redact_api_key(text, self.secrets)
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        clean = redact_api_key(message, self.secrets)
+        clean = self.redact(message)
         if clean != message:
             record.msg, record.args = clean, None
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    """ts, level, logger, msg, request_id, any `extra=` fields, exc (type and message)."""
+    """ts, level, logger, msg, request_id, any `extra=` fields, exc (type and message).
+    `redact` rewrites the request id and every text field as the message filter does:
+    a client may put the key in a path or a request id too."""
+
+    def __init__(self, redact: Callable[[str], str] | None = None) -> None:
+        super().__init__()
+        self.redact = redact or (lambda text: text)
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -91,10 +101,10 @@ class JsonFormatter(logging.Formatter):
         }
         rid = request_id_var.get()
         if rid is not None:
-            out["request_id"] = rid
+            out["request_id"] = self.redact(rid)
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value
+                out[key] = self.redact(value) if isinstance(value, str) else value
         if record.exc_info and record.exc_info[1] is not None:
             out["exc"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
             out["trace"] = self.formatException(record.exc_info)
@@ -107,9 +117,10 @@ def configure_logging(
     """Route certseg's and uvicorn's loggers to stderr, as JSON lines when asked, with
     API keys redacted (`secrets`: the configured key, blanked wherever it shows)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactApiKey(secrets))
+    redaction = RedactApiKey(secrets)
+    handler.addFilter(redaction)
     if as_json:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(redaction.redact))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     for name in ("certseg", "uvicorn", "uvicorn.error"):
