@@ -261,6 +261,13 @@ def test_multipart_image_only(client):
     typo = {**files, "traget": ("t.png", png, "image/png")}
     detail = assert_problem(client.post("/v1/segment", files=typo), 422)["detail"]
     assert "'traget'" in detail and "image, target" in detail
+    # a body cut before its closing boundary: said so, not "needs a field named 'image'"
+    whole = httpx.Request("POST", "http://t/", files=files)
+    cut = whole.read()[:-60]
+    r = client.post(
+        "/v1/segment", content=cut, headers={"Content-Type": whole.headers["content-type"]}
+    )
+    assert "cut short" in assert_problem(r, 422)["detail"]
 
 
 def test_format_png_and_npz(client, session):

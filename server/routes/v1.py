@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import math
+import re
 import time
 from typing import Annotated, Literal
 
@@ -281,13 +282,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+#: The boundary parameter of a multipart Content-Type, quoted or not.
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
 async def _image_and_target(request: Request, state: ServerState) -> tuple[bytes, bytes | None]:
     """(image bytes, target bytes or None) from a raw or multipart body."""
     ctype = request.headers.get("content-type", "").lower()
     limit = state.limits.max_bytes
     if not ctype.startswith("multipart/form-data"):
         return await read_body(request, limit), None
-    await read_body(request, 2 * limit + MULTIPART_SLACK)
+    body = await read_body(request, 2 * limit + MULTIPART_SLACK)
     # one file more than the route takes, so that a second image or target gets our 422
     form = await request.form(max_files=3, max_fields=4, max_part_size=limit)
     try:
@@ -310,6 +315,11 @@ async def _image_and_target(request: Request, state: ServerState) -> tuple[bytes
     finally:
         await form.close()
     if "image" not in parts:  # a multipart body, but not the one this route takes
+        boundary = _BOUNDARY.search(request.headers.get("content-type", ""))
+        if boundary and f"--{boundary.group(1)}--".encode() not in body:
+            raise InvalidParameter(
+                "multipart body ends before its closing boundary: it was cut short"
+            )
         raise InvalidParameter("multipart body needs a file field named 'image'")
     return parts["image"], parts.get("target")
 
