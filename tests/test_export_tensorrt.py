@@ -93,6 +93,34 @@ def test_error_bound_arithmetic():
         error_bound_from_outputs([ref], [ref], safety=0.5)
 
 
+def test_gap_difference_is_taken_at_the_engines_class_both_ways():
+    """One pixel, 3 classes. The engine (class 0) has gap z_0 - z_2 0.3 smaller than
+    the reference's: a shrunk gap, the unsafe direction, must count. Another pixel where
+    the classes differ: its gaps are the engine's (the ones its figures shrink)."""
+    ref_logits = np.array([[[2.0, 0.0]], [[1.0, 1.0]], [[0.0, 0.2]]], np.float32)[None]
+    eng_logits = ref_logits.copy()
+    eng_logits[0, 2, 0, 0] += 0.3  # gap 0-2 at pixel 0: 2.0 -> 1.7
+    eng_logits[0, :, 0, 1] += [1.5, 0.0, -2.0]  # pixel 1: engine class 0, reference 1
+
+    def head(z):
+        s = np.sort(z, axis=1)
+        return {"mask": z.argmax(1).astype(np.int32), "margin": s[:, -1] - s[:, -2], "logits": z}
+
+    eng, ref = head(eng_logits), head(ref_logits)
+    assert eng["mask"].tolist() == [[[0, 0]]] and ref["mask"].tolist() == [[[0, 1]]]
+    bound = error_bound_from_outputs([eng], [ref], safety=1.0, slack=0.0)
+    # pixel 1 at the engine's class 0: gap 0-2 moved by 1.5 + 2 (at the reference's
+    # class 1 the most is 2)
+    assert bound.max_gap_diff == pytest.approx(3.5)
+    eng_logits[0, :, 0, 1] = ref_logits[0, :, 0, 1]  # now only pixel 0's shrunk gap moved
+    assert error_bound_from_outputs([head(eng_logits)], [ref], 1.0, 0.0).max_gap_diff == (
+        pytest.approx(0.3)
+    )
+    broken = head(np.where(eng_logits == 2.0, np.float32(np.inf), eng_logits))
+    with pytest.raises(ValueError, match="non-finite"):
+        error_bound_from_outputs([{**broken, "margin": ref["margin"]}], [ref])
+
+
 def test_mask_flip_forces_the_bound_above_its_margin():
     ref = {"mask": np.array([[[0, 1]]], np.int32), "margin": np.array([[[0.5, 0.2]]], np.float32)}
     trt = {"mask": np.array([[[0, 0]]], np.int32), "margin": np.array([[[0.5, 0.21]]], np.float32)}

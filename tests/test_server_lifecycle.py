@@ -182,6 +182,9 @@ def test_past_the_grace_a_running_pass_gets_503_and_does_not_hold_the_exit():
         assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
         assert "shutting down" in r.json()["detail"]
         assert not srv.thread.is_alive() and down_s < 3.0, down_s  # the pass still runs
+        labels = {"route": "/v1/segment", "method": "POST", "status": "503"}
+        registry = srv.app.state.server.metrics.registry
+        assert registry.get_sample_value("certseg_requests_total", labels) == 1  # not 500
     finally:
         engine.gate.set()
         srv.stop()

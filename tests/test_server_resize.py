@@ -5,6 +5,7 @@ server, tiny exported model, figures recomputed from a direct ONNX Runtime sessi
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 
@@ -69,6 +70,17 @@ def test_a_thin_image_counts_the_pixels_its_padded_pass_runs_on(client, session)
     v2 = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 1, 2000],
                       "data": [0.5] * 6000}]}  # fmt: skip
     assert "run as 4000" in client.post("/v2/models/tiny/infer", json=v2).json()["error"]
+    # a V2 request's pixel budget (one pass) counts padded pixels too: two 1x1000 images
+    # are 2000 pixels but run as 4000, over the 2560 of a pass
+    two = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [2, 3, 1, 1000],
+                       "data": [0.5] * 6000}]}  # fmt: skip
+    r = client.post("/v2/models/tiny/infer", json=two)
+    assert r.status_code == 413 and "4000 pixels" in r.json()["error"], r.text
+    thin = encode(random_image(1, 1000))
+    pngs = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                        "data": [base64.b64encode(thin).decode()] * 2}]}  # fmt: skip
+    r = client.post("/v2/models/tiny/infer", json=pngs)
+    assert r.status_code == 413 and "4000 pixels" in r.json()["error"], r.text
 
 
 def test_over_the_limit_is_413_naming_resize(client):

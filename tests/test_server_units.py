@@ -853,3 +853,24 @@ def test_retry_after_is_a_whole_number_of_seconds_rounded_up(seconds, header):
     request = Request({"type": "http", "path": "/v1/segment", "headers": [], "state": {}})
     r = problem_response(request, 503, "Server overloaded", "full", "overloaded", seconds)
     assert r.headers["retry-after"] == header
+
+
+def test_limits_take_the_largest_pad_multiple_and_refuse_a_limit_under_one_block():
+    """Every pixel limit counts the padded pass of the model that pads most, whatever
+    order the models come in; a max_pixels under one padded block would refuse every
+    image, so the server refuses to start with it instead. (Stand-in engines: only
+    their names and cards are read here.)"""
+    from server.metrics import Metrics
+    from server.state import ServerState
+
+    def fake(name: str, multiple: int):
+        card = SimpleNamespace(pad_multiple=multiple)
+        return SimpleNamespace(metadata=lambda: SimpleNamespace(name=name, card=card))
+
+    state = ServerState(Settings(), Metrics())
+    state.add_engines([fake("a", 8)])
+    state.add_engines([fake("b", 1)])  # a later model that pads less lowers nothing
+    assert state.limits.pad_multiple == 8 and state.limits.network_pixels(1, 9) == 128
+    with pytest.raises(ModelError, match="under one 8x8 block"):
+        ServerState(Settings(max_pixels=63), Metrics()).add_engines([fake("c", 8)])
+    assert ServerState(Settings(max_pixels=64), Metrics()).add_engines([fake("d", 8)]) is None
