@@ -560,14 +560,10 @@ def _hold_odd_then_queue(srv, engine, pool, post, odd: bytes, imgs: list[bytes])
 
 
 def _requests_with_status(srv, status: int) -> float:
-    """certseg_requests_total of POST /v1/segment with `status`, read from /metrics."""
-    want = ('route="/v1/segment"', 'method="POST"', f'status="{status}"')
-    lines = httpx.get(srv.base + "/metrics").text.splitlines()
-    return sum(
-        float(line.split()[-1])
-        for line in lines
-        if line.startswith("certseg_requests_total{") and all(w in line for w in want)
-    )
+    """certseg_requests_total of POST /v1/segment with `status`, from the server's registry."""
+    labels = {"route": "/v1/segment", "method": "POST", "status": str(status)}
+    registry = srv.app.state.server.metrics.registry
+    return registry.get_sample_value("certseg_requests_total", labels) or 0.0
 
 
 def _raw_post(srv, body: bytes, declared: int) -> socket.socket:

@@ -226,15 +226,19 @@ def test_mask_png_depth():
 class FakeEngine:
     """numpy stand-in: mask = channel 0 > 0.5; records every batch's shape."""
 
-    def __init__(self, delay: float = 0.0, fail: bool = False, pad_multiple: int = 1) -> None:
+    def __init__(
+        self, delay: float = 0.0, fail: bool = False, pad_multiple: int = 1, name: str = "m"
+    ) -> None:
         self.batches: list[tuple[int, ...]] = []
-        self.delay, self.fail, self.pad_multiple = delay, fail, pad_multiple
+        self.delay, self.fail, self.pad_multiple, self.name = delay, fail, pad_multiple, name
 
     def metadata(self):
-        """What the batcher reads: the card's pad multiple (0: a broken card)."""
+        """What the batcher and the server state read: the name and the card's pad
+        multiple (0: a broken card)."""
         if self.pad_multiple == 0:
             raise RuntimeError("no card")
-        return SimpleNamespace(card=SimpleNamespace(pad_multiple=self.pad_multiple))
+        card = SimpleNamespace(pad_multiple=self.pad_multiple)
+        return SimpleNamespace(name=self.name, card=card)
 
     def infer(self, images, outputs):
         self.batches.append(images.shape)
@@ -863,14 +867,11 @@ def test_limits_take_the_largest_pad_multiple_and_refuse_a_limit_under_one_block
     from server.metrics import Metrics
     from server.state import ServerState
 
-    def fake(name: str, multiple: int):
-        card = SimpleNamespace(pad_multiple=multiple)
-        return SimpleNamespace(metadata=lambda: SimpleNamespace(name=name, card=card))
-
     state = ServerState(Settings(), Metrics())
-    state.add_engines([fake("a", 8)])
-    state.add_engines([fake("b", 1)])  # a later model that pads less lowers nothing
+    state.add_engines([FakeEngine(pad_multiple=8, name="a")])
+    state.add_engines([FakeEngine(pad_multiple=1, name="b")])  # pads less: lowers nothing
     assert state.limits.pad_multiple == 8 and state.limits.network_pixels(1, 9) == 128
     with pytest.raises(ModelError, match="under one 8x8 block"):
-        ServerState(Settings(max_pixels=63), Metrics()).add_engines([fake("c", 8)])
-    assert ServerState(Settings(max_pixels=64), Metrics()).add_engines([fake("d", 8)]) is None
+        ServerState(Settings(max_pixels=63), Metrics()).add_engines([FakeEngine(pad_multiple=8)])
+    one_block = ServerState(Settings(max_pixels=64), Metrics())
+    assert one_block.add_engines([FakeEngine(pad_multiple=8)]) is None
