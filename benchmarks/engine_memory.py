@@ -3,15 +3,20 @@
 A fully convolutional net's working memory grows with the pixels of a pass. Each
 (size, variant) runs in a fresh process (peak RSS is per process): it loads the
 shipped model into the engine the server uses (ONNX Runtime CPU, dynamic session)
-and runs one image three times; the figures are the peak RSS after each pass and
-the first pass's growth over the loaded engine per pixel. One more process per
-variant runs `--mixed` random sizes after its largest, as clients' varied frames
-would. Variants:
+and runs one image three times, then `ARENA_WINDOW_PASSES` passes of the card's size;
+the figures are the peak RSS after each pass, the RSS held after the three passes
+and after the small ones (what the server keeps between requests) and the first
+pass's growth over the loaded engine per pixel. One more process per variant runs
+`--mixed` random sizes after its largest, as clients' varied frames would. Variants:
 
-    served        the engine as served (memory pattern off)
+    served        the engine as served: memory pattern off, the arena given back
+                  once the pass that grew it is `ARENA_WINDOW_PASSES` passes old
     mem-pattern   the same with onnxruntime's memory pattern on (its default)
+    arena-kept    the served engine whose arena keeps every chunk (onnxruntime's default)
 
-Speed of the two is timed in turns in one process on the same input.
+Speed of the three is timed in turns in one process on the same input (a stream of
+one size: no shrink); the cost of a shrink, the regrowth of the next large pass, is
+timed in turns as a large pass after `ARENA_WINDOW_PASSES` small ones.
 
     python benchmarks/engine_memory.py --sizes 512x1024,1024x2048,2048x2048
 """
@@ -31,12 +36,12 @@ import numpy as np
 from _common import parse_sizes, print_table, time_in_turns, write_result
 from tqdm import tqdm
 
-from server.backends.ort import OnnxRuntimeEngine
+from server.backends.ort import ARENA_WINDOW_PASSES, OnnxRuntimeEngine
 from server.settings import Settings, default_model_path
 
 GIB = 2**30
 PASSES = 3
-VARIANTS = ("served", "mem-pattern")
+VARIANTS = ("served", "mem-pattern", "arena-kept")
 OUTPUTS = ["mask", "margin", "radius"]
 
 
@@ -49,8 +54,17 @@ class MemPatternEngine(OnnxRuntimeEngine):
         return so
 
 
+class ArenaKeptEngine(OnnxRuntimeEngine):
+    """The served engine without the arena shrink after large passes: the comparison."""
+
+    def run_options(self, images: np.ndarray) -> Any:
+        return None
+
+
 def make_engine(variant: str, threads: int) -> OnnxRuntimeEngine:
-    cls = MemPatternEngine if variant == "mem-pattern" else OnnxRuntimeEngine
+    cls = {"mem-pattern": MemPatternEngine, "arena-kept": ArenaKeptEngine}.get(
+        variant, OnnxRuntimeEngine
+    )
     settings = Settings(intra_op_threads=threads, ort_specialize=False)
     engine = cls(None, default_model_path(), settings)
     engine.load()
@@ -61,8 +75,14 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _rss_bytes() -> int:
+    """Resident now (Linux): what the process holds once a pass is done."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
 def measure(variant: str, shapes: list[tuple[int, int]], threads: int) -> dict[str, Any]:
-    """In this process: load the engine, run one image of each shape in order."""
+    """In this process: load the engine, run one image of each shape in order, then
+    `ARENA_WINDOW_PASSES` of the card's size."""
     engine = make_engine(variant, threads)
     loaded = _peak_rss_bytes()
     rng = np.random.default_rng(0)
@@ -73,10 +93,16 @@ def measure(variant: str, shapes: list[tuple[int, int]], threads: int) -> dict[s
         engine.infer(x, OUTPUTS)
         seconds.append(time.perf_counter() - t)
         peaks.append(_peak_rss_bytes() / GIB)
+    held = _rss_bytes() / GIB
+    small = rng.random((1, 3, *engine.info.card.input_size), dtype=np.float32)
+    for _ in range(ARENA_WINDOW_PASSES):
+        engine.infer(small, OUTPUTS)
     h, w = shapes[0]
     return {
         "loaded_gib": loaded / GIB,
         "peak_gib": peaks,
+        "rss_held_gib": held,
+        "rss_after_small_gib": _rss_bytes() / GIB,
         "kib_per_pixel": (peaks[0] * GIB - loaded) / (h * w) / 1024,
         "seconds": seconds,
     }
@@ -104,6 +130,28 @@ def median_s_in_turns(h: int, w: int, threads: int, rounds: int) -> dict[str, fl
     return {v: float(np.median(t)) / 1000 for v, t in times.items()}
 
 
+def regrowth_ms_in_turns(
+    large: tuple[int, int], small: tuple[int, int], threads: int, rounds: int
+) -> dict[str, float]:
+    """Median ms of a `large` pass after `ARENA_WINDOW_PASSES` `small` ones, served (its
+    arena given back after the last small one) vs arena-kept, in turns: what giving
+    a one-off large image's memory back costs the next one."""
+    engines = {v: make_engine(v, threads) for v in ("served", "arena-kept")}
+    rng = np.random.default_rng(0)
+    big = rng.random((1, 3, *large), dtype=np.float32)
+    x = rng.random((1, 3, *small), dtype=np.float32)
+    times: dict[str, list[float]] = {v: [] for v in engines}
+    for i in tqdm(range(rounds + 1), desc=f"regrowth {large[0]}x{large[1]}"):
+        for v in list(engines)[:: -1 if i % 2 else 1]:
+            t = time.perf_counter()
+            engines[v].infer(big, OUTPUTS)
+            if i:  # round 0 warms both up
+                times[v].append((time.perf_counter() - t) * 1000)
+            for _ in range(ARENA_WINDOW_PASSES):
+                engines[v].infer(x, OUTPUTS)
+    return {v: float(np.median(t)) for v, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="512x1024,1024x2048,2048x2048")
@@ -113,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="result file (default: benchmarks/results/)")
     ap.add_argument("--mixed", type=int, default=25, help="random sizes in one process")
     ap.add_argument("--mixed-largest", default="1024x2048")
+    ap.add_argument("--regrowth", default="1024x2048,256x512", help="LARGE,SMALL: sizes of the regrowth turns")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # VARIANT:HxW,HxW..., the child's job
     args = ap.parse_args(argv)
     if args.one:
@@ -155,16 +204,18 @@ def main(argv: list[str] | None = None) -> dict:
             "size",
             "variant",
             "peak RSS GiB, passes 1/2/../last",
+            "RSS held GiB: after them / small passes",
             "KiB/px (pass 1)",
             "s, passes 1/2/3",
         ],
         [
-            [r["size"], r["variant"], r["killed"], "", ""]
+            [r["size"], r["variant"], r["killed"], "", "", ""]
             if "killed" in r
             else [
                 r["size"],
                 r["variant"],
                 " / ".join(f"{g:.2f}" for g in [*r["peak_gib"][:2], r["peak_gib"][-1]]),
+                f"{r['rss_held_gib']:.2f} / {r['rss_after_small_gib']:.2f}",
                 r["kib_per_pixel"],
                 " / ".join(f"{s:.2f}" for s in r["seconds"][:3]),
             ]
@@ -180,11 +231,21 @@ def main(argv: list[str] | None = None) -> dict:
         ["size", *VARIANTS],
         [[size, *(t[v] for v in VARIANTS)] for size, t in turns.items()],
     )
+    large, small = parse_sizes(args.regrowth)
+    regrowth = regrowth_ms_in_turns(large, small, args.threads, args.rounds)
+    print_table(
+        f"median ms of a {large[0]}x{large[1]} pass after {ARENA_WINDOW_PASSES} of"
+        f" {small[0]}x{small[1]}, in turns",
+        ["served (arena given back)", "arena-kept"],
+        [[regrowth["served"], regrowth["arena-kept"]]],
+    )
     result = {
         "threads": args.threads,
         "passes": PASSES,
         "rows": rows,
         "turns": {"rounds": args.rounds, "median_s": turns},
+        "window_passes": ARENA_WINDOW_PASSES,
+        "regrowth": {"large": list(large), "small": list(small), "median_ms": regrowth},
     }
     print(write_result("engine_memory_cpu", result, args.out))
     return result
