@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="result file (default: benchmarks/results/)")
     ap.add_argument("--mixed", type=int, default=25, help="random sizes in one process")
     ap.add_argument("--mixed-largest", default="1024x2048")
-    ap.add_argument("--regrowth", default="1024x2048,256x512", help="LARGE,SMALL: sizes of the regrowth turns")
+    ap.add_argument(
+        "--regrowth", default="1024x2048,256x512", help="LARGE,SMALL: sizes of the regrowth turns"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # VARIANT:HxW,HxW..., the child's job
     args = ap.parse_args(argv)
     if args.one:

@@ -11,6 +11,8 @@ pass); the memory given back is measured in `test_engine_memory_short.py`.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from server_support import ort_engine, tiny_model_dir
 
@@ -45,7 +47,7 @@ def test_a_larger_pass_inside_the_window_carries_the_arena_on():
     rng = np.random.default_rng(0)
     passes = [int(p) for p in rng.integers(1, 1000, size=40 * WINDOW)]
     done = _shrinks(ArenaShrinkPolicy(100), passes)
-    assert done and all(b - a >= WINDOW for a, b in zip(done, done[1:]))
+    assert done and all(b - a >= WINDOW for a, b in itertools.pairwise(done))
 
 
 def _options_shrink(engine: OnnxRuntimeEngine, n: int, h: int, w: int) -> bool:

@@ -48,11 +48,12 @@ class ArenaShrinkPolicy:
     onnxruntime's arena keeps every chunk a pass grew it by, for good; a shrink (a run
     option) hands the free ones back after that run, and the next pass regrows, paying
     its page faults again: repeated 1024x2048 passes of the shipped model took 3.07 s
-    instead of 2.11 when each shrank. So the arena keeps what the largest of the last
-    `window` passes needed, never less than `steady_pixels` (a full batch of the card's
-    or the largest warm-up size), and shrinks at the end of the pass after which the
-    pass that grew it has left the window: a stream of large frames keeps its memory, a
-    one-off large image is given back `window` passes later."""
+    instead of 2.11 when each shrank, one after 8 small ones 3.13 s instead of 1.94.
+    So the arena keeps what the largest of the last `window` passes needed, never less
+    than `steady_pixels` (a full batch of the card's or the largest warm-up size), and
+    shrinks at the end of the pass after which the pass that grew it has left the
+    window: a stream of large frames keeps its memory, a one-off large image is given
+    back `window` passes later."""
 
     def __init__(self, steady_pixels: int, window: int = ARENA_WINDOW_PASSES) -> None:
         self.steady_pixels = steady_pixels
@@ -221,8 +222,8 @@ class OnnxRuntimeEngine(BaseEngine):
         if self._providers[0][0] == CPU:
             # The memory pattern (one block planned from the first run of a shape) comes
             # on top of the arena's chunks from that run: peak RSS nearly doubled on the
-            # second pass of a size (shipped model, 1024x2048: 5.72 GiB, 3.19 without),
-            # for about 3% of speed (2939 vs 3023 ms in turns; benchmarks/engine_memory.py).
+            # second pass of a size (shipped model, 1024x2048: 5.70 GiB, 3.19 without),
+            # for about 3% of speed (1762 vs 1811 ms in turns; benchmarks/engine_memory.py).
             so.enable_mem_pattern = False
         for name, value in (fixed or {}).items():
             so.add_free_dimension_override_by_name(name, value)
@@ -286,8 +287,8 @@ class OnnxRuntimeEngine(BaseEngine):
     def run_options(self, images: np.ndarray) -> Any:
         """The dynamic session's options for this pass (`ArenaShrinkPolicy` records it):
         None, or a shrink of the CPU arena at its end. Without the shrink one 1024x2048
-        image left the shipped model's server at 3.19 GiB RSS for good, 0.32 GiB with it
-        (benchmarks/engine_memory.py)."""
+        image left the shipped model's server at 3.19 GiB RSS for good; 8 small passes
+        later, 0.44 GiB with it (benchmarks/engine_memory.py)."""
         n, _, h, w = images.shape
         if self._arena is None or not self._arena.shrink_after(n * h * w):
             return None
