@@ -1,9 +1,10 @@
 """Prometheus metrics, in a registry of the app's own (two apps in one process, as in
-tests, never collide in the global registry)."""
+tests, never collide in the global registry), with the standard ``process_`` ones
+(resident memory, CPU seconds, open files) beside ours."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 __all__ = ["Metrics"]
 
@@ -14,11 +15,14 @@ _EPS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 
 
 
 class Metrics:
-    """Every metric the server exports; names start with ``certseg_``."""
+    """Every metric the server exports; ours start with ``certseg_``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_resident_memory_bytes is what host memory is sized by (a pass's memory
+        # grows with its pixels; docs/reliability.md), so every scrape carries it.
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "certseg_requests",
             "HTTP requests and WebSocket sessions by route template and status.",

@@ -363,6 +363,8 @@ def test_docs_metrics_health_and_index(client):
     ):
         assert name in text, name
     assert 'route="/v1/segment"' in text and 'stage="infer"' in text
+    rss = float(text.split("\nprocess_resident_memory_bytes ")[1].split()[0])
+    assert 50e6 < rss < 64e9  # this process's: the interpreter with the engine loaded
 
     # one observation per share of the pixels, labelled by it (default outputs ask it)
     def stability_counts(text: str) -> list[float]:
