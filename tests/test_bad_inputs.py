@@ -299,6 +299,15 @@ CORPUS: list[Case] = [
     _v2("v2-bytes-not-base64", _tensor([1], ["not base64!"], "BYTES"), 422, "base64"),
     _v2("v2-bytes-batch-0", _tensor([0], [], "BYTES"), 422, "no images"),
     _v2(
+        "v2-bytes-data-not-a-list",
+        _tensor([1], base64.b64encode(_PNG).decode(), "BYTES"),
+        422,
+        "list",
+    ),
+    _v2(
+        "v2-bytes-shape-scalar", _tensor([], [base64.b64encode(_PNG).decode()], "BYTES"), 422, "[N]"
+    ),
+    _v2(
         "v2-bytes-shape-mismatch",
         _tensor([2], [base64.b64encode(_PNG).decode()], "BYTES"),
         422,
@@ -385,6 +394,14 @@ CORPUS: list[Case] = [
         (struct.pack("<I", 1) + b"x") * 300_000,
         "max_queue",
         status=413,
+    ),
+    # 200k 1-byte elements behind a shape of one: refused at the second, not once all
+    # are parsed into Python objects (about 12x the body)
+    _binary_case(
+        "v2-bin-bytes-more-than-the-shape",
+        _tensor([1], datatype="BYTES", parameters={"binary_data_size": 1_000_000}),
+        (struct.pack("<I", 1) + b"x") * 200_000,
+        "more were sent",
     ),
     _binary_case(
         "v2-bin-header-cuts-json",

@@ -268,6 +268,20 @@ def test_multipart_image_only(client):
         "/v1/segment", content=cut, headers={"Content-Type": whole.headers["content-type"]}
     )
     assert "cut short" in assert_problem(r, 422)["detail"]
+    # the image whole, the target cut: not a 200 without the metrics asked for
+    target = encode(np.zeros((32, 48), np.uint8))
+    whole = httpx.Request(
+        "POST", "http://t/", files={**files, "target": ("t.png", target, "image/png")}
+    )
+    body = whole.read()
+    assert body.index(b'name="target"') < len(body) - 100  # the cut falls in the target
+    ctype = {"Content-Type": whole.headers["content-type"]}
+    r = client.post("/v1/segment", content=body[:-100], headers=ctype)
+    assert "cut short" in assert_problem(r, 422)["detail"]
+    assert "metrics" in client.post("/v1/segment", content=body, headers=ctype).json()
+    # another media type that merely starts alike is a raw body: not an image
+    odd = {"Content-Type": ctype["Content-Type"].replace("form-data", "form-datax")}
+    assert_problem(client.post("/v1/segment", content=body, headers=odd), 415)
 
 
 def test_format_png_and_npz(client, session):

@@ -288,11 +288,16 @@ _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 async def _image_and_target(request: Request, state: ServerState) -> tuple[bytes, bytes | None]:
     """(image bytes, target bytes or None) from a raw or multipart body."""
-    ctype = request.headers.get("content-type", "").lower()
+    ctype = request.headers.get("content-type", "")
     limit = state.limits.max_bytes
-    if not ctype.startswith("multipart/form-data"):
+    if ctype.split(";")[0].strip().lower() != "multipart/form-data":
         return await read_body(request, limit), None
     body = await read_body(request, 2 * limit + MULTIPART_SLACK)
+    boundary = _BOUNDARY.search(ctype)
+    # Starlette's parser takes a body cut short for one whose parts are all there: a lost
+    # 'target' would drop the worst-case metrics unsaid
+    if boundary and f"--{boundary.group(1)}--".encode() not in body:
+        raise InvalidParameter("multipart body ends before its closing boundary: it was cut short")
     # one file more than the route takes, so that a second image or target gets our 422
     form = await request.form(max_files=3, max_fields=4, max_part_size=limit)
     try:
@@ -315,11 +320,6 @@ async def _image_and_target(request: Request, state: ServerState) -> tuple[bytes
     finally:
         await form.close()
     if "image" not in parts:  # a multipart body, but not the one this route takes
-        boundary = _BOUNDARY.search(request.headers.get("content-type", ""))
-        if boundary and f"--{boundary.group(1)}--".encode() not in body:
-            raise InvalidParameter(
-                "multipart body ends before its closing boundary: it was cut short"
-            )
         raise InvalidParameter("multipart body needs a file field named 'image'")
     return parts["image"], parts.get("target")
 

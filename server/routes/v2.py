@@ -395,10 +395,15 @@ def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def _parse_bytes_elements(raw: bytes) -> list[bytes]:
-    """Triton's BYTES serialization: each element is a uint32 LE length, then bytes."""
+def _parse_bytes_elements(raw: bytes, shape: list[int]) -> list[bytes]:
+    """Triton's BYTES serialization: each element is a uint32 LE length, then bytes.
+    Stops at the element past what `shape` holds: a body of many tiny elements would
+    otherwise become a list of Python objects about 12x its size before it is refused."""
+    declared = math.prod(shape)
     out, i = [], 0
     while i < len(raw):
+        if len(out) == declared:
+            raise InvalidParameter(f"shape {shape} holds {declared} BYTES elements; more were sent")
         if i + 4 > len(raw):
             raise InvalidParameter("truncated BYTES tensor")
         (n,) = struct.unpack_from("<I", raw, i)
@@ -443,10 +448,16 @@ def _input_tensor(
         declared = math.prod(shape)
         if declared > state.settings.max_queue:  # before a single element is parsed
             raise PayloadTooLarge(f"batch of {declared} exceeds max_queue")
+        if not shape:
+            raise InvalidParameter("BYTES input shape must be [N] (N encoded images), got []")
         if raw is not None:
-            items = _parse_bytes_elements(raw)
+            items = _parse_bytes_elements(raw, shape)
         else:
+            if not isinstance(spec["data"], list):
+                raise InvalidParameter("BYTES data in JSON must be a list of base64 strings")
             flat = np.asarray(spec["data"], dtype=object).reshape(-1).tolist()
+            if len(flat) != declared:  # before any is decoded
+                raise InvalidParameter(f"shape {shape} does not match {len(flat)} BYTES elements")
             try:
                 items = [base64.b64decode(s, validate=True) for s in flat]
             except (ValueError, TypeError) as exc:
