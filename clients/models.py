@@ -111,12 +111,14 @@ def error_for_status(
     text: str = "",
     retry_after: float | None = None,
 ) -> APIError:
-    """The typed exception for an error answer (problem+json, V2 {"error"} or plain)."""
+    """The typed exception for an error answer (problem+json, V2 {"error"} or plain).
+    The HTTP status is the one kept: a body's own "status" may be a proxy's word
+    ({"status": "fail"}) or disagree with what reached the client (RFC 9457)."""
     body = body if isinstance(body, dict) else {}
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else InputRejected)
     detail = body.get("detail") or body.get("error") or text[:500]
     return cls(
-        int(body.get("status", status)),
+        status,
         str(body.get("title", "")),
         str(detail),
         type=str(body.get("type", "about:blank")),

@@ -29,6 +29,7 @@ from clients import (
     CertSegClient,
     InputRejected,
     SegmentResult,
+    ServerError,
     ServiceUnavailable,
     StreamSummary,
     TransportError,
@@ -307,6 +308,20 @@ def test_retry_after_is_honoured_and_backoff_grows():
     plain = ServiceUnavailable(503, "Backend error")
     assert [core.retry_delay(i, plain) for i in range(5)] == [0.5, 1.0, 2.0, 3.0, None]
     assert core.retry_delay(0, InputRejected(422, "Invalid parameter")) is None
+
+
+def test_a_proxys_json_error_is_typed_by_its_http_status():
+    """A gateway's own JSON (a fault the real server never makes, hence the mock
+    transport): its "status" is a word or null, the HTTP status is what counts."""
+    bodies = [{"status": "fail", "message": "upstream timed out"}, {"status": None}]
+    for body in bodies:
+        transport = httpx.MockTransport(lambda request, b=body: httpx.Response(502, json=b))
+        with (
+            CertSegClient("http://x", max_retries=0, transport=transport) as c,
+            pytest.raises(ServerError) as info,
+        ):
+            c.models()
+        assert info.value.status == 502
 
 
 def test_refused_connection_is_transport_error():
