@@ -54,6 +54,24 @@ def test_certified_radius() -> None:
             certified_radius(np.array([1.0]), bad)
 
 
+def test_certified_radius_never_rounds_above_the_exact_radius() -> None:
+    """margin / (sqrt(2) L) in float32 rounds to nearest, up half the time: the
+    `certseg certify` fractions at an eps between the two were too high."""
+    from decimal import Decimal, localcontext
+
+    rng = np.random.default_rng(0)
+    with localcontext() as ctx:
+        ctx.prec = 50
+        for L in (1.0, 4.000002597771408, 5.050515273576036):
+            m = rng.uniform(0, 2, size=2000).astype(np.float32)
+            r = certified_radius(m, L)
+            assert r.dtype == np.float32
+            denom = Decimal(2).sqrt() * Decimal(L)
+            pairs = zip(m.tolist(), r.tolist(), strict=True)
+            assert all(Decimal(ri) <= Decimal(mi) / denom for mi, ri in pairs)
+            assert np.all(r >= m / (math.sqrt(2.0) * L) * (1 - 2**-20))  # and barely below
+
+
 def test_guaranteed_region_strict_and_eps_zero() -> None:
     r = np.array([[0.0, 0.5, 1.0, 1.5]])
     assert guaranteed_region(r, 1.0).tolist() == [[False, False, False, True]]

@@ -42,6 +42,7 @@ from .pixelwise import (
     _detach,
     _eps_rows,
     _margins64,
+    certified_radius,
     guaranteed_region,
     unknown_where_nan,
 )
@@ -231,7 +232,7 @@ def _correct_and_flips(p: _Prepared) -> tuple[Array, Array]:
 
 def _certified_correct(p: _Prepared) -> Array:
     """Per row, how many valid pixels are correct and inside the guaranteed region."""
-    radius = p.unflatten(p.margin / (math.sqrt(2.0) * p.L), *p.hw)
+    radius = p.unflatten(certified_radius(p.margin, p.L), *p.hw)
     safe = guaranteed_region(radius, p.unflatten(p.eps), exact=p.error == 0)
     safe = p.xp.reshape(safe, p.valid.shape)
     return p.count(p.valid & (p.pred == p.target) & safe)

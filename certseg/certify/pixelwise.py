@@ -13,6 +13,8 @@ from typing import Any
 from array_api_compat import array_namespace, is_torch_array
 from array_api_compat import device as _device
 
+from .numerics import radius_scale_for
+
 __all__ = ["certified_radius", "guaranteed_region", "margins"]
 
 Array = Any  # a numpy array or a torch tensor (anything array_api_compat knows)
@@ -104,12 +106,14 @@ def _margins64(logits: Array) -> tuple[Array, Array, Array]:
 
 
 def certified_radius(margin: Array, L: float) -> Array:
-    """l2 radius r = margin / (sqrt(2) L) within which the pixel's class cannot change.
+    """l2 radius r = margin / (sqrt(2) L) within which the pixel's class cannot change,
+    never above it: formed as margin * `radius_scale_for(L)`, as the exported head and
+    the engines do (margin / (sqrt(2) L) in float32 rounds to nearest, up half the time).
 
     Changing the argmax needs the two top logits to meet, i.e. a logit change of
     norm >= margin / sqrt(2); an L-Lipschitz net needs an input change of that / L.
     """
-    return margin / (math.sqrt(2.0) * _check_lipschitz(L))
+    return margin * radius_scale_for(_check_lipschitz(L))
 
 
 def _unperturbed(eps: Array, exact: bool = True) -> Array:
