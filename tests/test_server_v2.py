@@ -151,6 +151,30 @@ def test_raw_json_infer_and_bytes_base64(server, session):
     np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"]).reshape(1, 8, 12), want)
 
 
+def test_fp16_and_fp64_inputs_certify_the_float32_image_they_hold(tc, triton, session):
+    """FP16 widens to float32 exactly; FP64 is served only when it holds float32
+    values: rounded, it would be another image, and the radii not of the one sent."""
+    x = to_input(random_image(8, 12, seed=3))  # k / 255 in float32
+    want = session.run(["mask", "radius"], {"image": x})
+    halves = x.astype(np.float16)
+    for arr in (halves, x.astype(np.float64)):
+        for binary in (True, False):
+            inp = tc.InferInput("image", list(arr.shape), tc.np_to_triton_dtype(arr.dtype))
+            inp.set_data_from_numpy(arr, binary_data=binary)
+            res = triton.infer("tiny", [inp])
+            got = (res.as_numpy("mask"), res.as_numpy("radius"))
+            exact = session.run(["mask", "radius"], {"image": arr.astype(np.float32)})
+            for a, b in zip(got, exact, strict=True):
+                np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(res.as_numpy("radius"), want[1])  # FP64 of x is x
+    wide = random_image(8, 12, seed=3).transpose(2, 0, 1)[None] / 255.0  # float64 k / 255
+    inp = tc.InferInput("image", list(wide.shape), "FP64")
+    inp.set_data_from_numpy(wide)
+    with pytest.raises(tc.InferenceServerException) as info:
+        triton.infer("tiny", [inp])
+    assert "float32 values exactly" in info.value.message()
+
+
 def test_unknown_model_error_names_the_served_ones(server):
     """(Malformed requests and tensors: tests/test_bad_inputs.py.)"""
     assert httpx.get(server.base + "/v2/models/nope").json() == {

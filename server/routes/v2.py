@@ -467,8 +467,8 @@ def _input_tensor(
         return items, offset
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidParameter(
-            f"input 'image' must be FP32 (FP16, FP64) with values in [0, 1], or BYTES "
-            f"(encoded images), got {client_value(dtype)}"
+            "input 'image' must be FP32 (FP16, or FP64 of float32 values) with values in "
+            f"[0, 1], or BYTES (encoded images), got {client_value(dtype)}"
         )
     if len(shape) != 4 or shape[1] != 3:
         raise InvalidParameter(f"input 'image' must have shape [N, 3, H, W], got {shape}")
@@ -492,13 +492,20 @@ def _input_tensor(
                 raise InvalidParameter(f"{arr.size} values do not fit shape {shape}")
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidParameter(f"input data does not parse as {dtype} ({exc})") from exc
-    arr = arr.astype(np.float32).reshape(shape)
+    sent, arr = arr, arr.astype(np.float32).reshape(shape)
     if not np.isfinite(arr).all():
         raise InvalidParameter("input 'image' has NaN or infinite values")
     if arr.size and (arr.min() < 0 or arr.max() > 1):
         raise InvalidParameter(
             f"input 'image' values must lie in [0, 1] (pixel / 255), got "
             f"{float(arr.min()):g}..{float(arr.max()):g}"
+        )
+    # The certificate is of the float32 image the network sees: an FP64 image rounded
+    # to it is another image, and its radii would not hold around the one sent.
+    if dtype == "FP64" and not np.array_equal(arr.reshape(-1), sent.reshape(-1)):
+        raise InvalidParameter(
+            "input 'image' as FP64 must hold float32 values exactly (the certificate is "
+            "of the float32 image the network sees); send FP32"
         )
     return arr, offset
 
