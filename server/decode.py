@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -172,6 +173,16 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+#: A Python object's repr in a library's message, "<_io.BytesIO object at 0x7f...>":
+#: an address of the server's memory, and nothing the client can act on.
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _pillow_reason(exc: Exception, limit: int = 200) -> str:
+    """Pillow's message for a client: what to fix, without the server's addresses."""
+    return _OBJECT_REPR.sub("the data", str(exc))[:limit]
+
+
 def _open_checked(
     data: bytes, limits: Limits, formats: tuple[str, ...], resize: ResizeRequest = None
 ) -> tuple[Image.Image, str]:
@@ -197,7 +208,9 @@ def _open_checked(
         ) from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error
         # Pillow's reason (a text chunk over its limit, a bad chunk) says what to fix
-        raise CorruptImage(f"cannot read the {fmt.upper()} header ({str(exc)[:80]})") from exc
+        raise CorruptImage(
+            f"cannot read the {fmt.upper()} header ({_pillow_reason(exc, 80)})"
+        ) from exc
     # An animated PNG or WebP: only its first frame would be certified, unsaid. (A JPEG
     # with more images, MPO, is a photo plus a preview or depth map: its first is it.)
     frames = getattr(img, "n_frames", 1) if fmt in ("png", "webp") else 1
@@ -246,7 +259,9 @@ def _load(img: Image.Image, fmt: str) -> None:
             warnings.simplefilter("ignore")
             img.load()
     except Exception as exc:  # OSError("image file is truncated"), SyntaxError, ...
-        raise CorruptImage(f"the {fmt.upper()} data does not decode ({exc})") from exc
+        raise CorruptImage(
+            f"the {fmt.upper()} data does not decode ({_pillow_reason(exc)})"
+        ) from exc
 
 
 def _refuse_cut_to_8_bits(img: Image.Image) -> None:

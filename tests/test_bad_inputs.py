@@ -19,6 +19,7 @@ import gc
 import gzip
 import io
 import json
+import re
 import resource
 import struct
 import zlib
@@ -191,6 +192,8 @@ CORPUS: list[Case] = [
     # ---- 16-bit colour: Pillow cuts it to 8 bits, the certificate would be of another
     # image (16-bit grey is served exactly, above)
     _bad("png-rgb48", _rgb48_png(), 415, "unsupported-media-type"),
+    # Pillow's reason named its BytesIO object, address and all
+    _bad("png-signature-then-zeros", b"\x89PNG\r\n\x1a\n" + bytes(4096), 422, "corrupt-image"),
     _img("png-palette-P", _palette()),
     _img("png-palette-with-transparency", _palette(transparency=0)),
     _img("png-grey-L", _image("L")),
@@ -514,6 +517,7 @@ def send(client: httpx.Client, case: Case) -> httpx.Response:
 def check(case: Case, r: httpx.Response) -> None:
     """The documented answer for this case."""
     assert "Traceback" not in r.text and 'File "' not in r.text, r.text
+    assert not re.search(r" at 0x[0-9a-f]+>", r.text), r.text  # a repr: the server's memory
     if case.status == 200:
         assert r.status_code == 200, (r.status_code, r.text)
         ans = r.json()
