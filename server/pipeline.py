@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -126,16 +127,26 @@ def check_outputs(info: ModelInfo, outputs: Iterable[str]) -> None:
         )
 
 
+#: A number as a query writes it: ASCII digits, a point, an exponent (no "1_0", "inf").
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def check_number(name: str, value: object, high: float = math.inf) -> float:
     """`value` as a finite float in [0, high]; else a 422 that names `name` and the range
     (not a bare "less than or equal to 1" for a NaN that is no number at all)."""
     span = ">= 0" if high == math.inf else f"in [0, {high:g}]"
+    refused = InvalidParameter(f"{name} must be a finite number {span}, got {client_value(value)}")
+    # float() also reads "1_0" as 10, "inf" and non-ASCII digits: a query says it as written
+    if isinstance(value, bool) or (
+        isinstance(value, str) and not _DECIMAL.fullmatch(value.strip())
+    ):
+        raise refused
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a huge int
-        raise InvalidParameter(f"{name} must be a number, got {client_value(value)}") from exc
-    if isinstance(value, bool) or not (math.isfinite(number) and 0 <= number <= high):
-        raise InvalidParameter(f"{name} must be a finite number {span}, got {client_value(value)}")
+        raise refused from exc
+    if not (math.isfinite(number) and 0 <= number <= high):
+        raise refused
     return number + 0.0  # -0.0 -> 0.0
 
 

@@ -247,6 +247,9 @@ CORPUS: list[Case] = [
     _bad("eps-overflows-to-inf", _PNG, 422, "invalid-parameter", params={"eps": "1e999"}),
     _bad("eps-negative", _PNG, 422, "invalid-parameter", params={"eps": "-0.1"}),
     _bad("eps-not-a-number", _PNG, 422, "invalid-parameter", params={"eps": "abc"}),
+    # float() would read these as 10 and 5: a number is as a query writes one
+    _bad("eps-underscored", _PNG, 422, "invalid-parameter", params={"eps": "1_0"}),
+    _bad("eps-arabic-digit", _PNG, 422, "invalid-parameter", params={"eps": "\u0665"}),
     _bad("model-unknown", _PNG, 404, "model-not-found", params={"model": "nope"}),
     _bad("blend-nan", _PNG, 422, "invalid-parameter", params={"blend": "nan"}),
     _bad("blend-over-one", _PNG, 422, "invalid-parameter", params={"blend": "1.5"}),

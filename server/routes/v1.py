@@ -456,9 +456,12 @@ def _certificate_headers(cert: Certified) -> dict[str, str]:
 async def segment(
     request: Request,
     model: Annotated[str | None, Query(description="Model name (default: the first).")] = None,
-    eps: Annotated[
-        float | None,
-        Query(description="l2 budget on [0,1] pixels, finite and >= 0 (default: the card's)."),
+    eps: Annotated[  # read by check_eps, as written ("1_0" is no number)
+        str | None,
+        Query(
+            description="l2 budget on [0,1] pixels, finite and >= 0 (default: the card's).",
+            json_schema_extra={"anyOf": [{"type": "number", "minimum": 0.0}, {"type": "null"}]},
+        ),
     ] = None,
     outputs: Annotated[
         str | None,
@@ -470,12 +473,12 @@ async def segment(
     format: Annotated[Literal["json", "png", "npz"], Query()] = "json",
     overlay_style: Annotated[Literal["hatch", "dim", "heat"], Query()] = "hatch",
     blend: Annotated[
-        float,
+        str,
         Query(
             description="Photo weight in the overlay, in [0, 1].",
-            json_schema_extra={"minimum": 0.0, "maximum": 1.0},  # checked by check_number
+            json_schema_extra={"type": "number", "minimum": 0.0, "maximum": 1.0, "default": 0.0},
         ),
-    ] = 0.0,
+    ] = "0",
     resize: Annotated[
         str | None,
         Query(
