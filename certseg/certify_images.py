@@ -20,6 +20,7 @@ from certseg.certify import (
 from certseg.data import load_image
 from certseg.errors import UserError
 from certseg.sizes import format_size
+from clients.bounds import down3, fixed_down, pct_down, pct_up
 
 __all__ = ["ImageReport", "certify_files", "render_table"]
 
@@ -106,9 +107,9 @@ def render_table(reports: Sequence[ImageReport]) -> None:
                 format_size(r.height, r.width) if i == 0 else "",
                 f"{r.lipschitz:.4f}" if i == 0 else "",
                 f"{e:g}",
-                f"{r.guaranteed_fraction[i]:.2%}",
-                f"{r.max_flips[i]} ({r.max_flips_fraction[i]:.2%})",
-                f"{q['p10']:.3f}/{q['median']:.3f}/{q['p90']:.3f}" if i == 0 else "",
+                pct_down(r.guaranteed_fraction[i], 2),
+                f"{r.max_flips[i]} ({pct_up(r.max_flips_fraction[i], 2)})",
+                "/".join(fixed_down(q[k]) for k in ("p10", "median", "p90")) if i == 0 else "",
                 _stability_cell(r.stability) if i == 0 else "",
             )
     Console().print(table)
@@ -116,7 +117,5 @@ def render_table(reports: Sequence[ImageReport]) -> None:
 
 def _stability_cell(rows: list[dict]) -> str:
     """The least norm that may flip 1% of the pixels ("never": none can)."""
-    from clients.cli import down3
-
     eps = next(row["eps"] for row in rows if row["fraction"] == 0.01)
     return "never" if eps is None else f"eps {down3(eps)}"

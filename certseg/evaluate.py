@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from certseg.errors import UserError
+from clients.bounds import fixed_down
 
 __all__ = ["EvalConfig", "evaluate", "markdown_table"]
 
@@ -174,7 +175,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines = ["| eps | certified pixel acc | abstain |", "|---|---|---|"]
         for r in result["rows"]:
             lines.append(
-                f"| {r['eps']:g} | {r['certified_pixel_accuracy']:.3f} | {r['abstain']:.3f} |"
+                f"| {r['eps']:g} | {fixed_down(r['certified_pixel_accuracy'])} "
+                f"| {r['abstain']:.3f} |"
             )
     else:
         lines = [
@@ -184,7 +186,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         ]
         for r in result["rows"]:
             lines.append(
-                f"| {r['eps']:g} | {r['pixel_accuracy']:.3f} | {r['certified_pixel_accuracy']:.3f}"
-                f" | {r['worst_pixel_accuracy']:.3f} | {r['miou']:.3f} | {r['worst_miou']:.3f} |"
+                f"| {r['eps']:g} | {r['pixel_accuracy']:.3f} "
+                f"| {fixed_down(r['certified_pixel_accuracy'])} "
+                f"| {fixed_down(r['worst_pixel_accuracy'])} | {r['miou']:.3f} "
+                f"| {fixed_down(r['worst_miou'])} |"
             )
     return head + "\n".join(lines) + "\n"

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from clients.bounds import pct_down
+
 __all__ = ["plot_certified_vs_eps", "plot_example", "plot_worst_iou"]
 
 
@@ -102,7 +104,7 @@ def plot_example(
     shown = (0.35 * image + 0.65 * pred / 255.0) * region[..., None]
     shown += 0.25 * image * (~region)[..., None]
     axes[3].imshow(np.clip(shown, 0, 1))
-    axes[3].set_title(f"guaranteed at eps={eps:g} ({region.mean():.1%})")
+    axes[3].set_title(f"guaranteed at eps={eps:g} ({pct_down(float(region.mean()))})")
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()

@@ -10,7 +10,6 @@ Needs only the SDK's dependencies, plus PyAV (`av`) for `stream`.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections import Counter
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from clients.bounds import down3, fixed_down, pct_down, pct_up
 
 if TYPE_CHECKING:  # numpy, PIL and the SDK load when a command runs (fast `certseg --help`)
     import numpy as np
@@ -210,8 +211,8 @@ def segment(
             label,
             f"{r.height}x{r.width}",  # HxW, as the server writes sizes (no certseg import)
             f"{r.eps:g}",
-            f"{100 * r.guaranteed_fraction:.1f}%",
-            f"{r.max_flips} ({100 * r.max_flips_fraction:.1f}%)",
+            pct_down(r.guaranteed_fraction),
+            f"{r.max_flips} ({pct_up(r.max_flips_fraction)})",
             _stability_cell(r),
             *scored,
             f"{r.timings.get('total', float('nan')):.1f}",
@@ -247,15 +248,6 @@ def _stability_cell(r: SegmentResult) -> str:
     return "never" if first.eps is None else f"eps {down3(first.eps)}"
 
 
-def down3(x: float) -> str:
-    """3 significant digits, rounded down: a lower bound shown never grows (the CLIs'
-    "1% flips at" columns)."""
-    if not x > 0:
-        return f"{x:g}"
-    step = 10.0 ** (math.floor(math.log10(x)) - 2)
-    return f"{math.floor(x / step) * step:.3g}"
-
-
 def _class_table(name: str, r: SegmentResult) -> Table:
     """One image's per-class certificate at its eps."""
     table = Table(title=f"{name} per class @ eps {r.eps:g}")
@@ -265,9 +257,9 @@ def _class_table(name: str, r: SegmentResult) -> Table:
         table.add_row(
             c.name,
             str(c.pixels),
-            f"{100 * c.guaranteed_fraction:.1f}%",
+            pct_down(c.guaranteed_fraction),
             str(c.max_flips),
-            f"{100 * c.min_kept / c.pixels:.1f}%",
+            pct_down(c.min_kept / c.pixels),
             "-" if c.max_gains is None else str(c.max_gains),
         )
     return table
@@ -278,7 +270,7 @@ def _scored(metrics: dict[str, float | None]) -> list[str]:
 
     def cell(worst: str, clean: str) -> str:
         w, c = metrics.get(worst), metrics.get(clean)
-        return "-" if w is None or c is None else f"{w:.3f} ({c:.3f})"
+        return "-" if w is None or c is None else f"{fixed_down(w)} ({c:.3f})"
 
     return [
         cell("worst_case_pixel_accuracy", "clean_pixel_accuracy"),
@@ -335,7 +327,7 @@ def _annotate(r: StreamResult) -> Image.Image:
     img = img.copy()
     draw = ImageDraw.Draw(img)
     text = (
-        f"#{r.frame} eps {r.eps:g} guaranteed {100 * (r.guaranteed_fraction or 0):.1f}%"
+        f"#{r.frame} eps {r.eps:g} guaranteed {pct_down(r.guaranteed_fraction or 0)}"
         f" {r.latency_ms or 0:.0f}ms"
         if r.ok
         else f"#{r.frame} error {r.error}"

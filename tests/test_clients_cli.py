@@ -293,12 +293,25 @@ def test_radius_heatmap_colours():
     assert img[0, 0].sum() < img[-1, -1].sum()
 
 
-def test_bounds_are_shown_rounded_down():
-    """A stability norm is a lower bound: shown to 3 digits, it never reads above it."""
-    from clients.cli import down3
+def test_bounds_are_shown_rounded_toward_safety():
+    """A lower bound shown never reads above it, an upper bound never below: a class
+    that keeps 99.977% of its pixels read "kept >= 100.0%" when rounded to nearest."""
+    from clients.bounds import down3, fixed_down, pct_down, pct_up
 
     rng = np.random.default_rng(0)
     for x in [0.01636, 0.016399, 6e-6, 1.0, 0.999999, 123.456, *rng.lognormal(-3, 3, 500)]:
         shown = float(down3(float(x)))
         assert shown <= x and shown >= x * (1 - 1.1e-2), (x, down3(float(x)))
     assert down3(0.0) == "0"
+    counts = [
+        (int(k), int(n)) for n in rng.integers(1, 10**7, 500) for k in [rng.integers(0, n + 1)]
+    ]
+    for x in [*(k / n for k, n in counts), *rng.random(500)]:
+        low, high = float(pct_down(x)[:-1]), float(pct_up(x)[:-1])
+        assert low <= 100 * x + 1e-12 and 100 * x - low < 0.1 + 1e-12, (x, low)
+        assert high >= 100 * x - 1e-12 and high - 100 * x < 0.1 + 1e-12, (x, high)
+        assert 0 <= x - float(fixed_down(x)) < 1e-3 + 1e-15
+    assert (pct_down(0.99977), pct_up(1 / 3000), fixed_down(0.89951)) == ("99.9%", "0.1%", "0.899")
+    assert (pct_down(0.29), pct_down(1.0), pct_up(0.0), pct_down(0.05, 2)) == (
+        "29.0%", "100.0%", "0.0%", "5.00%"
+    )  # fmt: skip

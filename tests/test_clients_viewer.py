@@ -170,6 +170,19 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     assert abs(sum(row[1] for row in rows) - 100) < 0.5
     assert all(0 <= cert <= 100 and 0 <= kept <= 100 for _, _, cert, kept, _ in rows)
     assert all(0 <= new <= 100 for *_, new in rows)  # the tiny model has logits
+    # bounds shown round toward safety, as the CLIs' (clients/bounds.py) do, on the
+    # count ratios the answers carry
+    from clients.bounds import pct_down, pct_up
+
+    rng = np.random.default_rng(5)
+    ratios = [0.99977, 1 / 3000, 0.29, 0.0012, 1.0, 0.0]
+    ratios += [
+        int(k) / int(n)
+        for n, k in ((n, rng.integers(0, n + 1)) for n in rng.integers(1, 10**7, 300))
+    ]
+    shown = d.execute_script("return arguments[0].map(x => [pctDown(x), pctUp(x)])", ratios)
+    assert shown == [[pct_down(x), pct_up(x)] for x in ratios]
+    assert shown[:2] == [["99.9%", "100.0%"], ["0.0%", "0.1%"]]
     # the least attack norm that may flip 1% of the pixels, whatever eps is set
     stab = text(d, "stab")
     assert stab.startswith("eps ") and float(stab[4:]) > 0, stab
