@@ -243,7 +243,9 @@ def _loader(dataset, cfg: TrainConfig, dist: _Dist, shuffle: bool):
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=cfg.workers,
-        drop_last=shuffle,
+        # a ragged last batch is dropped when training, unless it is the only one: a set
+        # smaller than a batch (per process) trained on nothing, loss 0, and said done
+        drop_last=shuffle and len(ds) >= cfg.batch_size * dist.world,
         generator=gen,
     )
 

@@ -53,6 +53,14 @@ def test_train_writes_checkpoint_card_and_curves(trained):
     assert len(history) == 1 and history[0]["lipschitz"] == pytest.approx(card["lipschitz"], 1e-3)
 
 
+def test_a_set_smaller_than_a_batch_still_trains(tmp_path):
+    """3 images at batch 4: a dropped ragged batch left no batch at all (loss 0, done)."""
+    args = [*TINY, "--num-images", "3", "--val-images", "1"]  # later flags win
+    _run([*CLI, "train", "-o", str(tmp_path), *args, "--epochs", "1"])
+    (epoch,) = json.loads((tmp_path / "history.json").read_text())
+    assert epoch["loss"] > 0, epoch
+
+
 def test_training_resumes(tmp_path, trained):
     out = tmp_path / "resume"
     out.mkdir()
