@@ -89,6 +89,8 @@ def _read(path: Path) -> np.ndarray:
         return load_image(path)
     except OSError as exc:
         raise UserError(f"{path}: cannot read the image ({exc.strerror or exc})") from None
+    except ValueError as exc:  # an image it would misread (16-bit colour)
+        raise UserError(str(exc)) from None
 
 
 def render_table(reports: Sequence[ImageReport]) -> None:

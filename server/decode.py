@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from certseg.certify.resize import AreaResize
-from certseg.data.images import upright
+from certseg.data.images import exact_grey, upright, wide_colour
 from certseg.sizes import format_size, padded_pixels
 from server.errors import (
     CorruptImage,
@@ -265,13 +265,11 @@ def _load(img: Image.Image, fmt: str) -> None:
 
 
 def _refuse_cut_to_8_bits(img: Image.Image) -> None:
-    """16-bit colour PNGs (RGB, RGBA, grey + alpha): Pillow decodes them to 8 bits, so a
-    certificate would speak of another image than the one sent (two such PNGs 0.26 apart
-    in l2 got the same answer). Refused, naming what is taken; 16-bit grey stays exact."""
-    rawmode = img.tile[0].args if img.tile and isinstance(img.tile[0].args, str) else ""
-    if rawmode.endswith(";16B") and not rawmode.startswith("I"):
+    """16-bit colour PNGs are refused, naming what is taken (`wide_colour`)."""
+    mode = wide_colour(img)
+    if mode is not None:
         raise UnsupportedMediaType(
-            f"16-bit colour PNG ({rawmode.split(';')[0]}): it would be read as 8 bits, and "
+            f"16-bit colour PNG ({mode}): it would be read as 8 bits, and "
             "certified as another image; send 8-bit colour or 16-bit grey"
         )
 
@@ -286,11 +284,8 @@ def decode_image(data: bytes, limits: Limits, resize: ResizeRequest = None) -> D
     # EXIF only once decoded: a PNG's may follow its pixels, and reading it loads them
     img = upright(img)
     plan = _plan_resize(img.height, img.width, resize, limits)  # a turn swaps the sides
-    exact = None
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        # 16-bit/float grey: scale to [0, 1] without going through 8 bits first.
-        scale = 65535.0 if img.mode != "F" else 1.0
-        grey = np.clip(np.asarray(img, dtype=np.float32) / np.float32(scale), 0.0, 1.0)
+    exact, grey = None, exact_grey(img)
+    if grey is not None:  # 16-bit/float grey: the network's input as it is, not 8 bits
         exact = np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape)))
         rgb8 = np.repeat((grey * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
     else:

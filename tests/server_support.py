@@ -268,15 +268,25 @@ def assert_problem(resp: httpx.Response, status: int) -> dict:
     return body
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def raw_png(width: int, height: int, depth: int, color: int, rows: bytes) -> bytes:
+    """A PNG written by hand (Pillow cannot write 16-bit RGB, nor lie in a header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
+    idat = _png_chunk(b"IDAT", zlib.compress(rows)) if rows else b""
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + idat + _png_chunk(b"IEND", b"")
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A small PNG whose header declares width x height pixels (a decompression bomb
     shape: the data is a few zero rows; a full decode would try to allocate it all)."""
+    return raw_png(width, height, 8, 2, b"\x00" * (3 * width + 1) * 4)
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * (3 * width + 1) * 4)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+def rgb48_png(h: int, w: int, seed: int = 3) -> bytes:
+    """16 bits per channel RGB (Pillow reads it as 8-bit RGB: refused everywhere)."""
+    px = np.random.default_rng(seed).integers(0, 65536, (h, w, 3), dtype=np.uint16)
+    rows = b"".join(b"\x00" + px[y].astype(">u2").tobytes() for y in range(h))
+    return raw_png(w, h, 16, 2, rows)

@@ -22,7 +22,6 @@ import json
 import re
 import resource
 import struct
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -36,6 +35,8 @@ from server_support import (
     bomb_png,
     encode,
     random_image,
+    raw_png,
+    rgb48_png,
     serve_tiny,
 )
 
@@ -54,25 +55,6 @@ def _save(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _raw_png(width: int, height: int, depth: int, color: int, rows: bytes) -> bytes:
-    """A PNG written by hand (Pillow cannot write 16-bit RGB, nor lie in a header)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
-    idat = _chunk(b"IDAT", zlib.compress(rows)) if rows else b""
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + idat + _chunk(b"IEND", b"")
-
-
-def _rgb48_png() -> bytes:
-    """16 bits per channel RGB (Pillow would read it as 8-bit RGB: refused)."""
-    rng = np.random.default_rng(3)
-    px = rng.integers(0, 65536, (H, W, 3), dtype=np.uint16).astype(">u2")
-    rows = b"".join(b"\x00" + px[y].tobytes() for y in range(H))
-    return _raw_png(W, H, 16, 2, rows)
 
 
 def _bad_crc_png() -> bytes:
@@ -191,7 +173,7 @@ CORPUS: list[Case] = [
     _img("png-grey16-I16", _grey16()),
     # ---- 16-bit colour: Pillow cuts it to 8 bits, the certificate would be of another
     # image (16-bit grey is served exactly, above)
-    _bad("png-rgb48", _rgb48_png(), 415, "unsupported-media-type"),
+    _bad("png-rgb48", rgb48_png(H, W), 415, "unsupported-media-type"),
     # Pillow's reason named its BytesIO object, address and all
     _bad("png-signature-then-zeros", b"\x89PNG\r\n\x1a\n" + bytes(4096), 422, "corrupt-image"),
     _img("png-palette-P", _palette()),
@@ -228,8 +210,8 @@ CORPUS: list[Case] = [
     _bad("png-truncated", encode(random_image(32, 48))[:120], 422, "corrupt-image"),
     _bad("png-garbled", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 422, "corrupt-image"),
     _bad("png-bad-crc", _bad_crc_png(), 422, "corrupt-image"),
-    _bad("png-no-idat", _raw_png(W, H, 8, 2, b""), 422, "corrupt-image"),
-    _bad("png-zero-width", _raw_png(0, H, 8, 2, b""), 422, "corrupt-image"),
+    _bad("png-no-idat", raw_png(W, H, 8, 2, b""), 422, "corrupt-image"),
+    _bad("png-zero-width", raw_png(0, H, 8, 2, b""), 422, "corrupt-image"),
     _bad("jpeg-truncated", _JPEG[: len(_JPEG) // 2], 422, "corrupt-image"),
     _bad("jpeg-garbled", b"\xff\xd8\xff" + b"\x13" * 100, 422, "corrupt-image"),
     _bad("webp-garbled", b"RIFF\x20\x00\x00\x00WEBPVP8 " + b"\x00" * 24, 422, "corrupt-image"),

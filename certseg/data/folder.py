@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from certseg.data.images import checked_index, to_chw_float
+from certseg.data.images import checked_index, exact_grey, refuse_wide_colour, to_chw_float
 from certseg.sizes import format_size
 
 __all__ = ["FolderSegmentation"]
@@ -99,7 +99,9 @@ class FolderSegmentation:
         i = checked_index(index, len(self), "pairs")
         img_path, mask_path = self.files[i]
         with Image.open(img_path) as im:
-            image = im.convert("RGB")
+            refuse_wide_colour(im, img_path)
+            grey = exact_grey(im)  # 16-bit grey as float in [0, 1] ("F"), not cut to 8 bits
+            image = Image.fromarray(grey) if grey is not None else im.convert("RGB")
         with Image.open(mask_path) as mk:
             if mk.mode not in ("L", "P", "I", "I;16", "1"):
                 raise ValueError(

@@ -7,11 +7,54 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["checked_index", "load_image", "to_chw_float", "upright"]
+__all__ = [
+    "checked_index",
+    "exact_grey",
+    "load_image",
+    "refuse_wide_colour",
+    "to_chw_float",
+    "upright",
+    "wide_colour",
+]
+
+
+def wide_colour(image: Image.Image) -> str | None:
+    """The mode of a 16-bit colour PNG (RGB, RGBA, grey + alpha), None for any other
+    image. Pillow decodes those to 8 bits: a certificate of what it gives would speak of
+    another image than the file (two such PNGs 0.26 apart in l2 got the same answer)."""
+    tile = image.tile[0].args if image.tile else None
+    rawmode = tile if isinstance(tile, str) else ""
+    if rawmode.endswith(";16B") and not rawmode.startswith("I"):
+        return rawmode.split(";")[0]
+    return None
+
+
+def refuse_wide_colour(image: Image.Image, path: str | Path) -> None:
+    """A ValueError naming `path` for a 16-bit colour PNG (`wide_colour`)."""
+    mode = wide_colour(image)
+    if mode is not None:
+        raise ValueError(
+            f"{path}: 16-bit colour PNG ({mode}) would be read as 8 bits, and certified "
+            "as another image; save it as 8-bit colour or 16-bit grey"
+        )
+
+
+def exact_grey(image: Image.Image) -> np.ndarray | None:
+    """A 16-bit or float grey image as (H, W) float32 in [0, 1], scaled without going
+    through 8 bits (Pillow's convert("RGB") clips 16-bit values at 255: a value of 1000
+    of 65535 read as white); None for other modes."""
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return None
+    scale = np.float32(65535.0 if image.mode != "F" else 1.0)
+    return np.clip(np.asarray(image, dtype=np.float32) / scale, 0.0, 1.0)
 
 
 def to_chw_float(image: Image.Image) -> np.ndarray:
-    """RGB (dropping alpha, expanding grey and palette), values in [0, 1], channels first."""
+    """RGB (dropping alpha, expanding grey and palette), values in [0, 1], channels
+    first; 16-bit grey exactly (`exact_grey`)."""
+    grey = exact_grey(image)
+    if grey is not None:
+        return np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape)))
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
@@ -36,8 +79,10 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """An image file as (3, H, W) float32 in [0, 1], upright as viewers show it."""
+    """An image file as (3, H, W) float32 in [0, 1], upright as viewers show it; a
+    16-bit colour PNG is refused (ValueError), as the server refuses it."""
     with Image.open(path) as img:
+        refuse_wide_colour(img, path)
         img.load()  # decode errors surface here, before EXIF is read (a PNG's may follow)
         return to_chw_float(upright(img))
 
