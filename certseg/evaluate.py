@@ -54,7 +54,10 @@ class EvalConfig:
 
 def _batches(dataset, batch_size: int):
     for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        try:
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        except ValueError as exc:  # a pair the set refuses (label ids, sizes), by name
+            raise UserError(str(exc)) from None
         yield np.stack([a for a, _ in items]), np.stack([b for _, b in items])
 
 
@@ -81,7 +84,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from certseg.data import open_split
 
     dataset = open_split(cfg.data, cfg.split, size, root=cfg.root, num_images=cfg.num_images,
-                         seed=cfg.seed)  # fmt: skip
+                         seed=cfg.seed, num_classes=card.num_classes,
+                         ignore_index=card.ignore_index)  # fmt: skip
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     eps_grid = [float(e) for e in cfg.eps]

@@ -125,6 +125,23 @@ def test_evaluate_writes_results_tables_and_plots(tmp_path, trained):
     assert (out / "table.md").read_text().count("\n|") >= 4
 
 
+def test_evaluate_refuses_label_ids_the_model_does_not_have(tmp_path, trained):
+    """A folder set's mask id 9 for a 7-class model was dropped from the figures unsaid."""
+    from PIL import Image
+
+    for sub in ("images", "masks"):
+        (tmp_path / "data" / "val" / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "data/val/images/a.png")
+    mask = np.zeros((32, 64), np.uint8)
+    mask[3, 4] = 9
+    Image.fromarray(mask).save(tmp_path / "data/val/masks/a.png")
+    args = [*CLI, "evaluate", str(trained / "model.pt"), "-o", str(tmp_path / "out"), "--data",
+            "folder", "--root", str(tmp_path / "data"), "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode != 0 and "values [9]" in proc.stderr + proc.stdout, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_smoothing_baseline_end_to_end(tmp_path):
     twin = tmp_path / "twin"
     _run([*CLI, "train", "-o", str(twin), *TINY, "--epochs", "1", "--unconstrained",

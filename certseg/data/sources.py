@@ -23,11 +23,15 @@ def open_split(
     num_images: int = 64,
     seed: int = 0,
     cache: bool = False,
+    num_classes: int | None = None,
+    ignore_index: int = 255,
 ):
     """A data set of `source`. Synthetic scenes have no named splits: `seed` selects
     the images (training uses seed s, held-out sets another seed); `num_images` only
     applies to them. Cityscapes reads root/{leftImg8bit,gtFine}/split, folder root/split;
-    a folder missing, empty or unmatched is a UserError."""
+    a folder missing, empty or unmatched is a UserError. `num_classes` (a model's, when
+    evaluating it) makes a folder set refuse label ids that are neither a class nor
+    `ignore_index`: they were dropped from the figures unsaid."""
     if source == "synthetic":
         return SyntheticScenes(num_images, size or (96, 192), seed=seed, cache=cache)
     if source not in SOURCES:
@@ -37,6 +41,8 @@ def open_split(
     try:
         if source == "cityscapes":
             return CityscapesSegmentation(root, split, size=size)
-        return FolderSegmentation(Path(root) / split, size=size)
+        return FolderSegmentation(
+            Path(root) / split, size=size, num_classes=num_classes, ignore_index=ignore_index
+        )
     except (OSError, ValueError) as exc:  # a missing or empty folder, unmatched files
         raise UserError(f"--data {source}: {exc}") from None
