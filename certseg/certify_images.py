@@ -72,14 +72,15 @@ def certify_files(
     paths: Sequence[Path], checkpoint: Path, eps: Sequence[float] | None = None
 ) -> list[ImageReport]:
     from certseg.inference import predict_logits
-    from certseg.models import load_checkpoint
+    from certseg.models import load_checkpoint, require_lipschitz
 
     model, card = load_checkpoint(checkpoint)
+    lipschitz = require_lipschitz(card, checkpoint)
     grid = list(eps) if eps else [card.default_eps]
     reports = []
     for path in paths:
         logits = predict_logits(model, _read(path), card.pad_multiple)[0]
-        reports.append(summarize(str(path), logits, card.certified_lipschitz, grid))
+        reports.append(summarize(str(path), logits, lipschitz, grid))
     return reports
 
 

@@ -35,7 +35,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from certseg.certify import radius_scale_for
-from certseg.models import ModelCard, load_checkpoint
+from certseg.models import ModelCard, load_checkpoint, require_lipschitz
 from certseg.nn import certified_lipschitz, fuse_module, structural_lipschitz
 from export.audit import (
     META_CARD,
@@ -75,7 +75,7 @@ def resolve_model(
     if isinstance(checkpoint_or_model, str | Path):
         model, loaded = load_checkpoint(checkpoint_or_model, fused=True)
         card = card or loaded
-        return model, card, float(loaded.lipschitz_audited)
+        return model, card, require_lipschitz(loaded, checkpoint_or_model)
     if card is None:
         raise ValueError("exporting a module needs its ModelCard (card=...)")
     model = fuse_module(checkpoint_or_model).eval()

@@ -157,6 +157,19 @@ def test_smoothing_baseline_end_to_end(tmp_path):
     assert rows[1]["certified_pixel_accuracy"] <= rows[0]["certified_pixel_accuracy"]
     for r in rows:
         assert 0 <= r["certified_pixel_accuracy"] <= 1 - r["abstain"] + 1e-12
+    # one pass of the twin certifies nothing: said, where L = inf gave tracebacks
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "x.png")
+    for cmd in (
+        ["certify", str(tmp_path / "x.png"), "--checkpoint", str(twin / "model.pt")],
+        ["evaluate", str(twin / "model.pt"), "-o", str(tmp_path / "e"), "--num-images", "1"],
+        ["export", str(twin / "model.pt"), "-o", str(tmp_path / "onnx")],
+    ):
+        proc = subprocess.run([*CLI, *cmd], capture_output=True, text=True, env=ENV, timeout=300)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "unconstrained twin" in said, (cmd, said[-2000:])
+        assert "Traceback" not in said, (cmd, said[-2000:])
 
 
 def test_binomial_tail_matches_direct_sum():

@@ -8,6 +8,7 @@ from certseg.models.checkpoint import (
     build_from_card,
     is_lipschitz,
     load_checkpoint,
+    require_lipschitz,
     save_checkpoint,
 )
 from certseg.models.registry import create_model, list_models, register_model
@@ -20,5 +21,6 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "register_model",
+    "require_lipschitz",
     "save_checkpoint",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "load_checkpoint",
     "load_grown",
     "read_checkpoint",
+    "require_lipschitz",
     "save_checkpoint",
 ]
 
@@ -32,6 +33,18 @@ def build_from_card(card: ModelCard) -> nn.Module:
     return create_model(
         card.arch, num_classes=card.num_classes, mean=card.mean, std=card.std, **card.arch_kwargs
     )
+
+
+def require_lipschitz(card: ModelCard, path: str | Path) -> float:
+    """The card's certified L, or a UserError for an unconstrained twin (L infinite):
+    one pass of it certifies nothing, and float(inf) reached users as tracebacks."""
+    lipschitz = card.certified_lipschitz
+    if not math.isfinite(lipschitz):
+        raise UserError(
+            f"{path}: an unconstrained twin (no Lipschitz bound), which certifies nothing "
+            "from one pass; evaluate it with `certseg evaluate --method smoothing`"
+        )
+    return lipschitz
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard, **extra) -> None:
