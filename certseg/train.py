@@ -78,6 +78,25 @@ class TrainConfig:
     progress: bool = True
 
 
+def _check_same_recipe(last: Path, saved: dict[str, Any] | None, recipe: Recipe) -> None:
+    """A resumed run keeps its optimiser state, so a changed lr (or loss) would be
+    ignored while the card recorded it: refused. Only the number of epochs may change."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, list | tuple) else value
+
+    now = asdict(recipe)
+    changed = [
+        k for k in now if k != "epochs" and k in (saved or {}) and plain(saved[k]) != plain(now[k])
+    ]
+    if changed:
+        was = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed)
+        raise UserError(
+            f"{last} (resumed) was trained with {was}: resume with the same settings (only "
+            "--epochs may change) or use a new --out"
+        )
+
+
 def make_optimizer(
     model: nn.Module, recipe: Recipe, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -356,9 +375,15 @@ def train(cfg: TrainConfig) -> Path:
                 f"{last} (resumed) holds another model than --arch {cfg.arch} with these "
                 "arguments; use a new --out"
             ) from None
+        _check_same_recipe(last, state.get("config", {}).get("recipe"), cfg.recipe)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        # --epochs may change on resume: the cosine then anneals to lr_min at the new end
+        # (the saved T_max would wrap the lr back up past the old one)
+        sched.T_max = max(cfg.recipe.epochs * steps, 1)
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+        if cfg.progress:
+            tqdm.write(f"resuming {last} after epoch {start_epoch} of {cfg.recipe.epochs}")
     net: nn.Module = model
     if dist.world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -395,6 +420,7 @@ def train(cfg: TrainConfig) -> Path:
         if dist.main:
             model.eval()
             row = {"epoch": epoch + 1, "loss": total / max(count, 1), "seconds": elapsed}
+            row["lr"] = float(sched.get_last_lr()[0])  # where the cosine stands after it
             row |= validate(model, val_loader, len(classes), cfg.eps, device)
             history.append(row)
             if cfg.progress:

@@ -70,6 +70,13 @@ def test_training_resumes(tmp_path, trained):
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0] == json.loads((trained / "history.json").read_text())[0]
+    # longer than first planned: the cosine anneals to lr_min at the new end (the saved
+    # schedule of 1 epoch wrapped the lr back up to the start's over the second)
+    assert history[0]["lr"] == pytest.approx(1e-6) and history[1]["lr"] < 1e-5, history
+    # a changed lr would be ignored (the optimiser's state is resumed): refused
+    proc = subprocess.run([*CLI, "train", "-o", str(out), *TINY, "--epochs", "3", *TRAINED,
+                           "--lr", "0.5"], capture_output=True, text=True, env=ENV)  # fmt: skip
+    assert proc.returncode != 0 and "lr=0.001 (now 0.5)" in proc.stderr + proc.stdout, proc.stderr
 
 
 def test_fine_tune_keeps_the_normalization_its_weights_learned(tmp_path, trained):
