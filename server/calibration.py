@@ -11,6 +11,7 @@ model's input size.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,6 +77,24 @@ def reference_engine(artifact: Path) -> Engine:
     return reference
 
 
+#: The card fields a model and its own export share; another model differs in one.
+_IDENTITY = ("arch", "arch_kwargs", "classes", "mean", "std", "training")
+
+
+def _check_same_model(engine: Engine, reference: Engine, reference_path: Path) -> None:
+    """The reference must be this model's export: against another model's, the "error"
+    measured is the gap between two nets (1262 of 2048 mask pixels apart), and was
+    printed as a bound to serve with."""
+    cards = engine.metadata().card, reference.metadata().card
+    for key in _IDENTITY:
+        a, b = (json.dumps(getattr(c, key, None), sort_keys=True, default=list) for c in cards)
+        if a != b:
+            raise ModelError(
+                f"--reference {reference_path} is another model's export (its card's {key} "
+                f"differs): calibrate against this model's own export"
+            )
+
+
 def calibrate_engine(
     artifact: Path,
     settings: Settings,
@@ -92,6 +111,7 @@ def calibrate_engine(
     engine.load()
     own = reference is None
     reference = reference or reference_engine(fp32 or artifact)
+    _check_same_model(engine, reference, fp32 or artifact)
     # Logits where both give them: the class-wise figures shrink every gap z_t - z_c by
     # the bound, so every gap's error is measured, not only the margin's.
     both = engine.metadata().has_logits and reference.metadata().has_logits

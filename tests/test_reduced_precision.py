@@ -238,6 +238,13 @@ def test_calibrate_command_gives_the_bound_serve_needs(tmp_path):
         [*cmd[:4], str(tmp_path / "missing.pt"), *cmd[5:]], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "certseg calibrate: error:" in bad.stderr
+    # against another model's export: no "bound" to serve with (it measured two nets' gap)
+    from server_support import tiny_model_dir
+
+    other = subprocess.run([*cmd, "--reference", str(tiny_model_dir())], capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert other.returncode == 2 and "another model's export" in other.stderr, other.stderr[-999:]
+    assert "--margin-error" not in other.stderr
     # a checkpoint away from its export (README's runs/mine/model.pt, runs/mine/onnx/):
     # the error names --reference, which finds the fp32 model
     import shutil
