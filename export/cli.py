@@ -69,6 +69,8 @@ def export_command(
     from export.audit import AuditError
     from export.onnx_export import export_onnx
 
+    if out.exists() and not out.is_dir():  # a file there: it would end in FileExistsError
+        raise typer.BadParameter(f"{out} is a file; --out names a folder", param_hint="--out")
     try:
         result = export_onnx(checkpoint, out, with_logits=logits, rtol=rtol)
     except AuditError as err:
@@ -120,7 +122,9 @@ def _build_trt(result, precision, opt, largest, batch, cache, calib) -> None:
 
 @app.command("audit")
 def audit_command(
-    model: Annotated[Path, typer.Argument(help="An exported model.onnx.", exists=True)],
+    model: Annotated[
+        Path, typer.Argument(help="An exported model.onnx, or its export folder.", exists=True)
+    ],
     rtol: Annotated[
         float, typer.Option(min=0.0, help="Allowed audited/declared L excess (>= 0).")
     ] = 1e-3,
@@ -132,6 +136,8 @@ def audit_command(
     """Recompute MODEL's Lipschitz bound from its weights; exit 1 if it fails."""
     from export.audit import AuditError, audit_onnx
 
+    if model.is_dir() and (model / "model.onnx").is_file():  # as serve and calibrate take it
+        model = model / "model.onnx"
     try:
         report = audit_onnx(model, declared=declared, rtol=rtol, strict=False)
     except AuditError as err:

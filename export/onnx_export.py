@@ -23,6 +23,7 @@ recorded next to it in audit.json ("agree" says whether they match to 1e-9).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field, replace
@@ -114,20 +115,28 @@ def export_graph(
         3: torch.export.Dim("width"),
     }
     kwargs = {} if opset is None else {"opset_version": opset}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            segmenter,
-            (example,),
-            None,
-            dynamo=True,
-            external_data=False,
-            input_names=["image"],
-            output_names=segmenter.output_names(),
-            dynamic_shapes={"image": dims},
-            verbose=False,
-            **kwargs,
-        )
+    # torch's exporter logs a warning per torchvision op it cannot register ("torchvision
+    # is not installed. Skipping torchvision::nms", four lines per export): not ours
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                segmenter,
+                (example,),
+                None,
+                dynamo=True,
+                external_data=False,
+                input_names=["image"],
+                output_names=segmenter.output_names(),
+                dynamic_shapes={"image": dims},
+                verbose=False,
+                **kwargs,
+            )
+    finally:
+        registry.setLevel(level)
     proto = program.model_proto
     _name_output_dims(proto, segmenter.output_names())
     return proto

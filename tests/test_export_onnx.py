@@ -374,6 +374,11 @@ def test_cli_audit_json(tiny):
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["ok"] and data["lipschitz_audited"] == tiny.result.lipschitz_audited
+    folder = CliRunner().invoke(app, ["audit", str(tiny.path.parent), "--json"])  # as serve
+    assert folder.exit_code == 0 and json.loads(folder.output) == data, folder.output
+    ckpt = str(tiny.tmp / "tiny.pt")
+    onto_a_file = CliRunner().invoke(app, ["export", ckpt, "-o", str(tiny.path)])
+    assert onto_a_file.exit_code == 2 and "is a file" in onto_a_file.output, onto_a_file.output
     negative = CliRunner().invoke(app, ["audit", str(tiny.path), "--rtol", "-1"])
     assert negative.exit_code == 2 and "--rtol" in negative.output  # a usage error
 
