@@ -281,6 +281,8 @@ def _scored(metrics: dict[str, float | None]) -> list[str]:
 def _open_input(video: Path | None, camera: int | None) -> Any:
     import av
 
+    if camera is not None and video is not None:  # which one was meant is not guessed
+        raise typer.BadParameter("give a VIDEO file or --camera N, not both")
     if camera is not None:
         device = f"/dev/video{camera}"
         try:

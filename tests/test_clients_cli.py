@@ -216,6 +216,9 @@ def test_stream_input_errors_are_one_line(server, tmp_path):
     video = make_video(tmp_path / "clip.mp4")
     res = CliRunner().invoke(app, ["stream", "--camera", "99", "--url", server.base], env=env)
     assert res.exit_code == 2 and "cannot open camera /dev/video99" in res.output, res.output
+    both = ["stream", str(video), "--camera", "0", "--url", server.base]
+    res = CliRunner().invoke(app, both, env=env)
+    assert res.exit_code == 2 and "not both" in res.output, res.output
     args = ["stream", str(video), "--max-in-flight", "-1", "--url", server.base]
     res = CliRunner().invoke(app, args, env=env)
     assert res.exit_code == 2 and "--max-in-flight" in res.output, res.output

@@ -457,6 +457,11 @@ def test_calibrate_mistakes_are_one_line_before_any_work(tmp_path):
         result = CliRunner().invoke(app, ["calibrate", model, *flags])
         assert result.exit_code == 2 and says in result.output, (flags, result.output)
         assert "Traceback" not in result.output
+    # the default fp16 on a CPU machine (onnxruntime): says where fp16 runs
+    from server.settings import default_model_path
+
+    result = CliRunner().invoke(app, ["calibrate", str(default_model_path()), "--count", "1"])
+    assert result.exit_code == 2 and "run on --backend torch" in result.output, result.output
 
 
 def test_serve_help_says_what_default_model_and_api_key_do():

@@ -70,7 +70,10 @@ def check_precision(
     exempt from the second rule.
     """
     if precision not in supported:
-        raise ModelError(f"the {backend} backend runs {', '.join(supported)}, not {precision!r}")
+        where = "" if backend == "torch" else "; fp16 and bf16 run on --backend torch (CPU or GPU)"
+        raise ModelError(
+            f"the {backend} backend runs {', '.join(supported)}, not {precision!r}{where}"
+        )
     if precision != "fp32" and margin_error <= 0 and not calibrating:
         raise ModelError(
             f"a {precision} engine certifies only with --margin-error > 0 (measure it with "
