@@ -211,6 +211,7 @@ def serve(
         ServerState.check_names(engines)
     except CertSegError as exc:
         fail("serve", exc.detail)
+    _check_port_free(settings.host, settings.port)
     application = create_app(settings, engines=engines)
     server = uvicorn.Server(uvicorn_config(application, settings.host, settings.port))
     state = application.state.server
@@ -218,6 +219,26 @@ def serve(
     server.run()
     if state.fatal:  # a model failed to load in the background: exit non-zero
         fail("serve", state.fatal, code=1)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A port another process holds is said before the models load: uvicorn found it
+    only after their warm-up, and exited 3 with the reason deep in the log."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # an address uvicorn will refuse with its own message
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            fail("serve", f"cannot listen on {host}:{port} ({exc.strerror}); choose --port")
 
 
 @app.command()

@@ -75,6 +75,23 @@ def test_two_models_of_one_name_exit_2_before_the_port_opens():
     assert "Traceback" not in err
 
 
+def test_a_port_another_process_holds_is_said_before_the_models_load():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cmd = [sys.executable, "-m", "server.cli", "serve", str(tiny_model_dir()), "--host",
+               "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in last, run.stderr
+    assert "Traceback" not in run.stderr and "loaded" not in run.stderr, run.stderr[-2000:]
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
