@@ -174,9 +174,20 @@ def train(
     typer.echo(f"wrote {path}")
 
 
+def _refuse_unused(ctx: typer.Context, names: tuple[str, ...], unless: bool, why: str) -> None:
+    """A usage error for options given on the command line that this run would ignore
+    (`--sigma` with the lipschitz method): silently dropped, they look applied."""
+    # by name: typer's context answers with its own copy of click's enum
+    given = [n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]
+    if given and not unless:
+        flag = "--" + given[0].replace("_", "-")
+        raise typer.BadParameter(f"{flag} applies to {why} only", param_hint=flag)
+
+
 @app.command()
 @cli_errors("evaluate")
 def evaluate(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="A certseg checkpoint (.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     data: Annotated[str, typer.Option(help="synthetic | cityscapes | folder")] = "synthetic",
@@ -205,6 +216,9 @@ def evaluate(
     from certseg.evaluate import evaluate as run
 
     _check_data(data, root)
+    _refuse_unused(ctx, ("sigma", "n0", "n", "alpha"), method == "smoothing", "--method smoothing")
+    _refuse_unused(ctx, ("split",), data != "synthetic", "--data cityscapes and folder")
+    _refuse_unused(ctx, ("num_images", "seed"), data == "synthetic", "--data synthetic")
 
     cfg = EvalConfig(
         checkpoint=str(checkpoint),

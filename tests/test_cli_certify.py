@@ -181,6 +181,11 @@ def test_user_mistakes_are_one_stderr_line_with_exit_2(tmp_path):
          "--data folder: no images"),
         (["evaluate", str(ckpt), "-o", out, "--method", "smoothng"], "lipschitz or smoothing"),
         (["evaluate", str(ckpt), "-o", out, "--device", "cpus"], "--device cpus: not a device"),
+        # options this run would ignore, silently: they would look applied
+        (["evaluate", str(ckpt), "-o", out, "--sigma", "0.5"], "--sigma applies to --method"),
+        (["evaluate", str(ckpt), "-o", out, "--split", "test"], "--split applies to --data"),
+        (["evaluate", str(ckpt), "-o", out, "--data", "folder", "--root", str(empty),
+          "--num-images", "3"], "--num-images applies to --data synthetic"),
         (["export", str(no_card), "-o", out], "no_card.pt is not a certseg checkpoint"),
         (["train", "-o", out, *small, "--init", str(tmp_path / "none.pt")], "no such checkpoint"),
         (["train", "-o", out, *small, "--init", str(ckpt)], "--init"),
