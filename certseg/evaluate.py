@@ -109,6 +109,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         if cfg.method == "smoothing":
             certifier.update(model, images, labels, device, card.pad_multiple)
+            if bar.n == 0 and (hopeless := certifier.hopeless(images.shape[-2] * images.shape[-1])):
+                tqdm.write(
+                    f"warning: with --n {cfg.n} no pixel can be certified at eps "
+                    f"{', '.join(f'{e:g}' for e in hopeless)}: a unanimous pixel's p-value is "
+                    f"above alpha / pixels; raise --n (or --alpha)"
+                )
         else:
             logits = predict_logits(model, images, card.pad_multiple, device=device)
             for e, cert in zip(eps_grid, certifiers, strict=True):

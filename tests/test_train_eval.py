@@ -156,11 +156,15 @@ def test_smoothing_baseline_end_to_end(tmp_path):
     card = json.loads((twin / "card.json").read_text())
     assert math.isinf(card["lipschitz"])
     out = tmp_path / "smooth"
-    _run([*CLI, "evaluate", str(twin / "model.pt"), "-o", str(out), "--method", "smoothing",
+    proc = _run([*CLI, "evaluate", str(twin / "model.pt"), "-o", str(out), "--method", "smoothing",
           "--num-images", "2", "--n0", "4", "--n", "32", "--sigma", "0.25", "--eps", "0",
           "--eps", "0.1", "--device", "cpu"])  # fmt: skip
     rows = json.loads((out / "result.json").read_text())["rows"]
     assert rows[0]["tau"] == pytest.approx(0.5)
+    # at eps 0.1 (tau 0.655) 32 unanimous votes give 1.3e-6 > 0.001 / 2048: said, and 0
+    said = proc.stdout + proc.stderr
+    assert "no pixel can be certified at eps 0.1:" in said, said[-2000:]
+    assert rows[1]["certified_pixel_accuracy"] == 0
     assert rows[1]["certified_pixel_accuracy"] <= rows[0]["certified_pixel_accuracy"]
     for r in rows:
         assert 0 <= r["certified_pixel_accuracy"] <= 1 - r["abstain"] + 1e-12

@@ -112,6 +112,13 @@ class SmoothingCertifier:
         self.abstain = np.zeros(len(self.eps_grid))
         self.valid = 0
 
+    def hopeless(self, pixels: int) -> list[float]:
+        """The eps of the grid at which no pixel of an image of `pixels` can be certified:
+        even a unanimous pixel's p-value, tau^n, is above Holm's first threshold
+        alpha / pixels. Every pixel abstains there, which looked like a weak model."""
+        pairs = zip(self.eps_grid, self.tails, strict=True)
+        return [e for e, tail in pairs if tail[self.n] > self.alpha / pixels]
+
     def certify_counts(self, guess: Any, votes: Any) -> list[Any]:
         """Certified masks (one per eps) for guesses (N, H, W) and their n-sample votes,
         on the votes' device (numpy or torch)."""
