@@ -179,7 +179,8 @@ def _nan_to_none(values: np.ndarray) -> list[float | None]:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """One row per eps; columns depend on the method."""
+    """One row per eps; columns depend on the method. Every figure is rounded down, the
+    clean ones too, so that at eps 0 a bound equal to its clean figure reads equal."""
     head = f"**{result['model']}** ({result['method']}, {result['num_images']} images, "
     head += f"{result['size'][0]}x{result['size'][1]}, L = {result['lipschitz']:.4g})\n\n"
     if result["method"] == "smoothing":
@@ -197,9 +198,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         ]
         for r in result["rows"]:
             lines.append(
-                f"| {r['eps']:g} | {r['pixel_accuracy']:.3f} "
+                f"| {r['eps']:g} | {fixed_down(r['pixel_accuracy'])} "
                 f"| {fixed_down(r['certified_pixel_accuracy'])} "
-                f"| {fixed_down(r['worst_pixel_accuracy'])} | {r['miou']:.3f} "
+                f"| {fixed_down(r['worst_pixel_accuracy'])} | {fixed_down(r['miou'])} "
                 f"| {fixed_down(r['worst_miou'])} |"
             )
     return head + "\n".join(lines) + "\n"

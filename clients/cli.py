@@ -270,7 +270,7 @@ def _scored(metrics: dict[str, float | None]) -> list[str]:
 
     def cell(worst: str, clean: str) -> str:
         w, c = metrics.get(worst), metrics.get(clean)
-        return "-" if w is None or c is None else f"{fixed_down(w)} ({c:.3f})"
+        return "-" if w is None or c is None else f"{fixed_down(w)} ({fixed_down(c)})"
 
     return [
         cell("worst_case_pixel_accuracy", "clean_pixel_accuracy"),
