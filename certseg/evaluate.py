@@ -89,16 +89,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     eps_grid = [float(e) for e in cfg.eps]
-    smoothing = cfg.method == "smoothing"  # an unconstrained twin's L is inf, unused
+    smoothing = cfg.method == "smoothing"  # an unconstrained twin's L (inf) is not used
     lip = card.certified_lipschitz if smoothing else require_lipschitz(card, cfg.checkpoint)
     example: dict[str, np.ndarray] = {}
 
-    if cfg.method == "smoothing":
+    if smoothing:
         from certseg.certify.smoothing import SmoothingCertifier
 
         certifier = SmoothingCertifier(
             card.num_classes, cfg.sigma, cfg.n0, cfg.n, cfg.alpha, eps_grid
         )
+        if hopeless := certifier.hopeless(size[0] * size[1]):  # every image is of `size`
+            tqdm.write(
+                f"warning: with --n {cfg.n} no pixel can be certified at eps "
+                f"{', '.join(f'{e:g}' for e in hopeless)}: a unanimous pixel's p-value is "
+                f"above alpha / pixels; raise --n (or --alpha)"
+            )
     else:
         certifiers = [DatasetCertifier(card.num_classes, lip) for _ in eps_grid]
         stab: list[np.ndarray] = []
@@ -107,14 +113,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     bar = tqdm(total=len(dataset), desc=f"evaluate ({cfg.method})", disable=not cfg.progress)
     for images, labels in _batches(dataset, cfg.batch_size):
         t0 = time.perf_counter()
-        if cfg.method == "smoothing":
+        if smoothing:
             certifier.update(model, images, labels, device, card.pad_multiple)
-            if bar.n == 0 and (hopeless := certifier.hopeless(images.shape[-2] * images.shape[-1])):
-                tqdm.write(
-                    f"warning: with --n {cfg.n} no pixel can be certified at eps "
-                    f"{', '.join(f'{e:g}' for e in hopeless)}: a unanimous pixel's p-value is "
-                    f"above alpha / pixels; raise --n (or --alpha)"
-                )
         else:
             logits = predict_logits(model, images, card.pad_multiple, device=device)
             for e, cert in zip(eps_grid, certifiers, strict=True):
@@ -140,7 +140,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "seconds_per_image": seconds / max(len(dataset), 1),
         "device": str(device),
     }
-    if cfg.method == "smoothing":
+    if smoothing:
         result |= {"sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha}
         result["rows"] = certifier.rows()
     else:

@@ -50,16 +50,23 @@ class ArenaShrinkPolicy:
     its page faults again: repeated 1024x2048 passes of the shipped model took 3.07 s
     instead of 2.11 when each shrank, one after 8 small ones 3.13 s instead of 1.94.
     So the arena keeps what the largest of the last `window` passes needed, never less
-    than `steady_pixels` (a full batch of the card's or the largest warm-up size), and
-    shrinks at the end of the pass after which the pass that grew it has left the
-    window: a stream of large frames keeps its memory, a one-off large image is given
-    back `window` passes later."""
+    than `steady_pixels` (a full batch of the card's or the largest warm-up size:
+    `keep`), and shrinks at the end of the pass after which the pass that grew it has
+    left the window: a stream of large frames keeps its memory, a one-off large image
+    is given back `window` passes later."""
 
-    def __init__(self, steady_pixels: int, window: int = ARENA_WINDOW_PASSES) -> None:
+    def __init__(
+        self, steady_pixels: int, batch: int = 1, window: int = ARENA_WINDOW_PASSES
+    ) -> None:
         self.steady_pixels = steady_pixels
+        self._batch = batch  # images per pass: a steady size counts a full batch of it
         self._recent: deque[int] = deque(maxlen=window)
         self._grown = 0  # pixels of the largest pass since the arena last shrank
         self._lock = threading.Lock()
+
+    def keep(self, height: int, width: int) -> None:
+        """Never give back what a full batch of this (warm-up) size needs."""
+        self.steady_pixels = max(self.steady_pixels, self._batch * height * width)
 
     def shrink_after(self, pixels: int) -> bool:
         """Record a pass of `pixels`; True when the arena should shrink at its end."""
@@ -204,9 +211,10 @@ class OnnxRuntimeEngine(BaseEngine):
         self._free_dims: list[str] = []  # the input's symbolic dims: batch, height, width
         # The dynamic session's CPU arena gives back what a large pass grew it by (the
         # warm-up sizes' own sessions run those sizes only and keep theirs).
-        self._batch = settings.batch_limit("cpu" if first == CPU else device)
-        steady = self._batch * card.input_size[0] * card.input_size[1]
-        self._arena = ArenaShrinkPolicy(steady) if first == CPU else None
+        self._arena: ArenaShrinkPolicy | None = None
+        if first == CPU:
+            self._arena = ArenaShrinkPolicy(0, settings.batch_limit("cpu"))
+            self._arena.keep(*card.input_size)
 
     def session_options(self, fixed: dict[str, int] | None = None) -> Any:
         """The options of every session: threads, no spinning, `fixed` dims."""
@@ -260,8 +268,7 @@ class OnnxRuntimeEngine(BaseEngine):
         arena, so sizes that clients choose must not add them."""
         for n, h, w in sizes:
             if self._arena is not None:
-                steady = max(self._arena.steady_pixels, self._batch * h * w)
-                self._arena.steady_pixels = steady
+                self._arena.keep(h, w)
             if self._specialize and n == 1 and (h, w) not in self._sized:
                 values = dict(zip(self._free_dims, (1, 3, h, w), strict=True))
                 self._sized[(h, w)] = self._new_session({d: v for d, v in values.items() if d})

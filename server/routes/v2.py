@@ -396,9 +396,10 @@ def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _parse_bytes_elements(raw: bytes, shape: list[int]) -> list[bytes]:
-    """Triton's BYTES serialization: each element is a uint32 LE length, then bytes.
-    Stops at the element past what `shape` holds: a body of many tiny elements would
-    otherwise become a list of Python objects about 12x its size before it is refused."""
+    """Triton's BYTES serialization: each element is a uint32 LE length, then bytes;
+    exactly as many as `shape` holds. Stops at the element past them: a body of many
+    tiny elements would otherwise become a list of Python objects about 12x its size
+    before it is refused."""
     declared = math.prod(shape)
     out, i = [], 0
     while i < len(raw):
@@ -412,6 +413,8 @@ def _parse_bytes_elements(raw: bytes, shape: list[int]) -> list[bytes]:
             raise InvalidParameter("truncated BYTES tensor")
         out.append(raw[i : i + n])
         i += n
+    if len(out) != declared:
+        raise InvalidParameter(f"shape {shape} does not match {len(out)} BYTES elements")
     return out
 
 
@@ -462,8 +465,6 @@ def _input_tensor(
                 items = [base64.b64decode(s, validate=True) for s in flat]
             except (ValueError, TypeError) as exc:
                 raise InvalidParameter("BYTES data in JSON must be base64 strings") from exc
-        if math.prod(shape) != len(items):
-            raise InvalidParameter(f"shape {shape} does not match {len(items)} BYTES elements")
         return items, offset
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidParameter(
