@@ -101,7 +101,7 @@ def render_table(reports: Sequence[ImageReport]) -> None:
     table = Table(title="certseg certificates (l2, image in [0,1])")
     cols = ("image", "size", "L", "eps", "guaranteed", "max flips", "radius p10/med/p90")
     for col in (*cols, "1% flips at"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # wrapped, never cut to an ellipsis
     for r in reports:
         q = r.radius_quantiles
         for i, e in enumerate(r.eps):

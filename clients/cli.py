@@ -204,7 +204,7 @@ def segment(
     if labels is not None:
         cols[6:6] = ["worst acc (clean)", "worst mIoU (clean)"]
     for col in cols:
-        table.add_column(col, justify="left" if col == "image" else "right")
+        table.add_column(col, justify="left" if col == "image" else "right", overflow="fold")
     for label, r in rows:
         scored = [] if labels is None else _scored(r.metrics or {})
         table.add_row(
@@ -252,7 +252,7 @@ def _class_table(name: str, r: SegmentResult) -> Table:
     """One image's per-class certificate at its eps."""
     table = Table(title=f"{name} per class @ eps {r.eps:g}")
     for col in ("class", "pixels", "certified", "max flips", "kept ≥", "max gains"):
-        table.add_column(col, justify="left" if col == "class" else "right")
+        table.add_column(col, justify="left" if col == "class" else "right", overflow="fold")
     for c in r.classes or []:
         table.add_row(
             c.name,
@@ -504,7 +504,7 @@ def stream(
     p50, p99 = summary.percentile(50), summary.percentile(99)
     table = Table(title=f"stream -> {out}")
     for col in ("sent", "answered", "dropped", "errors", "fps", "p50 ms", "p99 ms"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     table.add_row(
         str(summary.sent),
         str(summary.answered),

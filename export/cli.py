@@ -172,7 +172,7 @@ def _render(report) -> None:
         ("L so far", "right"),
         ("method", "left"),
     ]:
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold")
     for r in report.layers:
         table.add_row(
             r.node,

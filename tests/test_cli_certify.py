@@ -87,16 +87,22 @@ def test_certify_command_reports_radii(tmp_path):
     want = stability(margin, (0.01, 0.05, 0.1), card.certified_lipschitz).tolist()
     assert [r["eps"] for r in report["stability"]] == want
 
-    table = subprocess.run(
-        [str(exe), "certify", str(img_path), "--checkpoint", str(ckpt)],
-        env={**os.environ, "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "guaranteed" in table.stdout and "odd.png" in table.stdout
-    assert "21x35" in table.stdout  # HxW
-    assert "1% flips at" in table.stdout
+    def table(columns: int) -> str:
+        return subprocess.run(
+            [str(exe), "certify", str(img_path), "--checkpoint", str(ckpt)],
+            env={**os.environ, "COLUMNS": str(columns)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    wide = table(200)
+    assert "guaranteed" in wide and "odd.png" in wide
+    assert "21x35" in wide  # HxW
+    assert "1% flips at" in wide
+    narrow = table(80)  # a default terminal: figures wrap, never cut to an ellipsis
+    assert "…" not in narrow, narrow
+    assert "21x35" in narrow
 
 
 def test_certify_command_fails_clearly_on_missing_file(tmp_path):
