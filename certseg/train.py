@@ -120,6 +120,23 @@ def make_optimizer(
     return opt, sched
 
 
+def aim_cosine(sched: torch.optim.lr_scheduler.CosineAnnealingLR, total_steps: int) -> None:
+    """Re-aim a resumed cosine at a new end, as if it had been planned for it.
+
+    The scheduler updates the lr recursively from the last one, so a new T_max alone
+    keeps a finished run at lr_min for all its added epochs (and the saved T_max would
+    wrap the lr back up past the old end). Setting each lr to the closed form at the
+    step reached puts the recursion on the new curve.
+    """
+    sched.T_max = max(total_steps, 1)
+    t = min(sched.last_epoch, sched.T_max)
+    share = (1 + math.cos(math.pi * t / sched.T_max)) / 2
+    lrs = [sched.eta_min + (base - sched.eta_min) * share for base in sched.base_lrs]
+    for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = lrs  # what get_last_lr() reports until the next step
+
+
 def fit(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -378,9 +395,7 @@ def train(cfg: TrainConfig) -> Path:
         _check_same_recipe(last, state.get("config", {}).get("recipe"), cfg.recipe)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        # --epochs may change on resume: the cosine then anneals to lr_min at the new end
-        # (the saved T_max would wrap the lr back up past the old one)
-        sched.T_max = max(cfg.recipe.epochs * steps, 1)
+        aim_cosine(sched, cfg.recipe.epochs * steps)  # --epochs may change on resume
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
         if cfg.progress:
             tqdm.write(f"resuming {last} after epoch {start_epoch} of {cfg.recipe.epochs}")

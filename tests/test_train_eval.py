@@ -17,7 +17,7 @@ import torch
 
 from certseg.certify.smoothing import binomial_tail, holm_reject
 from certseg.models import create_model, load_checkpoint
-from certseg.train import Recipe, make_optimizer
+from certseg.train import Recipe, aim_cosine, make_optimizer
 from server.launch import free_port
 
 CLI = [sys.executable, "-m", "certseg.cli"]
@@ -71,12 +71,36 @@ def test_training_resumes(tmp_path, trained):
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0] == json.loads((trained / "history.json").read_text())[0]
     # longer than first planned: the cosine anneals to lr_min at the new end (the saved
-    # schedule of 1 epoch wrapped the lr back up to the start's over the second)
+    # schedule of 1 epoch wrapped the lr back up to the start's over the second); how it
+    # gets there is test_a_longer_resumed_run_follows_the_cosine_planned_for_its_new_end
     assert history[0]["lr"] == pytest.approx(1e-6) and history[1]["lr"] < 1e-5, history
     # a changed lr would be ignored (the optimiser's state is resumed): refused
     proc = subprocess.run([*CLI, "train", "-o", str(out), *TINY, "--epochs", "3", *TRAINED,
                            "--lr", "0.5"], capture_output=True, text=True, env=ENV)  # fmt: skip
     assert proc.returncode != 0 and "lr=0.001 (now 0.5)" in proc.stderr + proc.stdout, proc.stderr
+
+
+def test_a_longer_resumed_run_follows_the_cosine_planned_for_its_new_end():
+    """Re-aimed at 4x the steps after finishing 10, the lr is where a 40-step cosine
+    stands at step 10 and steps along it to lr_min at 40. Setting T_max alone left a
+    finished run at lr_min for all its added epochs (the lr is updated recursively)."""
+    recipe = Recipe(lr=1e-3, lr_min=1e-6)
+    model = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(model, recipe, 10)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(1e-6)
+    aim_cosine(sched, 40)
+
+    def planned(t: int) -> float:
+        return 1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * t / 40)) / 2
+
+    assert sched.get_last_lr()[0] == pytest.approx(planned(10))
+    for t in range(11, 41):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(planned(t), rel=1e-6, abs=1e-12)
 
 
 def test_fine_tune_keeps_the_normalization_its_weights_learned(tmp_path, trained):
