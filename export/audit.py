@@ -254,11 +254,61 @@ def _check_declarations(model: onnx.ModelProto) -> dict[str, tuple]:
     return inferred
 
 
+def _external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _check_structure(graph: onnx.GraphProto, input_name: str) -> None:
+    """Every tensor defined once, before it is read, and stored in the file.
+
+    The passes below read the graph in file order, one name to one value. ONNX Runtime
+    sorts the graph itself and lets a later definition win: a Constant written after
+    its reader, or an initializer named as the image, would be audited as one tensor
+    and run as another. External data is resolved against a directory the audit does
+    not know (ONNX Runtime's is the model's, onnx's the process's): another file.
+    """
+    if graph.sparse_initializer:  # ORT prefers them to a same-named initializer
+        raise AuditError("sparse initializers are not audited")
+    inputs = [i.name for i in graph.input]
+    inits = [t.name for t in graph.initializer]
+    for name, n in Counter(inits).items():
+        if n > 1:
+            raise AuditError(f"initializer {name!r} is defined {n} times")
+    if input_name in inits:
+        raise AuditError(f"an initializer is named {input_name!r}, as the image input")
+    if any(_external(t) for t in graph.initializer):
+        raise AuditError(
+            "initializers with external data are not audited (save the weights in the file)"
+        )
+    defined = set(inputs) | set(inits)
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in defined:
+                raise AuditError(
+                    f"node {node.name!r} ({node.op_type}) reads {name!r} before it is "
+                    "defined (nodes must come in topological order)"
+                )
+        for attr in node.attribute:
+            tensors = [attr.t] if attr.HasField("t") else list(attr.tensors)
+            if any(_external(t) for t in tensors):
+                raise AuditError(f"node {node.name!r} ({node.op_type}) has external data")
+        if node.op_type == "Split" and not all(node.output):
+            # (ONNX Runtime crashes running one)
+            raise AuditError(f"Split node {node.name!r} leaves an output unnamed")
+        for name in node.output:
+            if name in defined:
+                raise AuditError(
+                    f"node {node.name!r} ({node.op_type}) redefines {name!r} (each tensor "
+                    "must be defined once)"
+                )
+            if name:
+                defined.add(name)
+
+
 class _Walker:
     def __init__(self, model: onnx.ModelProto, input_name: str) -> None:
         self.graph = model.graph
-        if model.graph.sparse_initializer:  # ORT prefers them to a same-named initializer
-            raise AuditError("sparse initializers are not audited")
+        _check_structure(model.graph, input_name)
         for node in self.graph.node:  # a subgraph may read the image from the outer scope
             if any(_has_subgraph(a) for a in node.attribute):
                 raise AuditError(f"node {node.name!r} ({node.op_type}) has a subgraph")
@@ -906,7 +956,7 @@ def audit_onnx(
     path = None
     if not isinstance(model, onnx.ModelProto):
         path = str(model)
-        model = onnx.load(path)
+        model = onnx.load(path, load_external_data=False)  # refused below, as the server does
     meta = read_metadata(model)
     if declared is None and META_L_STRUCTURAL in meta:
         declared = float(meta[META_L_STRUCTURAL])

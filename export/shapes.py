@@ -167,8 +167,8 @@ def _atom_bounds(a: tuple) -> tuple[float, float]:
         return math.floor(lo / a[2]) if lo > -_INF else -_INF, (
             math.floor(hi / a[2]) if hi < _INF else _INF
         )
-    if kind == "size":  # an input's size
-        return 0.0, float(SIZE_MAX)
+    if kind == "size":  # an input's size: an empty input has no pixels to certify
+        return 1.0, float(SIZE_MAX)
     if kind == "mul":
         (alo, ahi), (blo, bhi) = a[1].bounds(), a[2].bounds()
         products = [x * y for x in (alo, ahi) for y in (blo, bhi) if not (x == 0 or y == 0)]
@@ -431,8 +431,10 @@ class _Deriver:
                 out.append(x[i])
             elif t == Dim(-1):
                 out.append(None)
-            else:
+            elif t.is_const or t.bounds()[0] >= 1:
                 out.append(t)
+            else:  # may be 0 (copy) or -1 (infer) at run time: not the size it reads as
+                out.append(Dim.unknown())
         if None in out:
             if x is None:
                 return [None]

@@ -317,9 +317,9 @@ def calibrate(
 def _input_size(path: Path) -> tuple[int, int]:
     """The card's input size, from the exported ONNX beside the artifact (no audit)."""
     from server.calibration import reference_artifact
-    from server.engine import read_onnx_metadata
+    from server.engine import read_onnx_artifact
 
-    card, _, _ = read_onnx_metadata(reference_artifact(path), audit=False)
+    card = read_onnx_artifact(reference_artifact(path), audit=False).card
     return tuple(card.input_size)
 
 

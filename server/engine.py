@@ -5,8 +5,9 @@ they call `Engine.infer` on a batch and read `Engine.metadata()`. Backends live 
 `server.backends` and are imported lazily (none of them may pull torch into a base
 install).
 
-The exported artifact's metadata is read in ONE place, `read_onnx_metadata`, with
-the keys export defines (`export.audit.META_*`), and re-audited there at load.
+The exported artifact is read in ONE place, `read_onnx_artifact`, with the keys
+export defines (`export.audit.META_*`), and re-audited there at load; backends run
+the bytes it audited, never the file read again.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ __all__ = [
     "CardInfo",
     "Engine",
     "ModelInfo",
+    "OnnxArtifact",
     "TensorSpec",
     "file_sha256",
     "info_from_card",
-    "read_onnx_metadata",
+    "read_onnx_artifact",
 ]
 
 #: Outputs every certseg graph has; `logits` is optional.
@@ -143,8 +145,24 @@ def _check_lipschitz(value: float, where: str) -> float:
     return value
 
 
-def read_onnx_metadata(path: Path, audit: bool = True) -> tuple[CardInfo, float, list[str]]:
-    """(card, L for certificates, graph output names) of an exported model.onnx.
+@dataclass(frozen=True)
+class OnnxArtifact:
+    """An exported model.onnx as read once: its card, the L to certify with, its
+    outputs and the bytes that were audited (what a session must be built from: a
+    file replaced after the audit would otherwise serve unaudited weights)."""
+
+    card: CardInfo
+    lipschitz: float
+    outputs: list[str]
+    data: bytes = field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def read_onnx_artifact(path: Path, audit: bool = True) -> OnnxArtifact:
+    """Read an exported model.onnx once, with its card and the L for certificates.
 
     The one reader of export's metadata keys (`export.audit.META_*`). With `audit`,
     the file's Lipschitz constant is recomputed from the weights that will run
@@ -158,7 +176,8 @@ def read_onnx_metadata(path: Path, audit: bool = True) -> tuple[CardInfo, float,
     from export.audit import META_CARD, META_L_AUDITED, AuditError, audit_onnx
 
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        data = Path(path).read_bytes()
+        proto = onnx.load_model_from_string(data)  # external data: refused by the audit
     except Exception as exc:  # onnx raises DecodeError, OSError, ...
         raise ModelError(f"{path}: not a readable ONNX file ({exc})") from exc
     props = {p.key: p.value for p in proto.metadata_props}
@@ -185,7 +204,7 @@ def read_onnx_metadata(path: Path, audit: bool = True) -> tuple[CardInfo, float,
         raise ModelError(
             f"{path}: a certseg graph takes `image` and gives {CORE_OUTPUTS}; missing {missing}"
         )
-    return card, lipschitz, outputs
+    return OnnxArtifact(card, lipschitz, outputs, data)
 
 
 def info_from_card(

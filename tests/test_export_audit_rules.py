@@ -628,3 +628,123 @@ def test_shape_arithmetic_that_wraps_around_in_int64_is_not_followed():
     np.testing.assert_allclose(out[0] - conv, row0, rtol=1e-5)  # xs: one row, repeated
     with pytest.raises(AuditError, match="unknown shapes"):
         audit_onnx(model, check_head=False)
+
+
+_EYE = np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1)
+
+
+def _shadowing_constant() -> onnx.ModelProto:
+    """Conv reads w (an initializer, norm 1); a Constant after it writes w x100, which
+    ONNX Runtime (sorting the graph, the later definition winning) runs."""
+    late = oh.make_node("Constant", [], ["w"], value=numpy_helper.from_array(_EYE * 100))
+    return _graph([oh.make_node("Conv", ["image", "w"], ["logits"]), late], {"w": _EYE})
+
+
+def _image_initializer() -> onnx.ModelProto:
+    """An initializer named image (1x3x1x1) fixed every derived size at 1: row 0 and the
+    image looked alike, and Add's repeat of row 0 H times was not counted."""
+    nodes = [
+        oh.make_node("Slice", ["image", "zero", "one", "two"], ["row0"]),
+        oh.make_node("Add", ["row0", "image"], ["logits"]),
+    ]
+    inits = {"image": np.zeros((1, 3, 1, 1), np.float32)}
+    inits |= {k: np.array([v], np.int64) for k, v in (("zero", 0), ("one", 1), ("two", 2))}
+    return _graph(nodes, inits, in_shape=(1, 3, "H", "W"))
+
+
+def _external_weight() -> onnx.ModelProto:
+    """w stored in w.bin: resolved against the process's directory by the audit's
+    onnx, against the model's by ONNX Runtime: two files."""
+    model = _graph([oh.make_node("Conv", ["image", "w"], ["logits"])], {"w": _EYE})
+    t = model.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in {"location": "w.bin", "offset": "0", "length": str(_EYE.nbytes)}.items():
+        t.external_data.append(onnx.StringStringEntryProto(key=k, value=v))
+    return model
+
+
+def _unnamed_split() -> onnx.ModelProto:
+    """Splits whose first outputs are unnamed shared one split id: parts of two
+    tensors were taken for disjoint parts of one (and ONNX Runtime crashes on them)."""
+    nodes = [
+        oh.make_node("Split", ["image", "ones"], ["", "a", ""], axis=1),
+        oh.make_node("Split", ["image", "ones"], ["", "b", ""], axis=1),
+        oh.make_node("Concat", ["a", "b"], ["logits"], axis=1),
+    ]
+    return _graph(nodes, {"ones": np.ones(3, np.int64)})
+
+
+def _two_writers() -> onnx.ModelProto:
+    nodes = [
+        oh.make_node("Mul", ["image", "k1"], ["t"]),
+        oh.make_node("Mul", ["image", "k2"], ["t"]),
+        oh.make_node("Identity", ["t"], ["logits"]),
+    ]
+    return _graph(nodes, {"k1": np.float32(1), "k2": np.float32(100)})
+
+
+def _out_of_order() -> onnx.ModelProto:
+    nodes = [
+        oh.make_node("Identity", ["t"], ["logits"]),
+        oh.make_node("Mul", ["image", "k"], ["t"]),
+    ]
+    return _graph(nodes, {"k": np.float32(100)})
+
+
+def _duplicate_initializer() -> onnx.ModelProto:
+    model = _graph([oh.make_node("Conv", ["image", "w"], ["logits"])], {"w": _EYE})
+    model.graph.initializer.append(numpy_helper.from_array(_EYE * 100, "w"))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (_shadowing_constant, "redefines 'w'"),
+        (_image_initializer, "initializer is named 'image'"),
+        (_external_weight, "external data"),
+        (_unnamed_split, "leaves an output unnamed"),
+        (_two_writers, "redefines 't'"),
+        (_out_of_order, "before it is defined"),
+        (_duplicate_initializer, "defined 2 times"),
+    ],
+)
+def test_a_graph_read_otherwise_than_onnx_runtime_runs_it_is_refused(make, match, tmp_path):
+    """Each tensor is defined once, before it is read, inside the file: red-team files
+    that passed the audit with L about 1 while ONNX Runtime ran a larger gain."""
+    model = make()
+    with pytest.raises(AuditError, match=match):
+        audit_onnx(model, check_head=False)
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=False)
+    with pytest.raises(AuditError, match=match):  # from the file, as `certseg audit` reads it
+        audit_onnx(tmp_path / "m.onnx", check_head=False)
+
+
+def test_a_computed_reshape_size_that_may_mean_copy_or_infer_is_not_taken_as_a_size():
+    """The target [0, 0, e, 0] with e = (H mod 2) - 1: ONNX Runtime reads e = -1 as
+    'infer' and 0 as 'copy', so row 0 (1 row) and the image (H rows) both pass
+    through. Taken as the size e for both, their Add (row 0 repeated H times, gain
+    sqrt(H + 3)) audited at L = 2."""
+    nodes = [
+        oh.make_node("Shape", ["image"], ["s"]),
+        oh.make_node("Slice", ["s", "two", "three"], ["h"]),
+        oh.make_node("Mod", ["h", "two"], ["hm"]),
+        oh.make_node("Sub", ["hm", "one"], ["e"]),
+        oh.make_node("Concat", ["zero", "zero", "e", "zero"], ["target"], axis=0),
+        oh.make_node("Slice", ["image", "zero", "one", "two"], ["row0"]),
+        oh.make_node("Reshape", ["row0", "target"], ["a"]),
+        oh.make_node("Reshape", ["image", "target"], ["b"]),
+        oh.make_node("Add", ["a", "b"], ["logits"]),
+    ]
+    inits = {k: np.array([v], np.int64) for k, v in (("zero", 0), ("one", 1), ("two", 2))}
+    inits["three"] = np.array([3], np.int64)
+    model = _graph(nodes, inits, in_shape=(1, 3, "H", "W"))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = RNG.random((1, 3, 16, 8), dtype=np.float32)
+    d = np.zeros_like(x)
+    d[:, :, 0] = 1e-2  # on row 0, which the Add repeats
+    fx, fy = (sess.run(None, {"image": v})[0].astype(np.float64) for v in (x, x + d))
+    assert np.linalg.norm(fy - fx) / np.linalg.norm(d) > 4  # sqrt(19) = 4.36: real
+    with pytest.raises(AuditError, match="cannot prove shapes"):
+        audit_onnx(model, check_head=False)

@@ -29,7 +29,7 @@ from server.backends import ModelSpec, create_engine, resolve_backend, resolve_m
 from server.backends.base import apply_margin_error
 from server.batcher import Batcher
 from server.decode import Limits, chw8_to_float, decode_image, decode_target, sniff_format
-from server.engine import read_onnx_metadata
+from server.engine import read_onnx_artifact
 from server.errors import (
     PROBLEMS,
     BackendError,
@@ -618,22 +618,54 @@ def test_resolve_models(tmp_path):
 
 def test_load_refuses_bad_artifacts(tmp_path):
     path = tiny_model_dir() / "model.onnx"
-    card, L, outputs = read_onnx_metadata(path)
+    artifact = read_onnx_artifact(path)
+    card, L, outputs = artifact.card, artifact.lipschitz, artifact.outputs
     assert card.name == "tiny" and L > 0 and outputs == ["mask", "margin", "radius", "logits"]
+    assert artifact.data == path.read_bytes()
     proto = onnx.load(str(path))
     for p in proto.metadata_props:
         if p.key == "certseg.lipschitz_audited":
             p.value = repr(L / 2)  # claims a smaller L than the weights give
     onnx.save(proto, tmp_path / "lying.onnx")
     with pytest.raises(ModelError, match="audit"):
-        read_onnx_metadata(tmp_path / "lying.onnx")
+        read_onnx_artifact(tmp_path / "lying.onnx")
     del proto.metadata_props[:]
     onnx.save(proto, tmp_path / "bare.onnx")
     with pytest.raises(ModelError, match=r"certseg\.card"):
-        read_onnx_metadata(tmp_path / "bare.onnx")
+        read_onnx_artifact(tmp_path / "bare.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     with pytest.raises(ModelError):
-        read_onnx_metadata(tmp_path / "junk.onnx")
+        read_onnx_artifact(tmp_path / "junk.onnx")
+
+
+def test_sessions_run_the_bytes_the_audit_read(tmp_path):
+    """The file is read once: replaced between the audit and the session's load (or a
+    warm-up size's session), the engine still runs what was audited. It used to open
+    the path again for each session, so a swapped file served unaudited weights."""
+    import shutil
+
+    from server.engine import file_sha256
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir(), folder)
+    path = folder / "model.onnx"
+    audited = path.read_bytes()
+    engine = ort_engine(folder)
+    assert engine.metadata().sha256 == file_sha256(path)
+    proto = onnx.load(str(path))
+    for init in proto.graph.initializer:  # every weight x10: another function, unaudited
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 4:
+            arr = onnx.numpy_helper.to_array(init) * np.float32(10)
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, path)
+    engine.load()
+    engine.warmup([(1, 21, 30)])
+    x = (random_image(21, 30, seed=1).transpose(2, 0, 1) / np.float32(255))[None]
+    got = engine.infer(x.astype(np.float32), ["logits"])["logits"]
+    path.write_bytes(audited)
+    fresh = ort_engine(folder)
+    fresh.load()
+    np.testing.assert_array_equal(got, fresh.infer(x.astype(np.float32), ["logits"])["logits"])
 
 
 def test_torch_backend_matches_onnxruntime():

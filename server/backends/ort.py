@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from server.backends.base import BaseEngine, check_precision
-from server.engine import file_sha256, info_from_card, read_onnx_metadata
+from server.engine import info_from_card, read_onnx_artifact
 from server.errors import BackendUnavailable, ModelError
 from server.settings import Settings
 
@@ -177,7 +177,9 @@ class OnnxRuntimeEngine(BaseEngine):
         self, name: str | None, path: Path, settings: Settings, calibrating: bool = False
     ) -> None:
         ort = _ort()
-        card, lipschitz, outputs = read_onnx_metadata(path, settings.audit)
+        artifact = read_onnx_artifact(path, settings.audit)
+        card = artifact.card
+        self._model_bytes = artifact.data  # every session is built from the audited bytes
         self._providers = choose_providers(settings, ort.get_available_providers(), calibrating)
         apply_tf32_override(
             [p for p, _ in self._providers], settings.precision, settings.margin_error, calibrating
@@ -188,12 +190,12 @@ class OnnxRuntimeEngine(BaseEngine):
             name or card.name,
             path,
             card,
-            lipschitz,
+            artifact.lipschitz,
             backend="onnxruntime",
             platform="onnxruntime_onnx",
             device=device,
-            has_logits="logits" in outputs,
-            sha256=file_sha256(path),
+            has_logits="logits" in artifact.outputs,
+            sha256=artifact.sha256,
             precision=settings.precision,
         )
         # On the CPU, routes send 8-bit frames as they are and the base converts each batch
@@ -242,7 +244,7 @@ class OnnxRuntimeEngine(BaseEngine):
         so = self.session_options(fixed)
         try:
             return ort.InferenceSession(
-                str(self.info.path),
+                self._model_bytes,
                 sess_options=so,
                 providers=[p for p, _ in self._providers],
                 provider_options=[o for _, o in self._providers],

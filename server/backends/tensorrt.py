@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from server.backends.base import BaseEngine, check_precision
-from server.engine import file_sha256, info_from_card, read_onnx_metadata
+from server.engine import info_from_card, read_onnx_artifact
 from server.errors import BackendError, BackendUnavailable, ModelError
 from server.settings import Settings
 
@@ -74,17 +74,17 @@ class TensorRTEngine(BaseEngine):
         check_precision(
             "tensorrt", settings.precision, ("fp32", "fp16"), settings.margin_error, calibrating
         )
-        card, lipschitz, outputs = read_onnx_metadata(onnx_path, settings.audit)
+        artifact = read_onnx_artifact(onnx_path, settings.audit)
         info = info_from_card(
-            name or card.name,
+            name or artifact.card.name,
             path,
-            card,
-            lipschitz,
+            artifact.card,
+            artifact.lipschitz,
             backend="tensorrt",
             platform="tensorrt_plan",
             device=f"cuda:{settings.device_id}",
-            has_logits="logits" in outputs,
-            sha256=file_sha256(onnx_path),
+            has_logits="logits" in artifact.outputs,
+            sha256=artifact.sha256,
             precision=settings.precision,
         )
         super().__init__(info, settings.margin_error, calibrating)
