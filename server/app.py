@@ -146,7 +146,8 @@ class RequestContextMiddleware:
         status = {"code": 101 if scope["type"] == "websocket" else 500, "started": False}
 
         async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                # (the second: a refused handshake's HTTP answer, e.g. 503 at max_streams)
                 status["code"] = message["status"]
                 status["started"] = True
                 message["headers"] = [
@@ -313,12 +314,15 @@ def uvicorn_config(application: FastAPI, host: str, port: int, **overrides: Any)
     the tests' live servers take it from (WebSocket message cap, graceful shutdown)."""
     import uvicorn
 
+    from server.ws_protocol import BoundedWebSocketProtocol
+
     settings = application.state.server.settings
     options: dict[str, Any] = {
         "host": host,
         "port": port,
         "log_config": None,
         "access_log": False,
+        "ws": BoundedWebSocketProtocol,  # pongs and fragments bounded (server/ws_protocol.py)
         "ws_max_size": settings.max_body_bytes,
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
         "lifespan": "on",

@@ -58,6 +58,7 @@ __all__ = [
     "install_error_handlers",
     "problem_for",
     "problem_response",
+    "retry_after_seconds",
 ]
 
 log = logging.getLogger("certseg.server")
@@ -206,6 +207,11 @@ def _is_v2(request: HTTPConnection) -> bool:
     return request.url.path.startswith("/v2")
 
 
+def retry_after_seconds(retry_after: float) -> int:
+    """Whole seconds to wait, at least 1 (what Retry-After and stream errors carry)."""
+    return max(1, math.ceil(retry_after))
+
+
 def problem_response(
     request: HTTPConnection,
     status: int,
@@ -218,7 +224,7 @@ def problem_response(
     """problem+json for our surfaces, ``{"error": ...}`` for the V2 protocol."""
     hdrs = dict(headers or {})
     if retry_after is not None:
-        hdrs["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        hdrs["Retry-After"] = str(retry_after_seconds(retry_after))
     if status == 401:
         hdrs.setdefault("WWW-Authenticate", 'Bearer realm="certseg"')
     if _is_v2(request):

@@ -31,7 +31,8 @@ class Metrics:
         )
         self.stage_ms = Histogram(
             "certseg_stage_latency_ms",
-            "Per-image latency of each stage (decode, queue, infer, certify, encode, total), ms.",
+            "Per-image latency of each stage (decode, prepare, queue, infer, certify, encode; "
+            "a stream's pending and order; total), ms.",
             ["stage"],
             buckets=_MS_BUCKETS,
             registry=r,

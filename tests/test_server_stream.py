@@ -160,6 +160,36 @@ def test_depth_two_answers_in_order_and_loses_no_frame_of_a_window_of_three(serv
     assert [a["frame"] for a in shallow] == [0, 2, 3] and shallow[-1]["dropped"] == 1
 
 
+def test_a_frame_s_total_runs_until_its_answer_leaves(server, engine):
+    """At depth 2 a small frame sent after a large one may finish first and wait for
+    it: that wait is its "order" stage, and its total runs until its answer is sent
+    (it ended with the encode: a frame answered 466 ms after it was sent said 40)."""
+    big = encode(random_image(512, 512, seed=8))  # PNG: decodes far slower than...
+    small = encode(random_image(24, 32, seed=9), "JPEG", quality=85)  # ...this
+
+    async def run() -> tuple[list[dict], float, float]:
+        async with websockets.connect(_url(server), max_size=2**24) as ws:
+            await _recv_json(ws)
+            await ws.send(big)
+            sent_small = time.perf_counter()
+            await ws.send(small)
+            first = await _recv_json(ws)
+            first_at = time.perf_counter()
+            return [first, await _recv_json(ws)], sent_small, first_at
+
+    engine.delay_s = 0.3
+    try:
+        (a, b), sent_small, first_at = asyncio.run(run())
+    finally:
+        engine.delay_s = 0.0
+    assert [a["frame"], b["frame"]] == [0, 1]
+    for t in (a["timings_ms"], b["timings_ms"]):
+        assert {"pending", "decode", "prepare", "queue", "infer", "certify", "encode"} < set(t)
+        assert "order" in t and sum(v for k, v in t.items() if k != "total") <= t["total"] + 0.01
+    # frame 1 left after frame 0's answer: its total covers that (less the transits)
+    assert b["timings_ms"]["total"] >= (first_at - sent_small) * 1000 - 100, b["timings_ms"]
+
+
 def test_depth_two_has_the_next_frame_queued_while_one_is_on_the_model(server, engine):
     """The overlap itself: while frame 0 is held on the model, frame 1 is decoded and
     waits in the batcher at depth 2; at depth 1 it does not start."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -59,20 +60,23 @@ class RawStream:
         assert head.startswith(b"HTTP/1.1 101"), head
 
     def send_binary(self, data: bytes) -> None:
-        """One masked binary frame (client frames must be masked, RFC 6455 5.3)."""
-        mask = os.urandom(4)
-        n = len(data)
-        if n < 126:
-            header = struct.pack("!BB", 0x82, 0x80 | n)
-        elif n < 1 << 16:
-            header = struct.pack("!BBH", 0x82, 0x80 | 126, n)
-        else:
-            header = struct.pack("!BBQ", 0x82, 0x80 | 127, n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-        self.sock.sendall(header + mask + masked)
+        self.sock.sendall(frame_bytes(0x2, data))
 
     def close(self) -> None:
         self.sock.close()
+
+
+def frame_bytes(opcode: int, data: bytes, fin: bool = True) -> bytes:
+    """One masked frame (client frames must be masked, RFC 6455 5.3)."""
+    mask = os.urandom(4)
+    n, first = len(data), (0x80 if fin else 0) | opcode
+    if n < 126:
+        header = struct.pack("!BB", first, 0x80 | n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
 
 
 def test_client_that_never_reads_is_closed_and_holds_no_backlog(caplog):
@@ -131,6 +135,9 @@ def test_idle_streams_up_to_the_limit_then_503_then_idle_timeout():
         assert resp.status_code == 503 and int(resp.headers["Retry-After"]) >= 1
         assert resp.headers["Content-Type"].startswith("application/problem+json")
         assert json.loads(resp.body)["status"] == 503
+        # counted as what it was: a 503 (the handshake's HTTP answer was counted 101)
+        refused = 'certseg_requests_total{method="WS",route="/v1/stream",status="503"}'
+        assert _metric(srv, refused) == 1.0
         # a silent stream is closed after stream_idle_s (1000, "idle timeout")
         t0 = time.monotonic()
         for ws in idle:
@@ -172,5 +179,92 @@ def test_oversized_message_closes_with_1009_and_server_goes_on():
     try:
         asyncio.run(run())
         assert _streams_drain(srv)
+    finally:
+        srv.stop()
+
+
+def test_a_huge_control_message_is_refused_unparsed():
+    """A 1 MB config (valid JSON) gets a 413 error and the stream goes on: parsed on
+    the event loop, 30 MB of JSON arrays held every stream's frames up for 1.9 s."""
+    from server.routes.stream import MAX_CONTROL_CHARS
+
+    srv = serve_tiny()
+
+    async def run() -> None:
+        async with websockets.connect(srv.ws_base + "/v1/stream") as ws:
+            await ws.recv()
+            big = json.dumps({"type": "config", "zz": [0] * (MAX_CONTROL_CHARS // 2 + 1)})
+            await ws.send(big)
+            err = json.loads(await ws.recv())
+            assert err["type"] == "error" and err["status"] == 413, err
+            assert str(len(big)) in err["detail"]
+            await ws.send(json.dumps({"type": "config", "eps": 0.02}))
+            assert json.loads(await ws.recv())["eps"] == 0.02  # still served
+            await ws.send(encode(random_image(24, 32)))
+            assert json.loads(await ws.recv())["type"] == "result"
+
+    try:
+        asyncio.run(run())
+    finally:
+        srv.stop()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_a_client_that_pings_and_never_reads_is_dropped_before_it_costs_memory():
+    """uvicorn writes each pong past flow control: 8 s of pings from a client that read
+    nothing grew the server 237 MB. Past a 1 MiB backlog its next ping drops it."""
+    srv = serve_tiny(stream_idle_s=60)
+    try:
+        raw = RawStream(srv, "")
+        raw.sock.settimeout(0.5)
+        ping = frame_bytes(0x9, b"p" * 125)
+        before, sent, deadline = _rss_mb(), 0, time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                raw.sock.sendall(ping * 64)
+                sent += 64 * len(ping)
+            except (TimeoutError, OSError):
+                break  # dropped (reset), or no longer read
+        raw.close()
+        assert time.monotonic() < deadline, "never dropped"
+        assert _streams_drain(srv)
+        assert sent < 64 << 20 and _rss_mb() - before < 64, (sent, _rss_mb() - before)
+    finally:
+        srv.stop()
+
+
+def test_a_message_in_too_many_fragments_closes_1009():
+    """Each fragment is held until the message ends: 3 million 1-byte fragments of a
+    3 MB message cost 155 MB. Past MAX_FRAGMENTS the stream closes, as for a message
+    over the size cap; a message in a few fragments is served."""
+    from server.ws_protocol import MAX_FRAGMENTS
+
+    srv = serve_tiny()
+    try:
+        raw = RawStream(srv, "")
+        first = frame_bytes(0x2, b"\x89", fin=False)
+        raw.sock.sendall(first + frame_bytes(0x0, b"P", fin=False) * (MAX_FRAGMENTS + 8))
+        raw.sock.settimeout(10)
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := raw.sock.recv(65536):
+                got += chunk
+        raw.close()
+        close = got[got.rindex(b"\x88") :]  # the close frame: 0x88, length, code
+        assert struct.unpack("!H", close[2:4])[0] == 1009, close
+
+        async def fragmented() -> dict:
+            async with websockets.connect(srv.ws_base + "/v1/stream") as ws:
+                await ws.recv()
+                data = encode(random_image(24, 32))
+                await ws.send([data[i : i + 100] for i in range(0, len(data), 100)])
+                return json.loads(await ws.recv())
+
+        assert asyncio.run(fragmented())["type"] == "result"
     finally:
         srv.stop()

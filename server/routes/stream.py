@@ -32,7 +32,10 @@ problem+json with Retry-After); a stream silent for stream_idle_s with nothing i
 flight is closed (1000, "idle timeout"); a client that takes no answer for
 stream_send_timeout_s is closed (1008, "client not reading"), so a reader that
 stalls holds one waiting frame and `depth` answers, never a backlog; a message
-over max_body_bytes closes the stream (1009, by uvicorn).
+over max_body_bytes closes the stream (1009, by uvicorn); a control message over
+MAX_CONTROL_CHARS is answered by a 413 error unparsed (a config is under 1 KB, and
+parsing megabytes of JSON would hold up every stream's event loop). A server
+shutting down closes streams with 1012 once the frames received are answered.
 """
 
 from __future__ import annotations
@@ -53,9 +56,11 @@ from server.errors import (
     CertSegError,
     InvalidParameter,
     Overloaded,
+    PayloadTooLarge,
     client_value,
     problem_for,
     problem_response,
+    retry_after_seconds,
 )
 from server.pipeline import Certified, Timings, check_eps, check_outputs, segment_image
 from server.query import check_query
@@ -71,6 +76,8 @@ BINARY_OUTPUTS = ("overlay", "mask")  # sent as PNG messages; the others: result
 STYLES = ("hatch", "dim", "heat")
 #: A stream's settings: what a config message may change and its answer echoes.
 CONFIG_FIELDS = ("model", "eps", "outputs", "overlay_style", "depth", "resize")
+#: The longest control message parsed (characters).
+MAX_CONTROL_CHARS = 64 * 1024
 
 
 @dataclass
@@ -248,6 +255,13 @@ class StreamSession:
         self._started.set()
 
     async def _control(self, text: str) -> str | None:
+        if len(text) > MAX_CONTROL_CHARS:
+            await self._reject(
+                PayloadTooLarge(
+                    f"control message of {len(text)} characters; at most {MAX_CONTROL_CHARS}"
+                )
+            )
+            return None
         try:
             msg = json.loads(text)
             if not isinstance(msg, dict):
@@ -290,6 +304,10 @@ class StreamSession:
                 await self._started.wait()
             answer = await self._in_flight[0]
             answer.body["dropped"] = self.dropped
+            if answer.timings is not None:  # until it leaves: it may wait for earlier frames
+                answer.timings.since("order", answer.done)
+                answer.body["timings_ms"] = stages = answer.timings.finish()
+                self.state.metrics.observe_stages(stages)
             await self._send(json.dumps(answer.body), *answer.blobs)
             self.answered += 1
             self._in_flight.popleft()  # after the send: a stalled client holds <= depth
@@ -322,17 +340,9 @@ class StreamSession:
                 *(asyncio.to_thread(_encode, name, cert, image, cfg) for name in binary)
             )
         )
-        timings.since("encode", t0)
-        stages = timings.finish()
-        self.state.metrics.observe_stages(stages)
-        body = {
-            "type": "result",
-            "frame": p.frame,
-            **cert.summary(),
-            "timings_ms": stages,
-            "binary": binary,
-        }
-        return _Answer(body, blobs)
+        done = timings.since("encode", t0)
+        body = {"type": "result", "frame": p.frame, **cert.summary(), "binary": binary}
+        return _Answer(body, blobs, timings, done)
 
 
 def _encode(name: str, cert: Certified, image: DecodedImage, cfg: StreamConfig) -> bytes:
@@ -344,22 +354,23 @@ def _encode(name: str, cert: Certified, image: DecodedImage, cfg: StreamConfig) 
 
 @dataclass
 class _Answer:
-    """A frame's messages: the JSON body ("dropped" is set when it is sent) and blobs."""
+    """A frame's messages: the JSON body ("dropped" and a result's "timings_ms" are
+    set when it is sent), its blobs, and when its work was done."""
 
     body: dict[str, Any]
     blobs: list[bytes] = field(default_factory=list)
+    timings: Timings | None = None
+    done: float = 0.0
 
 
 def _error_body(frame: int | None, exc: CertSegError) -> dict[str, Any]:
     """The error message for a frame (or, frame None, for a control message)."""
     p = problem_for(exc)
-    return {
-        "type": "error",
-        "frame": frame,
-        "status": p.status,
-        "title": p.title,
-        "detail": exc.detail,
-    }
+    body = {"type": "error", "frame": frame, "status": p.status, "title": p.title}
+    body["detail"] = exc.detail
+    if exc.retry_after is not None:  # an overload: when to try again, as REST's header
+        body["retry_after"] = retry_after_seconds(exc.retry_after)
+    return body
 
 
 def _initial_config(ws: WebSocket, state: ServerState) -> StreamConfig:
