@@ -161,12 +161,12 @@ def serve(
     ] = None,
 ) -> None:
     """Serve certified segmentation over REST, WebSocket and the Open Inference Protocol."""
-    import uvicorn
 
     from server.app import create_app, uvicorn_config
     from server.backends import create_engine, resolve_model_specs
     from server.errors import CertSegError
     from server.logs import configure_logging
+    from server.shutdown import CertsegServer
     from server.state import ServerState
 
     settings = build_settings(
@@ -213,7 +213,7 @@ def serve(
         fail("serve", exc.detail)
     _check_port_free(settings.host, settings.port)
     application = create_app(settings, engines=engines)
-    server = uvicorn.Server(uvicorn_config(application, settings.host, settings.port))
+    server = CertsegServer(uvicorn_config(application, settings.host, settings.port))
     state = application.state.server
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()

@@ -88,9 +88,9 @@ class LiveServer:
     """A real uvicorn server on 127.0.0.1:<free port> in a daemon thread."""
 
     def __init__(self, app, ws_max_size: int = 16 * 1024 * 1024) -> None:
-        import uvicorn
 
         from server.app import uvicorn_config
+        from server.shutdown import CertsegServer
 
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -99,7 +99,7 @@ class LiveServer:
         config = uvicorn_config(
             app, "127.0.0.1", self.port, log_level="warning", ws_max_size=ws_max_size
         )
-        self.server = uvicorn.Server(config)
+        self.server = CertsegServer(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, wait_ready: bool = True, timeout: float = 60.0) -> LiveServer:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import logging
 import threading
 import time
 
@@ -188,6 +190,43 @@ def test_a_frame_s_total_runs_until_its_answer_leaves(server, engine):
         assert "order" in t and sum(v for k, v in t.items() if k != "total") <= t["total"] + 0.01
     # frame 1 left after frame 0's answer: its total covers that (less the transits)
     assert b["timings_ms"]["total"] >= (first_at - sent_small) * 1000 - 100, b["timings_ms"]
+
+
+def test_shutdown_answers_the_frames_received_then_closes_1012(caplog):
+    """SIGTERM's graceful stop (as LiveServer.stop asks it) with two frames on a slow
+    model: both are answered, then the stream closes 1012. uvicorn closed the socket
+    at once, and the frames received were lost ("3 frames, 0 answered")."""
+    caplog.set_level(logging.INFO, logger="certseg.server")
+    slow = ControlledEngine(ort_engine(tiny_model_dir()))
+    slow.delay_s = 0.4
+    settings = Settings(intra_op_threads=1, max_delay_ms=1, shutdown_grace_s=10)
+    srv = LiveServer(create_app(settings, engines=[slow])).start()
+    frame = encode(random_image(24, 32, seed=4))
+
+    async def run() -> tuple[list[dict], int | None]:
+        async with websockets.connect(f"{srv.ws_base}/v1/stream") as ws:
+            await _recv_json(ws)
+            await ws.send(frame)
+            await ws.send(frame)
+            while slow.calls == 0:
+                await asyncio.sleep(0.01)  # frame 0 is on the model
+            stopper = threading.Thread(target=srv.stop)
+            stopper.start()
+            answers = []
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    answers.append(await _recv_json(ws))
+            await asyncio.to_thread(stopper.join)
+            return answers, ws.close_code
+
+    try:
+        answers, code = asyncio.run(run())
+    finally:
+        srv.stop()
+    assert [(a["type"], a["frame"]) for a in answers] == [("result", 0), ("result", 1)]
+    assert code == 1012
+    closes = [r.getMessage() for r in caplog.records if "stream closed" in r.getMessage()]
+    assert closes == ["stream closed (server shutting down): 2 frames, 2 answered, 0 dropped"]
 
 
 def test_depth_two_has_the_next_frame_queued_while_one_is_on_the_model(server, engine):

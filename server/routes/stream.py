@@ -35,7 +35,8 @@ stalls holds one waiting frame and `depth` answers, never a backlog; a message
 over max_body_bytes closes the stream (1009, by uvicorn); a control message over
 MAX_CONTROL_CHARS is answered by a 413 error unparsed (a config is under 1 KB, and
 parsing megabytes of JSON would hold up every stream's event loop). A server
-shutting down closes streams with 1012 once the frames received are answered.
+shutting down reads no more frames, answers those received (within
+shutdown_grace_s) and closes with 1012 ("server shutting down").
 """
 
 from __future__ import annotations
@@ -189,15 +190,22 @@ class StreamSession:
 
     async def run(self) -> _Closing | None:
         """Receive and process until either side ends; why the stream ends (None: client)."""
-        loops = (self.receive_loop(), self.answer_loop())
-        tasks = [asyncio.create_task(loop) for loop in loops]
+        receiving = asyncio.create_task(self.receive_loop())
+        tasks = [receiving, asyncio.create_task(self.answer_loop())]
+        tasks.append(asyncio.create_task(self.stop_loop(receiving)))
+        pending = set(tasks)
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            while True:  # the receive loop cancelled at shutdown ends nothing by itself
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if not all(task.cancelled() for task in done):
+                    break
         finally:
             for task in (*tasks, *self._in_flight):
                 task.cancel()
             await asyncio.gather(*tasks, *self._in_flight, return_exceptions=True)
         for task in done:
+            if task.cancelled():
+                continue
             exc = task.exception()
             if isinstance(exc, _Closing):
                 return exc
@@ -223,6 +231,13 @@ class StreamSession:
             elif msg.get("text") is not None and await self._control(msg["text"]) == "close":
                 await self._drain()  # a graceful close: what was received is answered
                 return
+
+    async def stop_loop(self, receiving: asyncio.Task[None]) -> None:
+        """At server shutdown: read no more, answer what was received, close 1012."""
+        await self.state.stopping.wait()
+        receiving.cancel()
+        await self._drain()
+        raise _Closing(1012, "server shutting down")
 
     async def _drain(self) -> None:
         """Wait until every frame received so far is answered (or dropped)."""
