@@ -14,7 +14,7 @@ from typing import NoReturn, ParamSpec, TypeVar
 
 import typer
 
-__all__ = ["UserError", "cli_errors", "fail"]
+__all__ = ["EXTRA_OF_MODULE", "UserError", "cli_errors", "fail", "missing_extra"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -31,8 +31,32 @@ def fail(command: str, message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+#: Optional modules, by the extra of pyproject.toml that installs them.
+EXTRA_OF_MODULE = {
+    "torch": "train",
+    "torchvision": "train",
+    "tqdm": "train",
+    "matplotlib": "train",
+    "cityscapesscripts": "train",
+    "onnxscript": "train",
+    "av": "client",
+    "tensorrt": "gpu",
+    "cuda": "gpu",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The sentence for an optional module not installed (None: not one of ours)."""
+    root = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(root)
+    if extra is None:
+        return None
+    return f"this needs {root}, from the `{extra}` extra: pip install -e '.[{extra}]'"
+
+
 def cli_errors(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorate the typer command `certseg <command>`: a UserError becomes
+    """Decorate the typer command `certseg <command>`: a UserError, or an optional
+    module not installed (the quickstart installs none), becomes
     "certseg <command>: error: <message>" on stderr and exit status 2."""
 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
@@ -42,6 +66,11 @@ def cli_errors(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
                 return fn(*args, **kwargs)
             except UserError as exc:
                 fail(command, str(exc))
+            except ModuleNotFoundError as exc:
+                sentence = missing_extra(exc)
+                if sentence is None:
+                    raise
+                fail(command, sentence)
 
         return run
 

@@ -278,6 +278,20 @@ def _scored(metrics: dict[str, float | None]) -> list[str]:
     ]
 
 
+def _import_av() -> Any:
+    """PyAV, or the one line that says which extra brings it (exit 2)."""
+    try:
+        import av
+    except ModuleNotFoundError:
+        typer.echo(
+            "certseg client stream: error: this needs PyAV, from the `client` extra: "
+            "pip install -e '.[client]'",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    return av
+
+
 def _open_input(video: Path | None, camera: int | None) -> Any:
     import av
 
@@ -442,8 +456,7 @@ def stream(
     ] = "jpeg",
 ) -> None:
     """Stream a video (or a camera) through WS /v1/stream; write the annotated video."""
-    import av
-
+    av = _import_av()
     from clients.models import CertSegClientError, StreamSummary
     from clients.sdk import CertSegClient, InFlight
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -205,3 +206,33 @@ def test_user_mistakes_are_one_stderr_line_with_exit_2(tmp_path):
         if "Usage:" not in res.stderr:  # not argparse's: the one-line form of the server CLI
             (line,) = res.stderr.splitlines()
             assert line.startswith(f"certseg {args[0]}: error: "), line
+
+
+@pytest.mark.parametrize(
+    ("blocked", "args", "extra"),
+    [
+        ("torch", ["certify", "docs/example_street.png", "--checkpoint", "m.pt"], "train"),
+        ("tqdm", ["evaluate", "m.pt", "-o", "out", "--num-images", "1"], "train"),
+        ("torch", ["export", "m.pt", "-o", "out"], "train"),
+        ("av", ["client", "stream", "clip.mp4"], "client"),
+    ],
+)
+def test_a_command_of_an_extra_not_installed_says_which_in_one_line(tmp_path, blocked, args, extra):
+    """The quickstart installs no extra. A module made unimportable (None in
+    sys.modules: torch and PyAV are installed here, so their absence is simulated)
+    gave a 42-line traceback ending in ModuleNotFoundError; now one line, exit 2."""
+    (tmp_path / "m.pt").write_bytes(b"")
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    (tmp_path / "docs").mkdir()
+    street = Path(__file__).parents[1] / "docs" / "example_street.png"
+    (tmp_path / "docs" / "example_street.png").write_bytes(street.read_bytes())
+    code = (
+        f"import sys; sys.modules[{blocked!r}] = None; sys.argv = ['certseg', *{args!r}]; "
+        "from certseg.cli import app; app()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pip install -e '.[{extra}]'" in lines[0], proc.stderr[-2000:]
