@@ -87,8 +87,10 @@ def test_reduced_precision_certifies_a_subset_of_fp32(shipped, precision):
 
 def test_reduced_precision_needs_an_error_bound(shipped):
     checkpoint, _ = shipped
-    with pytest.raises(ModelError, match="margin-error"):
+    with pytest.raises(ModelError, match="margin-error") as refused:
         _torch_engine(checkpoint, precision="bf16")
+    # the hint runs as given: a checkpoint with no export beside it needs --reference
+    assert "--reference EXPORT_DIR" in str(refused.value)
     onnx_path = default_model_path()
     with pytest.raises(ModelError, match="fp32"):  # ORT CPU runs fp32 only
         create_engine(ModelSpec(None, onnx_path), Settings(precision="fp16", margin_error=0.1))

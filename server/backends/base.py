@@ -77,7 +77,8 @@ def check_precision(
     if precision != "fp32" and margin_error <= 0 and not calibrating:
         raise ModelError(
             f"a {precision} engine certifies only with --margin-error > 0 (measure it with "
-            f"`certseg calibrate MODEL --backend {backend} --precision {precision}`)"
+            f"`certseg calibrate MODEL --backend {backend} --precision {precision}`, adding "
+            "`--reference EXPORT_DIR` where no exported model.onnx lies beside MODEL)"
         )
 
 
