@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--onnx", type=Path, default=None, help="its export (default: beside it)")
     ap.add_argument("--size", default="256x512", help="HxW of the test images")
     ap.add_argument("--images", type=int, default=6)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="default: beside --model's")
     args = ap.parse_args()
 
     net, card = load_checkpoint(args.model / "model.pt", fused=True)
@@ -98,7 +98,9 @@ def main() -> None:
             "max_margin_diff": worst,
             "images": per_image,
         },
-        args.out,
+        # your own model's figures go beside it: the committed file is the shipped one's
+        args.out
+        or (None if args.model.resolve() == SHIPPED else args.model / "fp32_rounding.json"),
     )
     print(f"wrote {path}")
 
