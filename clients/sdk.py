@@ -363,8 +363,10 @@ class _Core:
         """Seconds to wait before retry `attempt` (0-based), or None to give up.
 
         Retried: 503 (Retry-After honoured, at most backoff_max) and transport errors
-        (refused connection, timeout); exponential backoff otherwise."""
-        if attempt >= self.max_retries:
+        (refused connection, connect timeout); exponential backoff otherwise. A read
+        timeout is not: the server has the request and is likely still working on it
+        (a 4K forward pass), so a retry would queue the same work again."""
+        if attempt >= self.max_retries or isinstance(error, httpx.ReadTimeout):
             return None
         if isinstance(error, APIError):
             if error.status not in RETRY_STATUSES:
@@ -374,6 +376,19 @@ class _Core:
         elif not isinstance(error, httpx.TransportError):
             return None
         return min(self.backoff * 2.0**attempt, self.backoff_max)
+
+    def transport_error(
+        self, method: str, path: str, exc: httpx.TransportError, attempts: int
+    ) -> TransportError:
+        """The error that ends a request's tries, saying how many and what to change."""
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        if isinstance(exc, httpx.ReadTimeout):
+            return TransportError(
+                f"{method} {path}: no answer within timeout={self.timeout:g} s{tries} (not "
+                "retried: the server may still be working on it; raise timeout= for large "
+                "images, or send them smaller)"
+            )
+        return TransportError(f"{method} {path}: {exc!r}{tries}")
 
 
 class _StreamReader:
@@ -568,7 +583,7 @@ class CertSegClient:
                 delay = self._core.retry_delay(attempt, exc)
                 if delay is None:
                     if isinstance(exc, httpx.TransportError):
-                        raise TransportError(f"{method} {path}: {exc!r}") from exc
+                        raise self._core.transport_error(method, path, exc, attempt + 1) from exc
                     raise
                 time.sleep(delay)
                 attempt += 1
@@ -783,7 +798,7 @@ class AsyncCertSegClient:
                 delay = self._core.retry_delay(attempt, exc)
                 if delay is None:
                     if isinstance(exc, httpx.TransportError):
-                        raise TransportError(f"{method} {path}: {exc!r}") from exc
+                        raise self._core.transport_error(method, path, exc, attempt + 1) from exc
                     raise
                 await asyncio.sleep(delay)
                 attempt += 1

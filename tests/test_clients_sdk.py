@@ -324,11 +324,27 @@ def test_a_proxys_json_error_is_typed_by_its_http_status():
         assert info.value.status == 502
 
 
+def test_a_read_timeout_is_not_retried_and_says_what_to_change(server, engine):
+    """The server has the request and works on: each retry queued the same pass
+    again (a 4K image under timeout=5 ran four times). One attempt, and the error
+    names the timeout."""
+    engine.delay_s, calls = 1.5, engine.calls
+    try:
+        c = CertSegClient(server.base, api_key=KEY, timeout=0.5, max_retries=3, backoff=0.01)
+        with c, pytest.raises(TransportError, match=r"timeout=0\.5 s") as info:
+            c.segment(random_image(8, 8))
+        assert "not retried" in str(info.value)
+        time.sleep(2.0)  # the pass it started ends
+    finally:
+        engine.delay_s = 0.0
+    assert engine.calls - calls == 1
+
+
 def test_refused_connection_is_transport_error():
     from server_support import free_port
 
     c = CertSegClient(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff=0.01)
-    with c, pytest.raises(TransportError):
+    with c, pytest.raises(TransportError, match="after 2 attempts"):  # retried once
         c.segment(random_image(8, 8))
 
 
