@@ -495,18 +495,26 @@ def _frame_message(item: Any, quality: int, fmt: str = "JPEG") -> str | bytes:
     return data
 
 
-#: What `stream(max_in_flight=...)` takes: a window, LOSSLESS or None (no window).
-InFlight: TypeAlias = "int | Literal['lossless'] | None"
+#: What `stream(max_in_flight=...)` takes: a window, LOSSLESS, None (no window) or AUTO.
+InFlight: TypeAlias = "int | Literal['lossless', 'auto'] | None"
 LOSSLESS = "lossless"
+AUTO = "auto"
 
 
 class _Flow:
     """Sent / answered / dropped bookkeeping shared by the sender and the reader."""
 
-    def __init__(self, max_in_flight: InFlight, reader: _StreamReader) -> None:
+    def __init__(self, max_in_flight: InFlight, reader: _StreamReader, frames: object) -> None:
+        if max_in_flight == AUTO:
+            # A list or tuple of frames is a batch of files: none may be dropped. An
+            # iterator (a camera, a decoder) is live: the freshest frames matter.
+            finite = isinstance(frames, Sequence) and not isinstance(frames, str | bytes)
+            max_in_flight = LOSSLESS if finite else None
         window = isinstance(max_in_flight, int) and not isinstance(max_in_flight, bool)
         if not (max_in_flight in (None, LOSSLESS) or (window and max_in_flight >= 1)):
-            raise ValueError(f"max_in_flight must be >= 1, 'lossless' or None: {max_in_flight!r}")
+            raise ValueError(
+                f"max_in_flight must be >= 1, 'lossless', 'auto' or None: {max_in_flight!r}"
+            )
         self.max_in_flight = max_in_flight
         self.reader = reader
         self.summary = StreamSummary()
@@ -638,7 +646,7 @@ class CertSegClient:
         model: str | None = None,
         overlay_style: str | None = None,
         resize: Resize = None,
-        max_in_flight: InFlight = None,
+        max_in_flight: InFlight = AUTO,
         jpeg_quality: int = 90,
         summary: StreamSummary | None = None,
         frame_format: FrameFormat = "JPEG",
@@ -657,6 +665,8 @@ class CertSegClient:
         frames go as fast as they come and the server drops stale ones (live video);
         "lossless" keeps the stream's depth + 1 frames unanswered, the most that the
         server never drops (files, at full speed); an int n keeps n (1: lockstep).
+        "auto" (the default) is lossless for a list or tuple of frames, live for an
+        iterator (a camera or a decoder).
         Pass a StreamSummary to collect counts and latencies; answered + dropped == sent."""
         from websockets.exceptions import WebSocketException
         from websockets.sync.client import connect
@@ -664,7 +674,7 @@ class CertSegClient:
         core = self._core
         fmt = _frame_format(frame_format)
         reader = _StreamReader()
-        flow = _Flow(max_in_flight, reader)
+        flow = _Flow(max_in_flight, reader, frames)
         if summary is not None:
             flow.summary = summary
         cond = threading.Condition()
@@ -834,7 +844,7 @@ class AsyncCertSegClient:
         model: str | None = None,
         overlay_style: str | None = None,
         resize: Resize = None,
-        max_in_flight: InFlight = None,
+        max_in_flight: InFlight = AUTO,
         jpeg_quality: int = 90,
         summary: StreamSummary | None = None,
         frame_format: FrameFormat = "JPEG",
@@ -846,7 +856,7 @@ class AsyncCertSegClient:
         core = self._core
         fmt = _frame_format(frame_format)
         reader = _StreamReader()
-        flow = _Flow(max_in_flight, reader)
+        flow = _Flow(max_in_flight, reader, frames)
         if summary is not None:
             flow.summary = summary
         changed = asyncio.Condition()

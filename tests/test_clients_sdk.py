@@ -437,10 +437,28 @@ def test_stream_lossless_window_is_the_servers_depth_plus_one(client, server, en
 def test_stream_live_counts_every_frame(client):
     frames = [encode(random_image(32, 48, seed=i), "JPEG") for i in range(20)]
     summary = StreamSummary()
-    results = list(client.stream(frames, outputs=("overlay", "mask"), summary=summary))
+    live = client.stream(frames, outputs=("overlay", "mask"), summary=summary, max_in_flight=None)
+    results = list(live)
     assert summary.answered + summary.dropped == 20 == summary.sent
     assert results[-1].frame == 19 and results[-1].dropped == summary.dropped
     assert all(r.mask is not None and r.mask.shape == (32, 48) for r in results)
+
+
+def test_stream_by_default_keeps_every_frame_of_a_list_and_the_freshest_of_an_iterator(
+    client, engine
+):
+    """A list of 30 frames lost 27 by default (live: the server keeps the newest); a
+    list is a batch now, and an iterator (a camera) is still live."""
+    frames = [encode(random_image(32, 48, seed=i), "JPEG") for i in range(12)]
+    engine.delay_s = 0.05
+    try:
+        batch, live = StreamSummary(), StreamSummary()
+        results = list(client.stream(frames, summary=batch))
+        list(client.stream(iter(frames), summary=live))
+    finally:
+        engine.delay_s = 0.0
+    assert [r.frame for r in results] == list(range(12)) and batch.dropped == 0
+    assert live.dropped > 0 and live.answered + live.dropped == 12
 
 
 def test_stream_config_message_and_bad_frame(client):
@@ -467,7 +485,7 @@ def test_async_client(server):
             got = [x async for x in c.stream(frames(), max_in_flight=1, summary=summary)]
             live = StreamSummary()
             quick = [random_image(32, 48, seed=i) for i in range(10)]
-            _ = [x async for x in c.stream(quick, summary=live)]
+            _ = [x async for x in c.stream(quick, summary=live, max_in_flight=None)]
             return got, summary, live
 
     got, summary, live = asyncio.run(main())
