@@ -105,6 +105,46 @@ def _output_names(images: list[Path]) -> dict[Path, tuple[str, str]]:
     }
 
 
+#: What a folder given to `segment` is searched for (case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _expand(images: list[Path]) -> list[Path]:
+    """Files as given; a folder stands for the images under it (sorted, recursive)."""
+    out: list[Path] = []
+    for p in images:
+        if not p.is_dir():
+            out.append(p)
+            continue
+        found = sorted(
+            f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not found:
+            raise typer.BadParameter(
+                f"{p} holds no images ({', '.join(IMAGE_SUFFIXES)})", param_hint="IMAGES"
+            )
+        out += found
+    return out
+
+
+def _label_maps(names: dict[Path, tuple[str, str]], labels: Path) -> dict[Path, Path | str]:
+    """Each image's label map, or why it has none: labels/<path below the images' common
+    folder>.png where that exists (a tree beside the images'), else labels/<stem>.png
+    unless another image has that stem too (a/x.png and b/x.jpg took one map each)."""
+    stems = Counter(Path(label).stem for label, _ in names.values())
+    maps: dict[Path, Path | str] = {}
+    for image, (label, _) in names.items():
+        mirror = labels / Path(label).with_suffix(".png")
+        flat = labels / f"{Path(label).stem}.png"
+        if mirror.is_file() or mirror == flat:
+            maps[image] = mirror
+        elif stems[Path(label).stem] == 1:
+            maps[image] = flat
+        else:
+            maps[image] = f"no label map {mirror} (and {flat} would be another image's too)"
+    return maps
+
+
 def _save(result: SegmentResult, name: str, out: Path) -> list[Path]:
     """The answer's images as out/<name>_{overlay,mask,radius}.png; the files written."""
     from PIL import Image
@@ -126,7 +166,10 @@ def _save(result: SegmentResult, name: str, out: Path) -> list[Path]:
 
 @app.command()
 def segment(
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...).")],
+    images: Annotated[
+        list[Path],
+        typer.Argument(help="Image files (PNG, JPEG, WebP, ...), or folders of them."),
+    ],
     out: Annotated[
         Path,
         typer.Option(
@@ -144,8 +187,9 @@ def segment(
     labels: Annotated[
         Path | None,
         typer.Option(
-            help="Folder of label maps <image stem>.png (class ids): adds the worst-case "
-            "pixel accuracy and mIoU at eps."
+            help="Folder of label maps (class ids): <path below the images' common folder>"
+            ".png, or <image stem>.png where no two images share a stem; adds the "
+            "worst-case pixel accuracy and mIoU at eps."
         ),
     ] = None,
     classes: Annotated[
@@ -165,11 +209,12 @@ def segment(
     from clients.models import CertSegClientError
     from clients.sdk import DEFAULT_OUTPUTS, CertSegClient
 
+    images = _expand(images)
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="IMAGES")
     names = _output_names(images)
-    targets = {p: None if labels is None else labels / f"{p.stem}.png" for p in images}
+    targets = {} if labels is None else _label_maps(names, labels)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, SegmentResult]] = []
     written: set[Path] = set()  # an image given twice writes its files once
@@ -183,9 +228,11 @@ def segment(
         if classes and _has_logits(client, model):  # gains read the logits
             outputs = (*DEFAULT_OUTPUTS, "gains")
         for path in images:
-            target = targets[path]
+            target = targets.get(path)
             try:
-                if target is not None and not target.is_file():  # this image fails, not all
+                if isinstance(target, str):  # this image fails, not all
+                    raise FileNotFoundError(target)
+                if target is not None and not target.is_file():
                     raise FileNotFoundError(f"no label map {target}")
                 result = client.segment(
                     path, eps=eps, outputs=outputs, model=model, resize=resize, target=target
@@ -203,13 +250,17 @@ def segment(
     cols.append("latency ms")
     if labels is not None:
         cols[6:6] = ["worst acc (clean)", "worst mIoU (clean)"]
+    if resize is not None:  # what the network saw: the radii fold the shrink in
+        cols[2:2] = ["network"]
     for col in cols:
         table.add_column(col, justify="left" if col == "image" else "right", overflow="fold")
     for label, r in rows:
         scored = [] if labels is None else _scored(r.metrics or {})
+        shrunk = [_network_cell(r)] if resize is not None else []
         table.add_row(
             label,
             f"{r.height}x{r.width}",  # HxW, as the server writes sizes (no certseg import)
+            *shrunk,
             f"{r.eps:g}",
             pct_down(r.guaranteed_fraction),
             f"{r.max_flips} ({pct_up(r.max_flips_fraction)})",
@@ -238,6 +289,14 @@ def _has_logits(client: Any, model: str | None) -> bool:
         return False  # the segment calls will say what is wrong
     name = model or listing.get("default")
     return any(m.get("name") == name and m.get("has_logits") for m in listing.get("models", []))
+
+
+def _network_cell(r: SegmentResult) -> str:
+    """The size the network saw ("as sent" when the image needed no shrink)."""
+    if not r.resize:
+        return "as sent"
+    h, w = r.resize["network"]
+    return f"{h}x{w}"
 
 
 def _stability_cell(r: SegmentResult) -> str:

@@ -288,6 +288,33 @@ def test_segment_reports_an_image_without_its_label_map_and_goes_on(server, tmp_
     assert re.search(r"│ x\.png\s+│.*0\.\d{3} \(0\.\d{3}\)", res.output)  # x scored
 
 
+def test_segment_takes_folders_and_finds_label_maps_by_path(server, tmp_path):
+    """A folder stands for its images (it was "no such file"). Label maps are looked up
+    as the images' tree (labels/a/x.png), else by a stem no other image shares: a/x.png
+    and b/x.jpg both took labels/x.png, silently. --resize adds what the network saw."""
+    imgs, labels = tmp_path / "imgs", tmp_path / "labels"
+    for i, rel in enumerate(("a/x.png", "b/x.jpg", "b/y.png")):
+        (imgs / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_image(40, 56, seed=i)).save(imgs / rel)
+    (imgs / "notes.txt").write_text("not an image")
+    (labels / "a").mkdir(parents=True)
+    zeros = Image.fromarray(np.zeros((40, 56), np.uint8))
+    zeros.save(labels / "a" / "x.png")  # a/x: by path
+    zeros.save(labels / "y.png")  # b/y: by its stem, which no other image has
+    args = ["segment", str(imgs), "--out", str(tmp_path / "o"), "--url", server.base]
+    env = {"CERTSEG_API_KEY": KEY, "COLUMNS": "220"}
+    res = CliRunner().invoke(app, [*args, "--labels", str(labels), "--resize", "0.5"], env=env)
+    assert res.exit_code == 1, res.output  # b/x has no map of its own
+    assert "b/x.jpg: no label map" in res.output and "another image's too" in res.output
+    assert re.search(r"│ a/x\.png\s+│\s+40x56\s+│\s+20x28\s+│.*0\.\d{3} \(0\.\d{3}\)", res.output)
+    assert re.search(r"│ b/y\.png\s+│.*0\.\d{3} \(0\.\d{3}\)", res.output)
+    assert "wrote 6 files" in res.output and "1 failed" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(app, ["segment", str(empty), "--url", server.base], env=env)
+    assert res.exit_code == 2 and "holds no images" in res.output
+
+
 def test_radius_heatmap_colours():
     radius = np.linspace(0, 0.2, 50, dtype=np.float32).reshape(5, 10)
     img = np.asarray(radius_heatmap(radius, eps=0.05))
