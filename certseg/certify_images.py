@@ -1,8 +1,13 @@
-"""Certify image files with a checkpoint: the engine of `certseg certify`."""
+"""Certify image files with a model: the engine of `certseg certify`.
+
+The model is a torch checkpoint (the `train` extra) or an exported model.onnx, run by
+ONNX Runtime after the server's own load-time audit (`server.engine.read_onnx_artifact`),
+so a base install certifies with the shipped model and its figures are the server's.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,9 +52,8 @@ class ImageReport:
         return asdict(self)
 
 
-def summarize(name: str, logits: np.ndarray, lipschitz: float, eps: Sequence[float]) -> ImageReport:
-    """Per-pixel radii and joint-budget figures of one image's logits (K, H, W)."""
-    _, margin = margins(logits)
+def summarize(name: str, margin: np.ndarray, lipschitz: float, eps: Sequence[float]) -> ImageReport:
+    """Per-pixel radii and joint-budget figures of one image's margins (H, W)."""
     radius = certified_radius(margin, lipschitz)
     n = radius.size
     qs = {"min": 0.0, "p10": 0.1, "median": 0.5, "p90": 0.9, "max": 1.0}
@@ -68,20 +72,57 @@ def summarize(name: str, logits: np.ndarray, lipschitz: float, eps: Sequence[flo
     )
 
 
+MarginsOf = Callable[[np.ndarray], np.ndarray]
+
+
 def certify_files(
-    paths: Sequence[Path], checkpoint: Path, eps: Sequence[float] | None = None
+    paths: Sequence[Path], model: Path, eps: Sequence[float] | None = None
 ) -> list[ImageReport]:
+    """Each image's report at `eps` (default: the card's); `model` a checkpoint (.pt),
+    an exported model.onnx or its folder."""
+    if model.suffix == ".pt":
+        margins_of, lipschitz, default_eps = _checkpoint(model)
+    else:
+        margins_of, lipschitz, default_eps = _export(model)
+    grid = list(eps) if eps else [default_eps]
+    return [summarize(str(p), margins_of(_read(p)), lipschitz, grid) for p in paths]
+
+
+def _checkpoint(path: Path) -> tuple[MarginsOf, float, float]:
     from certseg.inference import predict_logits
     from certseg.models import load_checkpoint, require_lipschitz
 
-    model, card = load_checkpoint(checkpoint)
-    lipschitz = require_lipschitz(card, checkpoint)
-    grid = list(eps) if eps else [card.default_eps]
-    reports = []
-    for path in paths:
-        logits = predict_logits(model, _read(path), card.pad_multiple)[0]
-        reports.append(summarize(str(path), logits, lipschitz, grid))
-    return reports
+    model, card = load_checkpoint(path)
+    lipschitz = require_lipschitz(card, path)
+
+    def margins_of(image: np.ndarray) -> np.ndarray:
+        return margins(predict_logits(model, image, card.pad_multiple)[0])[1]
+
+    return margins_of, lipschitz, card.default_eps
+
+
+def _export(path: Path) -> tuple[MarginsOf, float, float]:
+    import onnxruntime as ort
+
+    from server.errors import ModelError
+
+    onnx_path = path / "model.onnx" if path.is_dir() else path
+    if not onnx_path.is_file():
+        raise UserError(f"{path}: no such model (a checkpoint .pt, a model.onnx or its folder)")
+    from server.engine import read_onnx_artifact
+
+    try:
+        artifact = read_onnx_artifact(onnx_path)  # audited, as the server loads it
+    except ModelError as exc:
+        raise UserError(exc.detail) from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(artifact.data, options, providers=["CPUExecutionProvider"])
+
+    def margins_of(image: np.ndarray) -> np.ndarray:
+        return session.run(["margin"], {"image": image[None].astype(np.float32)})[0][0]
+
+    return margins_of, artifact.lipschitz, artifact.card.default_eps
 
 
 def _read(path: Path) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from certseg.errors import cli_errors
+from certseg.errors import UserError, cli_errors
 
 app = typer.Typer(
     help="certseg: certifiably robust semantic segmentation.",
@@ -37,7 +37,16 @@ def _nonnegative(value: float | list[float] | None) -> float | list[float] | Non
 @cli_errors("certify")
 def certify(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP).")],
-    checkpoint: Annotated[Path, typer.Option(help="A certseg checkpoint (.pt).")],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "--checkpoint",
+            help="A checkpoint (.pt, needs the train extra), or an exported model.onnx or "
+            "its folder (ONNX Runtime, audited as the server loads it). Default: the "
+            "shipped model.",
+        ),
+    ] = None,
     eps: Annotated[
         list[float] | None,
         typer.Option(help="Attack budgets (l2, image in [0,1]).", callback=_nonnegative),
@@ -47,7 +56,13 @@ def certify(
     """Certify images: guaranteed fraction, joint-budget flips and radius statistics."""
     from certseg.certify_images import certify_files
 
-    reports = certify_files(images, checkpoint, eps)
+    if model is None:
+        from server.settings import default_model_path
+
+        model = default_model_path()
+        if model is None:
+            raise UserError("no shipped model in this install: name one with --model")
+    reports = certify_files(images, model, eps)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in reports], indent=2))
     else:

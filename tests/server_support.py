@@ -290,3 +290,19 @@ def rgb48_png(h: int, w: int, seed: int = 3) -> bytes:
     px = np.random.default_rng(seed).integers(0, 65536, (h, w, 3), dtype=np.uint16)
     rows = b"".join(b"\x00" + px[y].astype(">u2").tobytes() for y in range(h))
     return raw_png(w, h, 16, 2, rows)
+
+
+def without_module(name: str) -> str:
+    """Python source that makes `name` unimportable, as on an install without it.
+
+    TEST-ONLY simulation: torch and PyAV are installed here, so their absence is
+    caused by a finder that refuses them (None in sys.modules would also break
+    libraries that probe sys.modules, which a real absence does not)."""
+    return (
+        "import sys, importlib.abc\n"
+        "class _Absent(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, fullname, path, target=None):\n"
+        f"        if fullname.split('.')[0] == {name!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {fullname!r}', name=fullname)\n"
+        "sys.meta_path.insert(0, _Absent())\n"
+    )

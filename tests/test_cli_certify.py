@@ -176,7 +176,7 @@ def test_user_mistakes_are_one_stderr_line_with_exit_2(tmp_path):
         (["certify", str(img), "--checkpoint", str(tmp_path / "none.pt")], "no such checkpoint"),
         (["certify", str(img), "--checkpoint", str(junk)], "junk.pt is not a certseg checkpoint"),
         (["certify", str(img), "--checkpoint", str(no_card)], "(no card, state_dict)"),
-        (["certify", str(img), "--checkpoint", str(tmp_path)], "cannot read it"),
+        (["certify", str(img), "--checkpoint", str(tmp_path)], "no such model (a checkpoint .pt, a model.onnx or its folder)"),
         (["certify", str(img), "--checkpoint", str(other_arch)], "unknown model 'tiny_v9'"),
         (["certify", str(img), "--checkpoint", str(wider)], "weights do not fit the card"),
         (["certify", str(tmp_path / "none.png"), "--checkpoint", str(ckpt)], "none.png"),
@@ -218,17 +218,19 @@ def test_user_mistakes_are_one_stderr_line_with_exit_2(tmp_path):
     ],
 )
 def test_a_command_of_an_extra_not_installed_says_which_in_one_line(tmp_path, blocked, args, extra):
-    """The quickstart installs no extra. A module made unimportable (None in
-    sys.modules: torch and PyAV are installed here, so their absence is simulated)
-    gave a 42-line traceback ending in ModuleNotFoundError; now one line, exit 2."""
+    """The quickstart installs no extra. A module made unimportable (`without_module`:
+    torch and PyAV are installed here, so their absence is simulated) gave a 42-line
+    traceback ending in ModuleNotFoundError; now one line, exit 2."""
     (tmp_path / "m.pt").write_bytes(b"")
     (tmp_path / "clip.mp4").write_bytes(b"")
     (tmp_path / "docs").mkdir()
     street = Path(__file__).parents[1] / "docs" / "example_street.png"
     (tmp_path / "docs" / "example_street.png").write_bytes(street.read_bytes())
+    from server_support import without_module
+
     code = (
-        f"import sys; sys.modules[{blocked!r}] = None; sys.argv = ['certseg', *{args!r}]; "
-        "from certseg.cli import app; app()"
+        without_module(blocked)
+        + f"sys.argv = ['certseg', *{args!r}]\nfrom certseg.cli import app; app()"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120

@@ -9,7 +9,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from server_support import LiveServer, answer_png, answer_radius, ort_session, to_input
+from server_support import (
+    LiveServer,
+    answer_png,
+    answer_radius,
+    ort_session,
+    to_input,
+    without_module,
+)
 
 from certseg.certify import float16_down, guaranteed_region, max_flips
 from server import Settings, create_app
@@ -75,3 +82,34 @@ def test_reproduction_script_ends_with_the_shipped_recipe():
     scale = float(extra[extra.index("--position-lr-scale") + 1])
     assert recipe["position_lr_scale"] == scale
     assert card["arch_kwargs"] == {"width": 24, "position_grid": [8, 16]}
+
+
+def test_certify_without_torch_gives_the_servers_figures(default_server):
+    """`certseg certify` on a base install (torch made unimportable, as the quickstart
+    leaves it) certifies with the shipped export by default, audited as the server
+    loads it: the joint budget and stability equal the REST answer's."""
+    import subprocess
+    import sys
+
+    code = without_module("torch") + (
+        f"sys.argv = ['certseg', 'certify', {str(EXAMPLE)!r}, '--eps', '0.05', '--json']\n"
+        "from certseg.cli import app; app()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (report,) = json.loads(proc.stdout)
+    r = httpx.post(
+        default_server.base + "/v1/segment",
+        params={"eps": 0.05, "outputs": "stability"},
+        content=EXAMPLE.read_bytes(),
+        headers={"Content-Type": "image/png"},
+        timeout=60,
+    )
+    ans = r.json()
+    assert report["lipschitz"] == ans["lipschitz"]
+    assert report["max_flips"] == [ans["max_flips"]]
+    assert report["stability"] == ans["stability"]
+    # radii: margin * radius_scale_for(L) here, the graph's margin * c there (c is a
+    # hair smaller): at most the pixels within a rounding of eps may differ
+    pixels = report["height"] * report["width"]
+    assert abs(report["guaranteed_fraction"][0] - ans["guaranteed_fraction"]) * pixels <= 2
