@@ -25,7 +25,7 @@ from certseg.certify import (
 from certseg.data import load_image
 from certseg.errors import UserError
 from certseg.sizes import format_size
-from clients.bounds import down3, fixed_down, pct_down, pct_up
+from clients.bounds import down3, fixed_down, fixed_up, pct_down, pct_up
 
 __all__ = ["ImageReport", "certify_files", "render_table"]
 
@@ -149,7 +149,7 @@ def render_table(reports: Sequence[ImageReport]) -> None:
             table.add_row(
                 Path(r.image).name if i == 0 else "",
                 format_size(r.height, r.width) if i == 0 else "",
-                f"{r.lipschitz:.4f}" if i == 0 else "",
+                fixed_up(r.lipschitz, 4) if i == 0 else "",
                 f"{e:g}",
                 pct_down(r.guaranteed_fraction[i], 2),
                 f"{r.max_flips[i]} ({pct_up(r.max_flips_fraction[i], 2)})",

@@ -1,14 +1,15 @@
 """Bounds as text, rounded toward safety: a lower bound shown is never above the value,
 an upper bound never below it. Rounding to nearest showed a class that keeps 99.977%
 of its pixels as "kept >= 100.0%". The CLIs (this package's and `certseg`'s) write
-their tables with these; the viewer has their JavaScript twins (`pctDown`, `pctUp`)."""
+their tables with these; the viewer has their JavaScript twins (`pctDown`, `pctUp`,
+`fixedUp`)."""
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
 
-__all__ = ["down3", "fixed_down", "pct_down", "pct_up"]
+__all__ = ["down3", "fixed_down", "fixed_up", "pct_down", "pct_up"]
 
 
 def down3(x: float) -> str:
@@ -37,6 +38,11 @@ def _fixed(x: float, digits: int, up: bool, times: int = 1) -> str:
 def fixed_down(x: float, digits: int = 3) -> str:
     """`digits` decimals, rounded down: 0.89951 -> "0.899"."""
     return _fixed(x, digits, up=False)
+
+
+def fixed_up(x: float, digits: int = 3) -> str:
+    """`digits` decimals, rounded up (an upper bound: L, an operator norm): 5.0505 -> "5.051"."""
+    return _fixed(x, digits, up=True)
 
 
 def pct_down(fraction: float, digits: int = 1) -> str:

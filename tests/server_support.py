@@ -87,12 +87,11 @@ def tiny_model_dir_without_logits() -> Path:
 class LiveServer:
     """A real uvicorn server on 127.0.0.1:<free port> in a daemon thread."""
 
-    def __init__(self, app, ws_max_size: int = 16 * 1024 * 1024) -> None:
-
+    def __init__(self, app, ws_max_size: int = 16 * 1024 * 1024, port: int | None = None) -> None:
         from server.app import uvicorn_config
         from server.shutdown import CertsegServer
 
-        self.port = free_port()
+        self.port = port or free_port()  # a port again: a restart, as clients see one
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_base = f"ws://127.0.0.1:{self.port}"
         self.app = app

@@ -172,7 +172,7 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     assert all(0 <= new <= 100 for *_, new in rows)  # the tiny model has logits
     # bounds shown round toward safety, as the CLIs' (clients/bounds.py) do, on the
     # count ratios the answers carry
-    from clients.bounds import pct_down, pct_up
+    from clients.bounds import fixed_up, pct_down, pct_up
 
     rng = np.random.default_rng(5)
     ratios = [0.99977, 1 / 3000, 0.29, 0.0012, 1.0, 0.0]
@@ -182,6 +182,10 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     ]
     shown = d.execute_script("return arguments[0].map(x => [pctDown(x), pctUp(x)])", ratios)
     assert shown == [[pct_down(x), pct_up(x)] for x in ratios]
+    norms = [5.0505152, 0.5, 0.7105, 1.0, 2 / 3, *rng.random(50).tolist()]  # L, operator norms
+    assert d.execute_script("return arguments[0].map(x => fixedUp(x, 3))", norms) == [
+        fixed_up(x, 3) for x in norms
+    ]
     assert shown[:2] == [["99.9%", "100.0%"], ["0.0%", "0.1%"]]
     # the least attack norm that may flip 1% of the pixels, whatever eps is set
     stab = text(d, "stab")
@@ -322,3 +326,92 @@ def test_viewer_webcam_streams(server, browser, tmp_path):
     wait_for(d, "document.getElementById('epsans').textContent === '0.300'")
     d.execute_script("document.getElementById('stop').click()")
     d.save_screenshot(str(tmp_path / "viewer-webcam.png"))
+
+
+def test_viewer_shows_no_certificate_of_another_image(server, browser, tmp_path):
+    """After a certified image, one the server refuses (a GIF: 415) showed the first
+    one's guaranteed region, flips, stability and class table; and of two images
+    opened at once, the slower decode won the canvas under the other's answer."""
+    d = browser
+    d.get(server.base + "/")
+    enter_key(d)
+    first = tmp_path / "first.png"
+    Image.fromarray(random_image(120, 160, seed=3)).save(first)
+    upload(d, first)
+    wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
+    gif = tmp_path / "second.gif"
+    Image.fromarray(random_image(120, 160, seed=4)).save(gif)
+    upload(d, gif)
+    wait_for(d, "document.getElementById('error').textContent.includes('415')")
+    d.execute_script(
+        "document.getElementById('showGuar').checked = true;"
+        "const s = document.getElementById('eps'); s.value = 0.2;"
+        "s.dispatchEvent(new Event('input'));"
+    )
+    time.sleep(0.5)  # the debounce: a re-certify of the GIF, refused again
+    assert d.execute_script("return S.radius === null && !S.layers.guar")
+    for cell in ("gf", "flips", "stab", "lip"):
+        assert text(d, cell) == "–", (cell, text(d, cell))
+    assert d.execute_script("return document.getElementById('perclass').rows.length") == 0
+    # a large image opened, then at once a small one: the small one is shown
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.fromarray(random_image(1500, 2000, seed=5)).save(big)
+    Image.fromarray(random_image(48, 64, seed=6)).save(small)
+    for path in (big, small):
+        upload(d, path)  # back to back: the second is opened while the first decodes
+    wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
+    time.sleep(1.0)  # the big decode, had it won, lands by now
+    assert d.execute_script("return [S.file.name, S.photo.width, S.photo.height]") == [
+        "small.png",
+        64,
+        48,
+    ]
+    assert d.execute_script(CANVAS_STATS)[:2] == [64, 48]
+
+
+def test_viewer_keeps_eps_when_the_key_changes(server, browser, tmp_path):
+    d = browser
+    d.get(server.base + "/")
+    enter_key(d)
+    img = tmp_path / "x.png"
+    Image.fromarray(random_image(40, 56, seed=7)).save(img)
+    upload(d, img)
+    d.execute_script(
+        "const s = document.getElementById('eps'); s.value = 0.3;"
+        "s.dispatchEvent(new Event('input'));"
+    )
+    wait_for(d, "document.getElementById('epsans').textContent === '0.300'")
+    enter_key(d)  # typed again: the models list reloads, eps stays (it was reset to 0.1)
+    time.sleep(0.3)
+    assert text(d, "epsval") == "0.300" and text(d, "epsans") == "0.300"
+
+
+def test_viewer_stream_reconnects_after_a_server_restart(browser):
+    """A restart closes the stream 1012 once its frames are answered; the page
+    reconnects with backoff to the server on the same port, camera kept on. It used
+    to leave the camera running with Stop disabled and never come back."""
+    make = lambda port=None: LiveServer(  # noqa: E731
+        create_app(
+            Settings(intra_op_threads=1, max_delay_ms=1), engines=[ort_engine(tiny_model_dir())]
+        ),
+        port=port,
+    ).start()
+    srv = make()
+    d = browser
+    try:
+        d.get(srv.base + "/")
+        wait_for(d, "document.getElementById('model').dataset.ready === '1'")
+        d.execute_script("document.getElementById('camera').click()")
+        wait_for(d, "parseInt(document.getElementById('frames').textContent) >= 2")
+        srv.stop()
+        wait_for(d, "document.getElementById('error').textContent.includes('reconnecting')")
+        assert "1012" in text(d, "error")
+        assert d.execute_script("return document.getElementById('video').srcObject.active")
+        frames = int(text(d, "frames"))
+        srv = make(srv.port)
+        wait_for(d, f"parseInt(document.getElementById('frames').textContent) > {frames}", 30)
+        assert not d.execute_script("return document.getElementById('stop').disabled")
+        d.execute_script("document.getElementById('stop').click()")
+        assert d.execute_script("return document.getElementById('video').srcObject === null")
+    finally:
+        srv.stop()
