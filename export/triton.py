@@ -118,6 +118,16 @@ def render_config(
     text += (
         f"instance_group [\n  {{\n    count: {instance_count}\n    kind: {instance_kind}\n  }}\n]\n"
     )
+    if instance_kind != "KIND_CPU":
+        # ONNX Runtime's CUDA provider runs fp32 convolutions in TF32 by default (10
+        # mantissa bits: logits ~1e-3 off), and Triton passes the provider's defaults:
+        # the in-graph radii would not be the certified fp32 ones (certseg serve sets
+        # use_tf32=0 itself, server/backends/ort.py).
+        text += (
+            "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n"
+            '      {\n        name: "cuda"\n'
+            '        parameters { key: "use_tf32" value: "0" }\n      }\n    ]\n  }\n}\n'
+        )
     if META_L_AUDITED in meta:
         # Informational (backends ignore unknown keys); the file's metadata is the source.
         text += (

@@ -8,6 +8,7 @@ only typer and pydantic-settings until the command runs.
 
 from __future__ import annotations
 
+import signal
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -161,6 +162,10 @@ def serve(
     ] = None,
 ) -> None:
     """Serve certified segmentation over REST, WebSocket and the Open Inference Protocol."""
+    # As a container's PID 1 the process ignores a signal it has no handler for, and
+    # uvicorn installs its own only once it runs: SIGTERM while the models are read
+    # and audited (minutes for a large one) did nothing. uvicorn's replace this one.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     from server.app import create_app, uvicorn_config
     from server.backends import create_engine, resolve_model_specs
@@ -219,6 +224,11 @@ def serve(
     server.run()
     if state.fatal:  # a model failed to load in the background: exit non-zero
         fail("serve", state.fatal, code=1)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM before the server runs: nothing is served yet, so stop (128 + 15)."""
+    raise SystemExit(128 + signum)
 
 
 def _check_port_free(host: str, port: int) -> None:

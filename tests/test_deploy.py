@@ -287,6 +287,13 @@ def test_compose_one_published_port_and_profiles():
         assert re.search(rf"^\s*{directive} \d+s;", nginx, re.M), directive
     # compose interpolates $VAR: nginx variables must be written $$var
     assert not re.search(r"(?<!\$)\$(?![\${])", nginx)
+    # the proxy takes what the server takes: /v1 bodies to max_body_bytes, V2 binary
+    # tensors to max_tensor_bytes (a 2048x2048 FP32 image is 50 MB)
+    from server.settings import Settings
+
+    limits = [int(m) << 20 for m in re.findall(r"client_max_body_size (\d+)m;", nginx)]
+    assert limits == [Settings().max_body_bytes, Settings().max_tensor_bytes], limits
+    assert nginx.index("location /v2/") < nginx.index("256m")
     assert services["proxy"]["configs"][0]["source"] == "nginx-conf"
     cpu = services["certseg-cpu"]
     assert cpu["profiles"] == ["cpu"]
@@ -330,7 +337,15 @@ def test_orchestrators_wait_longer_than_the_shutdown_grace():
     isvc = next(d for d in _isvcs() if "containers" in d["spec"]["predictor"])
     pred = isvc["spec"]["predictor"]
     env = {e["name"]: e["value"] for e in pred["containers"][0]["env"]}
-    assert pred["terminationGracePeriodSeconds"] > float(env["CERTSEG_SHUTDOWN_GRACE_S"])
+    # Serverless (Knative) refuses terminationGracePeriodSeconds and sets the pod's
+    # grace to the revision timeout itself
+    assert "terminationGracePeriodSeconds" not in pred
+    assert pred["timeout"] > float(env["CERTSEG_SHUTDOWN_GRACE_S"])
+    # an init as PID 1 passes SIGTERM on (a bare PID 1 ignores it without a handler)
+    assert all(
+        compose()["services"][n].get("init") is True
+        for n in ("engine-init", "certseg-gpu", "certseg-cpu")
+    )
 
 
 def test_prometheus_scrapes_metrics_of_the_services():
@@ -399,6 +414,11 @@ def test_kserve_triton_runtime_over_the_exported_repository():
     assert model["protocolVersion"] == "v2"
     assert re.match(r"^(gs|s3|pvc|https?)://", model["storageUri"])
     assert str(model["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    # KServe's default Triton (23.05, ONNX Runtime 1.15) cannot read IR 10 graphs
+    year, month = map(int, model["runtimeVersion"].split("-")[0].split("."))
+    assert (year, month) >= (24, 12), model["runtimeVersion"]
+    env = {e["name"]: e["value"] for e in model["env"]}
+    assert env["NVIDIA_TF32_OVERRIDE"] == "0"  # fp32 margins only
 
 
 # -- the CPU image's entrypoint, replayed in a fresh venv ----------------------------

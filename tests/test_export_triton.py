@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -103,3 +105,35 @@ def test_parser_syntax():
     for bad in ["name: ", "x { y: 1", "x: [1, 2", "3: 4", "x { } }", 'name: "unterminated']:
         with pytest.raises(ValueError):
             parse_pbtxt(bad)
+
+
+def _model_config_proto():
+    """Triton's own ModelConfig message, from the tritonclient wheel's generated module
+    (loaded by path: the tritonclient.grpc package itself needs grpcio)."""
+    import importlib.util
+
+    tritonclient = pytest.importorskip("tritonclient")
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    if not path.is_file():
+        pytest.skip("this tritonclient has no model_config_pb2")
+    spec = importlib.util.spec_from_file_location("certseg_triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ModelConfig
+
+
+def test_a_gpu_instance_runs_with_tf32_off_and_parses_as_triton_reads_it():
+    """ONNX Runtime's CUDA provider runs fp32 convolutions in TF32 by default, and
+    Triton passes the provider's defaults: the config asks use_tf32 0 for a GPU
+    instance (logits ~1e-3 off would not certify). Triton's own ModelConfig parses it."""
+    from google.protobuf import text_format
+
+    model_config = _model_config_proto()
+    model = _model()
+    for kind, tf32 in (("KIND_GPU", ["0"]), ("KIND_AUTO", ["0"]), ("KIND_CPU", [])):
+        text = render_config(model, "seg", instance_kind=kind)
+        parsed = text_format.Parse(text, model_config())  # raises on an unknown field
+        accelerators = parsed.optimization.execution_accelerators.gpu_execution_accelerator
+        got = [a.parameters["use_tf32"] for a in accelerators if a.name == "cuda"]
+        assert got == tf32, (kind, text)
+        check_config(parse_pbtxt(text), model)

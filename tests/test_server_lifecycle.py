@@ -289,3 +289,29 @@ def test_redaction_blanks_the_key_in_every_form_a_log_line_shows(line, blanked):
 
     assert redact_api_key(line) == blanked
     assert "k-1" not in redact_api_key(line, secrets=("k-1",))
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a SIGTERM handler (/proc/PID/status SigCgt, bit 15-1)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def test_sigterm_while_the_models_load_stops_the_server():
+    """As a container's PID 1 the process ignores signals it has no handler for, and
+    uvicorn installs its own only once it runs: a SIGTERM while the models were read
+    and audited did nothing (the server came up 15 s later). serve handles it from
+    its start: exit 143, before the port opens."""
+    srv = ServeProcess(["--intra-op-threads", "1", "--log-level", "warning"], env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches_sigterm(srv.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        srv.signal(signal.SIGTERM)  # the first handler is serve's: uvicorn's comes later
+        assert srv.wait(30) == 128 + signal.SIGTERM, srv.stderr()[-2000:]
+    finally:
+        srv.close()
