@@ -69,8 +69,10 @@ def main() -> None:
 
     rows, payload = [], []
     for max_pixels in tqdm(limits_list, desc="pixel limits"):
-        limits = Limits(1 << 28, max_pixels, H * W)
-        plan = AreaResize.to_fit(H, W, max_pixels)
+        # as the server counts them: each side padded to the model's multiple
+        multiple = info.card.pad_multiple
+        limits = Limits(1 << 28, max_pixels, H * W, pad_multiple=multiple)
+        plan = AreaResize.to_fit(H, W, max_pixels, multiple)
         decoded = decode_image(body, limits, "fit")
         shrunk = decoded.array
         box = pillow_box(decoded.rgb8, plan.network)

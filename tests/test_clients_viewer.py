@@ -415,3 +415,29 @@ def test_viewer_stream_reconnects_after_a_server_restart(browser):
         assert d.execute_script("return document.getElementById('video').srcObject === null")
     finally:
         srv.stop()
+
+
+def test_viewer_retries_an_image_refused_while_the_model_warms_up(browser, tmp_path):
+    """A 503 (warming up, overloaded) is retried after its Retry-After: the image is
+    certified once the model is ready, with no nudge of the slider or a re-drop."""
+    import threading
+
+    engine = ControlledEngine(ort_engine(tiny_model_dir()))
+    engine.warm_gate = threading.Event()  # holds the warm-up: the model is not ready
+    settings = Settings(intra_op_threads=1, max_delay_ms=1)
+    srv = LiveServer(create_app(settings, engines=[engine])).start(wait_ready=False)
+    try:
+        d = browser
+        d.get(srv.base + "/")
+        wait_for(d, "document.getElementById('model').dataset.ready === '1'")
+        img = tmp_path / "x.png"
+        Image.fromarray(random_image(40, 56, seed=8)).save(img)
+        upload(d, img)
+        wait_for(d, "document.getElementById('error').textContent.includes('retrying')")
+        assert "503" in text(d, "error")
+        engine.warm_gate.set()
+        wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
+        assert text(d, "error") == ""
+    finally:
+        engine.warm_gate.set()
+        srv.stop()
