@@ -116,6 +116,20 @@ def upload(driver, path: Path) -> None:
     driver.execute_script("arguments[0].hidden = true", field)
 
 
+def open_viewer(driver, base: str) -> None:
+    """The page at `base`, once it has read the models list."""
+    driver.get(base + "/")
+    wait_for(driver, "document.getElementById('model').dataset.ready === '1'")
+
+
+def upload_random(driver, tmp_path: Path, h: int, w: int, seed: int, name: str = "x.png") -> Path:
+    """A random image of h x w saved as `name` and opened in the page."""
+    path = tmp_path / name
+    Image.fromarray(random_image(h, w, seed=seed)).save(path)
+    upload(driver, path)
+    return path
+
+
 # The per-class table as [name, share %, certified %, kept %, new %] rows.
 CLASS_ROWS = (
     "return [...document.querySelectorAll('#perclass tr[data-cls]')].map(r =>"
@@ -298,11 +312,8 @@ def test_viewer_shrinks_images_over_the_servers_limit(browser, tmp_path):
     srv = LiveServer(create_app(settings, engines=[ort_engine(tiny_model_dir())])).start()
     try:
         d = browser
-        d.get(srv.base + "/")
-        wait_for(d, "document.getElementById('model').dataset.ready === '1'")
-        img_path = tmp_path / "big.png"
-        Image.fromarray(random_image(120, 160, seed=5)).save(img_path)
-        upload(d, img_path)
+        open_viewer(d, srv.base)
+        upload_random(d, tmp_path, 120, 160, seed=5, name="big.png")
         wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
         assert text(d, "netsize") == "60x80 (norm 0.500)" and text(d, "error") == ""
         w, h, _, std = d.execute_script(CANVAS_STATS)
@@ -335,9 +346,7 @@ def test_viewer_shows_no_certificate_of_another_image(server, browser, tmp_path)
     d = browser
     d.get(server.base + "/")
     enter_key(d)
-    first = tmp_path / "first.png"
-    Image.fromarray(random_image(120, 160, seed=3)).save(first)
-    upload(d, first)
+    upload_random(d, tmp_path, 120, 160, seed=3, name="first.png")
     wait_for(d, "document.getElementById('gf').textContent.endsWith('%')")
     gif = tmp_path / "second.gif"
     Image.fromarray(random_image(120, 160, seed=4)).save(gif)
@@ -373,9 +382,7 @@ def test_viewer_keeps_eps_when_the_key_changes(server, browser, tmp_path):
     d = browser
     d.get(server.base + "/")
     enter_key(d)
-    img = tmp_path / "x.png"
-    Image.fromarray(random_image(40, 56, seed=7)).save(img)
-    upload(d, img)
+    upload_random(d, tmp_path, 40, 56, seed=7)
     d.execute_script(
         "const s = document.getElementById('eps'); s.value = 0.3;"
         "s.dispatchEvent(new Event('input'));"
@@ -399,8 +406,7 @@ def test_viewer_stream_reconnects_after_a_server_restart(browser):
     srv = make()
     d = browser
     try:
-        d.get(srv.base + "/")
-        wait_for(d, "document.getElementById('model').dataset.ready === '1'")
+        open_viewer(d, srv.base)
         d.execute_script("document.getElementById('camera').click()")
         wait_for(d, "parseInt(document.getElementById('frames').textContent) >= 2")
         srv.stop()
@@ -428,11 +434,8 @@ def test_viewer_retries_an_image_refused_while_the_model_warms_up(browser, tmp_p
     srv = LiveServer(create_app(settings, engines=[engine])).start(wait_ready=False)
     try:
         d = browser
-        d.get(srv.base + "/")
-        wait_for(d, "document.getElementById('model').dataset.ready === '1'")
-        img = tmp_path / "x.png"
-        Image.fromarray(random_image(40, 56, seed=8)).save(img)
-        upload(d, img)
+        open_viewer(d, srv.base)
+        upload_random(d, tmp_path, 40, 56, seed=8)
         wait_for(d, "document.getElementById('error').textContent.includes('retrying')")
         assert "503" in text(d, "error")
         engine.warm_gate.set()
