@@ -33,6 +33,13 @@ and torch.cuda.get_device_name()); print('onnxruntime', onnxruntime.__version__,
 onnxruntime.get_available_providers()); print('numpy', numpy.__version__)"
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
+# Preflight: every module the steps import, before any step spends device time on
+# failing to (a wheel missing from .whl once took every test and benchmark with it).
+# Into machine.txt: $OUT brings back at most 8 files, and the steps write 7 more.
+if ! "$PY" -c "import server.app, server.cli, certseg.cli, export.cli, clients.sdk" \
+        >>"$OUT/machine.txt" 2>&1; then
+    echo "== preflight failed: an import is missing"; tail -n 20 "$OUT/machine.txt"; exit 1
+fi
 
 step gpu_tests 180 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider -s \
     tests/test_reduced_precision.py tests/test_cuda_graphs.py tests/test_torch_compile.py \

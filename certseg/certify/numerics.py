@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace
-from array_api_compat import device as _device
 
 __all__ = ["certified_margins", "float16_down", "radius_scale_for"]
 
@@ -65,18 +64,18 @@ def certified_margins(
         raise ValueError(f"margin error bound must be finite and >= 0, got {error}")
     scale = radius_scale_for(lipschitz)
     if xp is None:
-        xp, dev = array_namespace(margin), _device(margin)
-    else:
-        dev = margin.device
+        xp = array_namespace(margin)
     m = xp.astype(margin, xp.float32)
+    # The constants go in as Python floats, exact in float32 (the scale is one, e32
+    # too): an array made of them on a CUDA device is a blocking host copy, which a
+    # CUDA graph's capture refuses ("operation not permitted when stream is capturing").
     if error > 0:
         e32 = np.float32(error)
         if float(e32) < error:
             e32 = np.nextafter(e32, np.float32(math.inf))
-        zero = xp.asarray(0.0, dtype=xp.float32, device=dev)
-        shrunk = m - xp.asarray(float(e32), dtype=xp.float32, device=dev)
-        m = xp.where(shrunk > zero, shrunk, zero)
-    return m, m * xp.asarray(scale, dtype=xp.float32, device=dev)
+        shrunk = m - float(e32)
+        m = xp.where(shrunk > 0.0, shrunk, xp.zeros_like(shrunk))
+    return m, m * scale
 
 
 def float16_down(values: np.ndarray) -> np.ndarray:
