@@ -775,24 +775,24 @@ def test_nan_margins_become_unknown_pixels():
     """An engine's NaN margins or logits become margin 0, radius 0, all logits 0 and
     class 0: never certified, flippable for free; outputs without NaN are passed through
     untouched."""
-    from server.backends.base import nan_pixels_to_unknown
+    from server.backends.base import unknown_where_not_finite
 
     margin = np.array([[0.5, np.nan], [1.0, 2.0]], np.float32)
     radius = margin / np.float32(2.0)
     mask = np.array([[1, 2], [3, 1]], np.int32)
-    out = nan_pixels_to_unknown({"margin": margin, "radius": radius, "mask": mask})
+    out = unknown_where_not_finite({"margin": margin, "radius": radius, "mask": mask})
     assert out["margin"].tolist() == [[0.5, 0.0], [1.0, 2.0]]
     assert out["radius"].tolist() == [[0.25, 0.0], [0.5, 1.0]]
     assert out["mask"].tolist() == [[1, 0], [3, 1]] and out["mask"].dtype == np.int32
     assert out["margin"].dtype == np.float32
     finite = np.ones((2, 2), np.float32)
     clean = {"margin": finite, "radius": finite, "logits": np.ones((1, 3, 2, 2), np.float32)}
-    assert nan_pixels_to_unknown(clean) is clean
+    assert unknown_where_not_finite(clean) is clean
     # a NaN in one logit of a pixel whose margin came out finite (a Max that drops NaN)
     logits = np.arange(24, dtype=np.float32).reshape(1, 3, 2, 4)
     logits[0, 1, 1, 2] = np.nan
     ones = np.ones((1, 2, 4), np.float32)
-    out = nan_pixels_to_unknown(
+    out = unknown_where_not_finite(
         {"mask": np.full((1, 2, 4), 2, np.int32), "margin": ones, "radius": ones, "logits": logits}
     )
     unknown = np.zeros((1, 2, 4), bool)
@@ -802,6 +802,23 @@ def test_nan_margins_become_unknown_pixels():
     np.testing.assert_array_equal(out["margin"] == 0, unknown)
     np.testing.assert_array_equal(out["radius"] == 0, unknown)
     np.testing.assert_array_equal(out["mask"] == 0, unknown)
+    # an fp16 logit past 65504 is inf, and its margin inf: it was certified at any eps
+    logits[0, 1, 1, 2] = 1.0
+    logits[0, 2, 0, 3] = np.inf
+    margin = ones.copy()
+    margin[0, 0, 3] = np.inf
+    out = unknown_where_not_finite(
+        {
+            "mask": np.full((1, 2, 4), 2, np.int32),
+            "margin": margin,
+            "radius": margin,
+            "logits": logits,
+        }
+    )
+    unknown = np.zeros((1, 2, 4), bool)
+    unknown[0, 0, 3] = True
+    np.testing.assert_array_equal(out["radius"] == 0, unknown)
+    assert np.isfinite(out["logits"]).all() and (out["mask"] == 0).sum() == 1
 
 
 def test_nan_logits_count_in_every_figure():
@@ -809,7 +826,7 @@ def test_nan_logits_count_in_every_figure():
     at eps > 0 counts them as lost, from the margins or from the logits (accuracy alike
     by both paths, mIoU below clean, gains into every other class). The old repair fixed
     margins only, so the logit-based figures skipped them (worst = clean, gains 0)."""
-    from server.backends.base import nan_pixels_to_unknown
+    from server.backends.base import unknown_where_not_finite
     from server.pipeline import certify
 
     rng = np.random.default_rng(8)
@@ -827,7 +844,9 @@ def test_nan_logits_count_in_every_figure():
         "radius": margin / np.float32(2**0.5 * 1.5),
         "logits": logits,
     }
-    out = {k: v[0] for k, v in nan_pixels_to_unknown({k: v[None] for k, v in raw.items()}).items()}
+    out = {
+        k: v[0] for k, v in unknown_where_not_finite({k: v[None] for k, v in raw.items()}).items()
+    }
     info = ort_engine(tiny_model_dir()).metadata()
     info.lipschitz = 1.5
     eps = 1e-6  # too small to flip any pixel of a finite margin here

@@ -74,7 +74,7 @@ def unknown_where_nan(logits: Array) -> Array:
     pixel nothing is known of, class 0 and margin 0, flippable for free into any class.
     Without it a NaN compares false everywhere, and the joint figures counted such a
     pixel as one no attack can flip. The server applies the same rule to an engine's
-    outputs (server.backends.base.nan_pixels_to_unknown). Callers test for a NaN on
+    outputs (server.backends.base.unknown_where_not_finite). Callers test for a NaN on
     the max over classes they compute anyway (NaN exactly where a logit is): a min
     over all logits cost 17 ms at 7x1024x2048."""
     xp = array_namespace(logits)

@@ -11,7 +11,7 @@ from server.decode import chw8_to_float
 from server.engine import ModelInfo
 from server.errors import ModelError
 
-__all__ = ["BaseEngine", "apply_margin_error", "check_precision", "nan_pixels_to_unknown"]
+__all__ = ["BaseEngine", "apply_margin_error", "check_precision", "unknown_where_not_finite"]
 
 
 def apply_margin_error(
@@ -29,21 +29,24 @@ def apply_margin_error(
     return {**outputs, "margin": margin, "radius": radius}
 
 
-def nan_pixels_to_unknown(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A pixel with a NaN margin, radius or logit (a faulty engine) is one nothing is
-    known of: it becomes margin 0, radius 0, every logit 0 and class 0 (the argmax of
-    equal logits, so the mask and the logits agree), flippable for free into any class
-    and never certified at eps > 0, instead of a NaN every comparison would silently
-    skip. The one place of that rule: every figure, from the margins (max_flips,
-    stability) or from the logits (gains, worst-case accuracy and IoU), then counts
-    it. One pass over the margins, and one min over the logits, when none is NaN."""
+def unknown_where_not_finite(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A pixel with a NaN or infinite margin, radius or logit (a faulty engine, or an
+    fp16 logit past 65504 that overflowed to inf: its margin came out infinite and was
+    certified at any eps) is one nothing is known of: it becomes margin 0, radius 0,
+    every logit 0 and class 0 (the argmax of equal logits, so the mask and the logits
+    agree), flippable for free into any class and never certified at eps > 0. The one
+    place of that rule: every figure, from the margins (max_flips, stability) or from
+    the logits (gains, worst-case accuracy and IoU), then counts it. One pass over the
+    margins and radii, and one sum over the logits (NaN or inf when one is), when all
+    are finite; a finite sum past float32's range only takes the slow path."""
     margin, radius, logits = outputs["margin"], outputs["radius"], outputs.get("logits")
-    bad_logits = logits is not None and logits.size > 0 and bool(np.isnan(logits.min()))
-    if not (bad_logits or np.isnan(margin).any() or np.isnan(radius).any()):
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad_logits = logits is not None and logits.size > 0 and not np.isfinite(logits.sum())
+    if not (bad_logits or not np.isfinite(margin).all() or not np.isfinite(radius).all()):
         return outputs
-    unknown = np.isnan(margin) | np.isnan(radius)
-    if bad_logits:  # (..., K, H, W): a NaN in any class
-        unknown |= np.isnan(logits).any(axis=-3)
+    unknown = ~np.isfinite(margin) | ~np.isfinite(radius)
+    if bad_logits:  # (..., K, H, W): a non-finite value in any class
+        unknown |= ~np.isfinite(logits).all(axis=-3)
     fixed = {
         **outputs,
         "margin": np.where(unknown, margin.dtype.type(0), margin),
@@ -123,7 +126,7 @@ class BaseEngine:
         names = list(dict.fromkeys([*outputs, "margin", "radius"]))
         if images.dtype == np.uint8 and not self.converts_uint8:
             images = chw8_to_float(images)
-        got = nan_pixels_to_unknown(self._run(images, names))
+        got = unknown_where_not_finite(self._run(images, names))
         if self.corrects_margins:
             return got
         return apply_margin_error(got, self.margin_error, self.info.lipschitz)

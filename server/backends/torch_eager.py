@@ -15,10 +15,11 @@ torch's default TF32 convolutions would change the logits the certificate speaks
 of. fp16 and bf16 run the net in that dtype (the head in fp32 on its logits) and
 certify only with a measured margin error bound (`Settings.margin_error`).
 
-The device part (8-bit table, net, head, correction) is `served_forward`: eager, or
-with ``torch_compile`` compiled by inductor per input size (`server.backends.compiled`),
-and with ``cuda_graphs`` replayed from a CUDA graph captured per input shape
-(`server.backends.cuda_graphs`), of the compiled function when both are on.
+The device part is `served_forward`: the 8-bit table (eager), then the net, head and
+correction (`device_forward`) eager, or with ``torch_compile`` compiled by inductor
+per input size (`server.backends.compiled`), and with ``cuda_graphs`` replayed from a
+CUDA graph captured per input shape (`server.backends.cuda_graphs`), of the compiled
+function when both are on.
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ class TorchEngine(BaseEngine):
         self._levels = torch.from_numpy(table).to(self._device)
         self._batch_limit = settings.batch_limit(device)
         self._xp = array_namespace(self._levels)  # torch's, for certified_margins
-        forward = self._device_part
+        # What is compiled and captured takes float32: 8-bit frames are converted before
+        # it (an exact table gather), so one graph per size serves both kinds of input,
+        # and warm-up and calibration (float32) run the graph that serves 8-bit frames.
+        forward = self.device_forward
         self.compiled: CompiledForward | None = None
         if settings.torch_compile:
             forward = self.compiled = CompiledForward(torch, forward)
@@ -139,10 +143,7 @@ class TorchEngine(BaseEngine):
         """Every output of a staged batch (`stage`) on the device, as served: eager,
         compiled and/or replayed from a CUDA graph (the outputs of a replay are
         overwritten by the next one)."""
-        return self._forward(raw)
-
-    def _device_part(self, raw: Any) -> dict[str, Any]:
-        return self.device_forward(self._to_float(raw))
+        return self._forward(self._to_float(raw))
 
     def stage(self, images: np.ndarray) -> Any:
         """The batch on the device: on CUDA as it came (uint8 or float32) through a reused
@@ -193,7 +194,7 @@ class TorchEngine(BaseEngine):
     def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            got = self._forward(self.stage(images))
+            got = self.served_forward(self.stage(images))
             if self._device.type != "cuda":
                 return {n: got[n].numpy() for n in names}
             host = {n: got[n].to("cpu", non_blocking=True) for n in names}
