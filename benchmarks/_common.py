@@ -85,7 +85,10 @@ def write_result(name: str, payload: dict[str, Any], path: Path | None = None) -
     """benchmarks/results/<name>.json (or `path`), with the machine's description."""
     path = path or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+    # whole or not at all: a run stopped at its time limit mid-write leaves the last one
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+    part.replace(path)
     return path
 
 

@@ -103,7 +103,12 @@ def _sync() -> None:
 
 
 def m1_model(folder: Path) -> tuple[Path, Path]:
-    """An untrained, seeded lipdeeplab_m1 (19 classes): checkpoint and exported ONNX."""
+    """An untrained, seeded lipdeeplab_m1 (19 classes): checkpoint and exported ONNX,
+    made once per folder (the export and its audits take a minute or more; a second
+    run given the same --m1-dir reuses them)."""
+    done = folder / "m1" / "model.pt", folder / "m1" / "model.onnx"
+    if all(p.is_file() for p in done):
+        return done
     import torch
 
     from certseg.models import ModelCard, create_model, save_checkpoint
@@ -124,10 +129,11 @@ def m1_model(folder: Path) -> tuple[Path, Path]:
         pad_multiple=8,
         input_size=(512, 1024),
     )
+    folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder / "model.pt", model, card)
     res = export_onnx(folder / "model.pt", folder / "m1")
-    (folder / "m1" / "model.pt").write_bytes((folder / "model.pt").read_bytes())
-    return folder / "m1" / "model.pt", res.onnx_path
+    (folder / "m1" / "model.pt").write_bytes((folder / "model.pt").read_bytes())  # last:
+    return folder / "m1" / "model.pt", res.onnx_path  # its presence says the export is whole
 
 
 def _settings(backend: str, precision: str, providers, margin_error: float, **kw) -> Settings:
@@ -277,7 +283,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str, Any]:
+def bench_model(
+    label: str, checkpoint: Path, onnx_path: Path, args, progress: Any = None
+) -> dict[str, Any]:
+    """Rows per size, batch and engine; `progress(partial)` after each size and batch,
+    so a step stopped at its time limit leaves what it measured."""
     sizes, batches = parse_sizes(args.sizes), [int(b) for b in args.batches.split(",")]
     calib_hw = parse_sizes(args.calib_size)[0]
     calib = calibration_images(calib_hw, 2 * args.calib_images)  # scenes and noise
@@ -331,14 +341,21 @@ def bench_model(label: str, checkpoint: Path, onnx_path: Path, args) -> dict[str
                         got = profile(engine, x, args.repeats)
                         profiles[name] = {"size": f"{h}x{w}", "batch": n, **got}
                 rows.append(row)
+            if progress is not None:
+                progress(_model_result(rows, skipped, bounds, profiles, partial=True))
     for engine in engines.values():
         engine.close()
-    return {
+    return _model_result(rows, skipped, bounds, profiles)
+
+
+def _model_result(rows, skipped, bounds, profiles, partial: bool = False) -> dict[str, Any]:
+    out = {
         "rows": rows,
         "skipped": skipped,
         "error_bounds": {k: vars(v) for k, v in bounds.items()},
         "profiles": profiles,
     }
+    return {**out, "partial": True} if partial else out
 
 
 def end_to_end(label: str, artifact: Path, best: dict, args) -> dict[str, Any]:
@@ -402,6 +419,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="CPU smoke: tiny sizes and counts")
     ap.add_argument("--name", default=None, help="result name (default gpu or gpu_quick)")
     ap.add_argument("--out", type=Path, default=None, help="result path (default: results/)")
+    ap.add_argument(
+        "--m1-dir", type=Path, default=None, help="where the M1 export is made, or reused"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.sizes, args.batches = "shipped", "32x64,48x96", "1,2"
@@ -418,10 +438,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             assert onnx_path is not None, "the shipped model is missing"
             checkpoint = onnx_path.with_name("model.pt")
         elif label == "m1":
-            checkpoint, onnx_path = m1_model(Path(tmp.name))
+            checkpoint, onnx_path = m1_model(args.m1_dir or Path(tmp.name))
         else:
             raise SystemExit(f"unknown model {label!r} (shipped, m1)")
-        got = bench_model(label, checkpoint, onnx_path, args)
+
+        def progress(partial: dict[str, Any], label: str = label) -> None:
+            result["models"][label] = partial
+            write_result(name, result, args.out)
+
+        got = bench_model(label, checkpoint, onnx_path, args, progress)
         result["models"][label] = got
         write_result(name, result, args.out)  # partial results survive a time limit
         sound = [r for r in got["rows"] if r["soundness_violations"] == 0]
