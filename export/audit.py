@@ -379,6 +379,15 @@ class _Walker:
                     f"gain {L:.3g}: float32 rounds the signal away (absorption)"
                 )
 
+    def _check_attr_absorption(self, node, values: Iterable[float], L: float) -> None:
+        """`check_absorption` for values given as attributes (older opsets)."""
+        for c in values:
+            if not abs(float(c)) <= _ABSORPTION * L:  # (NaN too)
+                raise _Refuse(
+                    f"{node.op_type} brings in a value of size {abs(float(c)):.3g} beside a "
+                    f"signal of gain {L:.3g}: float32 rounds the signal away (absorption)"
+                )
+
     def duplication(self, x: str, other_shape: tuple | None) -> float:
         """How many times broadcasting against `other_shape` may repeat each element of x."""
         xs = self.shape(x)
@@ -495,8 +504,16 @@ class _Walker:
                 if shape is not None and all(isinstance(d, int) for d in shape):
                     out = vals[0].reshape(shape)
             elif op == "Resize" and _attrs(node).get("mode", b"nearest") in (b"nearest", b"linear"):
-                # nearest and (bi)linear take convex combinations: |out| <= max |in|
+                # nearest and (bi)linear take convex combinations: |out| <= max |in|;
+                # tf_crop_and_resize fills what falls outside its roi with
+                # extrapolation_value, any number
                 mag = self.magnitude(node.input[0])
+                attrs = _attrs(node)
+                if mag is not None and attrs.get("coordinate_transformation_mode") in (
+                    b"tf_crop_and_resize",
+                    "tf_crop_and_resize",
+                ):
+                    mag = max(mag, abs(float(attrs.get("extrapolation_value", 0.0))))
                 for o in node.output:
                     self.values[o] = _Static(None, mag)
                 return
@@ -533,6 +550,10 @@ class _Walker:
         if op == "Clip":
             if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
                 raise _Refuse("Clip with image-dependent bounds")
+            # a bound is a value the output takes: Clip(x, min=2^23) then +x, -that
+            # rounds x to integers at a counted gain of 3 (as an added constant would)
+            self.check_absorption(node, node.input[1:3], x.L)
+            self._check_attr_absorption(node, [a.get("min", 0.0), a.get("max", 0.0)], x.L)
             self.row(node, 1, 1, "elementwise", x.L)
             return [_Lip(x.L)]
         if op == "Pad":
@@ -542,6 +563,8 @@ class _Walker:
                 raise _Refuse(f"Pad mode {mode!r} repeats pixels (only constant padding is 1)")
             if not isinstance(x, _Lip) or any(isinstance(v, _Lip) for v in ins[1:]):
                 raise _Refuse("Pad with image-dependent pads")
+            self.check_absorption(node, node.input[2:3], x.L)  # the pad value, opset >= 11
+            self._check_attr_absorption(node, [a.get("value", 0.0)], x.L)
             self.row(node, 1, 1, "embedding", x.L)
             return [_Lip(x.L)]
         if op == "Slice":
@@ -812,6 +835,7 @@ class _Walker:
         if len(lips) == 1:
             n, v = lips[0]
             others = [m for m in node.input if m != n]
+            self.check_absorption(node, others, v.L)  # max(x, 2^23) is 2^23: a value it takes
             dup = 1.0
             for m in others:
                 dup = max(dup, self.duplication(n, self.shape(m)))
@@ -846,6 +870,9 @@ class _Walker:
                 total += sum(v.L**2 for v in members)
         L = math.sqrt(total)
         lmax = max(v.L for v in ins if isinstance(v, _Lip))
+        # constant parts sit beside the signal: a later conv adds them to it
+        statics = [n for n, v in zip(node.input, ins, strict=True) if isinstance(v, _Static)]
+        self.check_absorption(node, statics, L)
         self.row(node, L / lmax, math.nan, "concat (root-sum-square)", L)
         return _Lip(L)
 

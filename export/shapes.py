@@ -513,10 +513,10 @@ class _Deriver:
         for a, s, e, st in zip(axes, starts, ends, steps, strict=True):
             dim = x[a]
             if dim.is_const and s.is_const and e.is_const and st.is_const:
-                idx = range(dim.const)[slice(s.const, e.const, st.const)]
+                idx = onnx_slice_indices(dim.const, s.const, e.const, st.const)
                 out[a] = Dim(len(idx))
                 if plain:
-                    v = v[slice(s.const, e.const, st.const)]
+                    v = v[np.asarray(idx, dtype=np.int64)]
                 continue
             plain = False
             out[a] = _slice_len(dim, s, e, st)
@@ -617,12 +617,15 @@ class _Deriver:
             return [None]
         out = []
         for d, s in zip(x, np.ravel(scales), strict=True):
-            if float(s) == 1.0:
+            # ONNX Runtime sizes the output as int64(float32(d) * float32(s)), in float32:
+            # 25 * 0.08f is 2 there and 1 in float64. Exact only below 2^24.
+            s32 = np.float32(s)
+            if float(s32) == 1.0:
                 out.append(d)
-            elif float(s).is_integer():
-                out.append(d.scale(int(s)))
             elif d.is_const:
-                out.append(Dim(math.floor(d.const * float(s))))
+                out.append(Dim(int(np.float32(d.const) * s32)))
+            elif float(s32).is_integer() and d.bounds()[1] * float(s32) <= 2.0**24:
+                out.append(d.scale(int(s32)))
             else:
                 out.append(Dim.unknown())
         return [tuple(out)]
@@ -748,6 +751,23 @@ def _quotient(x: Shape, rest: list[Dim]) -> Dim:
     for d in left:
         out = out * d
     return out
+
+
+def onnx_slice_indices(dim: int, start: int, end: int, step: int) -> range:
+    """The indices ONNX's Slice takes along an axis of size `dim`, not Python's.
+
+    They differ for negative steps: ONNX clamps a start below -dim to 0 (one element
+    taken) where Python's slice takes none, so x[-100::-1] of 8 rows was derived as
+    empty while ONNX Runtime ran 1, and a Mul then broadcast it uncounted."""
+    if step == 0:
+        raise ValueError("Slice step 0")
+    start += dim if start < 0 else 0
+    end += dim if end < 0 else 0
+    if step > 0:
+        start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+    else:
+        start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    return range(start, end, step)
 
 
 def _slice_len(dim: Dim, start: Dim, end: Dim, step: Dim) -> Dim:
