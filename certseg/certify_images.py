@@ -78,12 +78,12 @@ MarginsOf = Callable[[np.ndarray], np.ndarray]
 def certify_files(
     paths: Sequence[Path], model: Path, eps: Sequence[float] | None = None
 ) -> list[ImageReport]:
-    """Each image's report at `eps` (default: the card's); `model` a checkpoint (.pt),
-    an exported model.onnx or its folder."""
-    if model.suffix == ".pt":
-        margins_of, lipschitz, default_eps = _checkpoint(model)
-    else:
+    """Each image's report at `eps` (default: the card's); `model` an exported
+    model.onnx or its folder, else a checkpoint."""
+    if model.is_dir() or model.suffix == ".onnx":
         margins_of, lipschitz, default_eps = _export(model)
+    else:  # a checkpoint, whatever its name ends in (.pt, .pth)
+        margins_of, lipschitz, default_eps = _checkpoint(model)
     grid = list(eps) if eps else [default_eps]
     return [summarize(str(p), margins_of(_read(p)), lipschitz, grid) for p in paths]
 

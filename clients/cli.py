@@ -95,7 +95,8 @@ def _output_names(images: list[Path]) -> dict[Path, tuple[str, str]]:
     table shows it, and the <name> of its outputs under --out, that path without the
     extension, or with it where two differ only by that. So a/x.png and b/x.jpg write
     a/x_*.png and b/x_*.png rather than one x_*.png over the other."""
-    resolved = [p.resolve() for p in images]
+    # absolute, not resolved: a symlinked file keeps the name it was given
+    resolved = [Path(os.path.normpath(p.absolute())) for p in images]
     common = Path(os.path.commonpath([p.parent for p in resolved]))
     paths = [p.relative_to(common) for p in resolved]
     stems = Counter(p.with_suffix("") for p in set(paths))
@@ -110,15 +111,22 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _expand(images: list[Path]) -> list[Path]:
-    """Files as given; a folder stands for the images under it (sorted, recursive)."""
+    """Files as given; a folder stands for the images under it (sorted, recursive,
+    through symlinked folders, each real folder once)."""
     out: list[Path] = []
     for p in images:
         if not p.is_dir():
             out.append(p)
             continue
-        found = sorted(
-            f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-        )
+        found, seen = [], set()
+        for root, dirs, files in os.walk(p, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:  # a link back up the tree
+                dirs[:] = []
+                continue
+            seen.add(real)
+            found += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        found.sort()
         if not found:
             raise typer.BadParameter(
                 f"{p} holds no images ({', '.join(IMAGE_SUFFIXES)})", param_hint="IMAGES"
@@ -131,7 +139,7 @@ def _label_maps(names: dict[Path, tuple[str, str]], labels: Path) -> dict[Path, 
     """Each image's label map, or why it has none: labels/<path below the images' common
     folder>.png where that exists (a tree beside the images'), else labels/<stem>.png
     unless another image has that stem too (a/x.png and b/x.jpg took one map each)."""
-    stems = Counter(Path(label).stem for label, _ in names.values())
+    stems = Counter(Path(label).stem for label in {label for label, _ in names.values()})
     maps: dict[Path, Path | str] = {}
     for image, (label, _) in names.items():
         mirror = labels / Path(label).with_suffix(".png")

@@ -164,7 +164,7 @@ def serve(
     """Serve certified segmentation over REST, WebSocket and the Open Inference Protocol."""
     # As a container's PID 1 the process ignores a signal it has no handler for, and
     # uvicorn installs its own only once it runs: SIGTERM while the models are read
-    # and audited (minutes for a large one) did nothing. uvicorn's replace this one.
+    # and audited (minutes for a large one) did nothing. uvicorn's replaces it.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     from server.app import create_app, uvicorn_config
@@ -221,6 +221,9 @@ def serve(
     server = CertsegServer(uvicorn_config(application, settings.host, settings.port))
     state = application.state.server
     state.on_fatal = lambda: setattr(server, "should_exit", True)
+    # uvicorn restores the handler it found and re-raises SIGTERM after its graceful
+    # stop: the default, so the exit reads "terminated by SIGTERM" (not 143)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     server.run()
     if state.fatal:  # a model failed to load in the background: exit non-zero
         fail("serve", state.fatal, code=1)

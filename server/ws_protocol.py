@@ -3,7 +3,10 @@ server hold below the app, where `stream_send_timeout_s` and the message cap can
 
 - Pings: the protocol answers each with a pong written past the transport's flow
   control. A client that pings and never reads grew the server by what it sent
-  (+237 MB in 8 s); once PONG_BACKLOG_BYTES wait for it, the next ping drops it.
+  (+237 MB in 8 s). While writing to it is paused (its buffer is full), a ping gets
+  no pong: RFC 6455 5.5.3 lets an endpoint answer only the latest, and a client
+  that reads again gets the next one. (Dropping the client instead also dropped
+  healthy ones on slow links: a few-MB answer in flight when a keepalive ping came.)
 - Fragments: a message is held as a list of its fragments. A 3 MB message in 3
   million 1-byte fragments cost 155 MB; past MAX_FRAGMENTS the stream closes 1009,
   as a message over the size cap does.
@@ -15,10 +18,8 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-__all__ = ["MAX_FRAGMENTS", "PONG_BACKLOG_BYTES", "BoundedWebSocketProtocol"]
+__all__ = ["MAX_FRAGMENTS", "BoundedWebSocketProtocol"]
 
-#: Bytes queued for a client past which its next ping ends the connection.
-PONG_BACKLOG_BYTES = 1 << 20
 #: Most fragments one message may come in (a 32 MiB message: 2 KiB each on average).
 MAX_FRAGMENTS = 16384
 
@@ -27,9 +28,8 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     """The default uvicorn WebSocket protocol, with pong and fragment backlogs bounded."""
 
     def handle_ping(self) -> None:
-        if self.transport.get_write_buffer_size() > PONG_BACKLOG_BYTES:
-            self.logger.info("WebSocket client pings without reading: connection dropped")
-            self.transport.abort()  # a close frame would queue behind what it does not read
+        if not self.writable.is_set():  # paused: the client is not reading for now
+            self.conn.data_to_send()  # the pong the protocol queued, discarded
             return
         super().handle_ping()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -345,3 +346,27 @@ def test_bounds_are_shown_rounded_toward_safety():
     assert (pct_down(0.29), pct_down(1.0), pct_up(0.0), pct_down(0.05, 2)) == (
         "29.0%", "100.0%", "0.0%", "5.00%"
     )  # fmt: skip
+
+
+def test_folders_are_walked_through_symlinks_and_one_image_named_twice_keeps_its_map(tmp_path):
+    """rglob skipped a symlinked folder; resolve() moved the common folder when one file
+    was a link; the same image given twice counted as two stems and lost its map."""
+    from clients.cli import _expand, _label_maps, _output_names
+
+    imgs, elsewhere, labels = tmp_path / "imgs", tmp_path / "elsewhere", tmp_path / "labels"
+    (imgs / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    labels.mkdir()
+    for path in (imgs / "a" / "x.png", elsewhere / "y.png"):
+        Image.fromarray(random_image(8, 8)).save(path)
+    (imgs / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (imgs / "linked" / "loop").symlink_to(imgs, target_is_directory=True)  # a cycle
+    found = _expand([imgs])
+    assert [p.relative_to(imgs).as_posix() for p in found] == ["a/x.png", "linked/y.png"]
+    names = _output_names(found)
+    assert [label for label, _ in names.values()] == ["a/x.png", "linked/y.png"]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(labels / "x.png")
+    x = imgs / "a" / "x.png"
+    twice = [Path(os.path.relpath(x)), x.absolute(), imgs / "linked" / "y.png"]  # x twice
+    maps = _label_maps(_output_names(twice), labels)
+    assert maps[twice[0]] == labels / "x.png" and maps[twice[1]] == labels / "x.png"

@@ -414,9 +414,11 @@ def test_viewer_stream_reconnects_after_a_server_restart(browser):
         assert "1012" in text(d, "error")
         assert d.execute_script("return document.getElementById('video').srcObject.active")
         frames = int(text(d, "frames"))
+        time.sleep(3.0)  # a restart takes a while (load, audit): the first retries fail
         srv = make(srv.port)
         wait_for(d, f"parseInt(document.getElementById('frames').textContent) > {frames}", 30)
         assert not d.execute_script("return document.getElementById('stop').disabled")
+        assert text(d, "error") == ""  # the reconnect notice is gone once back
         d.execute_script("document.getElementById('stop').click()")
         assert d.execute_script("return document.getElementById('video').srcObject === null")
     finally:

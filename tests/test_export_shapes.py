@@ -76,7 +76,9 @@ def test_size_arithmetic_matches_python_integers_and_its_bounds_hold():
         d, f = _random_expr(rng, 4)
         lo, hi = d.bounds()
         for _ in range(8):
-            env = {"h": rng.randint(0, 300), "w": rng.randint(0, 300)}
+            # sizes >= 1: an input's size atom is bounded below by 1 (an empty image
+            # has no pixel to certify, and the server refuses one)
+            env = {"h": rng.randint(1, 300), "w": rng.randint(1, 300)}
             v = evaluate(d, env)
             assert v == f(env), (str(d), env)
             assert lo <= v <= hi, (str(d), env, lo, hi)

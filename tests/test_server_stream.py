@@ -226,7 +226,8 @@ def test_shutdown_answers_the_frames_received_then_closes_1012(caplog):
     assert [(a["type"], a["frame"]) for a in answers] == [("result", 0), ("result", 1)]
     assert code == 1012
     closes = [r.getMessage() for r in caplog.records if "stream closed" in r.getMessage()]
-    assert closes == ["stream closed (server shutting down): 2 frames, 2 answered, 0 dropped"]
+    # (another test's stream may log its own close while this one runs)
+    assert "stream closed (server shutting down): 2 frames, 2 answered, 0 dropped" in closes
 
 
 def test_depth_two_has_the_next_frame_queued_while_one_is_on_the_model(server, engine):

@@ -171,6 +171,7 @@ class StreamSession:
         self._in_flight: deque[asyncio.Task[_Answer]] = deque()
         self._started = asyncio.Event()  # a frame joined _in_flight
         self._answered = asyncio.Event()  # a frame's answer left
+        self._close_asked = False  # the client sent {"type": "close"}
 
     async def send_json(self, obj: dict[str, Any]) -> None:
         await self._send(json.dumps(obj))
@@ -229,6 +230,7 @@ class StreamSession:
             if msg.get("bytes") is not None:
                 self._offer(msg["bytes"])
             elif msg.get("text") is not None and await self._control(msg["text"]) == "close":
+                self._close_asked = True
                 await self._drain()  # a graceful close: what was received is answered
                 return
 
@@ -237,6 +239,8 @@ class StreamSession:
         await self.state.stopping.wait()
         receiving.cancel()
         await self._drain()
+        if self._close_asked:  # the client's own close, answered before the shutdown's
+            raise _Closing(1000, "")
         raise _Closing(1012, "server shutting down")
 
     async def _drain(self) -> None:
