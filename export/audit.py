@@ -110,6 +110,8 @@ _ABSORPTION = 2.0**10
 
 #: float32 division rounds by at most 2^-24 relative; the torch side counts 2^-23.
 _DIV_ROUNDING = 1.0 + 2.0**-23
+#: BatchNormalization's float32 sqrt, reciprocal and products: up to ~2^-22 relative.
+_BN_ROUNDING = 1.0 + 2.0**-21
 
 _PERMUTATIONS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
 _PERMUTATIONS |= {"DepthToSpace", "SpaceToDepth"}
@@ -605,9 +607,14 @@ class _Walker:
                 # (before opset 14, asking for the running statistics means training)
                 raise _Refuse("BatchNormalization in training mode (divides by the batch's spread)")
             scale = self.static_value(node, node.input[1], "scale")
-            var = self.static_value(node, node.input[4], "variance")
-            g = float(np.max(np.abs(scale / np.sqrt(var + float(a.get("epsilon", 1e-5))))))
-            g *= _DIV_ROUNDING
+            var = self.static_value(node, node.input[4], "variance").astype(np.float32)
+            if not (var >= 0).all():  # a variance below zero cancels epsilon (or is NaN)
+                raise _Refuse("BatchNormalization with a negative variance")
+            # var + epsilon as ONNX Runtime forms it: float32 (1e-5 in float64 is another
+            # number, and a variance of -eps32 + 1 ulp left 2^-40 there, 1.16e-12 here)
+            denom = (var + np.float32(a.get("epsilon", 1e-5))).astype(np.float64)
+            g = float(np.max(np.abs(scale.astype(np.float64) / np.sqrt(denom))))
+            g *= _BN_ROUNDING
             shift = np.abs(self.static_value(node, node.input[2], "bias"))
             shift = shift + np.abs(self.static_value(node, node.input[3], "mean")) * g
             if float(np.max(shift, initial=0.0)) > _ABSORPTION * x.L * g:
