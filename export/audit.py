@@ -260,7 +260,7 @@ def _external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
-def _check_structure(graph: onnx.GraphProto, input_name: str) -> None:
+def _check_structure(model: onnx.ModelProto, input_name: str) -> None:
     """Every tensor defined once, before it is read, and stored in the file.
 
     The passes below read the graph in file order, one name to one value. ONNX Runtime
@@ -269,6 +269,8 @@ def _check_structure(graph: onnx.GraphProto, input_name: str) -> None:
     and run as another. External data is resolved against a directory the audit does
     not know (ONNX Runtime's is the model's, onnx's the process's): another file.
     """
+    graph = model.graph
+    _check_schemas(model)
     if graph.sparse_initializer:  # ORT prefers them to a same-named initializer
         raise AuditError("sparse initializers are not audited")
     inputs = [i.name for i in graph.input]
@@ -307,10 +309,33 @@ def _check_structure(graph: onnx.GraphProto, input_name: str) -> None:
                 defined.add(name)
 
 
+def _check_schemas(model: onnx.ModelProto) -> None:
+    """Each ONNX node against its op schema at the file's opset, as ONNX Runtime checks
+    it at load: the rules read attributes and inputs as the schema defines them (a
+    Squeeze with an `axes` attribute at opset 18, which ONNX Runtime refuses, had its
+    axes honoured here). Nodes of other domains are the rules' own concern."""
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = model.ir_version
+    ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
+    local = {(f.domain, f.name) for f in model.functions}
+    for node in model.graph.node:
+        if node.domain not in ONNX_DOMAINS or (node.domain, node.op_type) in local:
+            continue
+        if any(_has_subgraph(a) for a in node.attribute):  # refused by name, below
+            continue
+        try:
+            onnx.checker.check_node(node, ctx)
+        except Exception as exc:  # ValidationError (or a schema the onnx build lacks)
+            why = str(exc).splitlines()[0][:200]
+            raise AuditError(
+                f"node {node.name!r} ({node.op_type}) does not match its ONNX schema ({why})"
+            ) from None
+
+
 class _Walker:
     def __init__(self, model: onnx.ModelProto, input_name: str) -> None:
         self.graph = model.graph
-        _check_structure(model.graph, input_name)
+        _check_structure(model, input_name)
         for node in self.graph.node:  # a subgraph may read the image from the outer scope
             if any(_has_subgraph(a) for a in node.attribute):
                 raise AuditError(f"node {node.name!r} ({node.op_type}) has a subgraph")

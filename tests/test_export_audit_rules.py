@@ -872,3 +872,24 @@ def test_batchnorm_epsilon_is_added_as_onnx_runtime_adds_it():
     model = _graph([bn], {"s": np.full(3, 2.0, np.float32), "v": tiny, **stats})
     audited = audit_onnx(model, check_head=False).lipschitz_audited
     assert audited >= _empirical(model) and audited == pytest.approx(2 / np.sqrt(eps32), 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("node", "inits"),
+    [
+        (oh.make_node("Squeeze", ["image"], ["logits"], axes=[0]), {}),  # axes: input at 13+
+        (oh.make_node("LeakyRelu", ["image"], ["logits"], alpha=0.5), {}),
+        (
+            oh.make_node("Gemm", ["image", "w"], ["logits"], alpha=0),
+            {"w": np.eye(3, dtype=np.float32)},
+        ),
+    ],
+    ids=["squeeze-axes-attribute", "leakyrelu-alpha-twice", "gemm-alpha-int"],
+)
+def test_a_node_that_breaks_its_schema_is_refused(node, inits):
+    """ONNX Runtime refuses these at load; the audit had computed bounds for them (an
+    INT alpha read as 0, the last of two alphas, axes honoured against the opset)."""
+    if node.op_type == "LeakyRelu":
+        node.attribute.append(oh.make_attribute("alpha", 5.0))  # a second alpha
+    with pytest.raises(AuditError, match="ONNX schema"):
+        audit_onnx(_graph([node], inits, in_shape=(1, 3, 3, 3)), check_head=False)

@@ -273,11 +273,12 @@ def test_the_radius_constant_leaves_room_for_the_graph_rounding(heads):
 
 
 def test_an_attribute_form_slice_is_refused_not_a_crash(heads):
-    """Slice before opset 10 has its bounds as attributes: one input only."""
+    """Slice before opset 10 has its bounds as attributes: one input only (at this
+    file's opset 13 that breaks the op's schema, as ONNX Runtime would say too)."""
     m = _copy(heads[("chain", 2)])
     crop = next(n for n in m.graph.node if "margin" in n.output)
     del crop.input[1:]
     crop.attribute.extend([oh.make_attribute("starts", [1]), oh.make_attribute("ends", [9])])
     crop.attribute.append(oh.make_attribute("axes", [1]))  # a shift by one row
-    with pytest.raises(AuditError, match="not proved"):  # (was an IndexError)
+    with pytest.raises(AuditError, match=r"not proved|ONNX schema"):  # (was an IndexError)
         audit_onnx(m)
