@@ -1,8 +1,8 @@
 """Certify image files with a model: the engine of `certseg certify`.
 
-The model is a torch checkpoint (the `train` extra) or an exported model.onnx, run by
-ONNX Runtime after the server's own load-time audit (`server.engine.read_onnx_artifact`),
-so a base install certifies with the shipped model and its figures are the server's.
+The model is a torch checkpoint (the `train` extra) or an exported model.onnx, served
+by the server's own ONNX Runtime engine (audited at load), so a base install certifies
+with the shipped model and its figures are the server's.
 """
 
 from __future__ import annotations
@@ -102,27 +102,27 @@ def _checkpoint(path: Path) -> tuple[MarginsOf, float, float]:
 
 
 def _export(path: Path) -> tuple[MarginsOf, float, float]:
-    import onnxruntime as ort
-
+    """The export served as `certseg serve` serves it on the CPU (audited at load, the
+    same session options, non-finite pixels made unknown): its figures are the server's."""
+    from server.backends import ModelSpec, create_engine
     from server.errors import ModelError
+    from server.settings import Settings
 
     onnx_path = path / "model.onnx" if path.is_dir() else path
     if not onnx_path.is_file():
         raise UserError(f"{path}: no such model (a checkpoint .pt, a model.onnx or its folder)")
-    from server.engine import read_onnx_artifact
-
+    settings = Settings(backend="onnxruntime", providers=["CPUExecutionProvider"], warmup=False)
     try:
-        artifact = read_onnx_artifact(onnx_path)  # audited, as the server loads it
+        engine = create_engine(ModelSpec(None, onnx_path), settings)
+        engine.load()
     except ModelError as exc:
         raise UserError(exc.detail) from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(artifact.data, options, providers=["CPUExecutionProvider"])
+    info = engine.metadata()
 
     def margins_of(image: np.ndarray) -> np.ndarray:
-        return session.run(["margin"], {"image": image[None].astype(np.float32)})[0][0]
+        return engine.infer(image[None].astype(np.float32), ["margin"])["margin"][0]
 
-    return margins_of, artifact.lipschitz, artifact.card.default_eps
+    return margins_of, info.lipschitz, info.card.default_eps
 
 
 def _read(path: Path) -> np.ndarray:
