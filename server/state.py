@@ -49,7 +49,7 @@ class ServerState:
         self._warmup_task: asyncio.Task[None] | None = None
         self.streams = 0  # open WebSocket streams
         # Set when the server starts shutting down: streams stop reading, answer what
-        # they hold and close 1012 (server.app.CertsegServer waits for them).
+        # they hold and close 1012 (server.shutdown.CertsegServer waits for them).
         self.stopping = asyncio.Event()
         #: Set when a model failed to load; with on_fatal set (by `certseg serve`) the
         #: server then shuts down and exits non-zero instead of staying live and unready.

@@ -385,8 +385,13 @@ class _Answer:
 def _error_body(frame: int | None, exc: CertSegError) -> dict[str, Any]:
     """The error message for a frame (or, frame None, for a control message)."""
     p = problem_for(exc)
-    body = {"type": "error", "frame": frame, "status": p.status, "title": p.title}
-    body["detail"] = exc.detail
+    body = {
+        "type": "error",
+        "frame": frame,
+        "status": p.status,
+        "title": p.title,
+        "detail": exc.detail,
+    }
     if exc.retry_after is not None:  # an overload: when to try again, as REST's header
         body["retry_after"] = retry_after_seconds(exc.retry_after)
     return body
