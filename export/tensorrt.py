@@ -35,7 +35,6 @@ __all__ = [
     "cuda_runtime",
     "engine_cache_key",
     "gpu_identity",
-    "sha256_file",
 ]
 
 PRECISIONS = ("fp32", "fp16")
@@ -74,14 +73,6 @@ class Profile:
 
     def to_dict(self) -> dict[str, list[int]]:
         return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def engine_cache_key(
@@ -172,11 +163,15 @@ def build_engine(
     workspace_gib: float = 4.0,
     rebuild: bool = False,
     device: int = 0,
+    onnx_bytes: bytes | None = None,
 ) -> EngineInfo:  # pragma: no cover - needs a GPU and TensorRT
     """Build (or reuse from the cache) a serialized engine for `onnx_path`.
 
-    Engines live in cache_dir/<key>.engine with <key>.json beside them; a timing cache
-    per (GPU, TensorRT version) makes rebuilds with other profiles fast.
+    `onnx_bytes` are the bytes to build from, keyed and parsed as given: the server
+    passes the ones its audit read (`read_onnx_artifact`), so a file replaced after the
+    audit cannot reach the engine; None reads `onnx_path` once. Engines live in
+    cache_dir/<key>.engine with <key>.json beside them; a timing cache per (GPU,
+    TensorRT version) makes rebuilds with other profiles fast.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -185,7 +180,8 @@ def build_engine(
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     gpu, cc = gpu_identity(device)
-    onnx_sha = sha256_file(onnx_path)
+    data = Path(onnx_path).read_bytes() if onnx_bytes is None else onnx_bytes
+    onnx_sha = hashlib.sha256(data).hexdigest()
     key = engine_cache_key(onnx_sha, gpu, cc, trt.__version__, profile, precision)
     engine_path = cache / f"{key}.engine"
     meta_path = cache / f"{key}.json"
@@ -200,7 +196,8 @@ def build_engine(
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    # parse() takes no folder for external data: none is allowed (the audit refuses it)
+    if not parser.parse(data):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()

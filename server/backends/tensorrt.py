@@ -89,6 +89,7 @@ class TensorRTEngine(BaseEngine):
         )
         super().__init__(info, settings.margin_error, calibrating)
         self._onnx = onnx_path
+        self._audited: bytes | None = artifact.data  # built from these; dropped once loaded
         self._plan = path if path.suffix in (".plan", ".engine") else None
         self._settings = settings
         self._runner: Any = None
@@ -104,11 +105,13 @@ class TensorRTEngine(BaseEngine):
                     engine_profile(self.info.card.input_size, s),
                     s.trt_cache_dir or Path.home() / ".cache" / "certseg" / "trt",
                     device=s.device_id,
+                    onnx_bytes=self._audited,
                 )
                 plan = built.path
             self._runner = trt_export.TrtRunner(plan, s.device_id)
         except RuntimeError as exc:
             raise ModelError(f"{self.info.path}: {exc}") from exc
+        self._audited = None
         super().load()
 
     def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
