@@ -14,6 +14,8 @@ it (off by default).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -42,7 +44,7 @@ from server.errors import (
     Unauthorized,
     install_error_handlers,
 )
-from server.logs import API_KEY_PARAM, request_id_var
+from server.logs import API_KEY_PARAM, API_KEY_SUBPROTOCOL, request_id_var
 from server.metrics import Metrics
 from server.routes import ops, stream, v1, v2
 from server.settings import Settings
@@ -90,6 +92,20 @@ def _problem_bytes(status: int, title: str, detail: str, slug: str, path: str, r
     ).encode()
 
 
+def _subprotocol_key(scope: Scope) -> bytes:
+    """The key a WebSocket handshake offers as a `certseg.key.<base64url>` subprotocol,
+    or b"" (none, or not base64url: then no key, and the handshake is refused)."""
+    for offered in scope.get("subprotocols") or ():
+        if offered.startswith(API_KEY_SUBPROTOCOL):
+            coded = offered[len(API_KEY_SUBPROTOCOL) :]
+            try:
+                padded = coded + "=" * (-len(coded) % 4)
+                return base64.b64decode(padded, altchars=b"-_", validate=True)
+            except (binascii.Error, ValueError):
+                return b""
+    return b""
+
+
 def _query(scope: Scope) -> dict[str, list[str]]:
     """The request's query string by name, percent-decoded, blank values kept."""
     return parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
@@ -125,9 +141,9 @@ class RequestContextMiddleware:
         elif b"x-api-key" in headers:
             given = headers[b"x-api-key"].strip()
         elif scope["type"] == "websocket":
-            # Browsers cannot set headers on a WebSocket: accept ?api_key= there only
-            # (server.logs redacts it from uvicorn's handshake lines).
-            given = _query(scope).get(API_KEY_PARAM, [""])[0].encode()
+            # Browsers cannot set headers on a WebSocket: accept the key there in a
+            # subprotocol (the viewer's way) or ?api_key= (server.logs redacts both)
+            given = _subprotocol_key(scope) or _query(scope).get(API_KEY_PARAM, [""])[0].encode()
         return hmac.compare_digest(given, self.key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import unquote_plus
 
 __all__ = [
     "API_KEY_PARAM",
+    "API_KEY_SUBPROTOCOL",
     "JsonFormatter",
     "RedactApiKey",
     "configure_logging",
@@ -27,6 +28,11 @@ __all__ = [
 #: The query parameter a WebSocket client may send the API key in (browsers cannot set
 #: headers on a WebSocket); the auth check reads it, the log filter blanks it.
 API_KEY_PARAM = "api_key"
+#: The WebSocket subprotocol a browser may carry the key in instead, base64url after
+#: the prefix ("certseg.key.czNjcmV0"): a header, so no proxy's access log (nginx logs
+#: the query) nor a URL shows it. The server answers with the protocol "certseg".
+API_KEY_SUBPROTOCOL = "certseg.key."
+_SUBPROTOCOL_KEY = re.compile(re.escape(API_KEY_SUBPROTOCOL) + r"[A-Za-z0-9_=-]*")
 REDACTED = "***"
 _QUERY_PAIR = re.compile(r"(?P<name>[^\s?&=\"']+)=(?P<value>[^\s&\"']*)")
 
@@ -48,15 +54,16 @@ _KEY_HEADER = re.compile(
 
 def redact_api_key(text: str, secrets: tuple[str, ...] = ()) -> str:
     """`text` with the value of every api_key= pair, of every Authorization and
-    X-API-Key header, and every occurrence of a `secrets` string replaced by ***. Query
-    names are compared percent-decoded, as the server's query parser sees them
-    (api%5Fkey= is the key too)."""
+    X-API-Key header, of every certseg.key. subprotocol, and every occurrence of a
+    `secrets` string replaced by ***. Query names are compared percent-decoded, as the
+    server's query parser sees them (api%5Fkey= is the key too)."""
 
     def blank(m: re.Match[str]) -> str:
         return f"{m['name']}={REDACTED}" if unquote_plus(m["name"]) == API_KEY_PARAM else m[0]
 
     text = _QUERY_PAIR.sub(blank, text)
     text = _KEY_HEADER.sub(lambda m: f"{m['name']}{m['sep']}{m['scheme'] or ''}{REDACTED}", text)
+    text = _SUBPROTOCOL_KEY.sub(API_KEY_SUBPROTOCOL + REDACTED, text)
     for secret in secrets:
         text = text.replace(secret, REDACTED)
     return text

@@ -266,6 +266,9 @@ def test_viewer_image_then_video(server, engine, browser, tmp_path):
     engine.delay_s = 0.0
     assert d.execute_script("return [S.depth, S.mostInFlight]") == [2, 2]
     assert text(d, "dropped") == "0" and text(d, "inflight").endswith("of 2")
+    # the key went as a subprotocol (the server answered "certseg"), not in the URL
+    url, protocol = d.execute_script("return [S.ws.url, S.ws.protocol]")
+    assert protocol == "certseg" and "api_key" not in url and KEY not in url
     stats = d.execute_script(CANVAS_STATS)
     assert stats[:2] == [128, 96] and stats[3] > 5
     d.save_screenshot(str(tmp_path / "viewer-stream.png"))

@@ -275,6 +275,32 @@ def test_compose_healthchecks_hit_real_routes():
             assert url.group(1) == services[name]["environment"]["CERTSEG_PORT"]
 
 
+NGINX = shutil.which("nginx")
+
+
+@pytest.mark.skipif(NGINX is None, reason="needs nginx (apt-get install nginx-light; .ci/run does)")
+def test_compose_proxy_configuration_passes_nginx_t(tmp_path):
+    """The proxy's configuration as compose hands it to nginx (its $$ unescaped), checked
+    by nginx itself: a directive in the wrong context or a typo fails `nginx -t`. The
+    replicas' name is the one thing swapped (nginx -t resolves upstream hosts)."""
+    content = compose()["configs"]["nginx-conf"]["content"].replace("$$", "$")
+    content = content.replace("certseg-gpu:8000", "127.0.0.1:8000")
+    content = content.replace("/var/log/nginx/", f"{tmp_path}/")
+    (tmp_path / "default.conf").write_text(content)
+    main = tmp_path / "nginx.conf"
+    main.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n  access_log {tmp_path}/access.log;\n  include {tmp_path}/default.conf;\n}}\n"
+    )
+    run = subprocess.run(
+        [NGINX, "-t", "-p", str(tmp_path), "-c", str(main)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and "syntax is ok" in run.stderr, run.stderr
+
+
 def test_compose_one_published_port_and_profiles():
     doc = compose()
     services = doc["services"]
@@ -295,6 +321,10 @@ def test_compose_one_published_port_and_profiles():
     assert limits == [Settings().max_body_bytes, Settings().max_tensor_bytes], limits
     assert nginx.index("location /v2/") < nginx.index("256m")
     assert services["proxy"]["configs"][0]["source"] == "nginx-conf"
+    # the access log names the path, not the query a WebSocket's ?api_key= rides in
+    fmt = re.search(r"log_format certseg (.*?);", nginx, re.S)[1]
+    assert "$$uri" in fmt and not re.search(r"\$\$(request|request_uri|args|query_string)\b", fmt)
+    assert "access_log /var/log/nginx/access.log certseg;" in nginx
     cpu = services["certseg-cpu"]
     assert cpu["profiles"] == ["cpu"]
     assert cpu["build"]["dockerfile"] == "docker/Dockerfile.cpu"

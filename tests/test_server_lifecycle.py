@@ -6,6 +6,7 @@ The server runs as deployed, `python -m server.cli serve` in its own process
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -239,6 +240,7 @@ def test_a_websocket_api_key_never_reaches_the_log():
     import websockets
 
     secret = "s3cret-do-not-log"
+    carried = "certseg.key." + base64.urlsafe_b64encode(secret.encode()).decode().rstrip("=")
     srv = ServeProcess(
         [str(tiny_model_dir()), "--intra-op-threads", "1", "--log-level", "debug"],
         env={**ENV, "CERTSEG_API_KEY": secret},
@@ -254,6 +256,15 @@ def test_a_websocket_api_key_never_reaches_the_log():
             url = srv.ws_base + "/v1/stream?model=tiny"
             async with websockets.connect(url, additional_headers=header) as ws:
                 assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "config"
+        # the viewer's way: the key as a subprotocol, answered with "certseg" alone
+        url = srv.ws_base + "/v1/stream?model=tiny"
+        async with websockets.connect(url, subprotocols=["certseg", carried]) as ws:
+            assert ws.subprotocol == "certseg"
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "config"
+        for wrong in (carried + "QQ", "certseg.key.not!base64", "certseg.key."):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(url, subprotocols=["certseg", wrong])
+            assert refused.value.response.status_code == 401
 
     try:
         asyncio.run(handshakes())
@@ -262,7 +273,8 @@ def test_a_websocket_api_key_never_reaches_the_log():
         httpx.get(srv.base + "/v1/" + secret, headers={"X-API-Key": secret, "X-Request-ID": secret})
         time.sleep(0.2)
         log = srv.stderr()
-        assert secret not in log, log[-2000:]
+        assert secret not in log and carried not in log, log[-2000:]
+        assert "certseg.key.***" in log  # the debug handshake's header line, blanked
         assert "authorization: bearer ***" in log.lower()  # the header line, blanked
         lines = [json.loads(x)["msg"] for x in log.splitlines() if x.startswith("{")]
         shakes = [m for m in lines if "WebSocket /v1/stream" in m]
@@ -281,6 +293,10 @@ def test_a_websocket_api_key_never_reaches_the_log():
         ("headers [(b'x-api-key', b'k-1')]", "headers [(b'x-api-key', b'***')]"),
         ("{'authorization': 'Bearer k-1'}", "{'authorization': 'Bearer ***'}"),
         ("GET /v1/stream?api_key=k-1 HTTP/1.1", "GET /v1/stream?api_key=*** HTTP/1.1"),
+        (
+            "< sec-websocket-protocol: certseg, certseg.key.ay0x",
+            "< sec-websocket-protocol: certseg, certseg.key.***",
+        ),
         ("a key k-1 quoted alone", "a key k-1 quoted alone"),  # no header, no secret given
     ],
 )

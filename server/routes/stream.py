@@ -424,8 +424,15 @@ async def stream(ws: WebSocket) -> None:
         state.metrics.stream_connections.dec()
 
 
+#: The subprotocol a client may offer (beside its key, `server.logs.API_KEY_SUBPROTOCOL`):
+#: answered with it, as a browser requires when it offered any; never the key's.
+SUBPROTOCOL = "certseg"
+
+
 async def _serve_stream(ws: WebSocket, state: ServerState) -> None:
-    await ws.accept()
+    await ws.accept(
+        subprotocol=SUBPROTOCOL if SUBPROTOCOL in ws.scope.get("subprotocols", ()) else None
+    )
     try:
         config = _initial_config(ws, state)
     except CertSegError as exc:
