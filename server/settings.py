@@ -85,7 +85,9 @@ class Settings(BaseSettings):
         "captured CUDA graph (one launch instead of one per kernel).",
     )
     cuda_graph_cache: int = Field(
-        default=4, ge=1, description="Captured CUDA graphs kept (one per input shape)."
+        default=4,
+        ge=1,
+        description="Captured CUDA graphs kept (one per input size and power-of-two batch).",
     )
     torch_compile: bool = Field(
         default=False,

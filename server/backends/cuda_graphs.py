@@ -6,9 +6,17 @@ them with one launch. It is captured per (shape, dtype) (the server sees few siz
 a camera's), and at most `size` are kept, least recently used out first, since each
 holds its own activation memory: nothing grows without bound.
 
-The outputs of a replay are the graph's own static tensors, overwritten by the next
-replay of the same graph: callers copy them out first (the torch backend copies
-every requested plane to the host before it returns).
+A batch runs on the graph of the next power of two (3 on 4's, its last row a stale
+input whose outputs are dropped): the dynamic batcher gives every size up to its
+limit, and a graph per size would recapture (a warm-up and a capture, hundreds of
+ms) whenever sizes outnumber the cache; buckets of 1, 2, 4, 8 hold any batch up to 8
+at one camera size in the default 4 graphs, for at most twice the compute of a
+batch. Sound as long as images in a batch do not interact, as in an inference-mode
+net (no batch statistics).
+
+The outputs of a replay are the graph's own static tensors (their first rows, the
+batch's), overwritten by the next replay of the same graph: callers copy them out
+first (the torch backend copies every requested plane to the host before it returns).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["GraphCache"]
+__all__ = ["GraphCache", "bucket_of"]
 
 
 class GraphCache:
@@ -34,25 +42,29 @@ class GraphCache:
         return len(self._graphs)
 
     def __call__(self, x: Any) -> dict[str, Any]:
-        key = (tuple(x.shape), x.dtype)
+        n = int(x.shape[0])
+        bucket = bucket_of(n)
+        key = ((bucket, *x.shape[1:]), x.dtype)
         entry = self._graphs.pop(key, None)
         if entry is None:
             while len(self._graphs) >= self.size:
                 self._graphs.popitem(last=False)  # least recently used
-            entry = self._capture(x)
+            static_in = x.new_zeros(key[0])  # rows past the batch: zeros until reused
+            static_in[:n].copy_(x)
+            entry = (static_in, *self._capture(static_in))
             self.captures += 1
         self._graphs[key] = entry
         static_in, graph, outputs = entry
-        static_in.copy_(x)
+        static_in[:n].copy_(x)
         graph.replay()
-        return outputs
+        return outputs if n == bucket else {k: v[:n] for k, v in outputs.items()}
 
-    def _capture(self, x: Any) -> tuple[Any, Any, dict[str, Any]]:  # pragma: no cover - GPU
-        """Warm up on a side stream (kernel choice, allocator), then capture."""
+    def _capture(self, static_in: Any) -> tuple[Any, dict[str, Any]]:  # pragma: no cover - GPU
+        """(graph, its output tensors) of fn on `static_in`: warmed up on a side stream
+        (kernel choice, allocator), then captured."""
         torch = self.torch
-        static_in = x.clone()
-        current = torch.cuda.current_stream(x.device)
-        side = torch.cuda.Stream(device=x.device)
+        current = torch.cuda.current_stream(static_in.device)
+        side = torch.cuda.Stream(device=static_in.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(2):
@@ -61,4 +73,11 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self.fn(static_in)
-        return static_in, graph, outputs
+        return graph, outputs
+
+
+def bucket_of(batch: int) -> int:
+    """The batch size whose graph runs a batch of `batch`: the next power of two."""
+    if batch < 1:
+        raise ValueError(f"a batch holds at least one image, got {batch}")
+    return 1 << (batch - 1).bit_length()
