@@ -389,13 +389,18 @@ def test_max_gains_by_class_is_the_prefix_of_the_gaps_into_each_class():
         max_gains_by_class(logits, mask[:, :5], 0.1, 1.0)
 
 
+@pytest.mark.parametrize("spoil", ["nan", "inf-tie", "all--inf"])
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
-def test_a_nan_pixel_counts_as_unknown_in_every_figure(backend):
-    """A pixel with a NaN logit is one nothing is known of: every figure treats it as
-    the pixel of all-zero logits (class 0, margin 0, flippable for free into any
-    class), as the server does. NaN compares false, and the numpy figures had counted
-    it as a pixel no attack can flip (max_flips 0 where stability said 0)."""
+def test_a_nan_pixel_counts_as_unknown_in_every_figure(backend, spoil):
+    """A pixel whose margin is NaN (a NaN logit, or a tie of infinite ones) is one
+    nothing is known of: every figure treats it as the pixel of all-zero logits
+    (class 0, margin 0, flippable for free into any class), as the server does. NaN
+    compares false: the numpy figures had counted a NaN logit's pixel as one no attack
+    can flip (max_flips 0 where stability said 0), and the worst-case accuracy and IoU
+    an (inf, inf) tie's, found on a max that was infinite, not NaN (1.0 where
+    max_flips said one pixel flips)."""
     from certseg.certify import (
+        DatasetCertifier,
         margins,
         max_flips_by_class,
         max_gains_by_class,
@@ -408,7 +413,12 @@ def test_a_nan_pixel_counts_as_unknown_in_every_figure(backend):
     known = rng.normal(size=(3, 6, 7)).astype(np.float32) * 4
     known[:, 2, 3] = 0.0  # what the rule makes of the pixel below
     bad = known.copy()
-    bad[1, 2, 3] = np.nan  # one class of that pixel unknown
+    if spoil == "nan":
+        bad[1, 2, 3] = np.nan  # one class of that pixel unknown
+    elif spoil == "inf-tie":
+        bad[0, 2, 3] = bad[2, 2, 3] = np.inf  # overflowed twice: inf - inf
+    else:
+        bad[:, 2, 3] = -np.inf
     target = known.argmax(0)
     eps, L = 0.05, 1.0
     if backend == "torch":
@@ -423,6 +433,10 @@ def test_a_nan_pixel_counts_as_unknown_in_every_figure(backend):
             "wc_acc": float(worst_case_pixel_accuracy(z, target, eps, L)),
             "wc_iou": np.asarray(worst_case_iou(z, target, eps, L), np.float64).tolist(),
         }
+        data = DatasetCertifier(3, L)
+        data.update(z[None], target[None], eps)
+        got = data.compute()
+        row["data"] = [got.worst_pixel_accuracy, np.asarray(got.worst_iou).tolist()]
         if backend == "numpy":  # the per-class figures are numpy only
             mask = np.asarray(target)
             row["by_class"] = max_flips_by_class(margin, mask, 3, eps, L).tolist()

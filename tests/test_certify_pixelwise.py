@@ -85,6 +85,26 @@ def test_guaranteed_region_per_image_eps() -> None:
     assert g.tolist() == [[[True, True, True]], [[False, False, True]], [[False, False, False]]]
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_subnormal_radius_certifies_nothing_at_eps_above_zero(backend) -> None:
+    """Below float32's least normal number margin * c rounds by an absolute 2^-150,
+    past the relative slack: a margin of 1e-40 came out at radius 7.07109e-41 over the
+    exact 7.07103e-41, and an eps between the two was certified. Such radii certify
+    eps == 0 alone; a normal radius keeps its strict test."""
+    m = np.array([[1e-40, 1e-30, 1.0]], np.float32)
+    r = certified_radius(m, 1.0)
+    exact = float(m[0, 0]) / math.sqrt(2.0)
+    assert float(r[0, 0]) > exact  # the rounding the floor guards against
+    eps_between = (float(r[0, 0]) + exact) / 2
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        r = torch.from_numpy(r)
+    got = np.asarray(guaranteed_region(r, eps_between)).tolist()
+    assert got == [[False, True, True]]
+    assert np.asarray(guaranteed_region(r, 0.0)).all()
+    assert np.asarray(guaranteed_region(r, 1e-31)).tolist() == [[False, True, True]]
+
+
 def test_guaranteed_region_rejects_negative_eps() -> None:
     with pytest.raises(ValueError):
         guaranteed_region(np.zeros((2, 2)), -0.1)

@@ -24,7 +24,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
-from .pixelwise import _check_lipschitz, _detach, _eps_rows, _unperturbed, unknown_where_nan
+from .pixelwise import _check_lipschitz, _detach, _eps_rows, _unperturbed, unknown_where_margin_nan
 
 __all__ = [
     "STABILITY_FRACTIONS",
@@ -439,11 +439,12 @@ def max_flips_by_class(
 
 
 def _logits_and_top(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, flat max over classes), a pixel with a NaN logit made unknown
-    (`unknown_where_nan`): found on the max, NaN exactly where a logit is."""
+    """(logits, flat max over classes), a pixel with a NaN margin made unknown
+    (`unknown_where_margin_nan`): looked for where the max is not finite (NaN where a
+    logit is, infinite at a tie of infinities)."""
     top = logits.max(axis=0).reshape(-1)
-    if np.isnan(top).any():
-        logits = unknown_where_nan(logits)
+    if not np.isfinite(top).all():
+        logits = unknown_where_margin_nan(logits)
         top = logits.max(axis=0).reshape(-1)
     return logits, top
 

@@ -44,7 +44,7 @@ from .pixelwise import (
     _margins64,
     certified_radius,
     guaranteed_region,
-    unknown_where_nan,
+    unknown_where_margin_nan,
 )
 
 __all__ = [
@@ -115,8 +115,8 @@ def _prepare(
     dev = _device(logits)
     logits = _detach(logits)
     pred, margin, top1 = _margins64(logits)
-    if bool(xp.any(xp.isnan(top1))):  # a pixel with a NaN logit: nothing known of it
-        logits = unknown_where_nan(logits)
+    if bool(xp.any(xp.isnan(margin))):  # a NaN logit or an infinite tie: nothing known
+        logits = unknown_where_margin_nan(logits)
         pred, margin, top1 = _margins64(logits)
     target = xp.reshape(_detach(target), (R, N))
     margin = _shrunk(xp.reshape(margin, (R, N)), margin_error)

@@ -19,6 +19,9 @@ __all__ = ["certified_radius", "guaranteed_region", "margins"]
 
 Array = Any  # a numpy array or a torch tensor (anything array_api_compat knows)
 
+#: float32's least normal number: radii below it round by an absolute step
+_LEAST_NORMAL32 = 2.0**-126
+
 
 def _detach(x: Array) -> Array:
     """Drop the autograd graph: the combinatorial bounds are counts, not losses."""
@@ -69,16 +72,20 @@ def _top2(logits: Array) -> tuple[Array, Array, Array]:
     return pred, top1, top2
 
 
-def unknown_where_nan(logits: Array) -> Array:
-    """`logits` (..., K, H, W) with every logit of a pixel that has a NaN one set to 0: a
-    pixel nothing is known of, class 0 and margin 0, flippable for free into any class.
-    Without it a NaN compares false everywhere, and the joint figures counted such a
-    pixel as one no attack can flip. The server applies the same rule to an engine's
-    outputs (server.backends.base.unknown_where_not_finite). Callers test for a NaN on
-    the max over classes they compute anyway (NaN exactly where a logit is): a min
-    over all logits cost 17 ms at 7x1024x2048."""
+def unknown_where_margin_nan(logits: Array) -> Array:
+    """`logits` (..., K, H, W) with every logit of a pixel whose margin is NaN (a NaN
+    logit, or a tie of infinite ones: inf - inf) set to 0: a pixel nothing is known
+    of, class 0 and margin 0, flippable for free into any class. Without it a NaN
+    compares false everywhere, and the joint figures counted such a pixel as one no
+    attack can flip. (An infinite logit alone is a float32 overflow: a value past
+    3.4e38, its gaps to finite ones truly past any budget, so it stays.) The server
+    applies the same rule to an engine's outputs, infinities included
+    (server.backends.base.unknown_where_not_finite). Callers test first for a
+    non-finite max over classes or a NaN margin, which they compute anyway: a min over
+    all logits cost 17 ms at 7x1024x2048."""
     xp = array_namespace(logits)
-    bad = xp.any(xp.isnan(logits), axis=-3, keepdims=True)
+    _, top1, top2 = _top2(logits)
+    bad = xp.expand_dims(xp.isnan(top1 - top2), axis=-3)
     return xp.where(bad, xp.zeros_like(logits), logits)
 
 
@@ -137,8 +144,13 @@ def guaranteed_region(radius: Array, eps: float | Array, exact: bool = True) -> 
     margins are `exact` (`_unperturbed`); radii shrunk by a margin error guarantee
     only radius > 0 at eps == 0. eps is a float or a per-image array broadcastable
     over the leading dims of radius.
+
+    At eps > 0 a radius must also exceed float32's least normal number (1.2e-38):
+    below it, margin * c rounds by an absolute 2^-150, which the relative slack of
+    `radius_scale_for` does not cover, so such a radius may be above the exact one.
     """
     xp = array_namespace(radius)
     e = _eps_array(eps, xp, _device(radius))
     e = xp.reshape(e, (*e.shape, 1, 1))
-    return (xp.astype(_detach(radius), xp.float64) > e) | _unperturbed(e, exact)
+    floor = xp.where(e > 0, xp.clip(e, min=_LEAST_NORMAL32), e)
+    return (xp.astype(_detach(radius), xp.float64) > floor) | _unperturbed(e, exact)
