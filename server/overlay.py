@@ -1,6 +1,8 @@
 """The picture of a certificate: prediction in the palette, uncertified pixels marked.
 
-Pixels outside the guaranteed region at eps (radius <= eps) are dimmed and, in the
+Pixels outside the guaranteed region at eps (`certseg.certify.guaranteed_region`:
+radius <= eps, and at eps = 0 radius 0 when the engine's margins carry an error
+bound) are dimmed and, in the
 default "hatch" style, crossed by dark diagonal lines, so the region an attacker
 cannot touch reads at a glance and survives greyscale printing. "heat" replaces the
 palette by a radius heat map (black = 0, white >= 2 eps), for seeing where the
@@ -22,6 +24,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from certseg.certify import guaranteed_region
 from server.png import png_bytes
 
 __all__ = ["OverlayStyle", "encode_mask_png", "encode_png", "overlay_png", "render_overlay"]
@@ -61,12 +64,19 @@ def _hatch_lines(h: int, w: int) -> np.ndarray:
     return out
 
 
-def _state(radius: np.ndarray, eps: float, style: OverlayStyle) -> np.ndarray | None:
+def _state(
+    radius: np.ndarray, eps: float, style: OverlayStyle, region: np.ndarray | None
+) -> np.ndarray | None:
     """Per pixel 0 (certified), 1 (dimmed) or 2 (on a hatch line) as uint8, or None if
-    all 0."""
-    if style == "heat" or eps <= 0:
+    all 0. `region`: the guaranteed pixels as the answer counts them (the caller has
+    them); None: `guaranteed_region(radius, eps)` of exact margins."""
+    if style == "heat":
         return None
-    state = (radius <= eps).view(np.uint8)
+    if region is None:
+        if eps <= 0:  # exact margins at eps 0: every pixel is guaranteed
+            return None
+        region = guaranteed_region(radius, eps)
+    state = (~np.asarray(region, bool)).view(np.uint8)
     if style == "hatch":
         state = state + (state & _hatch_lines(*radius.shape))
     return state
@@ -85,12 +95,18 @@ def _flat(style: OverlayStyle, image: np.ndarray | None, blend: float) -> bool:
 
 
 def _palette_index(
-    mask: np.ndarray, radius: np.ndarray, eps: float, k: int, style: OverlayStyle, dtype
+    mask: np.ndarray,
+    radius: np.ndarray,
+    eps: float,
+    k: int,
+    style: OverlayStyle,
+    dtype,
+    region: np.ndarray | None,
 ) -> np.ndarray:
     """Row of the colour table per pixel: class + K * state, in `dtype` (wide enough
     for 3K rows)."""
     index = np.clip(mask, 0, k - 1).astype(dtype)
-    state = _state(radius, eps, style)
+    state = _state(radius, eps, style, region)
     if state is not None:
         index += dtype(k) * state.astype(dtype)
     return index
@@ -104,22 +120,25 @@ def render_overlay(
     image: np.ndarray | None = None,
     style: OverlayStyle = "hatch",
     blend: float = 0.0,
+    region: np.ndarray | None = None,
 ) -> np.ndarray:
     """(H, W, 3) uint8 overlay of a mask (H, W) and radii (H, W) at eps.
 
     `image`: (H, W, 3) uint8 photo mixed in with weight `blend` (0: pure palette).
+    `region`: the (H, W) guaranteed pixels the answer counts (`Certified.region`:
+    with a margin error, not all of them at eps 0); None: those of exact radii.
     Without blending it is one gather from a (3K, 3) table indexed by class and
     state (certified, dimmed, hatched): this runs on every answer.
     """
     mask = np.asarray(mask)
     table, k = _palette(mask, palette)
     if _flat(style, image, blend):
-        return table[_palette_index(mask, radius, eps, k, style, np.intp)]
+        return table[_palette_index(mask, radius, eps, k, style, np.intp, region)]
     rgb = _heat(radius, eps) if style == "heat" else table[np.clip(mask, 0, k - 1)]
     if image is not None and blend > 0:
         rgb = (1.0 - blend) * rgb.astype(np.float32) + blend * image.astype(np.float32)
         rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
-    state = _state(radius, eps, style)
+    state = _state(radius, eps, style, region)
     if state is not None:
         shade = np.array([1.0, DIM, 0.0], np.float32)[state][..., None]
         rgb = np.clip(rgb * shade + 0.5, 0, 255).astype(np.uint8)
@@ -134,6 +153,7 @@ def overlay_png(
     image: np.ndarray | None = None,
     style: OverlayStyle = "hatch",
     blend: float = 0.0,
+    region: np.ndarray | None = None,
 ) -> bytes:
     """The overlay of `render_overlay` as PNG bytes, the same pixels.
 
@@ -144,8 +164,9 @@ def overlay_png(
     mask = np.asarray(mask)
     table, k = _palette(mask, palette)
     if not _flat(style, image, blend) or 3 * k > 256:
-        return encode_png(render_overlay(mask, radius, eps, palette, image, style, blend))
-    return png_bytes(_palette_index(mask, radius, eps, k, style, np.uint8), palette=table)
+        return encode_png(render_overlay(mask, radius, eps, palette, image, style, blend, region))
+    index = _palette_index(mask, radius, eps, k, style, np.uint8, region)
+    return png_bytes(index, palette=table)
 
 
 def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:

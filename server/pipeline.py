@@ -164,6 +164,7 @@ class Certified:
     mask: np.ndarray  # (H, W) int32
     margin: np.ndarray  # (H, W) float32
     radius: np.ndarray  # (H, W) float32
+    region: np.ndarray  # (H, W) bool: guaranteed at eps, as guaranteed_fraction counts
     logits: np.ndarray | None
     guaranteed_fraction: float
     max_flips: int
@@ -182,7 +183,9 @@ class Certified:
     ) -> bytes:
         """This certificate's overlay PNG (blocking): the one call of both routes."""
         card = self.model.card
-        return overlay_png(self.mask, self.radius, self.eps, card.palette, photo, style, blend)
+        return overlay_png(
+            self.mask, self.radius, self.eps, card.palette, photo, style, blend, self.region
+        )
 
     def mask_png(self) -> tuple[bytes, str]:
         """The class ids as PNG and their dtype (blocking): the one call of both routes."""
@@ -340,6 +343,7 @@ def certify(
         mask=outputs["mask"],
         margin=margin,
         radius=radius,
+        region=region,
         logits=logits,
         guaranteed_fraction=guaranteed,
         max_flips=flips,
@@ -442,6 +446,7 @@ def _certify_resized(
         mask=resize.upsample(outputs["mask"]),
         margin=resize.upsample(outputs["margin"]),
         radius=resize.upsample(radius),
+        region=resize.upsample(region),
         logits=None,
         guaranteed_fraction=resize.source_fraction(region),
         max_flips=resize.max_source_flips(outputs["margin"], eps, info.lipschitz, exact),

@@ -201,9 +201,21 @@ def test_margin_error_at_eps_zero_certifies_only_positive_margins(session):
                 assert r.status_code == 200, r.text
                 return r.json()
 
+            def overlay(eps: float) -> np.ndarray:
+                params = {"eps": eps, "outputs": "overlay", "format": "npz"}
+                r = c.post("/v1/segment", params=params, content=body)
+                assert r.status_code == 200, r.text
+                return np.load(io.BytesIO(r.content))["overlay"]
+
             at0, above = post(0.0), post(1e-12)
+            # the overlay marks what the figures count: at eps 0 the pixels of margin
+            # <= e too (it had drawn every pixel as certified)
+            drawn0, drawn_above = overlay(0.0), overlay(1e-12)
     finally:
         srv.stop()
+    np.testing.assert_array_equal(drawn0, drawn_above)
+    plain = drawn0[~uncertain]
+    assert len(np.unique(drawn0.reshape(-1, 3), axis=0)) > len(np.unique(plain, axis=0))
     n = uncertain.size
     assert at0["guaranteed_fraction"] == pytest.approx(1 - uncertain.sum() / n, abs=1 / n)
     assert at0["max_flips"] == above["max_flips"] > 0

@@ -373,8 +373,9 @@ def _npz(cert: Certified, image: DecodedImage, outputs: frozenset[str], style, b
     for key, value in (cert.metrics or {}).items():  # NaN where the JSON says null
         arrays[key] = np.float64(math.nan if value is None else value)
     if "overlay" in outputs:
+        palette = cert.model.card.palette
         arrays["overlay"] = render_overlay(
-            cert.mask, cert.radius, cert.eps, cert.model.card.palette, image.rgb8, style, blend
+            cert.mask, cert.radius, cert.eps, palette, image.rgb8, style, blend, cert.region
         )
     if cert.logits is not None and "logits" in outputs:
         arrays["logits"] = cert.logits.astype(np.float32)
