@@ -175,6 +175,36 @@ def test_fp16_and_fp64_inputs_certify_the_float32_image_they_hold(tc, triton, se
     assert "float32 values exactly" in info.value.message()
 
 
+def test_fp16_json_numbers_are_the_fp16_tensor_they_declare(server, session):
+    """JSON numbers of an FP16 input are rounded to FP16, the tensor declared, as its
+    binary form gives it: they went to float32 unrounded, and the image certified was
+    one the client never declared (0.0168 away in l2 at 8x12, as far as an eps)."""
+    x = to_input(random_image(8, 12, seed=5)).astype(np.float64)
+    x += np.random.default_rng(5).uniform(-1e-3, 1e-3, x.shape)
+    x = np.clip(x, 0, 1)
+    halves = x.astype(np.float16)
+    assert not np.array_equal(halves.astype(np.float64), x)  # a rounding to do
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": list(x.shape),
+                "datatype": "FP16",
+                "data": x.reshape(-1).tolist(),
+            }
+        ],
+        "outputs": [{"name": "radius"}],
+    }
+    r = httpx.post(server.base + "/v2/models/tiny/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(1, 8, 12)
+    (want,) = session.run(["radius"], {"image": halves.astype(np.float32)})
+    np.testing.assert_array_equal(got, want)
+    body["inputs"][0]["data"] = [70000.0] * x.size  # past FP16: a clear 4xx, no warning
+    r = httpx.post(server.base + "/v2/models/tiny/infer", json=body, timeout=60)
+    assert r.status_code == 422 and "FP16's range" in r.json()["error"], r.text
+
+
 def test_unknown_model_error_names_the_served_ones(server):
     """(Malformed requests and tensors: tests/test_bad_inputs.py.)"""
     assert httpx.get(server.base + "/v2/models/nope").json() == {

@@ -491,6 +491,10 @@ def _input_tensor(
             arr = arr.astype(np.float64).reshape(-1)
             if arr.size != count:
                 raise InvalidParameter(f"{arr.size} values do not fit shape {shape}")
+            if dtype == "FP16":  # JSON numbers of an FP16 tensor: its values, as binary
+                if arr.size and np.abs(arr).max() > np.finfo(np.float16).max:
+                    raise InvalidParameter("input data holds values past FP16's range")
+                arr = arr.astype(np.float16)
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidParameter(f"input data does not parse as {dtype} ({exc})") from exc
     sent, arr = arr, arr.astype(np.float32).reshape(shape)
