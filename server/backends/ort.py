@@ -294,10 +294,11 @@ class OnnxRuntimeEngine(BaseEngine):
         return list(self._sized)
 
     def run_options(self, images: np.ndarray) -> Any:
-        """The dynamic session's options for this pass (`ArenaShrinkPolicy` records it):
-        None, or a shrink of the CPU arena at its end. Without the shrink one 1024x2048
-        image left the shipped model's server at 3.19 GiB RSS for good; 8 small passes
-        later, 0.44 GiB with it (benchmarks/engine_memory.py)."""
+        """The dynamic session's options after this pass (`ArenaShrinkPolicy` records
+        every pass, whichever session runs it): None, or a shrink of its CPU arena.
+        Without the shrink one 1024x2048 image left the shipped model's server at 3.19
+        GiB RSS for good; 8 small passes later, 0.44 GiB with it
+        (benchmarks/engine_memory.py)."""
         n, _, h, w = images.shape
         if self._arena is None or not self._arena.shrink_after(n * h * w):
             return None
@@ -308,9 +309,21 @@ class OnnxRuntimeEngine(BaseEngine):
     def _run(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         session = self._session_for(images)
         feed = {"image": np.ascontiguousarray(images, dtype=np.float32)}
-        options = self.run_options(images) if session is self._session else None
-        got = session.run(names, feed, options)
+        options = self.run_options(images)
+        if session is self._session:
+            got = session.run(names, feed, options)
+        else:  # a warm-up size's own session, whose arena is steady
+            got = session.run(names, feed)
+            if options is not None:  # the dynamic session's turn to give back: a pass
+                # of one padded pixel carries the shrink (traffic at warm-up sizes alone
+                # had kept a one-off large image's 3 GiB there for good)
+                self._session.run(["mask"], {"image": self._least_input()}, options)
         return dict(zip(names, got, strict=True))
+
+    def _least_input(self) -> np.ndarray:
+        """The smallest image the net runs: one pixel, padded to its multiple."""
+        side = max(self.info.card.pad_multiple, 1)
+        return np.zeros((1, 3, side, side), np.float32)
 
     def close(self) -> None:
         self._session = None
