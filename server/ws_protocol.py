@@ -7,6 +7,8 @@ server hold below the app, where `stream_send_timeout_s` and the message cap can
   no pong: RFC 6455 5.5.3 lets an endpoint answer only the latest, and a client
   that reads again gets the next one. (Dropping the client instead also dropped
   healthy ones on slow links: a few-MB answer in flight when a keepalive ping came.)
+  Only pongs are dropped: a close frame that came in the same read as the ping has
+  its reply queued beside the pong, and the client gets it.
 - Fragments: a message is held as a list of its fragments. A 3 MB message in 3
   million 1-byte fragments cost 155 MB; past MAX_FRAGMENTS the stream closes 1009,
   as a message over the size cap does.
@@ -22,6 +24,9 @@ __all__ = ["MAX_FRAGMENTS", "BoundedWebSocketProtocol"]
 
 #: Most fragments one message may come in (a 32 MiB message: 2 KiB each on average).
 MAX_FRAGMENTS = 16384
+#: The first byte of every pong a server writes: FIN and opcode 0xA (control frames
+#: are never fragmented, compressed or, from a server, masked).
+_PONG = b"\x8a"
 
 
 class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -29,7 +34,9 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_ping(self) -> None:
         if not self.writable.is_set():  # paused: the client is not reading for now
-            self.conn.data_to_send()  # the pong the protocol queued, discarded
+            # the pongs queued, discarded; each queued frame is one bytes object
+            kept = [frame for frame in self.conn.data_to_send() if frame[:1] != _PONG]
+            self.conn.writes[:0] = kept  # a close reply, or EOF, still goes out
             return
         super().handle_ping()
 

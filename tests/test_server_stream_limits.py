@@ -249,6 +249,52 @@ def test_a_client_that_pings_and_never_reads_costs_no_memory():
         srv.stop()
 
 
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each whole unmasked frame in `data`, in order."""
+    frames, i = [], 0
+    while i + 2 <= len(data):
+        opcode, n, at = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
+        if n == 126:
+            n, at = struct.unpack("!H", data[at : at + 2])[0], at + 2
+        elif n == 127:
+            n, at = struct.unpack("!Q", data[at : at + 8])[0], at + 8
+        if at + n > len(data):
+            break
+        frames.append((opcode, data[at : at + n]))
+        i = at + n
+    return frames
+
+
+def test_a_close_that_comes_with_a_ping_while_paused_is_answered():
+    """A ping that finds the client's writes paused has its pong dropped, and only it:
+    the close frame read in the same segment had its reply queued beside the pong and
+    thrown away with it (the client saw no close frame: 1006)."""
+    srv = serve_tiny(stream_idle_s=60)
+    try:
+        raw = RawStream(srv, "")
+        raw.sock.settimeout(0.5)
+        ping = frame_bytes(0x9, b"p" * 125)
+        sent, deadline = 0, time.monotonic() + 30
+        while sent <= 8 << 20 and time.monotonic() < deadline:  # until writes pause
+            with contextlib.suppress(TimeoutError, OSError):
+                raw.sock.sendall(ping * 64)
+                sent += 64 * len(ping)
+        raw.sock.settimeout(10)
+        raw.sock.sendall(ping + frame_bytes(0x8, struct.pack("!H", 1000)))
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := raw.sock.recv(1 << 16):
+                got += chunk
+        raw.close()
+        frames = _server_frames(got)
+        assert sum(op == 0xA for op, _ in frames) < sent // len(ping)  # pongs were dropped
+        assert frames[-1][0] == 0x8, frames[-3:]  # the close reply came
+        assert struct.unpack("!H", frames[-1][1][:2])[0] == 1000
+        assert _streams_drain(srv)
+    finally:
+        srv.stop()
+
+
 def test_a_message_in_too_many_fragments_closes_1009():
     """Each fragment is held until the message ends: 3 million 1-byte fragments of a
     3 MB message cost 155 MB. Past MAX_FRAGMENTS the stream closes, as for a message
