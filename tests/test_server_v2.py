@@ -212,6 +212,19 @@ def test_unknown_model_error_names_the_served_ones(server):
     }
 
 
+def test_an_output_asked_as_a_classification_is_refused(tc, triton):
+    """class_count asks Triton's classification extension (top-k labels as strings):
+    not served, so refused by name rather than answered with the whole INT32 mask."""
+    from tritonclient.utils import InferenceServerException
+
+    x = to_input(random_image(8, 12, seed=2))
+    inp = tc.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    out = tc.InferRequestedOutput("mask", class_count=3)
+    with pytest.raises(InferenceServerException, match="classification extension"):
+        triton.infer("tiny", [inp], outputs=[out])
+
+
 def test_tritonclient_raises_on_error(tc, triton):
     from tritonclient.utils import InferenceServerException
 

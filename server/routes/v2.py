@@ -559,7 +559,13 @@ def _requested_outputs(req: dict[str, Any], available: list[str]) -> list[tuple[
             raise InvalidParameter(f"unknown output {client_value(name)}; available: {available}")
         if any(name == n for n, _ in result):
             raise InvalidParameter(f"output {name!r} is asked twice")
-        result.append((name, _flag(_params(o, "output"), "binary_data", all_binary)))
+        params = _params(o, "output")
+        if "classification" in params:  # tritonclient's class_count: not the tensor asked
+            raise InvalidParameter(
+                f"output {name!r}: the classification extension is not served (each output "
+                "is its whole tensor); ask it without class_count"
+            )
+        result.append((name, _flag(params, "binary_data", all_binary)))
     return result
 
 
