@@ -9,6 +9,9 @@ server hold below the app, where `stream_send_timeout_s` and the message cap can
   healthy ones on slow links: a few-MB answer in flight when a keepalive ping came.)
   Only pongs are dropped: a close frame that came in the same read as the ping has
   its reply queued beside the pong, and the client gets it.
+- Text that is not UTF-8: closed 1007 as uvicorn does, logged as one line at info
+  (uvicorn logged an error with a traceback per message: a client could fill the
+  error log at will).
 - Fragments: a message is held as a list of its fragments. A 3 MB message in 3
   million 1-byte fragments cost 155 MB; past MAX_FRAGMENTS the stream closes 1009,
   as a message over the size cap does.
@@ -39,6 +42,18 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             self.conn.writes[:0] = kept  # a close reply, or EOF, still goes out
             return
         super().handle_ping()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                self.logger.info("WebSocket text message is not UTF-8: closing 1007")
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
 
     def handle_cont(self, event: Any) -> None:
         if len(self.frames) >= MAX_FRAGMENTS:

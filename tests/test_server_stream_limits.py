@@ -295,6 +295,31 @@ def test_a_close_that_comes_with_a_ping_while_paused_is_answered():
         srv.stop()
 
 
+def test_text_that_is_not_utf8_closes_1007_without_an_error_log(caplog):
+    """uvicorn logged each such message as an error with its traceback: a client could
+    fill the error log at will. Closed 1007 all the same, without an error record."""
+    import logging
+
+    srv = serve_tiny()
+    try:
+        with caplog.at_level(logging.INFO):
+            raw = RawStream(srv, "")
+            raw.sock.sendall(frame_bytes(0x1, b"\xff\xfe"))
+            raw.sock.settimeout(10)
+            got = b""
+            with contextlib.suppress(OSError):
+                while chunk := raw.sock.recv(1 << 16):
+                    got += chunk
+            raw.close()
+            assert _streams_drain(srv)
+        close = _server_frames(got)[-1]
+        assert close[0] == 0x8 and struct.unpack("!H", close[1][:2])[0] == 1007
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        assert any("stream closed" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        srv.stop()
+
+
 def test_a_message_in_too_many_fragments_closes_1009():
     """Each fragment is held until the message ends: 3 million 1-byte fragments of a
     3 MB message cost 155 MB. Past MAX_FRAGMENTS the stream closes, as for a message
