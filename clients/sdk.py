@@ -157,6 +157,12 @@ def encode_image(image: ImageInput, fmt: str = "PNG", quality: int = 90) -> tupl
             img.load()
         except (OSError, ValueError, SyntaxError):  # not an image Pillow reads either:
             return data, media  # sent as it is, the server's 415 says so (as for bytes)
+        frames = int(getattr(img, "n_frames", 1))
+        if frames > 1:  # re-encoded, only its first frame would be certified, unsaid
+            raise ValueError(
+                f"{image}: {frames} frames (an animated {img.format}); send one still "
+                "image, or a video frame by frame with .stream()"
+            )
         return encode_image(img, fmt, quality)
     if isinstance(image, np.ndarray):
         image = _pixels(image)

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from certseg.certify.resize import AreaResize
-from certseg.data.images import exact_grey, upright, wide_colour
+from certseg.data.images import READ_FORMATS, animation_frames, exact_grey, upright, wide_colour
 from certseg.sizes import format_size, padded_pixels
 from server.errors import (
     CorruptImage,
@@ -56,7 +56,7 @@ __all__ = [
 ResizeRequest = Literal["fit"] | float | None
 
 #: Formats we decode: name -> Pillow format id. Sniffed from magic bytes.
-FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+FORMATS = {name.lower(): name for name in READ_FORMATS}
 
 
 @dataclass(frozen=True)
@@ -211,9 +211,7 @@ def _open_checked(
         raise CorruptImage(
             f"cannot read the {fmt.upper()} header ({_pillow_reason(exc, 80)})"
         ) from exc
-    # An animated PNG or WebP: only its first frame would be certified, unsaid. (A JPEG
-    # with more images, MPO, is a photo plus a preview or depth map: its first is it.)
-    frames = getattr(img, "n_frames", 1) if fmt in ("png", "webp") else 1
+    frames = animation_frames(img)
     if frames > 1:
         raise UnsupportedMediaType(
             f"animated {fmt.upper()} of {frames} frames: send one still image; a video goes "

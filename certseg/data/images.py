@@ -8,14 +8,46 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
+    "READ_FORMATS",
+    "animation_frames",
     "checked_index",
     "exact_grey",
     "load_image",
+    "refuse_unread",
     "refuse_wide_colour",
     "to_chw_float",
     "upright",
     "wide_colour",
 ]
+
+
+#: The image formats certseg reads (Pillow's ids), as the server accepts them.
+READ_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def animation_frames(image: Image.Image) -> int:
+    """Frames of an animated PNG or WebP (1 for a still image): only the first would be
+    certified, unsaid. A JPEG of more images (MPO) is a photo plus a preview or depth
+    map: its first is it, so it counts 1."""
+    if image.format not in ("PNG", "WEBP"):
+        return 1
+    return int(getattr(image, "n_frames", 1))
+
+
+def refuse_unread(image: Image.Image, path: str | Path) -> None:
+    """A ValueError naming `path` for an image the server would refuse: a format other
+    than `READ_FORMATS` (a GIF, a BMP), or an animation."""
+    if image.format not in (*READ_FORMATS, "MPO"):  # MPO: Pillow's name of such a JPEG
+        raise ValueError(
+            f"{path}: a {image.format or 'unknown'} image; certseg reads PNG, JPEG and "
+            "WebP, as the server does"
+        )
+    frames = animation_frames(image)
+    if frames > 1:
+        raise ValueError(
+            f"{path}: animated {image.format} of {frames} frames; certify one still image "
+            "(a video frame by frame: certseg client stream)"
+        )
 
 
 def wide_colour(image: Image.Image) -> str | None:
@@ -79,9 +111,11 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """An image file as (3, H, W) float32 in [0, 1], upright as viewers show it; a
-    16-bit colour PNG is refused (ValueError), as the server refuses it."""
+    """An image file as (3, H, W) float32 in [0, 1], upright as viewers show it; what the
+    server refuses is refused (ValueError): a 16-bit colour PNG, another format than
+    PNG, JPEG and WebP, an animation."""
     with Image.open(path) as img:
+        refuse_unread(img, path)
         refuse_wide_colour(img, path)
         img.load()  # decode errors surface here, before EXIF is read (a PNG's may follow)
         return to_chw_float(upright(img))
