@@ -147,7 +147,7 @@ def _label_maps(names: dict[Path, tuple[str, str]], labels: Path) -> dict[Path, 
         if mirror.is_file() or mirror == flat:
             maps[image] = mirror
         elif stems[Path(label).stem] == 1:
-            maps[image] = flat
+            maps[image] = flat if flat.is_file() else f"no label map {mirror} (nor {flat})"
         else:
             maps[image] = f"no label map {mirror} (and {flat} would be another image's too)"
     return maps
@@ -221,6 +221,8 @@ def segment(
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise typer.BadParameter(f"no such file: {', '.join(missing)}", param_hint="IMAGES")
+    if labels is not None and not labels.is_dir():  # before any request, as for IMAGES
+        raise typer.BadParameter(f"{labels} is not a folder of label maps", param_hint="--labels")
     names = _output_names(images)
     targets = {} if labels is None else _label_maps(names, labels)
     out.mkdir(parents=True, exist_ok=True)

@@ -310,6 +310,30 @@ def test_segment_takes_folders_and_finds_label_maps_by_path(server, tmp_path):
     assert re.search(r"│ a/x\.png\s+│\s+40x56\s+│\s+20x28\s+│.*0\.\d{3} \(0\.\d{3}\)", res.output)
     assert re.search(r"│ b/y\.png\s+│.*0\.\d{3} \(0\.\d{3}\)", res.output)
     assert "wrote 6 files" in res.output and "1 failed" in res.output
+
+
+def test_a_missing_label_map_names_both_places_looked_and_a_missing_folder_is_refused(
+    server, tmp_path
+):
+    """The message named only the stem fallback (labels/y.png) for b/y.png, whose map a
+    user puts at labels/b/y.png; a --labels folder that does not exist failed image by
+    image after the requests, where a missing image is refused before any (exit 2)."""
+    imgs, labels = tmp_path / "imgs", tmp_path / "labels"
+    for i, rel in enumerate(("a/x.png", "b/y.png")):
+        (imgs / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_image(40, 56, seed=i)).save(imgs / rel)
+    (labels / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 56), np.uint8)).save(labels / "a" / "x.png")
+    args = ["segment", str(imgs), "--out", str(tmp_path / "o"), "--url", server.base]
+    env = {"CERTSEG_API_KEY": KEY, "COLUMNS": "300"}
+    res = CliRunner().invoke(app, [*args, "--labels", str(labels)], env=env)
+    assert res.exit_code == 1, res.output
+    said = f"no label map {labels / 'b' / 'y.png'} (nor {labels / 'y.png'})"
+    assert said in res.output.replace("\n", ""), res.output
+    args[3] = str(tmp_path / "o2")
+    res = CliRunner().invoke(app, [*args, "--labels", str(tmp_path / "nodir")], env=env)
+    assert res.exit_code == 2 and "is not a folder of label maps" in res.output, res.output
+    assert not (tmp_path / "o2").exists()  # refused before any request or file
     empty = tmp_path / "empty"
     empty.mkdir()
     res = CliRunner().invoke(app, ["segment", str(empty), "--url", server.base], env=env)
