@@ -41,7 +41,21 @@ app = typer.Typer(
 )
 console = Console()
 
-UrlOpt = Annotated[str, typer.Option("--url", envvar="CERTSEG_URL", help="Server base URL.")]
+
+def _url(value: str) -> str:
+    """--url checked before any request (`checked_url`): a usage error, not retries."""
+    from clients.sdk import checked_url
+
+    try:
+        return checked_url(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+UrlOpt = Annotated[
+    str,
+    typer.Option("--url", envvar="CERTSEG_URL", help="Server base URL.", callback=_url),
+]
 KeyOpt = Annotated[
     str | None,
     typer.Option("--api-key", envvar="CERTSEG_API_KEY", help="Bearer API key.", show_default=False),

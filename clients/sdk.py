@@ -205,6 +205,18 @@ def encode_target(target: TargetInput) -> bytes:
     raise TypeError(f"unsupported target type {type(target).__name__}")
 
 
+def checked_url(url: str) -> str:
+    """`url` without its trailing slash, or a ValueError that shows the form: a URL
+    without http:// ("127.0.0.1:8000") failed each request after every retry's wait."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"not a server URL: {url!r} ({exc})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"the server URL must be http(s)://host[:port], got {url!r}")
+    return url.rstrip("/")
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -266,7 +278,7 @@ class _Core:
     headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/")
+        self.url = checked_url(self.url)
         if self.api_key is None:
             self.api_key = os.environ.get("CERTSEG_API_KEY") or None
 

@@ -394,3 +394,10 @@ def test_folders_are_walked_through_symlinks_and_one_image_named_twice_keeps_its
     twice = [Path(os.path.relpath(x)), x.absolute(), imgs / "linked" / "y.png"]  # x twice
     maps = _label_maps(_output_names(twice), labels)
     assert maps[twice[0]] == labels / "x.png" and maps[twice[1]] == labels / "x.png"
+
+
+def test_a_url_without_its_scheme_is_a_usage_error(tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(random_image(8, 8)).save(img)
+    res = CliRunner().invoke(app, ["segment", str(img), "--url", "127.0.0.1:8000"])
+    assert res.exit_code == 2 and "http(s)://host[:port]" in res.output, res.output

@@ -498,3 +498,13 @@ def test_overlay_is_png_decodable(client):
     buf = io.BytesIO()
     r.overlay.save(buf, format="PNG")
     assert np.asarray(r.overlay).std() > 0
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "ftp://host", "http://", "http://[::1"])
+def test_a_url_that_is_no_server_url_is_refused_at_once(url):
+    """'127.0.0.1:8000' (no http://) failed each request with UnsupportedProtocol after
+    every retry's backoff; now the client refuses it when made, showing the form."""
+    with pytest.raises(ValueError, match="server URL"):
+        CertSegClient(url)
+    with pytest.raises(ValueError, match="server URL"):
+        AsyncCertSegClient(url)
