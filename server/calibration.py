@@ -12,6 +12,7 @@ model's input size.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,10 +38,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 def calibration_images(
     size: tuple[int, int], count: int, folder: Path | None = None, seed: int = 0
 ) -> list[np.ndarray]:
-    """`count` images (1, 3, H, W) float32: from `folder` (its first files, any size),
-    else half synthetic street scenes, half uniform noise, at `size`."""
+    """`count` images (1, 3, H, W) float32: from `folder` (its first files in path
+    order, subfolders included as `client segment` reads a folder, any size), else half
+    synthetic street scenes, half uniform noise, at `size`."""
     if folder is not None:
-        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            Path(root) / name
+            for root, _, names in os.walk(folder)
+            for name in names
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES
+        )
         if not files:
             raise ModelError(f"{folder}: no PNG, JPEG or WebP images to calibrate on")
         limits = Limits(max_bytes=1 << 30, max_pixels=1 << 28)

@@ -937,3 +937,20 @@ def test_limits_take_the_largest_pad_multiple_and_refuse_a_limit_under_one_block
         ServerState(Settings(max_pixels=63), Metrics()).add_engines([FakeEngine(pad_multiple=8)])
     one_block = ServerState(Settings(max_pixels=64), Metrics())
     assert one_block.add_engines([FakeEngine(pad_multiple=8)]) is None
+
+
+def test_calibration_images_of_a_folder_include_its_subfolders(tmp_path):
+    """As `client segment` reads a folder: frames/a/*.png and frames/b/*.png were "no
+    images to calibrate on" when none lay at the top."""
+    from server.calibration import calibration_images
+
+    for i, rel in enumerate(("a/x.png", "b/y.jpg", "b/c/z.webp", "b/notes.txt")):
+        path = tmp_path / "frames" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            path.write_text("not an image")
+        else:
+            Image.fromarray(random_image(8, 12, seed=i)).save(path)
+    got = calibration_images((8, 12), 10, tmp_path / "frames")
+    assert len(got) == 3 and all(x.shape == (1, 3, 8, 12) for x in got)
+    assert len(calibration_images((8, 12), 2, tmp_path / "frames")) == 2
