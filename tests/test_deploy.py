@@ -352,6 +352,21 @@ def test_compose_and_env_example_use_real_settings():
     assert compose_only <= listed, "list them all"
     # and the other way round: the file is where an operator finds every setting
     assert not known - listed, f".env.example lacks {sorted(known - listed)}"
+    # a commented number is the default it shows (one uncommented changes nothing; the
+    # text settings show choices), max_pass_pixels' derived one the GPU's
+    from server.settings import Settings
+
+    defaults = Settings()
+    for key, value in re.findall(r"^#\s*(CERTSEG_[A-Z_]+)=(\S*)", example, flags=re.M):
+        field = key.removeprefix("CERTSEG_").lower()
+        default = getattr(defaults, field, None)
+        number = isinstance(default, int | float) and not isinstance(default, bool)
+        if key in compose_only or not number or not value:
+            continue
+        given = Settings(**{field: value})  # as the environment gives it
+        assert getattr(given, field) == default, (key, value, default)
+    gpu_pass = defaults.pass_pixels("cuda")
+    assert f"# CERTSEG_MAX_PASS_PIXELS={gpu_pass}\n" in example
 
 
 def _seconds(value: str) -> float:
