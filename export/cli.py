@@ -71,8 +71,13 @@ def export_command(
 
     if out.exists() and not out.is_dir():  # a file there: it would end in FileExistsError
         raise typer.BadParameter(f"{out} is a file; --out names a folder", param_hint="--out")
-    try:
-        result = export_onnx(checkpoint, out, with_logits=logits, rtol=rtol)
+    from rich.console import Console
+
+    try:  # most of a minute for a large net on a CPU: each stage shown as it starts
+        with Console(stderr=True).status("exporting") as status:
+            result = export_onnx(
+                checkpoint, out, with_logits=logits, rtol=rtol, progress=status.update
+            )
     except AuditError as err:
         typer.secho(f"export refused: {err}", fg="red", err=True)
         raise typer.Exit(1) from None

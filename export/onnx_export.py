@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -179,19 +180,25 @@ def export_onnx(
     opset: int | None = None,
     rtol: float = 1e-3,
     filename: str = "model.onnx",
+    progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export, audit and write out_dir/model.onnx, card.json and audit.json.
 
     Raises export.audit.AuditError (and writes nothing) when the audited L exceeds
     the card's structural L by more than `rtol` or the graph has an op the audit
-    cannot bound.
+    cannot bound. `progress` is told each stage as it starts (the CLI shows it: the
+    stages take most of a minute for a large net on a CPU).
     """
+    say = progress or (lambda _stage: None)
     out_dir = Path(out_dir)
+    say("fusing the parametrizations into plain weights")
     model, card, l_torch = resolve_model(checkpoint_or_model, card)
     segmenter = build_segmenter(model, card, l_torch, with_logits, head)
+    say("tracing to ONNX")
     proto = export_graph(segmenter, opset)
 
     # Audit the exported weights (the head's constant is still the torch-side one).
+    say("auditing the Lipschitz constant of the exported weights")
     first = audit_onnx(proto, declared=card.lipschitz, rtol=rtol, check_head=False)
     l_onnx = first.lipschitz_audited
     scale = radius_scale_for(l_onnx)
@@ -224,6 +231,7 @@ def export_onnx(
         f"L = {l_onnx:.9g} audited from this file's weights."
     )
     onnx.checker.check_model(proto)
+    say("auditing the final graph, certificate head included")
     report = audit_onnx(proto, rtol=rtol, check_head=True)  # the final bytes, head included
 
     out_dir.mkdir(parents=True, exist_ok=True)

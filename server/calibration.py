@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +105,7 @@ def _check_same_model(engine: Engine, reference: Engine, reference_path: Path) -
 def calibrate_engine(
     artifact: Path,
     settings: Settings,
-    images: Sequence[np.ndarray],
+    images: Iterable[np.ndarray],
     safety: float = 2.0,
     slack: float = 1e-4,
     reference: Engine | None = None,

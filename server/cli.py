@@ -287,6 +287,9 @@ def calibrate(
     ] = None,
 ) -> None:
     """Measure an engine's margin error bound against fp32 ONNX Runtime (for --margin-error)."""
+    from rich.console import Console
+    from rich.progress import track
+
     from export.cli import parse_hw
     from server.backends import resolve_model_specs
     from server.calibration import calibrate_engine, calibration_images
@@ -312,7 +315,10 @@ def calibrate(
         (spec,) = resolve_model_specs(settings)
         hw = parse_hw(size) if size else _input_size(reference or spec.path)
         frames = calibration_images(hw, count, images)
-        bound = calibrate_engine(spec.path, settings, frames, safety=safety, fp32=reference)
+        # a minute or more on a CPU: the two loads (each audited), then a bar per image
+        typer.echo("loading the engine and its fp32 reference (each audited) ...", err=True)
+        shown = track(frames, "calibrating", transient=True, console=Console(stderr=True))
+        bound = calibrate_engine(spec.path, settings, shown, safety=safety, fp32=reference)
     except CertSegError as exc:
         fail("calibrate", exc.detail)
     if out is not None:

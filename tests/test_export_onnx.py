@@ -108,7 +108,10 @@ class Exported:
             self.path = tmp / "out" / "model.onnx"
             self.result = None
         else:
-            self.result = export_onnx(ckpt, tmp / "out", with_logits=with_logits)
+            self.stages: list[str] = []  # what a CLI shows while it waits
+            self.result = export_onnx(
+                ckpt, tmp / "out", with_logits=with_logits, progress=self.stages.append
+            )
             self.path = self.result.onnx_path
         self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         self.pad = pad
@@ -283,6 +286,12 @@ _JIT_WARNING = "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
 
 
 @pytest.mark.filterwarnings(_JIT_WARNING)
+def test_export_tells_each_stage_as_it_starts(tiny):
+    """`certseg export` shows them (most of a minute for a large net on a CPU, with
+    nothing on screen before): fuse, trace, the two audits, in that order."""
+    assert [s.split()[0] for s in tiny.stages] == ["fusing", "tracing", "auditing", "auditing"]
+
+
 def test_audit_bounds_vs_power_iteration_tiny(tiny):
     assert _audit_vs_power_iteration(tiny) == 5
 
