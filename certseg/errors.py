@@ -14,7 +14,14 @@ from typing import NoReturn, ParamSpec, TypeVar
 
 import typer
 
-__all__ = ["EXTRA_OF_MODULE", "UserError", "cli_errors", "fail", "missing_extra"]
+__all__ = [
+    "EXTRA_OF_MODULE",
+    "UserError",
+    "cli_errors",
+    "fail",
+    "install_command",
+    "missing_extra",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -45,13 +52,18 @@ EXTRA_OF_MODULE = {
 }
 
 
+def install_command(extra: str) -> str:
+    """How to install an extra: from the checkout (certseg is not on PyPI), editable."""
+    return f"pip install -e '.[{extra}]'"
+
+
 def missing_extra(exc: ModuleNotFoundError) -> str | None:
     """The sentence for an optional module not installed (None: not one of ours)."""
     root = (exc.name or "").split(".")[0]
     extra = EXTRA_OF_MODULE.get(root)
     if extra is None:
         return None
-    return f"this needs {root}, from the `{extra}` extra: pip install -e '.[{extra}]'"
+    return f"this needs {root}, from the `{extra}` extra: {install_command(extra)}"
 
 
 def cli_errors(command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:

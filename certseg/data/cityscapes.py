@@ -10,7 +10,7 @@ The download ships labelIds; labelTrainIds are made by cityscapesscripts'
 createTrainIdLabelImgs. We read labelTrainIds where present and otherwise map labelIds
 through the official table. The label definitions (names, ids, train ids, colours)
 come from `cityscapesscripts.helpers.labels`, imported lazily so that importing
-certseg.data does not need the package (install it with `pip install cityscapesscripts`).
+certseg.data does not need the package (the `train` extra brings it).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from PIL import Image
 
 from certseg.data.images import checked_index, to_chw_float
 from certseg.data.synthetic import SyntheticScenes
+from certseg.errors import install_command
 from certseg.sizes import format_size
 
 __all__ = [
@@ -53,9 +54,11 @@ def cityscapes_labels() -> list:
     try:
         from cityscapesscripts.helpers.labels import labels
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Cityscapes label definitions need the 'cityscapesscripts' package: "
-            "pip install cityscapesscripts"
+        # a ModuleNotFoundError by name: the CLI says it in one line (certseg.errors)
+        raise ModuleNotFoundError(
+            "Cityscapes label definitions need the 'cityscapesscripts' package, from the "
+            f"`train` extra: {install_command('train')}",
+            name="cityscapesscripts",
         ) from err
     return list(labels)
 

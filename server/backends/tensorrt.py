@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from certseg.errors import EXTRA_OF_MODULE, install_command
 from server.backends.base import BaseEngine, check_precision
 from server.engine import info_from_card, read_onnx_artifact
 from server.errors import BackendError, BackendUnavailable, ModelError
@@ -33,7 +34,8 @@ def _imports() -> Any:
         import tensorrt  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailable(
-            "the tensorrt backend needs the `tensorrt` package (pip install 'certseg[gpu]')"
+            "the tensorrt backend needs the `tensorrt` package "
+            f"({install_command(EXTRA_OF_MODULE['tensorrt'])})"
         ) from exc
     from export import tensorrt as trt_export
 

@@ -32,6 +32,7 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from certseg.certify.numerics import certified_margins
+from certseg.errors import EXTRA_OF_MODULE, install_command
 from server.backends.base import BaseEngine, check_precision
 from server.backends.compiled import CompiledForward
 from server.backends.cuda_graphs import GraphCache
@@ -48,7 +49,7 @@ def _torch() -> Any:
         import torch
     except ImportError as exc:
         raise BackendUnavailable(
-            "the torch backend needs torch (pip install 'certseg[train]')"
+            f"the torch backend needs torch ({install_command(EXTRA_OF_MODULE['torch'])})"
         ) from exc
     return torch
 
