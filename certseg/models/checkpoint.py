@@ -19,6 +19,7 @@ from certseg.nn.position import position_bias_names
 
 __all__ = [
     "build_from_card",
+    "first_problem",
     "is_lipschitz",
     "load_checkpoint",
     "load_grown",
@@ -60,19 +61,54 @@ def read_checkpoint(
     map_location: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """torch.load of a file the user named, holding `keys` (a training state's, for
-    last.pt); a missing, unreadable or foreign file is a UserError that names it."""
+    last.pt); a run folder stands for its model.pt. A missing, unreadable or foreign
+    file (an ONNX export named by mistake, too) is a UserError that names it."""
+    path = _checkpoint_in(Path(path))
     try:
         blob = torch.load(path, map_location=map_location, weights_only=False)
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint file") from None
-    except OSError as exc:  # a folder, no permission
+    except OSError as exc:  # no permission
         raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        if _is_onnx(path):
+            raise UserError(f"{path}: {_ONNX_NOT_CHECKPOINT}") from None
         raise UserError(f"{path} is not a certseg checkpoint (torch.load: {exc})") from None
     missing = [k for k in keys if not isinstance(blob, dict) or k not in blob]
     if missing:
         raise UserError(f"{path} is not a certseg checkpoint (no {', '.join(missing)})")
     return blob
+
+
+_ONNX_NOT_CHECKPOINT = (
+    "this is an ONNX export, not a training checkpoint: name the run's model.pt (the "
+    "file it was exported from)"
+)
+
+
+def _checkpoint_in(path: Path) -> Path:
+    """`path`, or the model.pt of the run folder it names; an export folder (model.onnx,
+    no model.pt) or another folder is a UserError saying what to name instead."""
+    if not path.is_dir():
+        return path
+    if (path / "model.pt").is_file():
+        return path / "model.pt"
+    if (path / "model.onnx").is_file():
+        raise UserError(f"{path}: {_ONNX_NOT_CHECKPOINT}")
+    raise UserError(f"{path} is a folder without model.pt: name a checkpoint or a run folder")
+
+
+def _is_onnx(path: Path) -> bool:
+    """Whether a file torch cannot load is ONNX: by name, or by its first byte (a
+    ModelProto opens with field 1, ir_version, as a varint: 0x08); torch's files open
+    with a zip or pickle header, never that."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(1) == b"\x08"
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: str | Path, fused: bool = True) -> tuple[nn.Module, ModelCard]:
@@ -88,7 +124,7 @@ def load_checkpoint(path: str | Path, fused: bool = True) -> tuple[nn.Module, Mo
     except TypeError as exc:  # card fields or model arguments of another certseg
         raise UserError(f"{path}: its card does not fit this certseg ({exc})") from None
     except RuntimeError as exc:  # weights of another shape than the card's architecture
-        raise UserError(f"{path}: the weights do not fit the card ({_first_line(exc)})") from None
+        raise UserError(f"{path}: the weights do not fit the card ({first_problem(exc)})") from None
     model.eval()
     if fused and is_lipschitz(model):
         model = fuse_module(model).eval()
@@ -106,7 +142,7 @@ def load_grown(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[st
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches are raised even when not strict
-        raise RuntimeError(f"checkpoint does not fit the model: {_first_line(err)}") from err
+        raise RuntimeError(f"checkpoint does not fit the model: {first_problem(err)}") from err
     names = position_bias_names(model)
     grown = [k for k in result.missing_keys if k in names]
     problems = sorted(set(result.missing_keys) - set(grown)) + sorted(result.unexpected_keys)
@@ -118,7 +154,7 @@ def load_grown(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[st
     return grown
 
 
-def _first_line(err: RuntimeError) -> str:
+def first_problem(err: RuntimeError) -> str:
     """The first problem load_state_dict names (its message opens with a header line)."""
     lines = str(err).splitlines()
     return (lines[1:2] or lines[:1] or [""])[0].strip()
