@@ -82,10 +82,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     model = model.to(device)
     size = tuple(cfg.size or card.input_size)
     from certseg.data import open_split
+    from certseg.data.sources import refuse_other_classes
 
     dataset = open_split(cfg.data, cfg.split, size, root=cfg.root, num_images=cfg.num_images,
                          seed=cfg.seed, num_classes=card.num_classes,
                          ignore_index=card.ignore_index)  # fmt: skip
+    refuse_other_classes(cfg.checkpoint, card.classes, cfg.data, dataset)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     eps_grid = [float(e) for e in cfg.eps]

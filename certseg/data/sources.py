@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from certseg.data.cityscapes import CityscapesSegmentation
@@ -9,7 +10,13 @@ from certseg.data.folder import FolderSegmentation
 from certseg.data.synthetic import SyntheticScenes
 from certseg.errors import UserError
 
-__all__ = ["SOURCES", "open_split"]
+__all__ = [
+    "SOURCES",
+    "describe_classes",
+    "open_split",
+    "placeholder_classes",
+    "refuse_other_classes",
+]
 
 SOURCES = ("synthetic", "cityscapes", "folder")
 
@@ -46,3 +53,32 @@ def open_split(
         )
     except (OSError, ValueError) as exc:  # a missing or empty folder, unmatched files
         raise UserError(f"--data {source}: {exc}") from None
+
+
+def placeholder_classes(n: int) -> list[str]:
+    """Names for a set that has none (a folder of ids): class0, class1, ..."""
+    return [f"class{i}" for i in range(n)]
+
+
+def describe_classes(classes: Sequence[str], limit: int = 20) -> str:
+    """'7 classes (road, sidewalk, ...)': how a refusal shows a class set."""
+    names = ", ".join(list(classes)[:limit]) + (", ..." if len(classes) > limit else "")
+    return f"{len(classes)} classes ({names})"
+
+
+def refuse_other_classes(checkpoint: str | Path, model_classes: Sequence[str], source: str,
+                         dataset) -> None:  # fmt: skip
+    """A UserError when `dataset` names classes other than the model's: scored against
+    another class set (a 7-class synthetic model on 19-class Cityscapes) its figures
+    compare unrelated ids. A set without names (a folder) checks its ids per mask;
+    a model whose names are placeholders (trained on one) is held to the count only."""
+    names = getattr(dataset, "classes", None)
+    if names is None:
+        return
+    ours, theirs = list(model_classes), list(names)
+    if ours == theirs or (ours == placeholder_classes(len(ours)) and len(ours) == len(theirs)):
+        return
+    raise UserError(
+        f"{checkpoint} predicts {describe_classes(ours)} but --data {source} has "
+        f"{describe_classes(theirs)}: evaluate it on data of the classes it was trained on"
+    )
