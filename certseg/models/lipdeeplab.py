@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from certseg.models.blocks import conv, conv_block, up_block
-from certseg.models.registry import register_model
+from certseg.models.registry import preset_of, register_model
 from certseg.nn import InputNormalization, LipSequential, ParallelConcat
 
 __all__ = [
@@ -89,27 +89,32 @@ def lipdeeplab(
 
 
 @register_model
+@preset_of(lipdeeplab, "size")
 def lipdeeplab_xs(num_classes: int, **kw) -> LipSequential:
     """A small member (about 0.2M parameters) for CPU training and the shipped model."""
     return lipdeeplab(num_classes, size="xs", **kw)
 
 
 @register_model
+@preset_of(lipdeeplab, "size")
 def lipdeeplab_s(num_classes: int, **kw) -> LipSequential:
     return lipdeeplab(num_classes, size="s", **kw)
 
 
 @register_model
+@preset_of(lipdeeplab, "size")
 def lipdeeplab_m1(num_classes: int, **kw) -> LipSequential:
     return lipdeeplab(num_classes, size="m1", **kw)
 
 
 @register_model
+@preset_of(lipdeeplab, "size")
 def lipdeeplab_m2(num_classes: int, **kw) -> LipSequential:
     return lipdeeplab(num_classes, size="m2", **kw)
 
 
 @register_model
+@preset_of(lipdeeplab, "size", "klip")
 def lipdeeplab_s_klip(num_classes: int, **kw) -> LipSequential:
     """KLip variant: layers scaled by sqrt(fan_out / fan_in), L the product of scales."""
     return lipdeeplab(num_classes, size="s", klip=True, **kw)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from certseg.models.blocks import conv, conv_block, up_block
-from certseg.models.registry import register_model
+from certseg.models.registry import preset_of, register_model
 from certseg.nn import InputNormalization, LipSequential, ParallelConcat
 
 __all__ = ["lipunet", "lipunet_s", "lipunet_xs"]
@@ -60,12 +60,14 @@ def lipunet(
 
 
 @register_model
+@preset_of(lipunet)
 def lipunet_xs(num_classes: int, **kw) -> LipSequential:
     """About 0.65M parameters (width 16, depth 3)."""
     return lipunet(num_classes, **{"width": 16, "depth": 3, **kw})
 
 
 @register_model
+@preset_of(lipunet)
 def lipunet_s(num_classes: int, **kw) -> LipSequential:
     """About 2.6M parameters (width 32, depth 3)."""
     return lipunet(num_classes, **{"width": 32, "depth": 3, **kw})
