@@ -72,21 +72,46 @@ def certify(
 
 
 def _kwargs(pairs: list[str] | None) -> dict[str, Any]:
-    """KEY=VALUE pairs, each VALUE JSON (a bare word stays a string)."""
+    """KEY=VALUE pairs, each VALUE JSON (a bare word stays a string). A value that opens
+    like a JSON list or object but does not parse is refused: as a string it reached
+    the model and failed there (position_grid='[8,16')."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}")
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--arch-kwarg")
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            if value.lstrip().startswith(("[", "{")):
+                raise typer.BadParameter(
+                    f"{key}={value} is not valid JSON ({exc.msg} at character {exc.pos})",
+                    param_hint="--arch-kwarg",
+                ) from None
             out[key] = value
     return out
 
 
+def _check_arch(arch: str, kwargs: dict[str, Any]) -> None:
+    """A usage error, before any data is read, for an unknown model or an argument it
+    does not take (listing those it does) or of another kind than its default's."""
+    from certseg.models import list_models
+    from certseg.models.registry import check_model_arguments
+    from certseg.train import SET_BY_TRAINING
+
+    if arch not in list_models():
+        raise typer.BadParameter(
+            f"no model named {arch!r}; registered: {', '.join(list_models())}", param_hint="--arch"
+        )
+    try:
+        check_model_arguments(arch, kwargs, reserved=SET_BY_TRAINING)
+    except TypeError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--arch-kwarg") from None
+
+
 def _check_data(data: str, root: Path | None) -> None:
-    """A usage error, before any model is built, for a source we lack or a missing root."""
+    """A usage error, before any model is built, for a source we lack, a missing root,
+    or a root given to synthetic scenes (which read none: it looked applied)."""
     from certseg.data.sources import SOURCES
 
     if data not in SOURCES:
@@ -95,11 +120,28 @@ def _check_data(data: str, root: Path | None) -> None:
         raise typer.BadParameter(
             f"--data {data} reads its images from --root DIR", param_hint="--root"
         )
+    if data == "synthetic" and root is not None:
+        raise typer.BadParameter(
+            "--data synthetic renders its scenes and reads no --root; name --data "
+            "cityscapes or folder to use it",
+            param_hint="--root",
+        )
+
+
+def _refuse_unused(ctx: typer.Context, names: tuple[str, ...], unless: bool, why: str) -> None:
+    """A usage error for options given on the command line that this run would ignore
+    (`--sigma` with the lipschitz method): silently dropped, they look applied."""
+    # by name: typer's context answers with its own copy of click's enum
+    given = [n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]
+    if given and not unless:
+        flag = "--" + given[0].replace("_", "-")
+        raise typer.BadParameter(f"{flag} applies to {why} only", param_hint=flag)
 
 
 @app.command()
 @cli_errors("train")
 def train(
+    ctx: typer.Context,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder (resumes if it has last.pt).")
     ],
@@ -148,20 +190,18 @@ def train(
     name: Annotated[str | None, typer.Option(help="Model name for the card.")] = None,
 ) -> None:
     """Train a 1-Lipschitz segmenter (under torchrun for several GPUs or nodes)."""
-    from certseg.models import list_models
-    from certseg.train import Recipe, TrainConfig
+    from certseg.train import NothingToDo, Recipe, TrainConfig
     from certseg.train import train as run
 
     _check_data(data, root)
-    if arch not in list_models():
-        raise typer.BadParameter(
-            f"no model named {arch!r}; registered: {', '.join(list_models())}", param_hint="--arch"
-        )
+    _refuse_unused(ctx, ("num_images", "val_images"), data == "synthetic", "--data synthetic")
+    arch_kwargs = _kwargs(arch_kwarg) | ({"constrained": False} if unconstrained else {})
+    _check_arch(arch, arch_kwargs)
 
     cfg = TrainConfig(
         out=str(out),
         arch=arch,
-        arch_kwargs=_kwargs(arch_kwarg) | ({"constrained": False} if unconstrained else {}),
+        arch_kwargs=arch_kwargs,
         data=data,
         root=str(root) if root else None,
         num_images=num_images,
@@ -185,18 +225,12 @@ def train(
         name=name,
         max_steps_per_epoch=max_steps_per_epoch,
     )
-    path = run(cfg)
+    try:
+        path = run(cfg)
+    except NothingToDo as done:  # a rerun of a finished run: its model.pt stands
+        typer.echo(str(done))
+        return
     typer.echo(f"wrote {path}")
-
-
-def _refuse_unused(ctx: typer.Context, names: tuple[str, ...], unless: bool, why: str) -> None:
-    """A usage error for options given on the command line that this run would ignore
-    (`--sigma` with the lipschitz method): silently dropped, they look applied."""
-    # by name: typer's context answers with its own copy of click's enum
-    given = [n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]
-    if given and not unless:
-        flag = "--" + given[0].replace("_", "-")
-        raise typer.BadParameter(f"{flag} applies to {why} only", param_hint=flag)
 
 
 @app.command()

@@ -26,10 +26,33 @@ from certseg.inference import pick_device
 from certseg.losses import certified_offset, tau_cross_entropy
 from certseg.nn.position import position_bias_names
 
-__all__ = ["Recipe", "TrainConfig", "fit", "make_optimizer", "train"]
+__all__ = [
+    "SET_BY_TRAINING",
+    "NothingToDo",
+    "Recipe",
+    "TrainConfig",
+    "fit",
+    "make_optimizer",
+    "train",
+]
 
-#: What a resumable last.pt holds (its "config" is a record, not read back).
+#: What a resumable last.pt holds; its "config" (TrainConfig) and "classes" are checked
+#: on resume where present (older files lack "classes", some "config" fields).
 _RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "elapsed")
+
+#: TrainConfig fields a resumed run may change: how long it runs, and where (neither
+#: changes what a step computes). Every other one would be silently half-applied.
+_MAY_CHANGE_ON_RESUME = frozenset({"recipe.epochs", "out", "device", "workers", "progress"})
+
+#: How a TrainConfig field is given on the command line, where not `--<field>`.
+_FLAG_OF_FIELD = {"size": "--height/--width", "arch_kwargs": "--arch-kwarg"}
+
+#: Model arguments training sets itself (from the data), not --arch-kwarg.
+SET_BY_TRAINING = ("mean", "std")
+
+
+class NothingToDo(Exception):
+    """A resumed run already trained its --epochs and wrote model.pt: nothing is written."""
 
 
 @dataclass
@@ -78,23 +101,86 @@ class TrainConfig:
     progress: bool = True
 
 
-def _check_same_recipe(last: Path, saved: dict[str, Any] | None, recipe: Recipe) -> None:
-    """A resumed run keeps its optimiser state, so a changed lr (or loss) would be
-    ignored while the card recorded it: refused. Only the number of epochs may change."""
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: a config read back from last.pt compares equal."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
-    def plain(value: Any) -> Any:
-        return list(value) if isinstance(value, list | tuple) else value
 
-    now = asdict(recipe)
-    changed = [
-        k for k in now if k != "epochs" and k in (saved or {}) and plain(saved[k]) != plain(now[k])
-    ]
+def _changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """'--flag old -> new' for each field of `now` that differs from `saved` and may not
+    change on resume; fields `saved` lacks (an older last.pt) are not compared."""
+    changed = []
+    for key, value in now.items():
+        name = prefix + key
+        if key not in saved or name in _MAY_CHANGE_ON_RESUME:
+            continue
+        if isinstance(value, dict) and key == "recipe" and isinstance(saved[key], dict):
+            changed += _changed_settings(saved[key], value, "recipe.")
+        elif _plain(saved[key]) != _plain(value):
+            flag = _FLAG_OF_FIELD.get(key, "--" + key.replace("_", "-"))
+            changed.append(f"{flag} {_plain(saved[key])!r} -> {_plain(value)!r}")
+    return changed
+
+
+def _check_resumable(last: Path, state: dict[str, Any], cfg: TrainConfig) -> None:
+    """A resumed run keeps its model, optimiser state and data, so a changed setting
+    (lr, image size, data, seed, ...) would be ignored or half-applied while the card
+    recorded it: refused, naming each. Only --epochs (and --device, --workers) may
+    change. A run that already trained --epochs and wrote model.pt has nothing to do."""
+    changed = _changed_settings(state.get("config") or {}, asdict(cfg))
     if changed:
-        was = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed)
         raise UserError(
-            f"{last} (resumed) was trained with {was}: resume with the same settings (only "
-            "--epochs may change) or use a new --out"
+            f"{last} (resumed) was trained with other settings: {'; '.join(changed)}; resume "
+            "with the same settings (only --epochs, --device and --workers may change) or "
+            "use a new --out"
         )
+    done, epochs = int(state["epoch"]), cfg.recipe.epochs
+    if done >= epochs and (last.parent / "model.pt").exists():
+        raise NothingToDo(
+            f"{last} already trained {done} epochs (>= --epochs {epochs}): nothing to do; "
+            f"{last.parent / 'model.pt'} is unchanged"
+        )
+    if done > epochs:  # model.pt lost: writing it would record a recipe never run
+        raise UserError(
+            f"{last} already trained {done} epochs (> --epochs {epochs}) and its model.pt is "
+            f"missing: rerun with --epochs {done} to write it"
+        )
+
+
+def _check_same_classes(last: Path, saved: list[str] | None, classes: list[str]) -> None:
+    """The data's classes must be the resumed run's (a folder's ids may have changed)."""
+    from certseg.data.sources import describe_classes
+
+    if saved is not None and list(saved) != list(classes):
+        raise UserError(
+            f"{last} (resumed) was trained on {describe_classes(saved)}, the data now has "
+            f"{describe_classes(classes)}: use a new --out"
+        )
+
+
+def _build_model(cfg: TrainConfig, num_classes: int, mean, std) -> nn.Module:
+    """The configured model; an argument it does not take, or of a value it cannot
+    build with, is a UserError naming it (not a traceback from a layer's constructor)."""
+    from certseg.models import create_model
+    from certseg.models.registry import check_model_arguments
+
+    try:
+        check_model_arguments(cfg.arch, cfg.arch_kwargs, reserved=SET_BY_TRAINING)
+    except TypeError as exc:
+        raise UserError(f"--arch-kwarg: {exc}") from None
+    try:
+        return create_model(cfg.arch, num_classes=num_classes, mean=mean, std=std,
+                            **cfg.arch_kwargs)  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        args = ", ".join(f"{k}={v!r}" for k, v in cfg.arch_kwargs.items())
+        raise UserError(
+            f"--arch {cfg.arch} cannot be built with {args or 'its defaults'} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def make_optimizer(
@@ -205,6 +291,7 @@ def _lipschitz(model: nn.Module, recipe: Recipe) -> float:
 def open_datasets(cfg: TrainConfig):
     """(train, val, classes, palette) for the configured source."""
     from certseg.data import open_split
+    from certseg.data.sources import placeholder_classes
 
     common = {"root": cfg.root, "cache": True}
     train = open_split(cfg.data, "train", cfg.size, num_images=cfg.num_images, seed=cfg.seed,
@@ -215,7 +302,7 @@ def open_datasets(cfg: TrainConfig):
         classes = list(train.classes)
     else:  # a folder set without class names: count the ids it uses
         n = int(train.num_classes or 0) or 1 + max(int(lab[lab != 255].max()) for _, lab in train)
-        classes = [f"class{i}" for i in range(n)]
+        classes = placeholder_classes(n)
     palette = (
         list(train.palette) if getattr(train, "palette", None) else _default_palette(len(classes))
     )
@@ -346,8 +433,8 @@ def train(cfg: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     from certseg.data import Augmented, Compose, RandomHorizontalFlip
-    from certseg.models import ModelCard, create_model, save_checkpoint
-    from certseg.models.checkpoint import load_grown, read_checkpoint
+    from certseg.models import ModelCard, save_checkpoint
+    from certseg.models.checkpoint import first_problem, load_grown, read_checkpoint
 
     device = pick_device(cfg.device)
     dist = _init_distributed(device)
@@ -355,7 +442,10 @@ def train(cfg: TrainConfig) -> Path:
         device = torch.device("cuda", dist.local_rank)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    last = out / "last.pt"
+    state = read_checkpoint(last, _RESUME_KEYS, map_location=device) if last.exists() else None
+    if state is not None:  # before the data is read: a refusal costs nothing
+        _check_resumable(last, state, cfg)
 
     train_set, val_set, classes, palette = open_datasets(cfg)
     mean, std = channel_stats(train_set)
@@ -369,9 +459,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
 
-    model = create_model(
-        cfg.arch, num_classes=len(classes), mean=mean, std=std, **cfg.arch_kwargs
-    ).to(device)
+    model = _build_model(cfg, len(classes), mean, std).to(device)
+    out.mkdir(parents=True, exist_ok=True)  # once the model builds: no empty run folder
     opt, sched = make_optimizer(model, cfg.recipe, cfg.recipe.epochs * steps)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(enabled=use_amp)
@@ -382,17 +471,15 @@ def train(cfg: TrainConfig) -> Path:
             load_grown(model, init["state_dict"])
         except RuntimeError as exc:  # another architecture, or other arch kwargs
             raise UserError(f"--init {cfg.init}: {exc}") from None
-    last = out / "last.pt"
-    if last.exists():
-        state = read_checkpoint(last, _RESUME_KEYS, map_location=device)
+    if state is not None:
+        _check_same_classes(last, state.get("classes"), classes)
         try:
             model.load_state_dict(state["model"])
-        except RuntimeError:  # a run of other settings left in --out
+        except RuntimeError as exc:  # an older last.pt of other settings left in --out
             raise UserError(
-                f"{last} (resumed) holds another model than --arch {cfg.arch} with these "
-                "arguments; use a new --out"
+                f"{last} (resumed) does not fit --arch {cfg.arch} with these arguments "
+                f"({first_problem(exc)}); use a new --out"
             ) from None
-        _check_same_recipe(last, state.get("config", {}).get("recipe"), cfg.recipe)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         aim_cosine(sched, cfg.recipe.epochs * steps)  # --epochs may change on resume
@@ -449,6 +536,7 @@ def train(cfg: TrainConfig) -> Path:
                     "history": history,
                     "elapsed": elapsed,
                     "config": asdict(cfg),
+                    "classes": classes,
                 },
                 last,
             )

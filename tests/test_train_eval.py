@@ -77,7 +77,7 @@ def test_training_resumes(tmp_path, trained):
     # a changed lr would be ignored (the optimiser's state is resumed): refused
     proc = subprocess.run([*CLI, "train", "-o", str(out), *TINY, "--epochs", "3", *TRAINED,
                            "--lr", "0.5"], capture_output=True, text=True, env=ENV)  # fmt: skip
-    assert proc.returncode != 0 and "lr=0.001 (now 0.5)" in proc.stderr + proc.stdout, proc.stderr
+    assert proc.returncode != 0 and "--lr 0.001 -> 0.5" in proc.stderr + proc.stdout, proc.stderr
 
 
 def test_a_longer_resumed_run_follows_the_cosine_planned_for_its_new_end():
