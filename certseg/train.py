@@ -460,7 +460,6 @@ def train(cfg: TrainConfig) -> Path:
         steps = min(steps, cfg.max_steps_per_epoch)
 
     model = _build_model(cfg, len(classes), mean, std).to(device)
-    out.mkdir(parents=True, exist_ok=True)  # once the model builds: no empty run folder
     opt, sched = make_optimizer(model, cfg.recipe, cfg.recipe.epochs * steps)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(enabled=use_amp)
@@ -471,6 +470,7 @@ def train(cfg: TrainConfig) -> Path:
             load_grown(model, init["state_dict"])
         except RuntimeError as exc:  # another architecture, or other arch kwargs
             raise UserError(f"--init {cfg.init}: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)  # once the model builds: no empty run folder
     if state is not None:
         _check_same_classes(last, state.get("classes"), classes)
         try:
