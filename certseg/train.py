@@ -281,7 +281,10 @@ def _lipschitz(model: nn.Module, recipe: Recipe) -> float:
     if is_lipschitz(model):
         return structural_lipschitz(model)
     if recipe.train_eps > 0:
-        raise ValueError("train_eps > 0 needs a Lipschitz model (the offset is sqrt(2) L eps)")
+        raise UserError(
+            "--train-eps > 0 needs a Lipschitz model (its offset is sqrt(2) L eps); the "
+            "--unconstrained twin trains with --train-eps 0"
+        )
     return 1.0
 
 

@@ -154,6 +154,9 @@ def test_a_resume_on_data_of_other_classes_names_them(tmp_path):
          "--num-images applies to --data synthetic only"),
         (["train", "-o", "{out}", "--data", "folder", "--root", "{tmp}", "--val-images", "3"],
          "--val-images applies to --data synthetic only"),
+        (["train", "-o", "{out}", "--arch", "tiny", "--unconstrained", "--train-eps", "0.1",
+          "--num-images", "2", "--val-images", "1", "--height", "8", "--width", "8"],
+         "--train-eps > 0 needs a Lipschitz model"),
     ],
 )  # fmt: skip
 def test_options_the_run_would_ignore_are_refused(tmp_path, args, expected):
