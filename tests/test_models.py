@@ -86,3 +86,50 @@ def test_grown_model_starts_as_the_same_function():
         other.get_parameter(new[0]).fill_(1.0)
     with pytest.raises(RuntimeError, match="zero"):
         load_grown(other, small.state_dict())
+
+
+def test_no_lipschitz_constant_is_taken_from_a_checkpoint_file(tmp_path):
+    """A card is only a claim: an unconstrained net whose (hand-edited) card says L 1.0
+    was certified with it (a pixel at radius 882 flipped by a perturbation of norm
+    1.01); a Lipschitz net's card claiming less than its weights gives is not believed
+    either. Both constants come from the model loaded."""
+    import math
+
+    from certseg.models import ModelCard, load_checkpoint, save_checkpoint
+
+    card = ModelCard("t", "tiny", 3, list("abc"), [(0, 0, 0)] * 3, arch_kwargs={"width": 4})
+    twin = create_model("tiny", num_classes=3, width=4, constrained=False)
+    path = tmp_path / "twin.pt"
+    save_checkpoint(path, twin, ModelCard(**{**card.to_dict(), "arch_kwargs": {
+        "width": 4, "constrained": False}}))  # fmt: skip
+    blob = torch.load(path, weights_only=False)
+    blob["card"] = {**blob["card"], "lipschitz": 1.0, "lipschitz_audited": 1.0}
+    torch.save(blob, path)
+    for fused in (True, False):
+        _, loaded = load_checkpoint(path, fused=fused)
+        assert math.isinf(loaded.certified_lipschitz), fused
+    net = create_model("tiny", num_classes=3, width=4)
+    path = tmp_path / "lip.pt"
+    save_checkpoint(path, net, card)
+    blob = torch.load(path, weights_only=False)
+    true_l = blob["card"]["lipschitz"]
+    blob["card"] = {**blob["card"], "lipschitz": true_l / 10, "lipschitz_audited": true_l / 10}
+    torch.save(blob, path)
+    for fused in (True, False):
+        _, loaded = load_checkpoint(path, fused=fused)
+        assert loaded.certified_lipschitz >= true_l * (1 - 1e-6), (fused, loaded)
+
+
+def test_a_fused_model_shares_no_module_with_its_source():
+    """Weight-free modules (input normalisation, MaxMin, the invertible down/upsampling)
+    were the source's own objects: the fused model's .double() broke the source, and an
+    edit of its normalisation reached it."""
+    torch.manual_seed(0)
+    model = create_model("lipunet_xs", num_classes=3, width=4, depth=2).eval()
+    fused = fuse_module(model)
+    ours = {id(m) for m in model.modules()}
+    assert not [type(m).__name__ for m in fused.modules() if id(m) in ours]
+    x = torch.rand(1, 3, 16, 16)
+    fused.double()
+    with torch.no_grad():
+        assert model(x).dtype == torch.float32

@@ -113,7 +113,12 @@ def _is_onnx(path: Path) -> bool:
 
 def load_checkpoint(path: str | Path, fused: bool = True) -> tuple[nn.Module, ModelCard]:
     """Load a checkpoint. With `fused`, return the frozen plain-weight model in eval
-    mode and set the card's audited constant from those exact weights."""
+    mode and set the card's audited constant from those exact weights.
+
+    No constant is taken from the file: the structural one is derived from the model
+    built (infinite for an unconstrained twin, whatever its card claims: a hand-edited
+    card of L 1.0 on such a net had a pixel certified at radius 882 flipped by a
+    perturbation of norm 1.01), the audited one from the fused weights or none."""
     blob = read_checkpoint(path)
     try:
         card = ModelCard.from_dict(blob["card"])
@@ -126,7 +131,12 @@ def load_checkpoint(path: str | Path, fused: bool = True) -> tuple[nn.Module, Mo
     except RuntimeError as exc:  # weights of another shape than the card's architecture
         raise UserError(f"{path}: the weights do not fit the card ({first_problem(exc)})") from None
     model.eval()
-    if fused and is_lipschitz(model):
+    card.lipschitz_audited = None
+    if not is_lipschitz(model):
+        card.lipschitz = math.inf
+        return model, card
+    card.lipschitz = structural_lipschitz(model)
+    if fused:
         model = fuse_module(model).eval()
         card.lipschitz_audited = certified_lipschitz(model)
     return model, card

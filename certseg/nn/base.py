@@ -13,6 +13,7 @@ A module we do not know is an error, not a guess.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 
@@ -43,8 +44,9 @@ class LipschitzModule(nn.Module):
         return self.lipschitz()
 
     def fused(self) -> nn.Module:
-        """A frozen, parametrization-free equivalent (eval semantics)."""
-        return self
+        """A frozen, parametrization-free equivalent (eval semantics): a copy, never the
+        module itself (a fused model's .double() or edited buffers changed its source)."""
+        return copy.deepcopy(self)
 
 
 def _constant(module: nn.Module, pick: Callable[[LipschitzModule], float]) -> float:
@@ -69,11 +71,11 @@ def certified_lipschitz(module: nn.Module) -> float:
 
 
 def fuse_module(module: nn.Module) -> nn.Module:
-    """Fused twin of any supported module (weight-free unit modules are kept)."""
+    """Fused twin of any supported module (weight-free unit modules copied)."""
     if isinstance(module, LipschitzModule):
         return module.fused()
     if isinstance(module, _UNIT_MODULES):
-        return module
+        return copy.deepcopy(module)
     raise TypeError(f"cannot fuse {type(module).__name__}")
 
 
