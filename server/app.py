@@ -94,16 +94,22 @@ def _problem_bytes(status: int, title: str, detail: str, slug: str, path: str, r
 
 def _subprotocol_key(scope: Scope) -> bytes:
     """The key a WebSocket handshake offers as a `certseg.key.<base64url>` subprotocol,
-    or b"" (none, or not base64url: then no key, and the handshake is refused)."""
+    or b"" (none, or not base64url: no key from it, so unless ?api_key= has the right
+    one the handshake is refused). Only the URL-safe alphabet: a standard one's + and /
+    would pass b64decode but stop the log's redaction halfway through the key."""
     for offered in scope.get("subprotocols") or ():
         if offered.startswith(API_KEY_SUBPROTOCOL):
             coded = offered[len(API_KEY_SUBPROTOCOL) :]
+            if not _BASE64URL.fullmatch(coded):
+                return b""
             try:
-                padded = coded + "=" * (-len(coded) % 4)
-                return base64.b64decode(padded, altchars=b"-_", validate=True)
-            except (binascii.Error, ValueError):
+                return base64.urlsafe_b64decode(coded + "=" * (-len(coded) % 4))
+            except (binascii.Error, ValueError):  # a length no base64 has
                 return b""
     return b""
+
+
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 
 
 def _query(scope: Scope) -> dict[str, list[str]]:

@@ -31,9 +31,20 @@ from certseg.sizes import padded_pixels
 from server.engine import Engine
 from server.errors import BackendError, CertSegError, Overloaded
 
-__all__ = ["BatchResult", "Batcher"]
+__all__ = ["BatchResult", "Batcher", "images_per_pass"]
 
 log = logging.getLogger("certseg.server")
+
+
+def images_per_pass(
+    max_batch: int, max_pass_pixels: int | None, height: int, width: int, pad_multiple: int = 1
+) -> int:
+    """The one rule of a pass's size: max_batch images, fewer where they would pass
+    max_pass_pixels counted as the net runs them (never fewer than one)."""
+    if max_pass_pixels is None:
+        return max_batch
+    pixels = padded_pixels(height, width, pad_multiple)
+    return max(1, min(max_batch, max_pass_pixels // pixels))
 
 
 @dataclass
@@ -202,10 +213,7 @@ class Batcher:
         """Images of this size per pass: max_batch, fewer to stay within max_pass_pixels
         counted as the net runs them, each side padded to `pad_multiple` (never fewer
         than one: a single image's size is bounded at decode)."""
-        if self.max_pass_pixels is None:
-            return self.max_batch
-        pixels = padded_pixels(height, width, pad_multiple)
-        return max(1, min(self.max_batch, self.max_pass_pixels // pixels))
+        return images_per_pass(self.max_batch, self.max_pass_pixels, height, width, pad_multiple)
 
     def _take_batch(self) -> tuple[list[_Item], int]:
         """The oldest image's batch so far, and how many would make it full."""

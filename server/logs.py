@@ -32,7 +32,8 @@ API_KEY_PARAM = "api_key"
 #: the prefix ("certseg.key.czNjcmV0"): a header, so no proxy's access log (nginx logs
 #: the query) nor a URL shows it. The server answers with the protocol "certseg".
 API_KEY_SUBPROTOCOL = "certseg.key."
-_SUBPROTOCOL_KEY = re.compile(re.escape(API_KEY_SUBPROTOCOL) + r"[A-Za-z0-9_=-]*")
+#: to the end of the token, whatever it holds (a list of them is comma-separated)
+_SUBPROTOCOL_KEY = re.compile(re.escape(API_KEY_SUBPROTOCOL) + r"[^\s,'\"]*")
 REDACTED = "***"
 _QUERY_PAIR = re.compile(r"(?P<name>[^\s?&=\"']+)=(?P<value>[^\s&\"']*)")
 

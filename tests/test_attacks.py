@@ -113,6 +113,13 @@ def test_projection_never_exceeds_eps_measured_exactly():
             assert out.min() >= 0 and out.max() <= 1
             # and it is still a projection: on the ball's surface but for float32 steps
             assert (l2_norms(out.double() - x.double()) >= eps * (1 - 1e-6) - 1e-5).all()
+    # saturated pixels: a point inside the ball but outside the box comes back in it
+    x = torch.full((2, 3, 8, 8), 0.99)
+    x[:, :, :4] = 1.0
+    adv = x.clone()
+    adv[:, 0, 0, 0] = 1.005
+    out = _project(x, adv, _per_sample(0.05, 2, x))
+    assert out.max() == 1.0 and (l2_norms(out.double() - x.double()) <= 0.05).all()
 
 
 def test_pgd_pixel_constraints(trained):

@@ -75,6 +75,12 @@ def test_a_batch_runs_on_the_graph_of_the_next_power_of_two():
         got = cache(torch.full((n, 2), float(n)))["y"]
         assert got.shape == (n, 2) and torch.equal(got, torch.full((n, 2), 2.0 * n))
     assert cache.captures == 4 and len(cache) == 4  # graphs of 4, 1, 2 and 8
+    # the batcher's limit for the size caps the bucket (it bounds a pass's memory):
+    # a limit of 5 runs 5 on 5 rows and 3 on 4, never 8
+    capped = _CpuGraphs(torch, fn, size=4, cap=lambda h, w: 5)
+    for n in (5, 3):
+        assert capped(torch.ones(n, 2))["y"].shape == (n, 2)
+    assert seen[-2:] == [(5, 2), (4, 2)]
 
 
 @pytest.mark.gpu

@@ -284,6 +284,21 @@ def test_a_websocket_api_key_never_reaches_the_log():
         srv.close()
 
 
+def test_only_the_url_safe_alphabet_carries_a_key_in_a_subprotocol():
+    """b64decode with altchars also took a standard alphabet's + and /, which the log's
+    redaction stopped at: most of such a key reached a debug log. Now no key from it."""
+    from server.app import _subprotocol_key
+
+    key = b"k?>~s3cret-do-not-log"
+    standard, safe = base64.b64encode(key).decode(), base64.urlsafe_b64encode(key).decode()
+    assert "+" in standard and standard != safe
+    offer = lambda coded: {"subprotocols": ["certseg", "certseg.key." + coded]}  # noqa: E731
+    assert _subprotocol_key(offer(safe)) == key
+    assert _subprotocol_key(offer(safe.rstrip("="))) == key
+    assert _subprotocol_key(offer(standard)) == b""
+    assert _subprotocol_key(offer("abcde")) == b""  # a length no base64 has
+
+
 @pytest.mark.parametrize(
     ("line", "blanked"),
     [

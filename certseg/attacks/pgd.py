@@ -102,7 +102,8 @@ def _project(x: Tensor, adv: Tensor, eps: Tensor) -> Tensor:
     is rounded instead pixel by pixel to the neighbour nearer x, never past the float64
     point, so it is within eps measured exactly (a step shorter: 0.2% of eps 1e-3).
     An attack that reports eps must never have used more, or a soundness test would
-    blame the bound. Points already inside the ball are kept bit for bit.
+    blame the bound. Points already inside the ball are kept bit for bit, clamped to
+    the box.
     """
     wide_x = x.double()
     delta = adv.double() - wide_x
@@ -114,7 +115,9 @@ def _project(x: Tensor, adv: Tensor, eps: Tensor) -> Tensor:
     over = _bcast(l2_norms(near.double() - wide_x) > limit, x)
     away = over & ((near.double() - wide_x).abs() > (target - wide_x).abs())
     near = torch.where(away, torch.nextafter(near, x), near)
-    return torch.where(_bcast(n <= limit, x), adv, near)
+    # inside the ball: kept, but in the box (clamping moves a pixel only toward x,
+    # which is in it, so the point stays in the ball; an in-box point is kept bit for bit)
+    return torch.where(_bcast(n <= limit, x), adv.clamp(0.0, 1.0), near)
 
 
 def _random_in_ball(x: Tensor, eps: Tensor, gen: torch.Generator | None) -> Tensor:

@@ -11,7 +11,9 @@ input whose outputs are dropped): the dynamic batcher gives every size up to its
 limit, and a graph per size would recapture (a warm-up and a capture, hundreds of
 ms) whenever sizes outnumber the cache; buckets of 1, 2, 4, 8 hold any batch up to 8
 at one camera size in the default 4 graphs, for at most twice the compute of a
-batch. Sound as long as images in a batch do not interact, as in an inference-mode
+batch. A bucket never passes the batcher's own limit for the size (`cap`: max_batch,
+max_pass_pixels), which bounds a pass's memory: a batch of 5 where 5 is the limit
+runs on 5 rows. Sound as long as images in a batch do not interact, as in an inference-mode
 net (no batch statistics).
 
 The outputs of a replay are the graph's own static tensors (their first rows, the
@@ -31,10 +33,19 @@ __all__ = ["GraphCache", "bucket_of"]
 class GraphCache:
     """`fn(x) -> dict of tensors`, replayed from a captured CUDA graph per input shape."""
 
-    def __init__(self, torch: Any, fn: Callable[[Any], dict[str, Any]], size: int = 4) -> None:
+    def __init__(
+        self,
+        torch: Any,
+        fn: Callable[[Any], dict[str, Any]],
+        size: int = 4,
+        cap: Callable[[int, int], int] | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError("a graph cache needs room for at least one graph")
         self.torch, self.fn, self.size = torch, fn, size
+        #: most images a pass of (height, width) may hold (the batcher's own limit,
+        #: max_batch and max_pass_pixels): no bucket runs more rows than a batch could
+        self.cap = cap
         self._graphs: OrderedDict[tuple, tuple[Any, Any, dict[str, Any]]] = OrderedDict()
         self.captures = 0  # how many graphs were captured (for tests and metrics)
 
@@ -44,6 +55,8 @@ class GraphCache:
     def __call__(self, x: Any) -> dict[str, Any]:
         n = int(x.shape[0])
         bucket = bucket_of(n)
+        if self.cap is not None:  # 5 of a limit of 5 run on 5 rows, not 8
+            bucket = max(n, min(bucket, self.cap(int(x.shape[-2]), int(x.shape[-1]))))
         key = ((bucket, *x.shape[1:]), x.dtype)
         entry = self._graphs.pop(key, None)
         if entry is None:

@@ -36,6 +36,7 @@ from certseg.errors import EXTRA_OF_MODULE, install_command
 from server.backends.base import BaseEngine, check_precision
 from server.backends.compiled import CompiledForward
 from server.backends.cuda_graphs import GraphCache
+from server.batcher import images_per_pass
 from server.decode import chw8_to_float
 from server.engine import CardInfo, file_sha256, info_from_card
 from server.errors import BackendUnavailable, ModelError
@@ -125,7 +126,12 @@ class TorchEngine(BaseEngine):
             forward = self.compiled = CompiledForward(torch, forward)
         self._graphs: GraphCache | None = None
         if settings.cuda_graphs and use_cuda:
-            forward = self._graphs = GraphCache(torch, forward, settings.cuda_graph_cache)
+            pass_pixels, pad = settings.pass_pixels(device), card.pad_multiple
+
+            def cap(height: int, width: int) -> int:
+                return images_per_pass(self._batch_limit, pass_pixels, height, width, pad)
+
+            forward = self._graphs = GraphCache(torch, forward, settings.cuda_graph_cache, cap)
         self._forward = forward
 
     def warmup(self, sizes: Sequence[tuple[int, int, int]]) -> None:
