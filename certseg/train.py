@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ _RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "elapsed"
 #: TrainConfig fields a resumed run may change: how long it runs, and where (neither
 #: changes what a step computes). Every other one would be silently half-applied.
 _MAY_CHANGE_ON_RESUME = frozenset({"recipe.epochs", "out", "device", "workers", "progress"})
+
+#: TrainConfig fields that name files: compared as the paths they resolve to.
+_PATH_FIELDS = frozenset({"root", "init"})
 
 #: How a TrainConfig field is given on the command line, where not `--<field>`.
 _FLAG_OF_FIELD = {"size": "--height/--width", "arch_kwargs": "--arch-kwarg"}
@@ -118,6 +121,11 @@ def _changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = 
         name = prefix + key
         if key not in saved or name in _MAY_CHANGE_ON_RESUME:
             continue
+        if name in _PATH_FIELDS and saved[key] is not None:
+            if value is None and name == "init":  # a resume need not repeat --init
+                continue
+            if value is not None and Path(value).resolve() == Path(saved[key]).resolve():
+                continue  # ./a/model.pt is a/model.pt
         if isinstance(value, dict) and key == "recipe" and isinstance(saved[key], dict):
             changed += _changed_settings(saved[key], value, "recipe.")
         elif _plain(saved[key]) != _plain(value):
@@ -449,12 +457,19 @@ def train(cfg: TrainConfig) -> Path:
     state = read_checkpoint(last, _RESUME_KEYS, map_location=device) if last.exists() else None
     if state is not None:  # before the data is read: a refusal costs nothing
         _check_resumable(last, state, cfg)
+        saved_init = (state.get("config") or {}).get("init")
+        if cfg.init is None and saved_init:  # the card records what the run began from
+            cfg = replace(cfg, init=saved_init)
 
     train_set, val_set, classes, palette = open_datasets(cfg)
     mean, std = channel_stats(train_set)
-    init = read_checkpoint(cfg.init, map_location=device) if cfg.init else None
+    init = None  # a resume starts from last.pt: the --init file is read only for its stats
+    if cfg.init and (state is None or "mean" not in state):
+        init = read_checkpoint(cfg.init, map_location=device)
     if init is not None:  # its weights were trained under its normalization: keep it
         mean, std = tuple(init["card"]["mean"]), tuple(init["card"]["std"])
+    if state is not None and "mean" in state:
+        mean, std = tuple(state["mean"]), tuple(state["std"])
     aug = Augmented(train_set, Compose([RandomHorizontalFlip()]), seed=cfg.seed)
     train_loader = _loader(aug, cfg, dist, shuffle=True)
     val_loader = _loader(val_set, cfg, _Dist(), shuffle=False)
@@ -468,7 +483,7 @@ def train(cfg: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(enabled=use_amp)
     lipschitz = _lipschitz(model, cfg.recipe)
     start_epoch, history, elapsed = 0, [], 0.0
-    if init is not None:
+    if init is not None and state is None:
         try:
             load_grown(model, init["state_dict"])
         except RuntimeError as exc:  # another architecture, or other arch kwargs
@@ -540,6 +555,8 @@ def train(cfg: TrainConfig) -> Path:
                     "elapsed": elapsed,
                     "config": asdict(cfg),
                     "classes": classes,
+                    "mean": list(mean),  # a resume needs no --init file for them
+                    "std": list(std),
                 },
                 last,
             )

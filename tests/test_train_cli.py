@@ -87,6 +87,26 @@ def test_presets_list_the_arguments_they_pass_on():
 # ------------------------------------------------------------------ resume
 
 
+def test_a_fine_tune_resumes_without_its_init_file(run, tmp_path, monkeypatch):
+    """A resume starts from last.pt: it had to repeat --init (named as it was: ./a.pt
+    was 'another setting' than a.pt), and the file had to exist, read only to be
+    overwritten. The card still records what the run began from."""
+    import json
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(run / "model.pt", tmp_path / "a.pt")
+    code, said = _cli("train", "-o", "b", *TINY, "--epochs", "1", "--init", "a.pt")
+    assert code == 0, said
+    (tmp_path / "a.pt").unlink()
+    code, said = _cli("train", "-o", "b", *TINY, "--epochs", "2")
+    assert code == 0 and "resuming" in said, said
+    card = json.loads((tmp_path / "b" / "card.json").read_text())
+    assert card["training"]["init"] == "a.pt" and card["training"]["recipe"]["epochs"] == 2
+    code, said = _cli("train", "-o", "b", *TINY, "--epochs", "2", "--init", "./a.pt")
+    assert code == 0 and "nothing to do" in said, said
+
+
 def test_a_resume_with_changed_settings_is_refused_naming_each(run):
     before = (run / "model.pt").read_bytes()
     said = _refused("train", "-o", run, *TINY, "--epochs", "3", "--height", "48",
