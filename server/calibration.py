@@ -39,7 +39,7 @@ def calibration_images(
     size: tuple[int, int], count: int, folder: Path | None = None, seed: int = 0
 ) -> list[np.ndarray]:
     """`count` images (1, 3, H, W) float32: from `folder` (its first files in path
-    order, subfolders included as `client segment` reads a folder, any size), else half
+    order, subfolders included, symlinked ones not followed; any size), else half
     synthetic street scenes, half uniform noise, at `size`."""
     if folder is not None:
         files = sorted(

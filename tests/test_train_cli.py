@@ -82,6 +82,9 @@ def test_presets_list_the_arguments_they_pass_on():
     assert {"rates", "klip"} <= set(model_arguments("lipdeeplab_xs"))
     assert "klip" not in model_arguments("lipdeeplab_s_klip")
     assert {"width", "depth", "position_grid"} <= set(model_arguments("lipunet_s"))
+    # with the preset's own values: lipunet_s builds at width 32 (it showed lipunet's 16)
+    assert model_arguments("lipunet_s")["width"] == 32
+    assert model_arguments("lipunet_xs")["width"] == 16
 
 
 # ------------------------------------------------------------------ resume

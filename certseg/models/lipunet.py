@@ -60,14 +60,14 @@ def lipunet(
 
 
 @register_model
-@preset_of(lipunet)
+@preset_of(lipunet, width=16, depth=3)
 def lipunet_xs(num_classes: int, **kw) -> LipSequential:
     """About 0.65M parameters (width 16, depth 3)."""
-    return lipunet(num_classes, **{"width": 16, "depth": 3, **kw})
+    return lipunet(num_classes, **kw)
 
 
 @register_model
-@preset_of(lipunet)
+@preset_of(lipunet, width=32, depth=3)
 def lipunet_s(num_classes: int, **kw) -> LipSequential:
     """About 2.6M parameters (width 32, depth 3)."""
-    return lipunet(num_classes, **{"width": 32, "depth": 3, **kw})
+    return lipunet(num_classes, **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable, Collection
 from typing import Any
@@ -30,17 +31,26 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def preset_of(
-    base: Callable[..., nn.Module], *fixed: str
+    base: Callable[..., nn.Module], *fixed: str, **defaults: Any
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Give a `(num_classes, **kw)` preset of `base` the signature it passes on (base's
-    parameters less the `fixed` ones it sets), so that `model_arguments` can list what
-    it takes and a misspelt argument is named before anything is built."""
+    """Make a `(num_classes, **kw)` preset of `base`: `defaults` are the preset's own
+    (given to it unless overridden), and its signature is what it passes on (base's
+    parameters less the `fixed` ones it sets, `defaults` in place of base's), so that
+    `model_arguments` lists what it takes, with the values it builds with."""
     sig = inspect.signature(base)
-    params = [p for name, p in sig.parameters.items() if name not in fixed]
+    params = [
+        p.replace(default=defaults[name]) if name in defaults else p
+        for name, p in sig.parameters.items()
+        if name not in fixed
+    ]
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        fn.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-        return fn
+        @functools.wraps(fn)
+        def preset(num_classes: int, **kw: Any) -> nn.Module:
+            return fn(num_classes, **{**defaults, **kw})
+
+        preset.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        return preset
 
     return wrap
 

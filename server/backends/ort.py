@@ -317,8 +317,19 @@ class OnnxRuntimeEngine(BaseEngine):
             if options is not None:  # the dynamic session's turn to give back: a pass
                 # of one padded pixel carries the shrink (traffic at warm-up sizes alone
                 # had kept a one-off large image's 3 GiB there for good)
-                self._session.run(["mask"], {"image": self._least_input()}, options)
+                self._shrink_dynamic(options)
         return dict(zip(names, got, strict=True))
+
+    def _shrink_dynamic(self, options: Any) -> None:
+        """The shrink pass: the request it follows is answered whatever it does (a net
+        that cannot run one padded pixel gets a warning, once, and keeps its arena)."""
+        if self._arena is None:
+            return
+        try:
+            self._session.run(["mask"], {"image": self._least_input()}, options)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+            log.warning("%s: no arena shrink (%s); it keeps its memory", self.info.name, exc)
+            self._arena = None
 
     def _least_input(self) -> np.ndarray:
         """The smallest image the net runs: one pixel, padded to its multiple."""
