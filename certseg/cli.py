@@ -92,21 +92,15 @@ def _kwargs(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _check_arch(arch: str, kwargs: dict[str, Any]) -> None:
-    """A usage error, before any data is read, for an unknown model or an argument it
-    does not take (listing those it does) or of another kind than its default's."""
+def _check_arch(arch: str) -> None:
+    """A usage error, before any data is read, for an unknown model (its arguments are
+    checked by `certseg.train`, as early)."""
     from certseg.models import list_models
-    from certseg.models.registry import check_model_arguments
-    from certseg.train import SET_BY_TRAINING
 
     if arch not in list_models():
         raise typer.BadParameter(
             f"no model named {arch!r}; registered: {', '.join(list_models())}", param_hint="--arch"
         )
-    try:
-        check_model_arguments(arch, kwargs, reserved=SET_BY_TRAINING)
-    except TypeError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--arch-kwarg") from None
 
 
 def _check_data(data: str, root: Path | None) -> None:
@@ -196,7 +190,7 @@ def train(
     _check_data(data, root)
     _refuse_unused(ctx, ("num_images", "val_images"), data == "synthetic", "--data synthetic")
     arch_kwargs = _kwargs(arch_kwarg) | ({"constrained": False} if unconstrained else {})
-    _check_arch(arch, arch_kwargs)
+    _check_arch(arch)
 
     cfg = TrainConfig(
         out=str(out),

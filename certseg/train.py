@@ -27,7 +27,6 @@ from certseg.losses import certified_offset, tau_cross_entropy
 from certseg.nn.position import position_bias_names
 
 __all__ = [
-    "SET_BY_TRAINING",
     "NothingToDo",
     "Recipe",
     "TrainConfig",
@@ -51,7 +50,7 @@ _PATH_FIELDS = frozenset({"root", "init"})
 _FLAG_OF_FIELD = {"size": "--height/--width", "arch_kwargs": "--arch-kwarg"}
 
 #: Model arguments training sets itself (from the data), not --arch-kwarg.
-SET_BY_TRAINING = ("mean", "std")
+_SET_BY_TRAINING = ("mean", "std")
 
 
 class NothingToDo(Exception):
@@ -170,16 +169,22 @@ def _check_same_classes(last: Path, saved: list[str] | None, classes: list[str])
         )
 
 
-def _build_model(cfg: TrainConfig, num_classes: int, mean, std) -> nn.Module:
-    """The configured model; an argument it does not take, or of a value it cannot
-    build with, is a UserError naming it (not a traceback from a layer's constructor)."""
-    from certseg.models import create_model
+def _check_model_arguments(cfg: TrainConfig) -> None:
+    """A UserError, before any data is read, for an argument the model does not take
+    (naming those it does) or of another kind than its default's."""
     from certseg.models.registry import check_model_arguments
 
     try:
-        check_model_arguments(cfg.arch, cfg.arch_kwargs, reserved=SET_BY_TRAINING)
+        check_model_arguments(cfg.arch, cfg.arch_kwargs, reserved=_SET_BY_TRAINING)
     except TypeError as exc:
         raise UserError(f"--arch-kwarg: {exc}") from None
+
+
+def _build_model(cfg: TrainConfig, num_classes: int, mean, std) -> nn.Module:
+    """The configured model (its arguments checked: `_check_model_arguments`); a value
+    it cannot build with is a UserError naming it, not a layer constructor's traceback."""
+    from certseg.models import create_model
+
     try:
         return create_model(cfg.arch, num_classes=num_classes, mean=mean, std=std,
                             **cfg.arch_kwargs)  # fmt: skip
@@ -452,6 +457,7 @@ def train(cfg: TrainConfig) -> Path:
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
     torch.manual_seed(cfg.seed)
+    _check_model_arguments(cfg)
     out = Path(cfg.out)
     last = out / "last.pt"
     state = read_checkpoint(last, _RESUME_KEYS, map_location=device) if last.exists() else None
@@ -462,14 +468,17 @@ def train(cfg: TrainConfig) -> Path:
             cfg = replace(cfg, init=saved_init)
 
     train_set, val_set, classes, palette = open_datasets(cfg)
-    mean, std = channel_stats(train_set)
     init = None  # a resume starts from last.pt: the --init file is read only for its stats
     if cfg.init and (state is None or "mean" not in state):
         init = read_checkpoint(cfg.init, map_location=device)
-    if init is not None:  # its weights were trained under its normalization: keep it
-        mean, std = tuple(init["card"]["mean"]), tuple(init["card"]["std"])
+    # the normalisation: the resumed run's, else the one --init's weights were trained
+    # under, else the data's own (a pass over it, made only then)
     if state is not None and "mean" in state:
         mean, std = tuple(state["mean"]), tuple(state["std"])
+    elif init is not None:
+        mean, std = tuple(init["card"]["mean"]), tuple(init["card"]["std"])
+    else:
+        mean, std = channel_stats(train_set)
     aug = Augmented(train_set, Compose([RandomHorizontalFlip()]), seed=cfg.seed)
     train_loader = _loader(aug, cfg, dist, shuffle=True)
     val_loader = _loader(val_set, cfg, _Dist(), shuffle=False)

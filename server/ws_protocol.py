@@ -45,8 +45,9 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type == "text" and not self.close_sent:
+            self.frames = [b"".join(self.frames)]  # joined once, for the base too
             try:
-                b"".join(self.frames).decode()
+                self.frames[0].decode()
             except UnicodeDecodeError:
                 self.frames = []
                 self.logger.info("WebSocket text message is not UTF-8: closing 1007")

@@ -13,8 +13,8 @@ ms) whenever sizes outnumber the cache; buckets of 1, 2, 4, 8 hold any batch up 
 at one camera size in the default 4 graphs, for at most twice the compute of a
 batch. A bucket never passes the batcher's own limit for the size (`cap`: max_batch,
 max_pass_pixels), which bounds a pass's memory: a batch of 5 where 5 is the limit
-runs on 5 rows. Sound as long as images in a batch do not interact, as in an inference-mode
-net (no batch statistics).
+runs on 5 rows. Sound as long as images in a batch do not interact, as in an
+inference-mode net (no batch statistics).
 
 The outputs of a replay are the graph's own static tensors (their first rows, the
 batch's), overwritten by the next replay of the same graph: callers copy them out
